@@ -1,0 +1,108 @@
+"""Eager calibration for the ``grad`` and ``snip`` masks: score the target weights on given batches."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import ShiraError
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def _progress(batches: Iterable, enabled: bool) -> Iterable:
+    if not enabled:
+        return batches
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but a missing progress bar must not stop training
+        return batches
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, total=total, desc="shira_hooks calibration", unit="batch")
+
+
+def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, position: int) -> torch.Tensor:
+    """The scalar loss of one calibration batch: ``loss_fn(model, batch)`` or ``model(**batch).loss``.
+
+    Raises:
+        ShiraError: naming the batch, when no loss can be computed or the loss is not a scalar.
+    """
+    fix = "pass loss_fn=lambda model, batch: <scalar loss>"
+    try:
+        if loss_fn is not None:
+            loss = loss_fn(model, batch)
+        else:
+            if not isinstance(batch, Mapping):
+                raise ShiraError(
+                    f"calibration batch {position} is a {type(batch).__name__}; without loss_fn a batch "
+                    f"must be a dict of model inputs so that model(**batch).loss is the loss. Fix: {fix}"
+                )
+            output = model(**batch)
+            loss = getattr(output, "loss", None)
+            if loss is None and isinstance(output, Mapping):
+                loss = output.get("loss")
+            if loss is None:
+                raise ShiraError(
+                    f"model(**batch) returned no loss for calibration batch {position} (Hugging Face models "
+                    f"return one only when the batch has labels). Fix: add labels, or {fix}"
+                )
+    except ShiraError:
+        raise
+    except Exception as error:
+        raise ShiraError(
+            f"could not compute a loss from calibration batch {position} "
+            f"({type(error).__name__}: {error}). Fix: {fix}"
+        ) from error
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+        got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}"
+        raise ShiraError(
+            f"the loss of calibration batch {position} is {got}; it must be a floating-point scalar "
+            f"tensor (reduce it, e.g. with .mean())"
+        )
+    if not loss.requires_grad:
+        raise ShiraError(
+            f"the loss of calibration batch {position} does not depend on any target weight "
+            f"(it has no grad_fn); check target_modules and that the loss is computed from the model"
+        )
+    return loss
+
+
+def run_calibration(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: LossFn | None,
+    target_ids: set[int],
+    progress: bool,
+) -> int:
+    """Run one backward pass per batch; the handle's hooks accumulate scores and drop the gradients.
+
+    The model is left as it was found: every module's train/eval mode and every parameter's
+    ``requires_grad`` are restored, and no ``.grad`` is left behind (non-target parameters are
+    frozen while scoring, target gradients are dropped by the hooks).
+
+    Returns:
+        The number of batches used.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    thawed = [p for p in model.parameters() if p.requires_grad and id(p) not in target_ids]
+    for param in thawed:
+        param.requires_grad_(False)
+    model.eval()  # deterministic scores: no dropout
+    count = 0
+    try:
+        for position, batch in enumerate(_progress(batches, progress)):
+            compute_loss(model, batch, loss_fn, position).backward()
+            count += 1
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param in thawed:
+            param.requires_grad_(True)
+    if count == 0:
+        raise ShiraError(
+            "calibration= yielded no batches; pass at least one batch, or omit calibration= to score "
+            "on the first backward passes of training"
+        )
+    return count

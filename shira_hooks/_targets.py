@@ -1,0 +1,111 @@
+"""Which weights of a model SHiRA trains (the ``target_modules`` argument of ``attach``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Union
+
+from torch import nn
+
+from .errors import ShiraError
+
+# Linear layers that are an output head rather than part of the body, when the model does not say
+# so itself through ``get_output_embeddings()``.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
+
+TargetSpec = Union[
+    None, str, Iterable[Union[str, type]], type, tuple, Callable[[str, nn.Module], bool]
+]
+
+
+def _output_head_ids(model: nn.Module) -> set[int]:
+    """ids of weights that belong to the output head or are tied to an input embedding."""
+    head_ids: set[int] = set()
+    get_head = getattr(model, "get_output_embeddings", None)
+    if callable(get_head):
+        try:
+            head = get_head()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), nn.Parameter):
+            head_ids.add(id(head.weight))
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if id(module.weight) in embedding_ids or name.split(".")[-1] in HEAD_NAMES:
+            head_ids.add(id(module.weight))
+    return head_ids
+
+
+def _matcher(target_modules: TargetSpec) -> Callable[[str, nn.Module], bool]:
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        return lambda name, module: pattern.fullmatch(name) is not None
+    if isinstance(target_modules, type):
+        return lambda name, module: isinstance(module, target_modules)
+    if callable(target_modules):
+        return target_modules
+    items = list(target_modules)
+    for item in items:
+        if not isinstance(item, (str, type)):
+            raise ShiraError(
+                f"target_modules contains {item!r} ({type(item).__name__}); a list may hold "
+                f"module-name suffixes (str) and module types"
+            )
+    suffixes = [s for s in items if isinstance(s, str)]
+    types = tuple(t for t in items if isinstance(t, type))
+
+    def match(name: str, module: nn.Module) -> bool:
+        if types and isinstance(module, types):
+            return True
+        return any(name == s or name.endswith("." + s) for s in suffixes)
+
+    return match
+
+
+def resolve_targets(model: nn.Module, target_modules: TargetSpec) -> list[tuple[str, nn.Module, nn.Parameter]]:
+    """The (module name, module, weight) triples to train, each weight once.
+
+    ``None`` means every ``nn.Linear`` except the output head: the module returned by
+    ``model.get_output_embeddings()``, a Linear whose weight is tied to an ``nn.Embedding``, and
+    Linear layers named one of ``HEAD_NAMES``.
+
+    Raises:
+        ShiraError: nothing matched, a match has no floating-point ``weight`` parameter, or an
+            ``nn.Embedding`` with ``sparse=True`` (its sparse gradients cannot be masked in place).
+    """
+    if target_modules is None:
+        excluded = _output_head_ids(model)
+        match = lambda name, module: isinstance(module, nn.Linear) and id(module.weight) not in excluded
+    else:
+        match = _matcher(target_modules)
+
+    targets, seen = [], set()
+    for name, module in model.named_modules():
+        if not match(name, module):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or not weight.is_floating_point():
+            raise ShiraError(
+                f"target module '{name}' ({type(module).__name__}) has no floating-point weight "
+                f"parameter; narrow target_modules to layers with a `weight`"
+            )
+        if isinstance(module, nn.Embedding) and module.sparse:
+            raise ShiraError(
+                f"target module '{name}' is an nn.Embedding with sparse=True; its sparse gradients "
+                f"cannot be masked in place. Build it with sparse=False"
+            )
+        if id(weight) in seen:  # tied weights: train the shared tensor once
+            continue
+        seen.add(id(weight))
+        targets.append((name, module, weight))
+
+    if not targets:
+        available = [n for n, m in model.named_modules() if n and isinstance(getattr(m, "weight", None), nn.Parameter)]
+        shown = ", ".join(available[:12]) + (", ..." if len(available) > 12 else "")
+        raise ShiraError(
+            f"target_modules={target_modules!r} matched no module with a weight; "
+            f"modules with weights include: {shown or '(none)'}"
+        )
+    return targets

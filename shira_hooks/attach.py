@@ -1,0 +1,490 @@
+"""``attach``: SHiRA training of any ``nn.Module`` through gradient hooks (paper §3.1 and App. C).
+
+One ``register_post_accumulate_grad_hook`` per target weight keeps only the k masked entries of
+its gradient; a global optimizer step hook (``_optim.WeightDecayGuard``) keeps weight decay off
+the other entries. The model itself is not rewritten: no module is replaced, no parameter object
+changes, and ``detach()`` removes every hook and restores every ``requires_grad`` flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from . import masks
+from ._calibrate import LossFn, run_calibration
+from ._io import atomic_write, digest
+from ._optim import WeightDecayGuard
+from ._targets import TargetSpec, resolve_targets
+from ._version import __version__
+from .adapter import SparseAdapter, SparseDelta, check_indices, dtype_name, read_safetensors
+from .errors import ShiraError
+
+DEFAULT_CALIBRATION_STEPS = 8
+STATE_FORMAT = "shira_hooks.state"
+STATE_VERSION = 1
+
+# id(weight) -> the live handle attached to it; a weight takes one handle at a time.
+_ATTACHED: dict[int, "weakref.ref[ShiraHandle]"] = {}
+
+
+@dataclass(eq=False)
+class _Target:
+    """One trained weight and its mask."""
+
+    name: str  # parameter name in the model, e.g. "layers.0.q_proj.weight"
+    param: nn.Parameter
+    budget: int  # k, the number of trainable entries
+    base_digest: str  # digest of the whole base weight, for verify()
+    indices: torch.Tensor | None = None  # (k,) sorted flat indices; None while calibrating
+    originals: torch.Tensor | None = None  # (k,) base values at indices, in the weight's dtype
+    scores: torch.Tensor | None = None  # (numel,) float32 calibration buffer
+    backward_passes: int = 0
+
+
+class ShiraHandle:
+    """The handle ``attach`` returns: masks, originals at the masked entries, and the hooks.
+
+    Use ``extract()`` after training, ``detach()`` (or a ``with`` block) to make the model an
+    ordinary model again, and ``state_dict()`` / ``load_state_dict()`` to resume with the same masks.
+    """
+
+    def __init__(self, model: nn.Module, mask: str | masks.MaskFn, sparsity: float, seed: int, calibration_steps: int):
+        self.model = model
+        self.mask = mask
+        self.sparsity = sparsity
+        self.seed = seed
+        self.calibration_steps = calibration_steps
+        self._targets: list[_Target] = []
+        self._flags: list[tuple[nn.Parameter, bool]] = []
+        self._hooks: list[Any] = []
+        self._guard: WeightDecayGuard | None = None
+        self._lazy = True  # lazy calibration fixes each mask after `calibration_steps` backward passes
+        self._attached = False
+
+    # ------------------------------------------------------------------------------ install
+    def _install(self, targets: list[tuple[str, nn.Parameter]], freeze_others: bool) -> None:
+        """Freeze, register hooks and the optimizer guard. Partial work is undone by ``detach``."""
+        self._attached = True
+        target_ids = {id(p) for _, p in targets}
+        for param in self.model.parameters():
+            self._flags.append((param, param.requires_grad))
+            if id(param) in target_ids:
+                param.requires_grad_(True)
+            elif freeze_others:
+                param.requires_grad_(False)
+        for name, param in targets:
+            numel = param.numel()
+            budget = masks.budget(numel, self.sparsity) if isinstance(self.mask, str) else 0
+            target = _Target(name, param, budget, digest(param, 16))
+            self._targets.append(target)
+            _ATTACHED[id(param)] = weakref.ref(self)
+            self._hooks.append(param.register_post_accumulate_grad_hook(self._make_hook(target)))
+        self._guard = WeightDecayGuard(self._masked)
+
+    def _make_hook(self, target: _Target):
+        def hook(param: torch.Tensor) -> None:  # post-accumulate-grad hooks must return None
+            self._on_grad(target, param)
+
+        return hook
+
+    def _masked(self) -> dict[int, tuple[str, torch.Tensor]]:
+        return {id(t.param): (t.name, t.indices) for t in self._targets if t.indices is not None}
+
+    # --------------------------------------------------------------------------- the hook
+    @torch.no_grad()
+    def _on_grad(self, target: _Target, param: torch.Tensor) -> None:
+        grad = param.grad
+        if grad is None:
+            return
+        if grad.is_sparse:
+            raise ShiraError(f"'{target.name}' received a sparse gradient; shira_hooks masks dense gradients only")
+        if target.indices is None:  # calibrating: score, then drop the gradient so nothing is updated
+            self._accumulate(target, grad)
+            param.grad = None
+            return
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+            param.grad = grad
+        # Keep the k masked entries, zero the rest in place, put them back: no dense temporary,
+        # and an inf outside the mask becomes 0, never NaN.
+        flat = grad.view(-1)  # (numel,)
+        kept = flat.index_select(0, target.indices)  # (k,)
+        flat.zero_()
+        flat.index_put_((target.indices,), kept)
+
+    def _accumulate(self, target: _Target, grad: torch.Tensor) -> None:
+        if target.scores is None:
+            target.scores = torch.zeros(grad.numel(), dtype=torch.float32, device=grad.device)
+        target.scores.add_(grad.reshape(-1).abs_())  # the gradient is dropped next, so abs_ in place
+        target.backward_passes += 1
+        if self._lazy and target.backward_passes >= self.calibration_steps:
+            self._mask_from_scores(target)
+
+    def _mask_from_scores(self, target: _Target) -> None:
+        scores = target.scores
+        if scores is None:
+            raise ShiraError(
+                f"target weight '{target.name}' received no gradient from the calibration batches, so "
+                f"mask={self.mask!r} cannot score it; exclude it with target_modules"
+            )
+        if self.mask == "snip":  # sum_b |W * g_b| = |W * sum_b |g_b|| while W is fixed
+            scores.mul_(target.param.detach().reshape(-1)).abs_()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:  # every rank must choose the same mask
+                torch.distributed.all_reduce(scores)
+        if not bool(torch.isfinite(scores).all()):
+            raise ShiraError(
+                f"calibration scores of '{target.name}' contain NaN/inf (the loss or its gradients "
+                f"overflowed); calibrate on batches with a finite loss"
+            )
+        self._set_mask(target, masks.topk_mask(scores, target.budget))
+
+    def _set_mask(self, target: _Target, indices: torch.Tensor) -> None:
+        target.indices = indices
+        target.originals = target.param.detach().view(-1).index_select(0, indices)
+        target.budget = indices.numel()
+        target.scores = None
+
+    def _fix_masks(self) -> None:
+        """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""
+        for target in self._targets:
+            weight = target.param.detach()
+            shape, numel = tuple(weight.shape), weight.numel()
+            if callable(self.mask):
+                indices = masks.user_mask(self.mask(target.name, weight), target.name, shape)
+            elif self.mask == "struct":
+                indices = masks.struct_mask(shape, target.budget, masks.generator_for(self.seed, target.name))
+            elif self.mask == "rand":
+                indices = masks.rand_mask(numel, target.budget, masks.generator_for(self.seed, target.name))
+            else:  # "wm"
+                indices = masks.topk_mask(weight.reshape(-1).abs(), target.budget)
+            self._set_mask(target, indices)
+
+    # ------------------------------------------------------------------------- public API
+    @property
+    def attached(self) -> bool:
+        """True until ``detach()``."""
+        return self._attached
+
+    @property
+    def calibrated(self) -> bool:
+        """True once every target weight has its mask (always true for struct/rand/wm)."""
+        return all(t.indices is not None for t in self._targets)
+
+    @property
+    def num_trainable(self) -> int:
+        """Number of trainable entries over all target weights (the sum of the k's)."""
+        return sum(t.budget for t in self._targets)
+
+    @property
+    def target_names(self) -> list[str]:
+        """Parameter names of the target weights, in model order."""
+        return [t.name for t in self._targets]
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> sorted flat indices of its mask (weights still calibrating are absent)."""
+        return {t.name: t.indices for t in self._targets if t.indices is not None}
+
+    def summary(self) -> str:
+        """A table: target weight, shape, k and the share of the weight that trains."""
+        total = sum(t.param.numel() for t in self._targets)
+        state = "calibrated" if self.calibrated else (
+            f"calibrating: {sum(t.indices is not None for t in self._targets)}/{len(self._targets)} masks fixed, "
+            f"{self.calibration_steps} backward passes each"
+        )
+        mask = self.mask if isinstance(self.mask, str) else getattr(self.mask, "__name__", "custom")
+        width = max(len("weight"), *(len(t.name) for t in self._targets))
+        lines = [
+            f"shira_hooks: mask={mask!r} sparsity={self.sparsity:g} ({state})",
+            f"{'weight':<{width}}  {'shape':>14}  {'k':>10}  {'%':>6}",
+        ]
+        for t in self._targets:
+            shape = "x".join(str(s) for s in t.param.shape)
+            lines.append(f"{t.name:<{width}}  {shape:>14}  {t.budget:>10,}  {100 * t.budget / t.param.numel():>6.2f}")
+        lines.append(f"{'total':<{width}}  {total:>14,}  {self.num_trainable:>10,}  {100 * self.num_trainable / total:>6.2f}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"ShiraHandle({len(self._targets)} weights, {self.num_trainable:,} trainable entries, "
+            f"mask={self.mask!r}, calibrated={self.calibrated}, attached={self._attached})"
+        )
+
+    def _require_calibrated(self, action: str) -> None:
+        if not self.calibrated:
+            waiting = [t.name for t in self._targets if t.indices is None]
+            raise ShiraError(
+                f"cannot {action}: {len(waiting)} target weight(s) are still calibrating (e.g. '{waiting[0]}', "
+                f"{self._targets[self._targets.index(next(t for t in self._targets if t.indices is None))].backward_passes}"
+                f"/{self.calibration_steps} backward passes seen). Train for more steps, or pass calibration= to attach"
+            )
+
+    @torch.no_grad()
+    def extract(self) -> SparseAdapter:
+        """The adapter S = W_new - W at the masked entries, in float32 from the stored originals.
+
+        Works before and after ``detach()``.
+
+        Returns:
+            A ``SparseAdapter`` with one ``SparseDelta`` per target weight.
+
+        Raises:
+            ShiraError: masks are not fixed yet (lazy calibration still running), or a delta is NaN/inf.
+
+        Example:
+            >>> shira = shira_hooks.attach(model, sparsity=0.01, mask="wm")
+            >>> train(model)
+            >>> shira.extract().save("adapter.safetensors")
+        """
+        self._require_calibrated("extract an adapter")
+        deltas = {}
+        for t in self._targets:
+            current = t.param.detach().view(-1).index_select(0, t.indices)
+            values = current.float() - t.originals.float()
+            deltas[t.name] = SparseDelta(
+                tuple(t.param.shape), t.param.dtype, t.indices.clone(), values.cpu(), digest(t.originals)
+            )
+        mask = self.mask if isinstance(self.mask, str) else "custom"
+        return SparseAdapter(
+            deltas, {"mask": mask, "sparsity": f"{self.sparsity:g}", "seed": str(self.seed), "created_by": f"shira_hooks {__version__}"}
+        )
+
+    @torch.no_grad()
+    def verify(self) -> list[str]:
+        """Names of target weights with an entry outside the mask that differs bit-for-bit from the base.
+
+        Compares a digest of each weight, with its masked entries put back to the originals, against
+        the digest taken at ``attach`` (no dense copy of the base is kept). An empty list means the
+        exactness guarantee held.
+        """
+        changed = []
+        for t in self._targets:
+            weight = t.param.detach()
+            if t.indices is not None:
+                weight = weight.clone()
+                weight.view(-1).index_put_((t.indices,), t.originals)
+            if digest(weight, 16) != t.base_digest:
+                changed.append(t.name)
+        return changed
+
+    def detach(self) -> None:
+        """Remove every hook, restore every ``requires_grad`` flag. Safe to call twice.
+
+        Masks and originals are kept, so ``extract()`` still works afterwards.
+        """
+        if not self._attached:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
+        for param, flag in self._flags:
+            param.requires_grad_(flag)
+        self._flags = []
+        for t in self._targets:
+            t.scores = None
+            entry = _ATTACHED.get(id(t.param))
+            if entry is not None and entry() is self:
+                del _ATTACHED[id(t.param)]
+        self._attached = False
+
+    def __enter__(self) -> "ShiraHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ---------------------------------------------------------------------- resume state
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and base values at the masked entries, to resume a run with identical masks.
+
+        Returns:
+            ``{"format", "format_version", "mask", "sparsity", "seed", "targets": {name: {"shape",
+            "dtype", "base_digest", "indices", "originals"}}}``; tensors are CPU copies.
+        """
+        self._require_calibrated("save the handle's state")
+        return {
+            "format": STATE_FORMAT,
+            "format_version": STATE_VERSION,
+            "mask": self.mask if isinstance(self.mask, str) else "custom",
+            "sparsity": self.sparsity,
+            "seed": self.seed,
+            "targets": {
+                t.name: {
+                    "shape": list(t.param.shape),
+                    "dtype": dtype_name(t.param.dtype),
+                    "base_digest": t.base_digest,
+                    "indices": t.indices.cpu().clone(),
+                    "originals": t.originals.cpu().clone(),
+                }
+                for t in self._targets
+            },
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Adopt the masks and originals of ``state_dict()``; everything is checked before anything changes.
+
+        Raises:
+            ShiraError: the state is for other weights, shapes or dtypes, or its indices are invalid.
+        """
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ShiraError(f"not a shira_hooks handle state (format={state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {STATE_FORMAT!r})")
+        if state.get("format_version") != STATE_VERSION:
+            raise ShiraError(f"unknown handle state format_version {state.get('format_version')!r}; this shira_hooks reads {STATE_VERSION}")
+        saved = state["targets"]
+        ours = {t.name: t for t in self._targets}
+        if saved.keys() != ours.keys():
+            missing, extra = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
+            raise ShiraError(
+                f"the state is for other target weights: missing {missing[:5]}, unexpected {extra[:5]}; "
+                f"attach with the same target_modules as the run that saved it"
+            )
+        for name, entry in saved.items():
+            param = ours[name].param
+            if list(entry["shape"]) != list(param.shape) or entry["dtype"] != dtype_name(param.dtype):
+                raise ShiraError(
+                    f"state for '{name}' is a {entry['dtype']} weight of shape {list(entry['shape'])}, the model's "
+                    f"is {dtype_name(param.dtype)} {list(param.shape)}; load it into the model it was saved from"
+                )
+            check_indices(entry["indices"], param.numel(), f"state '{name}.indices'")
+            originals = entry["originals"]
+            if originals.dtype != param.dtype or originals.shape != entry["indices"].shape:
+                raise ShiraError(
+                    f"state '{name}.originals' is {originals.dtype} of shape {tuple(originals.shape)}; expected "
+                    f"{param.dtype} of shape {tuple(entry['indices'].shape)}"
+                )
+        for name, entry in saved.items():
+            target = ours[name]
+            target.indices = entry["indices"].to(target.param.device).clone()
+            target.originals = entry["originals"].to(target.param.device).clone()
+            target.budget = target.indices.numel()
+            target.base_digest = entry["base_digest"]
+            target.scores = None
+        if isinstance(state.get("mask"), str) and state["mask"] != "custom":
+            self.mask = state["mask"]
+
+    def save_state(self, path: str | os.PathLike) -> Path:
+        """``state_dict()`` as one safetensors file, written atomically."""
+        state = self.state_dict()
+        tensors, info = {}, {}
+        for name, entry in state["targets"].items():
+            tensors[f"{name}.indices"], tensors[f"{name}.originals"] = entry.pop("indices"), entry.pop("originals")
+            info[name] = entry
+        header = {k: json.dumps(v) for k, v in state.items() if k != "targets"}
+        header["targets"] = json.dumps(info)
+        return atomic_write(path, save_safetensors(tensors, metadata=header))
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Read a file written by ``save_state`` and ``load_state_dict`` it."""
+        header, tensors = read_safetensors(Path(path).read_bytes(), str(path))
+        try:
+            meta = {k: json.loads(v) for k, v in (header.get("__metadata__") or {}).items()}
+            targets = meta.pop("targets")
+            for name, entry in targets.items():
+                entry["indices"], entry["originals"] = tensors[f"{name}.indices"], tensors[f"{name}.originals"]
+        except (KeyError, TypeError, json.JSONDecodeError) as error:
+            raise ShiraError(f"{path}: not a shira_hooks handle state ({type(error).__name__}: {error})") from None
+        self.load_state_dict({**meta, "targets": targets})
+
+
+def _check_arguments(model: Any, sparsity: Any, mask: Any, calibration: Any, calibration_steps: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ShiraError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
+        raise ShiraError(f"sparsity={sparsity!r} is outside (0, 1]; it is the fraction of each weight that trains, e.g. 0.01")
+    if not callable(mask) and mask not in masks.MASK_KINDS:
+        raise ShiraError(f"unknown mask={mask!r}; use one of {', '.join(masks.MASK_KINDS)} or a function (name, weight) -> indices")
+    if calibration is not None and mask not in masks.CALIBRATED_KINDS:
+        raise ShiraError(f"calibration= is only used by mask='grad' or 'snip', not mask={mask!r}; drop calibration= or change the mask")
+    if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 1:
+        raise ShiraError(f"calibration_steps={calibration_steps!r}; it must be a positive int (backward passes used to score)")
+
+
+def attach(
+    model: nn.Module,
+    sparsity: float = 0.01,
+    mask: str | masks.MaskFn = "snip",
+    *,
+    target_modules: TargetSpec = None,
+    calibration: Iterable | None = None,
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+    calibration_steps: int = DEFAULT_CALIBRATION_STEPS,
+    freeze_others: bool = True,
+    progress: bool = True,
+) -> ShiraHandle:
+    """Make ``model`` train only a sparse mask of its target weights (SHiRA), with gradient hooks.
+
+    Args:
+        model: any ``nn.Module``; it is not rewritten.
+        sparsity: fraction of each target weight that trains, in (0, 1]; k = round(sparsity * numel), >= 1.
+        mask: "struct" (diagonal + whole rows), "rand" (uniform, from ``seed``), "wm" (top-k |W|),
+            "grad" (top-k sum |dL/dW|), "snip" (top-k |W * sum dL/dW|), or a function
+            ``(name, weight) -> flat indices or bool mask``.
+        target_modules: None (every ``nn.Linear`` except the output head / tied embeddings), a list
+            of module-name suffixes and/or module types, a regex (full match on the module name),
+            a module type, or a function ``(name, module) -> bool``.
+        calibration: batches to score "grad"/"snip" masks on now. Without it, the first
+            ``calibration_steps`` backward passes of training score them, and the hooks drop those
+            gradients so no optimizer changes anything during them.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; by default ``model(**batch).loss``.
+        seed: seeds "rand" and the row choice of "struct" (per weight, mixed with its name).
+        calibration_steps: backward passes used by lazy calibration (default 8).
+        freeze_others: set ``requires_grad=False`` on every non-target parameter (restored by detach).
+        progress: show a tqdm bar over calibration batches.
+
+    Returns:
+        A ``ShiraHandle``.
+
+    Raises:
+        ShiraError: bad arguments, no matching target, a weight already attached, or a calibration
+            batch the loss cannot be computed from. Nothing is left changed when it is raised.
+
+    Example:
+        >>> shira = shira_hooks.attach(model, sparsity=0.01, mask="snip", calibration=batches)
+        >>> ...  # any training loop or trainer
+        >>> shira.extract().save("adapter.safetensors")
+        >>> shira.detach()
+    """
+    _check_arguments(model, sparsity, mask, calibration, calibration_steps)
+    names = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), name)
+    targets = []
+    for module_name, module, weight in resolve_targets(model, target_modules):
+        name = names[id(weight)]
+        holder = _ATTACHED.get(id(weight))
+        if holder is not None and holder() is not None and holder().attached:
+            raise ShiraError(f"weight '{name}' (module '{module_name}') already has a shira_hooks handle attached; call detach() on it first")
+        if not weight.is_contiguous():
+            raise ShiraError(f"weight '{name}' is not contiguous; flat mask indices need a contiguous weight (call .data = .data.contiguous())")
+        targets.append((name, weight))
+
+    handle = ShiraHandle(model, mask, float(sparsity), int(seed), calibration_steps)
+    try:
+        handle._install(targets, freeze_others)
+        if callable(mask) or mask not in masks.CALIBRATED_KINDS:
+            handle._fix_masks()
+        elif calibration is not None:
+            handle._lazy = False
+            run_calibration(model, calibration, loss_fn, {id(p) for _, p in targets}, progress)
+            for target in handle._targets:
+                handle._mask_from_scores(target)
+            handle._lazy = True
+    except BaseException:
+        handle.detach()
+        raise
+    return handle
