@@ -91,21 +91,23 @@ class SparseDelta:
     def numel(self) -> int:
         return int(torch.Size(self.shape).numel())
 
-    def validate(self, where: str) -> None:
-        check_indices(self.indices, self.numel, f"{where}.indices")
+    def validate(self, name: str, context: str = "") -> None:
+        """Raise ShiraError, naming ``context`` and the tensor key, unless this delta is well formed."""
+        check_indices(self.indices, self.numel, f"{context}'{name}.indices'")
+        where = f"{context}'{name}.values'"
         if self.values.dtype not in _VALUE_DTYPES or self.values.dim() != 1:
             raise ShiraError(
-                f"{where}.values: must be a 1-D float32/bfloat16/float16 tensor, got {self.values.dtype} "
+                f"{where}: must be a 1-D float32/bfloat16/float16 tensor, got {self.values.dtype} "
                 f"of shape {tuple(self.values.shape)}"
             )
         if self.values.numel() != self.indices.numel():
             raise ShiraError(
-                f"{where}.values: {self.values.numel()} values for {self.indices.numel()} indices; "
+                f"{where}: {self.values.numel()} values for {self.indices.numel()} indices; "
                 f"they must have the same length"
             )
         if not bool(torch.isfinite(self.values).all()):
             bad = int((~torch.isfinite(self.values)).sum())
-            raise ShiraError(f"{where}.values: {bad} NaN/inf values; an adapter delta must be finite")
+            raise ShiraError(f"{where}: {bad} NaN/inf values; an adapter delta must be finite")
 
 
 class SparseAdapter:
@@ -119,11 +121,11 @@ class SparseAdapter:
         True
     """
 
-    def __init__(self, deltas: Mapping[str, SparseDelta], metadata: Mapping[str, str] | None = None):
+    def __init__(self, deltas: Mapping[str, SparseDelta], metadata: Mapping[str, str] | None = None, *, context: str = ""):
         if not deltas:
-            raise ShiraError("a SparseAdapter needs at least one weight delta, got none")
+            raise ShiraError(f"{context}a SparseAdapter needs at least one weight delta, got none")
         for name, delta in deltas.items():
-            delta.validate(name)
+            delta.validate(name, context)
         self.deltas: dict[str, SparseDelta] = dict(deltas)
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in (metadata or {}).items()}
 
@@ -194,19 +196,16 @@ class SparseAdapter:
             raise ShiraError(f"{path}: unexpected tensor key(s) {extra[:5]} not described in the metadata 'modules'")
         deltas = {}
         for name, info in modules.items():
-            where = f"{path}: tensor '{name}"
             try:
                 shape, fingerprint = tuple(int(s) for s in info["shape"]), str(info["fingerprint"])
-                dtype = parse_dtype(info["dtype"], f"{where}'")
+                dtype = parse_dtype(info["dtype"], f"{path}: module '{name}'")
             except (KeyError, TypeError, ValueError) as error:
                 if isinstance(error, ShiraError):
                     raise
                 raise ShiraError(f"{path}: metadata for module '{name}' is malformed ({error!r}); expected shape, dtype, fingerprint") from None
-            delta = SparseDelta(shape, dtype, tensors[f"{name}.indices"], tensors[f"{name}.values"], fingerprint)
-            delta.validate(where)
-            deltas[name] = delta
+            deltas[name] = SparseDelta(shape, dtype, tensors[f"{name}.indices"], tensors[f"{name}.values"], fingerprint)
         metadata.pop("format"), metadata.pop("format_version")
-        return cls(deltas, metadata)
+        return cls(deltas, metadata, context=f"{path}: tensor ")
 
 
 def read_safetensors(data: bytes, where: str) -> tuple[dict, dict[str, torch.Tensor]]:

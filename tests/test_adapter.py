@@ -1,0 +1,189 @@
+"""extract() and the adapter file: exact deltas, round trip, size, atomic writes, and validation."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+
+import shira_hooks
+from shira_hooks import ShiraError, SparseAdapter
+from conftest import llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, snapshot
+
+
+def _trained(dtype=torch.float32, mask="rand"):
+    model = make_llama(dtype=dtype)
+    base = snapshot(model)
+    shira = shira_hooks.attach(model, 0.02, mask)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for batch in llama_batches(3):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, base, shira
+
+
+def _apply(base: dict, adapter: SparseAdapter) -> dict:
+    """base + S by hand (the library's own apply() is tested in its own module)."""
+    out = {name: w.clone() for name, w in base.items()}
+    for name, delta in adapter.deltas.items():
+        flat = out[name].view(-1)
+        idx = delta.indices.long()
+        flat[idx] = (flat[idx].float() + delta.values.float()).to(flat.dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extract_is_exact(dtype):
+    model, base, shira = _trained(dtype)
+    adapter = shira.extract()
+    assert adapter.num_entries == shira.num_trainable
+    rebuilt = _apply(base, adapter)
+    for name, param in model.named_parameters():
+        if dtype == torch.float32:
+            torch.testing.assert_close(rebuilt[name], param.detach(), rtol=0, atol=1e-6)
+        else:  # bf16: W_orig + S rounds back to the trained bf16 value
+            assert torch.equal(rebuilt[name], param.detach()), name
+        if name in adapter.deltas:  # exactly equal outside the mask
+            outside = torch.ones(param.numel(), dtype=torch.bool)
+            outside[adapter.deltas[name].indices.long()] = False
+            assert torch.equal(rebuilt[name].view(-1)[outside], param.detach().reshape(-1)[outside])
+        delta = adapter.deltas.get(name)
+        if delta is not None:
+            assert delta.values.dtype == torch.float32 and delta.dtype == dtype
+    # the trained model's logits are reproduced from base + adapter
+    fresh = make_llama(dtype=dtype)
+    fresh.load_state_dict(rebuilt)
+    ids = llama_batches(1, seed=9)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    shira.detach()
+
+
+def test_bf16_one_ulp_updates_survive_in_float32():
+    model = make_mlp().to(torch.bfloat16)
+    shira = shira_hooks.attach(model, 0.1, "rand")
+    weight = model.layers[0].weight
+    idx = shira.masks["layers.0.weight"].long()
+    before = weight.detach().reshape(-1)[idx].clone()
+    with torch.no_grad():  # move every masked entry by the smallest bf16 step
+        bumped = (before.view(torch.int16) + 1).view(torch.bfloat16)
+        weight.view(-1)[idx] = bumped
+    values = shira.extract().deltas["layers.0.weight"].values
+    assert values.dtype == torch.float32 and bool((values != 0).all())
+    assert torch.equal(values, bumped.float() - before.float())
+    shira.detach()
+
+
+def test_save_load_round_trip_and_size(tmp_path):
+    model, base, shira = _trained()
+    adapter = shira.extract()
+    path = adapter.save(tmp_path / "sub" / "adapter.safetensors")
+    loaded = SparseAdapter.load(path)
+    assert loaded.deltas.keys() == adapter.deltas.keys()
+    for name, delta in adapter.deltas.items():
+        other = loaded.deltas[name]
+        assert torch.equal(other.indices, delta.indices) and torch.equal(other.values, delta.values)
+        assert (other.shape, other.dtype, other.fingerprint) == (delta.shape, delta.dtype, delta.fingerprint)
+    assert loaded.metadata["mask"] == "rand" and loaded.metadata["sparsity"] == "0.02"
+    raw = path.read_bytes()
+    header = 8 + int.from_bytes(raw[:8], "little")
+    assert (len(raw) - header) == 8 * adapter.num_entries  # int32 index + float32 value per entry
+    half = SparseAdapter.load(adapter.save(tmp_path / "bf16.safetensors", dtype=torch.bfloat16))
+    raw = (tmp_path / "bf16.safetensors").read_bytes()
+    assert len(raw) - 8 - int.from_bytes(raw[:8], "little") == 6 * adapter.num_entries
+    for name, delta in adapter.deltas.items():
+        torch.testing.assert_close(half.deltas[name].values.float(), delta.values, rtol=1e-2, atol=1e-6)
+    shira.detach()
+
+
+def test_fingerprint_is_the_documented_digest():
+    import hashlib
+
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.1, "wm")
+    delta = shira.extract().deltas["layers.1.weight"]
+    values = model.layers[1].weight.detach().reshape(-1)[delta.indices.long()].numpy().astype("<f4").tobytes()
+    assert delta.fingerprint == hashlib.blake2b(values, digest_size=8).hexdigest()
+    shira.detach()
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model, _, shira = _trained()
+    adapter = shira.extract()
+    path = tmp_path / "adapter.safetensors"
+    adapter.save(path)
+    good = path.read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        adapter.save(path, dtype=torch.bfloat16)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]  # no temp file left
+    shira.detach()
+
+
+def _write(tmp_path, tensors, metadata, name="bad.safetensors"):
+    path = tmp_path / name
+    path.write_bytes(save_safetensors(tensors, metadata=metadata))
+    return path
+
+
+def _valid(**changes):
+    tensors = {"lin.weight.indices": torch.tensor([1, 4, 7], dtype=torch.int32), "lin.weight.values": torch.tensor([0.1, -0.2, 0.3])}
+    modules = {"lin.weight": {"shape": [3, 4], "dtype": "float32", "fingerprint": "00" * 8}}
+    metadata = {"format": "shira_hooks.adapter", "format_version": "1", "modules": json.dumps(modules)}
+    tensors.update(changes.pop("tensors", {}))
+    for key in changes.pop("drop", []):
+        tensors.pop(key)
+    metadata.update(changes)
+    return tensors, metadata
+
+
+@pytest.mark.parametrize(
+    "tensors_meta, pattern",
+    [
+        (_valid(format_version="9"), r"bad.safetensors: unknown adapter format_version '9'"),
+        (_valid(format="other"), r"bad.safetensors: not a shira_hooks adapter"),
+        (_valid(drop=["lin.weight.values"]), r"missing tensor key\(s\) \['lin.weight.values'\]"),
+        (_valid(tensors={"extra.indices": torch.tensor([0], dtype=torch.int32)}), r"unexpected tensor key\(s\) \['extra.indices'\]"),
+        (_valid(tensors={"lin.weight.indices": torch.tensor([1, 4, 12], dtype=torch.int32)}), r"tensor 'lin.weight.indices': indices out of range \[1, 12\]"),
+        (_valid(tensors={"lin.weight.indices": torch.tensor([4, 1, 7], dtype=torch.int32)}), r"tensor 'lin.weight.indices': indices are not sorted"),
+        (_valid(tensors={"lin.weight.indices": torch.tensor([1, 4, 4], dtype=torch.int32)}), r"tensor 'lin.weight.indices': duplicate index 4"),
+        (_valid(tensors={"lin.weight.values": torch.tensor([0.1, 0.2])}), r"tensor 'lin.weight.values': 2 values for 3 indices"),
+        (_valid(tensors={"lin.weight.values": torch.tensor([0.1, float("nan"), 0.3])}), r"tensor 'lin.weight.values': 1 NaN/inf values"),
+        (_valid(tensors={"lin.weight.indices": torch.tensor([1.0, 4.0, 7.0])}), r"must be a 1-D int32/int64 tensor"),
+    ],
+)
+def test_load_rejects_bad_files(tmp_path, tensors_meta, pattern):
+    path = _write(tmp_path, *tensors_meta)
+    with pytest.raises(ShiraError, match=pattern):
+        SparseAdapter.load(path)
+
+
+def test_load_accepts_the_valid_fixture(tmp_path):
+    adapter = SparseAdapter.load(_write(tmp_path, *_valid()))
+    assert adapter.num_entries == 3 and adapter.deltas["lin.weight"].shape == (3, 4)
+
+
+def test_load_rejects_non_safetensors_and_truncated(tmp_path):
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello, this is not a tensor file at all")
+    with pytest.raises(ShiraError, match="notes.safetensors: not a safetensors file"):
+        SparseAdapter.load(text)
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(b"\x01\x02")
+    with pytest.raises(ShiraError, match="tiny.safetensors: not a safetensors file \\(2 bytes"):
+        SparseAdapter.load(tiny)
+    good = _write(tmp_path, *_valid(), name="good.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good[:-5])
+    with pytest.raises(ShiraError, match="cut.safetensors: truncated or corrupt"):
+        SparseAdapter.load(cut)
+    cut.write_bytes(good[:20])
+    with pytest.raises(ShiraError, match="cut.safetensors: not a safetensors file or truncated"):
+        SparseAdapter.load(cut)

@@ -1,0 +1,182 @@
+"""Exactness under real optimizers: only masked entries change, and weight decay acts as configured."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import shira_hooks
+from conftest import assert_changes_within_masks, make_llama, make_mlp, mlp_batches, mlp_loss, snapshot
+
+OPTIMIZERS = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    "adam_l2": lambda params: torch.optim.Adam(params, lr=1e-2, weight_decay=0.01),
+    "sgd_momentum_l2": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=0.01),
+    "sgd_maximize": lambda params: torch.optim.SGD(params, lr=1e-2, weight_decay=0.05, maximize=True),
+    "nadam_decoupled": lambda params: torch.optim.NAdam(params, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "rmsprop_l2": lambda params: torch.optim.RMSprop(params, lr=1e-3, weight_decay=0.01, momentum=0.5),
+    "adamw_foreach": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=True),
+}
+
+
+def _train(model, optimizer, batches, accumulate=2, clip=1.0):
+    for i, batch in enumerate(batches):
+        (mlp_loss(model, batch) / accumulate).backward()
+        if (i + 1) % accumulate == 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+class Reference(nn.Module):
+    """The same MLP with each target weight rebuilt as base + (masked entries as a k-vector parameter).
+
+    A stock optimizer on the k-vectors (and on the biases) is what "weight decay applies to the
+    masked entries and to the other trainable parameters as configured" means; nothing else moves.
+    """
+
+    def __init__(self, model, masks):
+        super().__init__()
+        self.model = model
+        self.masks = {name: idx.long() for name, idx in masks.items()}
+        self.base = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.values = nn.ParameterDict({
+            name.replace(".", "_"): nn.Parameter(self.base[name].reshape(-1)[idx].clone()) for name, idx in self.masks.items()
+        })
+        self.others = nn.ParameterDict({
+            name.replace(".", "_"): nn.Parameter(self.base[name].clone()) for name in self.base if name not in self.masks
+        })
+
+    def weights(self):
+        out = {}
+        for name, base in self.base.items():
+            key = name.replace(".", "_")
+            if name in self.masks:
+                out[name] = base.reshape(-1).index_put((self.masks[name],), self.values[key]).view_as(base)
+            else:
+                out[name] = self.others[key]
+        return out
+
+    def forward(self, x):
+        return functional_call(self.model, self.weights(), (x,))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_only_masked_entries_change_and_decay_matches_reference(name):
+    model = make_mlp()
+    batches = mlp_batches(8)
+    shira = shira_hooks.attach(model, 0.05, "rand", freeze_others=False)  # biases train too, with decay
+    reference = Reference(make_mlp(), shira.masks)
+    before = snapshot(model)
+
+    optimizer = OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad])
+    _train(model, optimizer, batches)
+    ref_optimizer = OPTIMIZERS[name](list(reference.parameters()))
+    _train(reference, ref_optimizer, batches)
+
+    changed = assert_changes_within_masks(shira, before, model)
+    assert changed > 0.9 * shira.num_trainable  # the masked entries really trained
+    assert shira.verify() == []
+    expected = reference.weights()
+    for pname, param in model.named_parameters():
+        torch.testing.assert_close(param, expected[pname], rtol=1e-5, atol=1e-6, msg=pname)
+    shira.detach()
+
+
+def test_stock_optimizer_would_leak_without_the_guard():
+    """The failure the guard prevents: masking gradients alone lets AdamW decay every entry."""
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.05, "rand")
+    before = snapshot(model)
+    shira._guard.remove()  # hooks only, no guard
+    shira._guard = None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    _train(model, optimizer, mlp_batches(4))
+    with pytest.raises(AssertionError, match="outside the mask"):
+        assert_changes_within_masks(shira, before, model)
+    assert shira.verify() == shira.target_names
+    shira.detach()
+
+
+def test_param_groups_are_restored_after_each_step():
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.05, "rand", freeze_others=False)
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2)
+    groups = [(id(g), [id(p) for p in g["params"]], g["weight_decay"]) for g in optimizer.param_groups]
+    _train(model, optimizer, mlp_batches(4))
+    assert [(id(g), [id(p) for p in g["params"]], g["weight_decay"]) for g in optimizer.param_groups] == groups
+    state = optimizer.state_dict()  # still a valid optimizer
+    optimizer.load_state_dict(state)
+    shira.detach()
+
+
+def test_unknown_optimizer_with_decay_raises_at_first_step():
+    class Lion(torch.optim.Optimizer):  # a decay rule shira_hooks does not know
+        def __init__(self, params, lr=1e-3, weight_decay=0.0):
+            super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.mul_(1 - group["lr"] * group["weight_decay"]).add_(p.grad.sign(), alpha=-group["lr"])
+
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.05, "rand")
+    before = snapshot(model)
+    optimizer = Lion([p for p in model.parameters() if p.requires_grad], weight_decay=0.1)
+    mlp_loss(model, mlp_batches(1)[0]).backward()
+    with pytest.raises(shira_hooks.ShiraError, match=r"Lion has weight_decay=0.1 on target weight 'layers.0.weight'.*weight_decay=0"):
+        optimizer.step()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name])
+    # without decay the same optimizer is fine: sign(0) == 0 outside the mask
+    optimizer.param_groups[0]["weight_decay"] = 0.0
+    optimizer.step()
+    assert_changes_within_masks(shira, before, model)
+    shira.detach()
+
+
+def test_gradient_is_zero_outside_mask_and_inf_does_not_become_nan():
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.05, "rand")
+    mlp_loss(model, mlp_batches(1)[0]).backward()
+    for name, param in model.named_parameters():
+        if name in shira.masks:
+            outside = torch.ones(param.numel(), dtype=torch.bool)
+            outside[shira.masks[name].long()] = False
+            assert bool((param.grad.reshape(-1)[outside] == 0).all())
+            assert bool((param.grad.reshape(-1)[~outside] != 0).any())
+        else:
+            assert param.grad is None  # frozen
+    model.zero_grad()
+    weight = model.layers[0].weight
+    (weight * torch.full_like(weight, float("inf"))).sum().backward()  # an overflow everywhere
+    flat = weight.grad.reshape(-1)
+    mask = shira.masks["layers.0.weight"].long()
+    assert not bool(flat.isnan().any())
+    assert bool(torch.isinf(flat[mask]).all())
+    assert int((flat != 0).sum()) == mask.numel()
+    shira.detach()
+
+
+def test_bf16_llama_adamw_changes_only_masked_entries():
+    from conftest import llama_batches
+
+    model = make_llama(dtype=torch.bfloat16)
+    shira = shira_hooks.attach(model, 0.02, "wm")
+    before = snapshot(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for batch in llama_batches(3):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert assert_changes_within_masks(shira, before, model) > 0
+    assert shira.verify() == []
+    for name, param in model.named_parameters():
+        if name not in shira.masks:
+            assert torch.equal(param, before[name])
+    shira.detach()
