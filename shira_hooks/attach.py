@@ -221,12 +221,12 @@ class ShiraHandle:
         )
 
     def _require_calibrated(self, action: str) -> None:
-        if not self.calibrated:
-            waiting = [t.name for t in self._targets if t.indices is None]
+        waiting = [t for t in self._targets if t.indices is None]
+        if waiting:
             raise ShiraError(
-                f"cannot {action}: {len(waiting)} target weight(s) are still calibrating (e.g. '{waiting[0]}', "
-                f"{self._targets[self._targets.index(next(t for t in self._targets if t.indices is None))].backward_passes}"
-                f"/{self.calibration_steps} backward passes seen). Train for more steps, or pass calibration= to attach"
+                f"cannot {action}: {len(waiting)} target weight(s) are still calibrating (e.g. '{waiting[0].name}', "
+                f"{waiting[0].backward_passes}/{self.calibration_steps} backward passes seen). Train for more steps, "
+                f"or pass calibration= to attach"
             )
 
     @torch.no_grad()

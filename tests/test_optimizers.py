@@ -180,3 +180,23 @@ def test_bf16_llama_adamw_changes_only_masked_entries():
         if name not in shira.masks:
             assert torch.equal(param, before[name])
     shira.detach()
+
+
+def test_conv_and_embedding_weights_train_exactly():
+    from conftest import make_convnet
+
+    model = make_convnet()
+    targets = [nn.Conv1d, nn.Conv2d, nn.Embedding]
+    shira = shira_hooks.attach(model, 0.05, "wm", target_modules=targets, freeze_others=False)
+    assert shira.target_names == ["embed.weight", "conv1d.weight", "conv2d.weight"]
+    before = snapshot(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tokens, image = torch.randint(0, 20, (4, 10), generator=g), torch.randn(4, 1, 6, 6, generator=g)
+        model(tokens, image).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert assert_changes_within_masks(shira, before, model) > 0
+    assert not torch.equal(model.head.weight, before["head.weight"])  # a non-target trains in full
+    shira.detach()
