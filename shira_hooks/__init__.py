@@ -5,12 +5,32 @@
     shira.extract().save("adapter.safetensors")
     shira.detach()
 
+    adapter = shira_hooks.SparseAdapter.load("adapter.safetensors")
+    with shira_hooks.apply(model, adapter, alpha=1.0):   # in place, ~1% of the entries
+        ...
+
 Importing this package never imports transformers.
 """
 
 from ._version import __version__
 from .adapter import SparseAdapter, SparseDelta
 from .attach import ShiraHandle, attach
+from .bank import AdapterBank
 from .errors import ShiraError
+from .fusion import Overlap, fuse, overlap
+from .switch import AppliedAdapter, apply
 
-__all__ = ["attach", "ShiraHandle", "SparseAdapter", "SparseDelta", "ShiraError", "__version__"]
+__all__ = [
+    "attach",
+    "ShiraHandle",
+    "SparseAdapter",
+    "SparseDelta",
+    "apply",
+    "AppliedAdapter",
+    "fuse",
+    "overlap",
+    "Overlap",
+    "AdapterBank",
+    "ShiraError",
+    "__version__",
+]

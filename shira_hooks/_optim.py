@@ -109,16 +109,16 @@ class WeightDecayGuard:
             lr = group["lr"]
             sign = -1.0 if group.get("maximize", False) else 1.0
             for param in targets:
-                idx = masked[id(param)][1]
+                idx = masked[id(param)][1].to(torch.int64)  # index_copy_ wants int64
                 flat = param.view(-1)
                 if rule == "decoupled":
                     kept = flat.index_select(0, idx)
-                    flat.index_put_((idx,), kept.mul_(1 - lr * decay))
+                    flat.index_copy_(0, idx, kept.mul_(1 - lr * decay))
                 else:
                     grad = param.grad.view(-1)
                     kept = grad.index_select(0, idx)
                     decayed = kept.add(flat.index_select(0, idx).to(grad.dtype), alpha=sign * decay)
-                    grad.index_put_((idx,), decayed)
+                    grad.index_copy_(0, idx, decayed)
                     pending.grads.append((grad, idx, kept))
             # The optimizer itself must not decay the targets: give them a group of their own.
             target_ids = {id(p) for p in targets}
@@ -144,4 +144,4 @@ class WeightDecayGuard:
             group["params"] = params
             optimizer.param_groups[:] = [g for g in optimizer.param_groups if g is not temp]
         for grad, idx, kept in pending.grads:
-            grad.index_put_((idx,), kept)
+            grad.index_copy_(0, idx, kept)

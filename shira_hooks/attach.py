@@ -115,11 +115,13 @@ class ShiraHandle:
             grad = grad.contiguous()
             param.grad = grad
         # Keep the k masked entries, zero the rest in place, put them back: no dense temporary,
-        # and an inf outside the mask becomes 0, never NaN.
+        # and an inf outside the mask becomes 0, never NaN. index_copy_ wants int64 indices (a (k,)
+        # conversion, cheaper than index_put_ with int32).
+        index = target.indices.to(torch.int64)  # (k,)
         flat = grad.view(-1)  # (numel,)
-        kept = flat.index_select(0, target.indices)  # (k,)
+        kept = flat.index_select(0, index)  # (k,)
         flat.zero_()
-        flat.index_put_((target.indices,), kept)
+        flat.index_copy_(0, index, kept)
 
     def _accumulate(self, target: _Target, grad: torch.Tensor) -> None:
         if target.scores is None:

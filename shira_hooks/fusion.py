@@ -1,0 +1,154 @@
+"""Multi-adapter fusion (``fuse``) and how much adapters interfere (``overlap``), paper §3.2."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ._io import digest
+from .adapter import SparseAdapter, SparseDelta
+from .errors import ShiraError
+
+
+def fuse(adapters: Sequence[SparseAdapter], weights: Sequence[float] | None = None, *, base: nn.Module | None = None) -> SparseAdapter:
+    """One adapter whose delta is the weighted sum of the given ones (union of their entries).
+
+    Applying the result equals applying the adapters one after the other with alphas ``weights``
+    (up to float32 rounding where they overlap).
+
+    Args:
+        adapters: one or more adapters for the same base model.
+        weights: one weight per adapter (default 1.0 each).
+        base: the base model. Where the adapters' entries differ, the fused fingerprint must be
+            computed from the base: with ``base`` it is (and every adapter's fingerprint is checked
+            against it); without it, such modules get an empty fingerprint, which ``apply`` cannot verify.
+
+    Raises:
+        ShiraError: fewer than two adapters, a weight count mismatch, modules whose shape or dtype
+            disagree between adapters, or an adapter that does not match ``base``.
+    """
+    adapters = list(adapters)
+    if len(adapters) < 1:
+        raise ShiraError("fuse() needs at least one adapter")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise ShiraError(f"fuse() got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
+    params = dict(base.named_parameters()) if base is not None else {}
+    names = list(dict.fromkeys(name for adapter in adapters for name in adapter.deltas))
+    fused = {}
+    for name in names:
+        parts = [(adapter.deltas[name], w) for adapter, w in zip(adapters, weights) if name in adapter.deltas]
+        first = parts[0][0]
+        for delta, _ in parts[1:]:
+            if delta.shape != first.shape or delta.dtype != first.dtype:
+                raise ShiraError(
+                    f"module '{name}': adapters disagree on the base weight ({list(first.shape)} {first.dtype} vs "
+                    f"{list(delta.shape)} {delta.dtype}); fuse adapters trained on the same base model"
+                )
+        union = torch.unique(torch.cat([d.indices.to(torch.int64) for d, _ in parts]))  # sorted
+        values = torch.zeros(union.numel(), dtype=torch.float32)
+        for delta, w in parts:
+            values.index_add_(0, torch.searchsorted(union, delta.indices.to(torch.int64)), delta.values.float(), alpha=w)
+        same_entries = all(torch.equal(d.indices, first.indices) and d.fingerprint == first.fingerprint for d, _ in parts)
+        if name in params:
+            flat = params[name].detach().reshape(-1)
+            for delta, _ in parts:
+                if delta.fingerprint and digest(flat[delta.indices.to(torch.int64)]) != delta.fingerprint:
+                    raise ShiraError(f"module '{name}': an adapter's fingerprint does not match the base model given to fuse()")
+            fingerprint = digest(flat[union])
+        else:
+            fingerprint = first.fingerprint if same_entries else ""
+        fused[name] = SparseDelta(first.shape, first.dtype, union.to(first.indices.dtype if union.numel() < 2**31 else torch.int64), values, fingerprint)
+    metadata = {"mask": "fused", "fused_weights": json.dumps(weights), "fused_masks": json.dumps([a.metadata.get("mask", "?") for a in adapters])}
+    return SparseAdapter(fused, metadata)
+
+
+@dataclass(frozen=True)
+class ModuleOverlap:
+    """Interference of two adapters on one weight.
+
+    Attributes:
+        entries_a, entries_b: adapted entries of each adapter.
+        shared: entries adapted by both.
+        product_density: share of nonzero entries of A1^T A2 (the weight viewed as (shape[0], -1));
+            1.0 for two dense (fused LoRA) deltas, ~0 for orthogonal sparse ones.
+        product_cosine: ||A1^T A2||_F / (||A1||_F ||A2||_F), in [0, 1].
+    """
+
+    entries_a: int
+    entries_b: int
+    shared: int
+    product_density: float
+    product_cosine: float
+
+
+@dataclass(frozen=True)
+class Overlap:
+    modules: dict[str, ModuleOverlap]
+    shared: int  # entries adapted by both, over all common modules
+    entries_a: int
+    entries_b: int
+
+    @property
+    def shared_fraction(self) -> float:
+        """shared / min(entries_a, entries_b): 0 = disjoint, 1 = one contains the other."""
+        return self.shared / max(1, min(self.entries_a, self.entries_b))
+
+    def __str__(self) -> str:
+        width = max([len("module")] + [len(n) for n in self.modules])
+        lines = [f"{'module':<{width}}  {'shared':>9}  {'of a':>9}  {'of b':>9}  {'A1^T A2 density':>15}  {'cosine':>8}"]
+        for name, m in self.modules.items():
+            lines.append(f"{name:<{width}}  {m.shared:>9,}  {m.entries_a:>9,}  {m.entries_b:>9,}  {m.product_density:>15.2e}  {m.product_cosine:>8.4f}")
+        lines.append(f"{'total':<{width}}  {self.shared:>9,}  {self.entries_a:>9,}  {self.entries_b:>9,}  ({100 * self.shared_fraction:.2f}% shared)")
+        return "\n".join(lines)
+
+
+def _row_col(delta: SparseDelta) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Row and column of each entry, the weight viewed as (shape[0], numel // shape[0])."""
+    cols = delta.numel // (delta.shape[0] if delta.shape else 1)
+    index = delta.indices.to(torch.int64)
+    return torch.div(index, cols, rounding_mode="floor"), index % cols, cols
+
+
+def _product_stats(da: SparseDelta, db: SparseDelta) -> tuple[float, float]:
+    """Density of A1^T A2 and ||A1^T A2||_F / (||A1||_F ||A2||_F), without a dense matrix.
+
+    (A1^T A2)[i, j] = sum_r A1[r, i] A2[r, j]: every pair of entries of A1 and A2 in the same row r
+    contributes to entry (i, j). Pairs are enumerated per row (entries are sorted by row).
+    """
+    rows_a, cols_a, cols = _row_col(da)
+    rows_b, cols_b, _ = _row_col(db)
+    start = torch.searchsorted(rows_b, rows_a)  # first entry of b in the row of each entry of a
+    count = torch.searchsorted(rows_b, rows_a, right=True) - start  # (ka,) partners per entry of a
+    norm = float(da.values.float().norm() * db.values.float().norm())
+    if int(count.sum()) == 0 or norm == 0:
+        return 0.0, 0.0
+    left = torch.repeat_interleave(torch.arange(rows_a.numel()), count)  # entry of a, per pair
+    offset = torch.arange(left.numel()) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    right = start[left] + offset  # entry of b, per pair
+    keys, where = torch.unique(cols_a[left] * cols + cols_b[right], return_inverse=True)
+    product = torch.zeros(keys.numel(), dtype=torch.float64)
+    product.index_add_(0, where, da.values.double()[left] * db.values.double()[right])
+    return int((product != 0).sum()) / cols**2, float(product.norm()) / norm
+
+
+def overlap(a: SparseAdapter, b: SparseAdapter) -> Overlap:
+    """How much two adapters interfere: shared entries per module and overall, and the paper's A1^T A2.
+
+    Example:
+        >>> print(shira_hooks.overlap(paint, knight))
+    """
+    modules = {}
+    for name in a.deltas.keys() & b.deltas.keys():
+        da, db = a.deltas[name], b.deltas[name]
+        if da.shape != db.shape:
+            raise ShiraError(f"module '{name}': shapes differ ({list(da.shape)} vs {list(db.shape)}); compare adapters of one base model")
+        shared = int(torch.isin(da.indices.to(torch.int64), db.indices.to(torch.int64)).sum())
+        density, cosine = _product_stats(da, db)
+        modules[name] = ModuleOverlap(da.indices.numel(), db.indices.numel(), shared, density, cosine)
+    ordered = {name: modules[name] for name in a.deltas if name in modules}
+    return Overlap(ordered, sum(m.shared for m in modules.values()), a.num_entries, b.num_entries)

@@ -1,0 +1,245 @@
+"""apply / remove / fuse / overlap / AdapterBank: bit-exact switching, validation before writing."""
+
+import random
+
+import pytest
+import torch
+
+import shira_hooks
+from shira_hooks import AdapterBank, ShiraError, SparseAdapter, SparseDelta, apply, fuse, overlap
+from shira_hooks._io import digest
+from conftest import changed_entries, llama_batches, make_llama, make_mlp, snapshot
+
+
+def _bits_equal(a: dict, b: dict) -> bool:
+    return all(changed_entries(a[n], b[n]).numel() == 0 for n in a)
+
+
+def _train_adapter(model, mask="rand", seed=1, steps=2, sparsity=0.03):
+    shira = shira_hooks.attach(model, sparsity, mask, seed=seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if next(model.parameters()).dtype == torch.float16:  # Adam's eps=1e-8 is 0 in float16: 0/0 = NaN
+        optimizer = torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=0.1)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    for batch in llama_batches(steps, seed=seed):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapter = shira.extract()
+    shira.detach()
+    return adapter
+
+
+def _random_adapter(model, seed, sparsity=0.05, scale=0.1):
+    """A valid adapter for `model` with random entries and deltas (fast to make in bulk)."""
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name, param in model.named_parameters():
+        if not name.endswith("weight") or param.dim() != 2:
+            continue
+        k = max(1, int(sparsity * param.numel()))
+        index = torch.randperm(param.numel(), generator=g)[:k].sort().values
+        base = param.detach().reshape(-1)[index]
+        deltas[name] = SparseDelta(tuple(param.shape), param.dtype, index.int(), torch.randn(k, generator=g) * scale, digest(base))
+    return SparseAdapter(deltas, {"mask": "rand"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_reproduces_training_and_remove_restores_bits(dtype):
+    trained = make_llama(dtype=dtype)
+    adapter = _train_adapter(trained)
+    model = make_llama(dtype=dtype)
+    base = snapshot(model)
+    params = {n: (id(p), p.data_ptr()) for n, p in model.named_parameters()}
+    handle = apply(model, adapter)
+    for name, param in model.named_parameters():
+        assert (id(param), param.data_ptr()) == params[name]  # same objects, same storage
+        if dtype == torch.float32:
+            torch.testing.assert_close(param, dict(trained.named_parameters())[name], rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(param, dict(trained.named_parameters())[name]), name
+    if dtype == torch.float32:
+        ids = llama_batches(1, seed=3)[0]["input_ids"]
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, trained(ids).logits, rtol=0, atol=1e-5)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert _bits_equal(base, snapshot(model))
+    with apply(model, adapter, alpha=0.0):  # alpha=0 is a no-op, bit for bit
+        assert _bits_equal(base, snapshot(model))
+    with apply(model, adapter, alpha=0.5) as half:
+        assert half.active and not _bits_equal(base, snapshot(model))
+    assert not half.active and _bits_equal(base, snapshot(model))
+
+
+def test_stacked_adapters_remove_in_any_order():
+    model = make_llama()
+    base = snapshot(model)
+    a, b, c = (_random_adapter(model, seed) for seed in (1, 2, 3))
+    assert overlap(a, b).shared > 0  # the case exercises overlapping entries
+    ha, hb, hc = apply(model, a), apply(model, b, alpha=0.7), apply(model, c, alpha=-1.3)
+    assert shira_hooks.switch.applied(model) == [ha, hb, hc]
+    hb.remove()  # from the middle: equals applying a then c
+    reference = make_llama()
+    apply(reference, a), apply(reference, c, alpha=-1.3)
+    assert _bits_equal(snapshot(reference), snapshot(model))
+    ha.remove()
+    hc.remove()
+    assert _bits_equal(base, snapshot(model))
+
+
+def test_fuse_equals_sequential_application():
+    model = make_llama()
+    a, b = _random_adapter(model, 1), _random_adapter(model, 2)
+    fused = fuse([a, b], weights=[1.0, 0.5], base=model)
+    for name, delta in fused.deltas.items():
+        union = torch.unique(torch.cat([a.deltas[name].indices, b.deltas[name].indices]).long())
+        assert torch.equal(delta.indices.long(), union)
+    with apply(model, fused):
+        one_go = snapshot(model)
+    with apply(model, a), apply(model, b, alpha=0.5):
+        sequential = snapshot(model)
+    for name in one_go:
+        torch.testing.assert_close(one_go[name], sequential[name], rtol=1e-6, atol=1e-7)
+    # without a base, modules whose entries differ cannot carry a fingerprint; apply still works
+    unverified = fuse([a, b], weights=[1.0, 0.5])
+    assert all(d.fingerprint == "" for d in unverified.deltas.values())
+    with apply(model, unverified):
+        assert _bits_equal(one_go, snapshot(model))
+    # fusing an adapter with itself keeps its (verifiable) fingerprint
+    doubled = fuse([a, a])
+    assert all(d.fingerprint == a.deltas[n].fingerprint for n, d in doubled.deltas.items())
+    assert all(torch.equal(d.values, 2 * a.deltas[n].values) for n, d in doubled.deltas.items())
+
+
+def test_overlap_known_answer():
+    def adapter(entries):  # entries: {(row, col): value} in a 3x4 weight
+        index = torch.tensor([r * 4 + c for r, c in sorted(entries)], dtype=torch.int32)
+        values = torch.tensor([entries[rc] for rc in sorted(entries)])
+        return SparseAdapter({"w": SparseDelta((3, 4), torch.float32, index, values, "")})
+
+    a = adapter({(0, 0): 1.0, (1, 1): 2.0})
+    b = adapter({(0, 0): 3.0, (2, 1): 1.0})
+    result = overlap(a, b)
+    m = result.modules["w"]
+    assert (m.shared, m.entries_a, m.entries_b, result.shared) == (1, 2, 2, 1)
+    assert result.shared_fraction == 0.5
+    # A1^T A2 = sum over rows of a_r^T b_r: only row 0 pairs up, giving one entry (0, 0) = 1 * 3
+    assert m.product_density == 1 / 16
+    assert m.product_cosine == pytest.approx(3.0 / (5**0.5 * 10**0.5))
+    disjoint = overlap(a, adapter({(2, 3): 1.0}))
+    assert disjoint.shared == 0 and disjoint.modules["w"].product_density == 0.0
+    dense = adapter({(r, c): 1.0 for r in range(3) for c in range(4)})
+    assert overlap(dense, dense).modules["w"].product_density == 1.0
+    assert "A1^T A2" in str(result)
+
+
+def _mutations(adapter, name):
+    delta = adapter.deltas[name]
+    return {
+        "missing module": ({"nope." + name: delta}, r"adapter module 'nope\..*' is not a parameter of the model.*strict=False"),
+        "shape": ({name: SparseDelta((2 * delta.shape[0], delta.shape[1]), delta.dtype, delta.indices, delta.values, delta.fingerprint)}, r"has shape \[\d+, \d+\], the model's weight is"),
+        "dtype": ({name: SparseDelta(delta.shape, torch.bfloat16, delta.indices, delta.values, delta.fingerprint)}, r"was trained on a bfloat16 weight, the model's is float32"),
+        "fingerprint": ({name: SparseDelta(delta.shape, delta.dtype, delta.indices, delta.values, "0" * 16)}, r"do not match the adapter's fingerprint"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing module", "shape", "dtype", "fingerprint"])
+def test_mismatched_adapter_raises_and_leaves_model_untouched(case):
+    model = make_llama()
+    good = _random_adapter(model, 1)
+    names = list(good.deltas)
+    deltas, pattern = _mutations(good, names[-1])[case]
+    bad = SparseAdapter({**{n: good.deltas[n] for n in names[:-1]}, **deltas})  # the last module is the bad one
+    before = snapshot(model)
+    with pytest.raises(ShiraError, match=pattern):
+        apply(model, bad)
+    assert _bits_equal(before, snapshot(model))  # every weight, including the valid modules before it
+    assert shira_hooks.switch.applied(model) == []
+
+
+def test_strict_false_skips_missing_modules():
+    model = make_llama()
+    good = _random_adapter(model, 1)
+    extra = {"lm_head.extra.weight": next(iter(good.deltas.values()))}
+    handle = apply(model, SparseAdapter({**good.deltas, **extra}), strict=False)
+    assert handle.skipped == ["lm_head.extra.weight"]
+    handle.remove()
+
+
+def test_base_changed_by_someone_else_is_detected():
+    model = make_llama()
+    adapter = _random_adapter(model, 1)
+    apply(model, adapter).remove()  # verified and cached
+    name, delta = next(iter(adapter.deltas.items()))
+    weight = dict(model.named_parameters())[name]
+    first = delta.indices[0].long()
+    saved = weight.detach().view(-1)[first].clone()
+    with torch.no_grad():
+        weight.view(-1)[first] += 1.0  # an in-place write bumps the version counter
+    with pytest.raises(ShiraError, match=f"adapter module '{name}': the model's base values"):
+        apply(model, adapter)
+    with torch.no_grad():
+        weight.view(-1)[first] = saved
+    apply(model, adapter).remove()
+    weight.data.view(-1)[delta.indices[1].long()] += 1.0  # .data bypasses the counter ...
+    with pytest.raises(ShiraError, match="fingerprint"):
+        apply(model, adapter, check_base="always")  # ... so "always" re-hashes
+
+
+def test_adapter_bank_switches_and_recovers():
+    model = make_llama()
+    base = snapshot(model)
+    a, b = _random_adapter(model, 1), _random_adapter(model, 2)
+    bank = AdapterBank(model, {"a": a, "b": b})
+    bank.activate("a")
+    with apply(make_llama(), a):
+        pass
+    only_a = snapshot(model)
+    bank.activate("b")
+    bank.activate(["a", "b"], alpha=[1.0, 0.5])
+    assert bank.active == ["a", "b"]
+    bank.activate("a")
+    assert _bits_equal(only_a, snapshot(model))
+    with pytest.raises(ShiraError, match=r"unknown adapter name\(s\) \['c'\]"):
+        bank.activate("c")
+    other = make_llama(seed=5)
+    bank.add("foreign", _random_adapter(other, 3))
+    with pytest.raises(ShiraError, match="fingerprint"):
+        bank.activate(["b", "foreign"])
+    assert bank.active == ["a"] and _bits_equal(only_a, snapshot(model))  # the previous state is back
+    bank.deactivate()
+    assert bank.active == [] and _bits_equal(base, snapshot(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ten_thousand_random_operations_keep_the_base_exact(dtype):
+    model = make_mlp().to(dtype)
+    base = snapshot(model)
+    adapters = [_random_adapter(model, seed, sparsity=0.2, scale=0.5) for seed in range(4)]
+    bank = AdapterBank(model, {str(i): a for i, a in enumerate(adapters)})
+    rng = random.Random(0)
+    handles = []
+    for step in range(10_000):
+        op = rng.random()
+        if op < 0.35 and len(handles) < 4:
+            handles.append(apply(model, rng.choice(adapters), alpha=rng.choice([1.0, 0.5, -2.0, 0.0])))
+        elif op < 0.7 and handles:
+            handles.pop(rng.randrange(len(handles))).remove()  # any order
+        elif op < 0.8 and handles:  # switch: remove everything, apply one
+            while handles:
+                handles.pop().remove()
+            handles.append(apply(model, rng.choice(adapters)))
+        elif op < 0.85 and not handles:
+            bank.activate(rng.sample(list(bank.adapters), 2), alpha=[1.0, rng.choice([0.3, 1.0])])
+            bank.deactivate()
+        if step % 2000 == 0 and handles:  # the stack equals applying its adapters from scratch
+            reference = make_mlp().to(dtype)
+            reference.load_state_dict(base)
+            for handle in shira_hooks.switch.applied(model):
+                apply(reference, handle.adapter, alpha=handle.alpha)
+            assert _bits_equal(snapshot(reference), snapshot(model))
+    while handles:
+        handles.pop(rng.randrange(len(handles))).remove()
+    assert _bits_equal(base, snapshot(model))
