@@ -1,0 +1,51 @@
+"""`python -m shira_hooks.bench --quick` and `benchmarks/switch_model.py --quick` run; only structure is checked."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_prints_the_table_and_writes_json(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "shira_hooks.bench", "--quick", "--json", str(tmp_path / "b.json"), "--results", str(tmp_path / "R.md")],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    ).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith("cpu: ") and any(l.startswith("torch: ") for l in lines) and any(l.startswith("torch_threads: 2") for l in lines)
+    header = next(i for i, l in enumerate(lines) if l.split()[:4] == ["dim", "dtype", "r", "k"])
+    rows = [l.split() for l in lines[header + 1 :]]
+    assert [(r[0], r[1]) for r in rows] == [("256", "float32"), ("512", "float32"), ("256", "bfloat16"), ("512", "bfloat16")]
+    assert all(len(r) == 12 and all(re.fullmatch(r"[\d.,]+", c) for c in r[2:]) for r in rows)
+    payload = json.loads((tmp_path / "b.json").read_text())
+    assert payload["machine"]["torch_threads"] == "2" and len(payload["rows"]) == 4
+    row = payload["rows"][0]
+    assert row["entries"] == round(0.01 * 256 * 256) and row["rank"] == 1
+    for method in ("lora_addmm", "lora_peft", "shira", "raw_bound", "naive"):
+        stats = row[method]["pair"]
+        assert stats["min"] <= stats["median"] <= stats["max"] and stats["n"] >= 3
+    assert "<!-- bench:start -->" in (tmp_path / "R.md").read_text()
+
+
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    subprocess.run([sys.executable, "-m", "shira_hooks.bench", "--quick", "--dtypes", "float32", "--plot", str(tmp_path / "p.png")], check=True, capture_output=True)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_switch_model_quick(tmp_path):
+    pytest.importorskip("peft")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "switch_model.py"), "--quick", "--json", str(tmp_path / "s.json")],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    for method in ("shira_hooks switch", "raw bound: 2 index_copy_", "PEFT LoRA merge_adapter", "PEFT SHiRA merge_adapter", "PEFT LoRA hotswap"):
+        assert f"| {method}" in out
+    result = json.loads((tmp_path / "s.json").read_text())["result"]
+    assert result["targets"] == 14 and result["entries"] > 0
+    assert 0.8 <= result["lora_params"] / result["entries"] <= 1.2  # the same budget within 20%
