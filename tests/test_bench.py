@@ -21,7 +21,7 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path):
     header = next(i for i, l in enumerate(lines) if l.split()[:4] == ["dim", "dtype", "r", "k"])
     rows = [l.split() for l in lines[header + 1 :]]
     assert [(r[0], r[1]) for r in rows] == [("256", "float32"), ("512", "float32"), ("256", "bfloat16"), ("512", "bfloat16")]
-    assert all(len(r) == 12 and all(re.fullmatch(r"[\d.,]+", c) for c in r[2:]) for r in rows)
+    assert all(len(r) == 13 and all(re.fullmatch(r"[\d.,]+", c) for c in r[2:]) for r in rows)
     payload = json.loads((tmp_path / "b.json").read_text())
     assert payload["machine"]["torch_threads"] == "2" and len(payload["rows"]) == 4
     row = payload["rows"][0]
