@@ -50,6 +50,22 @@ def _scalar(value) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def unknown_decay(optimizer: torch.optim.Optimizer, masked: dict[int, tuple[str, torch.Tensor]]) -> str | None:
+    """The error message ``step()`` would raise for this optimizer, or None if its decay is handled."""
+    for group in optimizer.param_groups:
+        decay = _scalar(group.get("weight_decay", 0.0) or 0.0)
+        targets = [p for p in group["params"] if id(p) in masked]
+        if targets and decay != 0.0 and decay_rule(optimizer, group) is None:
+            name = type(optimizer).__name__
+            return (
+                f"{name} has weight_decay={decay} on target weight '{masked[id(targets[0])][0]}'; "
+                f"shira_hooks does not know how {name} applies weight decay, so it would change entries "
+                f"outside the mask. Fix: put the target weights in a param group with weight_decay=0, "
+                f"or use one of {SUPPORTED}"
+            )
+    return None
+
+
 @dataclass
 class _PendingStep:
     """What the pre-step hook changed, so the post-step hook can put it back."""
@@ -87,22 +103,16 @@ class WeightDecayGuard:
         masked = self._masked()
         if not masked:
             return
-        plan = []  # validate every group before changing anything
+        stepped = {id(p): masked[id(p)] for g in optimizer.param_groups for p in g["params"] if id(p) in masked and p.grad is not None}
+        problem = unknown_decay(optimizer, stepped)
+        if problem:
+            raise ShiraError(problem)
+        plan = []  # (group, target weights with a gradient, rule, decay) for every decaying group
         for group in optimizer.param_groups:
             decay = _scalar(group.get("weight_decay", 0.0) or 0.0)
-            targets = [p for p in group["params"] if id(p) in masked and p.grad is not None]
-            if not targets or decay == 0.0:
-                continue
-            rule = decay_rule(optimizer, group)
-            if rule is None:
-                name = masked[id(targets[0])][0]
-                raise ShiraError(
-                    f"{type(optimizer).__name__} has weight_decay={decay} on target weight '{name}'; "
-                    f"shira_hooks does not know how {type(optimizer).__name__} applies weight decay, so "
-                    f"it would change entries outside the mask. Fix: put the target weights in a param "
-                    f"group with weight_decay=0, or use one of {SUPPORTED}"
-                )
-            plan.append((group, targets, rule, decay))
+            targets = [p for p in group["params"] if id(p) in stepped]
+            if targets and decay != 0.0:
+                plan.append((group, targets, decay_rule(optimizer, group), decay))
 
         pending = _PendingStep()
         for group, targets, rule, decay in plan:

@@ -110,3 +110,27 @@ def _no_leftover_handles():
     for handle in alive:
         handle.detach()
     assert not alive, "a test left a handle attached"
+
+
+WORDS = (
+    "the a cat dog sat on mat ran to park and saw bird red blue green big small house tree "
+    "river fast slow happy sad day night sun moon star sky sea boat fish king queen castle"
+).split()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer built in memory (no download), vocabulary < 96."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_texts(n: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) for _ in range(n)]

@@ -1,0 +1,166 @@
+"""``ShiraCallback``: SHiRA in Hugging Face ``Trainer`` and TRL ``SFTTrainer`` scripts.
+
+    from shira_hooks.callback import ShiraCallback
+    shira = shira_hooks.attach(model, sparsity=0.01, mask="snip")
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[ShiraCallback(shira)])
+
+This module imports transformers; ``import shira_hooks`` does not. The callback is thin: it calls
+the same public methods a hand-written loop calls (``extract``, ``save_state``, ``load_state``,
+``verify``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ._optim import unknown_decay
+from .attach import ShiraHandle, attach
+from .errors import ShiraError
+
+logger = logging.getLogger("shira_hooks")
+
+ADAPTER_FILE = "shira_adapter.safetensors"
+STATE_FILE = "shira_state.safetensors"
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    return batch
+
+
+class ShiraCallback(TrainerCallback):
+    """Saves the SHiRA adapter at the end of training and with every checkpoint, and resumes masks.
+
+    Args:
+        handle: what ``shira_hooks.attach`` returned for the Trainer's model. Leave it out and pass
+            ``attach`` arguments instead (``sparsity=``, ``mask=``, ``target_modules=``, ...) to
+            attach at ``on_train_begin``; grad/snip masks are then scored on the first
+            ``calibration_batches`` batches of the Trainer's own dataloader.
+        save_dtype: dtype of the adapter values on disk (float32, or bfloat16 for 6 bytes per entry).
+        resume_from: a checkpoint folder to take the masks from. By default, when the Trainer
+            resumes (``state.global_step > 0`` at train begin), ``<output_dir>/checkpoint-<step>``.
+        calibration_batches: batches scored when attaching at train begin with a grad/snip mask.
+
+    At train end the adapter is written to ``<output_dir>/shira_adapter.safetensors`` (by the main
+    process only) and the number of trainable entries and the result of ``verify()`` are logged and
+    kept in ``callback.report``. At every checkpoint save, the adapter and the handle's state (masks
+    and base values at the masked entries) are written into the checkpoint folder, so
+    ``trainer.train(resume_from_checkpoint=...)`` continues with identical masks.
+    """
+
+    def __init__(
+        self,
+        handle: ShiraHandle | None = None,
+        *,
+        save_dtype: torch.dtype = torch.float32,
+        resume_from: str | os.PathLike | None = None,
+        calibration_batches: int = 8,
+        **attach_kwargs: Any,
+    ):
+        if handle is not None and not isinstance(handle, ShiraHandle):
+            raise ShiraError(f"ShiraCallback(handle) needs what shira_hooks.attach() returned, got {type(handle).__name__}")
+        if handle is not None and attach_kwargs:
+            raise ShiraError(f"pass either a handle or attach arguments to ShiraCallback, not both (got {sorted(attach_kwargs)})")
+        self.handle = handle
+        self.save_dtype = save_dtype
+        self.resume_from = resume_from
+        self.calibration_batches = calibration_batches
+        self.attach_kwargs = attach_kwargs
+        self.report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------ checks
+    def _check_model(self, model: Any) -> None:
+        if self.handle is None:
+            if self.attach_kwargs:
+                return  # attaches at train begin
+            raise ShiraError(
+                "ShiraCallback has no handle: the Trainer's model was not attached. Call "
+                "shira = shira_hooks.attach(model, sparsity=0.01, mask=...) before building the Trainer and pass "
+                "ShiraCallback(shira), or pass attach arguments: ShiraCallback(sparsity=0.01, mask='snip')"
+            )
+        if not self.handle.attached:
+            raise ShiraError("the handle given to ShiraCallback was detached; attach again before training")
+        if model is not None and model is not self.handle.model:
+            raise ShiraError(
+                f"the Trainer's model ({type(model).__name__} at {id(model):#x}) is not the model the handle was attached "
+                f"to ({type(self.handle.model).__name__} at {id(self.handle.model):#x}); attach to the model you pass to the Trainer"
+            )
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._check_model(model)
+
+    # ------------------------------------------------------------------------- train begin
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        if self.handle is None:
+            self.handle = self._attach(model, train_dataloader)
+        self._check_model(model)
+        checkpoint = self.resume_from
+        if checkpoint is None and state.global_step > 0:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint is not None:
+            path = Path(checkpoint) / STATE_FILE
+            if not path.exists():
+                raise ShiraError(
+                    f"resuming at step {state.global_step} but {path} does not exist, so the masks of the interrupted run are "
+                    f"unknown; pass ShiraCallback(..., resume_from=<the checkpoint folder>)"
+                )
+            self.handle.load_state(path)
+            logger.info("shira_hooks: masks and base values restored from %s", path)
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        if isinstance(inner, torch.optim.Optimizer):
+            masked = {id(t.param): (t.name, t.indices) for t in self.handle._targets}
+            problem = unknown_decay(inner, masked)
+            if problem:
+                raise ShiraError(problem)
+
+    def _attach(self, model, dataloader) -> ShiraHandle:
+        kwargs = dict(self.attach_kwargs)
+        if kwargs.get("mask", "snip") in ("grad", "snip") and "calibration" not in kwargs and dataloader is not None:
+            device = next(model.parameters()).device
+            batches = []
+            for batch in dataloader:
+                batches.append(_to_device(batch, device))
+                if len(batches) == self.calibration_batches:
+                    break
+            kwargs["calibration"] = batches
+        return attach(model, **kwargs)
+
+    # ------------------------------------------------------------------------------ saving
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or self.handle is None:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not self.handle.calibrated:
+            logger.warning("shira_hooks: masks are still calibrating at step %d; %s holds no SHiRA state", state.global_step, folder)
+            return
+        self.handle.extract().save(folder / ADAPTER_FILE, dtype=self.save_dtype)
+        self.handle.save_state(folder / STATE_FILE)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.handle is None or not self.handle.calibrated:
+            logger.warning("shira_hooks: training ended before the masks were fixed; no adapter written")
+            return
+        changed = self.handle.verify()
+        path = Path(args.output_dir) / ADAPTER_FILE
+        self.report = {
+            "trainable_entries": self.handle.num_trainable,
+            "changed_outside_masks": changed,
+            "adapter": str(path) if state.is_world_process_zero else None,
+        }
+        if state.is_world_process_zero:
+            self.handle.extract().save(path, dtype=self.save_dtype)
+        level = logging.ERROR if changed else logging.INFO
+        logger.log(
+            level, "shira_hooks: %s trainable entries; entries changed outside the masks: %s; adapter: %s",
+            f"{self.handle.num_trainable:,}", changed or "none", self.report["adapter"],
+        )

@@ -1,0 +1,152 @@
+"""ShiraCallback with real transformers.Trainer and trl.SFTTrainer runs on a tiny Llama (offline)."""
+
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+import shira_hooks  # noqa: E402
+from shira_hooks import ShiraError, SparseAdapter, apply  # noqa: E402
+from shira_hooks.callback import ADAPTER_FILE, STATE_FILE, ShiraCallback  # noqa: E402
+from conftest import assert_changes_within_masks, llama_batches, make_llama, snapshot, tiny_texts, tiny_tokenizer  # noqa: E402
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=48, seed=1):
+        self.items = [{"input_ids": row, "labels": row} for b in llama_batches(n // 4, seed=seed) for row in b["input_ids"]]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _args(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant", logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def _logits(model, seed=9):
+    ids = llama_batches(1, seed=seed)[0]["input_ids"]
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_trainer_writes_an_exact_adapter(tmp_path, caplog):
+    model = make_llama()
+    base = snapshot(model)
+    shira = shira_hooks.attach(model, 0.02, "snip", calibration=llama_batches(2), progress=False)
+    callback = ShiraCallback(shira)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=Tokens(), callbacks=[callback])
+    with caplog.at_level(logging.INFO, logger="shira_hooks"):
+        trainer.train()
+    assert f"{shira.num_trainable:,} trainable entries; entries changed outside the masks: none" in caplog.text
+    assert callback.report["changed_outside_masks"] == []
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.1  # the Trainer's AdamW, with decay
+    assert assert_changes_within_masks(shira, base, model) > 0
+    adapter = SparseAdapter.load(tmp_path / ADAPTER_FILE)
+    assert adapter.num_entries == shira.num_trainable
+    fresh = make_llama()
+    with apply(fresh, adapter):
+        assert (_logits(fresh) - _logits(model)).abs().max() <= 1e-5
+    shira.detach()
+
+
+def test_sft_trainer(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = tiny_tokenizer()
+    model = make_llama()
+    model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    base = snapshot(model)
+    shira = shira_hooks.attach(model, 0.02, "wm")
+    config = SFTConfig(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1,
+        max_length=24, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, bf16=False, logging_steps=1,
+    )
+    data = datasets.Dataset.from_dict({"text": tiny_texts(32)})
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[ShiraCallback(shira)])
+    trainer.train()
+    assert assert_changes_within_masks(shira, base, model) > 0
+    adapter = SparseAdapter.load(tmp_path / ADAPTER_FILE)
+    fresh = make_llama()
+    with apply(fresh, adapter):
+        assert (_logits(fresh) - _logits(model)).abs().max() <= 1e-5
+    shira.detach()
+
+
+def test_resume_keeps_identical_masks_and_continues(tmp_path):
+    def run(calibration_seed, resume=None, max_steps=6):
+        model = make_llama()
+        shira = shira_hooks.attach(model, 0.02, "grad", calibration=llama_batches(2, seed=calibration_seed), progress=False)
+        args = _args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=3)
+        trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ShiraCallback(shira)])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, shira
+
+    full, first = run(calibration_seed=1)
+    checkpoint = tmp_path / "checkpoint-3"
+    assert (checkpoint / STATE_FILE).exists() and (checkpoint / ADAPTER_FILE).exists()
+    masks, final = first.masks, snapshot(full)
+    first.detach()
+    # a new process would calibrate on other data: different masks, until the state is restored
+    resumed, second = run(calibration_seed=7, resume=str(checkpoint))
+    assert all(torch.equal(second.masks[n], i) for n, i in masks.items())
+    for name, param in resumed.named_parameters():
+        torch.testing.assert_close(param, final[name], rtol=1e-5, atol=1e-6)
+    assert second.verify() == []  # measured against the base of the first run
+    second.detach()
+
+
+def test_callback_refuses_a_model_without_handle(tmp_path):
+    with pytest.raises(ShiraError, match=r"ShiraCallback has no handle: the Trainer's model was not attached"):
+        Trainer(model=make_llama(), args=_args(tmp_path), train_dataset=Tokens(), callbacks=[ShiraCallback()])
+    other = make_llama()
+    shira = shira_hooks.attach(other, 0.02, "rand")
+    with pytest.raises(ShiraError, match=r"the Trainer's model \(LlamaForCausalLM at 0x[0-9a-f]+\) is not the model the handle was attached"):
+        Trainer(model=make_llama(), args=_args(tmp_path), train_dataset=Tokens(), callbacks=[ShiraCallback(shira)])
+    shira.detach()
+
+
+def test_attach_at_train_begin_from_the_trainers_dataloader(tmp_path):
+    model = make_llama()
+    base = snapshot(model)
+    callback = ShiraCallback(sparsity=0.02, mask="grad", calibration_batches=2, progress=False)
+    Trainer(model=model, args=_args(tmp_path), train_dataset=Tokens(), callbacks=[callback]).train()
+    shira = callback.handle
+    assert shira.calibrated and shira.verify() == []
+    assert assert_changes_within_masks(shira, base, model) > 0
+    assert (tmp_path / ADAPTER_FILE).exists()
+    shira.detach()
+
+
+def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
+    model = make_llama()
+    base = snapshot(model)
+    shira = shira_hooks.attach(model, 0.02, "rand")
+    args = _args(tmp_path, gradient_checkpointing=True, bf16=True)
+    Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ShiraCallback(shira)]).train()
+    assert assert_changes_within_masks(shira, base, model) > 0
+    assert shira.verify() == []
+    shira.detach()
+
+
+def test_torch_compile(tmp_path):
+    model = make_llama()
+    base = snapshot(model)
+    shira = shira_hooks.attach(model, 0.02, "rand")
+    args = _args(tmp_path, torch_compile=True, max_steps=3)
+    Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ShiraCallback(shira)]).train()
+    assert assert_changes_within_masks(shira, base, model) > 0  # the hooks fire under torch.compile
+    assert shira.verify() == []
+    shira.detach()
