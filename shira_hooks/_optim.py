@@ -80,10 +80,12 @@ class WeightDecayGuard:
     Args:
         masked: maps ``id(param)`` to ``(name, indices)`` for every target weight whose mask is fixed;
             read at every step, so masks fixed later (lazy calibration) are picked up.
+        before_step: called first at every step (the handle drops calibration gradients there).
     """
 
-    def __init__(self, masked: Callable[[], dict[int, tuple[str, torch.Tensor]]]):
+    def __init__(self, masked: Callable[[], dict[int, tuple[str, torch.Tensor]]], before_step: Callable[[], None]):
         self._masked = masked
+        self._before = before_step
         self._pending: dict[int, tuple[torch.optim.Optimizer, _PendingStep]] = {}
         self._handles = [
             register_optimizer_step_pre_hook(self._before_step),
@@ -100,6 +102,7 @@ class WeightDecayGuard:
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
         self._restore(optimizer)  # a previous step that raised never reached the post hook
+        self._before()
         masked = self._masked()
         if not masked:
             return

@@ -48,6 +48,9 @@ class _Target:
     originals: torch.Tensor | None = None  # (k,) base values at indices, in the weight's dtype
     scores: torch.Tensor | None = None  # (numel,) float32 calibration buffer
     backward_passes: int = 0
+    # The mask was fixed in the last backward pass and no masked gradient has arrived since: whatever
+    # .grad holds (a DDP reducer writes the averaged dense gradient back after our hook) is calibration.
+    fresh: bool = False
 
 
 class ShiraHandle:
@@ -88,7 +91,7 @@ class ShiraHandle:
             self._targets.append(target)
             _ATTACHED[id(param)] = weakref.ref(self)
             self._hooks.append(param.register_post_accumulate_grad_hook(self._make_hook(target)))
-        self._guard = WeightDecayGuard(self._masked)
+        self._guard = WeightDecayGuard(self._masked, self._drop_calibration_grads)
 
     def _make_hook(self, target: _Target):
         def hook(param: torch.Tensor) -> None:  # post-accumulate-grad hooks must return None
@@ -98,6 +101,17 @@ class ShiraHandle:
 
     def _masked(self) -> dict[int, tuple[str, torch.Tensor]]:
         return {id(t.param): (t.name, t.indices) for t in self._targets if t.indices is not None}
+
+    def _drop_calibration_grads(self) -> None:
+        """Before an optimizer step: no gradient of a calibration pass may reach the optimizer.
+
+        The hook already drops them, but a DDP reducer writes the averaged gradient back into
+        ``.grad`` after the hook has run, so they are dropped again here.
+        """
+        for t in self._targets:
+            if t.indices is None or t.fresh:
+                t.param.grad = None
+                t.fresh = False
 
     # --------------------------------------------------------------------------- the hook
     @torch.no_grad()
@@ -111,6 +125,7 @@ class ShiraHandle:
             self._accumulate(target, grad)
             param.grad = None
             return
+        target.fresh = False  # from here on .grad is masked training gradient
         if not grad.is_contiguous():
             grad = grad.contiguous()
             param.grad = grad
@@ -130,6 +145,7 @@ class ShiraHandle:
         target.backward_passes += 1
         if self._lazy and target.backward_passes >= self.calibration_steps:
             self._mask_from_scores(target)
+            target.fresh = True
 
     def _mask_from_scores(self, target: _Target) -> None:
         scores = target.scores
