@@ -81,11 +81,18 @@ class WeightDecayGuard:
         masked: maps ``id(param)`` to ``(name, indices)`` for every target weight whose mask is fixed;
             read at every step, so masks fixed later (lazy calibration) are picked up.
         before_step: called first at every step (the handle drops calibration gradients there).
+        after_step: called after every step (the compact modes write the new values into the weights).
     """
 
-    def __init__(self, masked: Callable[[], dict[int, tuple[str, torch.Tensor]]], before_step: Callable[[], None]):
+    def __init__(
+        self,
+        masked: Callable[[], dict[int, tuple[str, torch.Tensor]]],
+        before_step: Callable[[], None],
+        after_step: Callable[[], None],
+    ):
         self._masked = masked
         self._before = before_step
+        self._after = after_step
         self._pending: dict[int, tuple[torch.optim.Optimizer, _PendingStep]] = {}
         self._handles = [
             register_optimizer_step_pre_hook(self._before_step),
@@ -146,6 +153,7 @@ class WeightDecayGuard:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._restore(optimizer)
+        self._after()
 
     @torch.no_grad()
     def _restore(self, optimizer) -> None:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from . import masks
+from . import _compact, masks
 from ._calibrate import LossFn, run_calibration
 from ._io import atomic_write, digest
 from ._optim import WeightDecayGuard
@@ -41,6 +41,7 @@ class _Target:
     """One trained weight and its mask."""
 
     name: str  # parameter name in the model, e.g. "layers.0.q_proj.weight"
+    module: nn.Module  # the layer that owns the weight
     param: nn.Parameter
     budget: int  # k, the number of trainable entries
     base_digest: str  # digest of the whole base weight, for verify()
@@ -51,6 +52,7 @@ class _Target:
     # The mask was fixed in the last backward pass and no masked gradient has arrived since: whatever
     # .grad holds (a DDP reducer writes the averaged dense gradient back after our hook) is calibration.
     fresh: bool = False
+    plan: _compact.Plan | None = None  # mode="compact"/"sparse": the k-length parameter and its hooks
 
 
 class ShiraHandle:
@@ -60,8 +62,9 @@ class ShiraHandle:
     ordinary model again, and ``state_dict()`` / ``load_state_dict()`` to resume with the same masks.
     """
 
-    def __init__(self, model: nn.Module, mask: str | masks.MaskFn, sparsity: float, seed: int, calibration_steps: int):
+    def __init__(self, model: nn.Module, mask: str | masks.MaskFn, sparsity: float, seed: int, calibration_steps: int, mode: str = "dense"):
         self.model = model
+        self.mode = mode
         self.mask = mask
         self.sparsity = sparsity
         self.seed = seed
@@ -74,24 +77,24 @@ class ShiraHandle:
         self._attached = False
 
     # ------------------------------------------------------------------------------ install
-    def _install(self, targets: list[tuple[str, nn.Parameter]], freeze_others: bool) -> None:
+    def _install(self, targets: list[tuple[str, nn.Module, nn.Parameter]], freeze_others: bool) -> None:
         """Freeze, register hooks and the optimizer guard. Partial work is undone by ``detach``."""
         self._attached = True
-        target_ids = {id(p) for _, p in targets}
+        target_ids = {id(p) for _, _, p in targets}
         for param in self.model.parameters():
             self._flags.append((param, param.requires_grad))
             if id(param) in target_ids:
                 param.requires_grad_(True)
             elif freeze_others:
                 param.requires_grad_(False)
-        for name, param in targets:
+        for name, module, param in targets:
             numel = param.numel()
             budget = masks.budget(numel, self.sparsity) if isinstance(self.mask, str) else 0
-            target = _Target(name, param, budget, digest(param, 16))
+            target = _Target(name, module, param, budget, digest(param, 16))
             self._targets.append(target)
             _ATTACHED[id(param)] = weakref.ref(self)
             self._hooks.append(param.register_post_accumulate_grad_hook(self._make_hook(target)))
-        self._guard = WeightDecayGuard(self._masked, self._drop_calibration_grads)
+        self._guard = WeightDecayGuard(self._masked, self._drop_calibration_grads, self._sync)
 
     def _make_hook(self, target: _Target):
         def hook(param: torch.Tensor) -> None:  # post-accumulate-grad hooks must return None
@@ -187,6 +190,19 @@ class ShiraHandle:
                 indices = masks.topk_mask(weight.reshape(-1).abs(), target.budget)
             self._set_mask(target, indices)
 
+    def _make_compact(self) -> None:
+        """mode="compact"/"sparse": move the trainable entries into k-length parameters (``_compact``)."""
+        for t in self._targets:
+            t.plan, hooks = _compact.install(t.module, t.param, t.indices, sparse=self.mode == "sparse")
+            self._hooks.extend(hooks)
+            t.param.requires_grad_(False)  # no dense dL/dW; the flag is restored by detach()
+
+    def _sync(self) -> None:
+        """Make the weights hold the current compact values (a no-op in the dense mode)."""
+        for t in self._targets:
+            if t.plan is not None:
+                t.plan.sync(force=True)
+
     # ------------------------------------------------------------------------- public API
     @property
     def attached(self) -> bool:
@@ -265,6 +281,7 @@ class ShiraHandle:
             >>> shira.extract().save("adapter.safetensors")
         """
         self._require_calibrated("extract an adapter")
+        self._sync()
         deltas = {}
         for t in self._targets:
             current = t.param.detach().view(-1).index_select(0, t.indices)
@@ -285,6 +302,7 @@ class ShiraHandle:
         the digest taken at ``attach`` (no dense copy of the base is kept). An empty list means the
         exactness guarantee held.
         """
+        self._sync()
         changed = []
         for t in self._targets:
             weight = t.param.detach()
@@ -302,6 +320,10 @@ class ShiraHandle:
         """
         if not self._attached:
             return
+        for t in self._targets:
+            if t.plan is not None:
+                _compact.uninstall(t.module, t.plan)
+                t.plan = None
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -333,6 +355,7 @@ class ShiraHandle:
             "dtype", "base_digest", "indices", "originals"}}}``; tensors are CPU copies.
         """
         self._require_calibrated("save the handle's state")
+        self._sync()
         return {
             "format": STATE_FORMAT,
             "format_version": STATE_VERSION,
@@ -384,6 +407,12 @@ class ShiraHandle:
                     f"state '{name}.originals' is {originals.dtype} of shape {tuple(originals.shape)}; expected "
                     f"{param.dtype} of shape {tuple(entry['indices'].shape)}"
                 )
+            plan = ours[name].plan
+            if plan is not None and plan.values.numel() != entry["indices"].numel():
+                raise ShiraError(
+                    f"state for '{name}' has {entry['indices'].numel()} entries, the handle's {_compact.VALUES} has "
+                    f"{plan.values.numel()}; attach with the sparsity of the run that saved it"
+                )
         for name, entry in saved.items():
             target = ours[name]
             target.indices = entry["indices"].to(target.param.device).clone()
@@ -391,6 +420,12 @@ class ShiraHandle:
             target.budget = target.indices.numel()
             target.base_digest = entry["base_digest"]
             target.scores = None
+            if target.plan is not None:  # same parameter object, new entries: W holds the trained values
+                plan = target.plan
+                plan.index = target.indices.to(torch.int64)
+                plan.pattern = _compact.csr_pattern(plan.index, tuple(target.param.shape)) if plan.sparse else None
+                plan.values.copy_(target.param.detach().view(-1).index_select(0, plan.index))
+                plan.synced = plan.values._version
         if isinstance(state.get("mask"), str) and state["mask"] != "custom":
             self.mask = state["mask"]
 
@@ -443,6 +478,7 @@ def attach(
     calibration_steps: int = DEFAULT_CALIBRATION_STEPS,
     freeze_others: bool = True,
     progress: bool = True,
+    mode: str = "dense",
 ) -> ShiraHandle:
     """Make ``model`` train only a sparse mask of its target weights (SHiRA), with gradient hooks.
 
@@ -463,6 +499,13 @@ def attach(
         calibration_steps: backward passes used by lazy calibration (default 8).
         freeze_others: set ``requires_grad=False`` on every non-target parameter (restored by detach).
         progress: show a tqdm bar over calibration batches.
+        mode: how the masked entries train (``nn.Linear`` targets only for the last two):
+            "dense": hooks mask the dense gradient of each weight (any layer type);
+            "compact": the k entries become a parameter ``<layer>.shira_values`` of shape (k,), so the
+            optimizer keeps state for k entries; the dense ``dY^T X`` is formed one layer at a time
+            and gathered; "sparse": the same, but only the k masked entries of ``dY^T X`` are
+            computed (``sampled_addmm``). Masks must be known at attach (grad/snip need ``calibration=``);
+            build the optimizer (and DDP) after attach, so they see ``shira_values``.
 
     Returns:
         A ``ShiraHandle``.
@@ -478,6 +521,13 @@ def attach(
         >>> shira.detach()
     """
     _check_arguments(model, sparsity, mask, calibration, calibration_steps)
+    if mode not in ("dense", "compact", "sparse"):
+        raise ShiraError(f"unknown mode={mode!r}; use 'dense', 'compact' or 'sparse'")
+    if mode != "dense" and mask in masks.CALIBRATED_KINDS and calibration is None:
+        raise ShiraError(
+            f"mode={mode!r} needs the masks at attach time, and mask={mask!r} without calibration= would score them "
+            f"lazily during training; pass calibration=batches, or use mode='dense'"
+        )
     names = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), name)
@@ -489,19 +539,28 @@ def attach(
             raise ShiraError(f"weight '{name}' (module '{module_name}') already has a shira_hooks handle attached; call detach() on it first")
         if not weight.is_contiguous():
             raise ShiraError(f"weight '{name}' is not contiguous; flat mask indices need a contiguous weight (call .data = .data.contiguous())")
-        targets.append((name, weight))
+        if mode != "dense" and not isinstance(module, nn.Linear):
+            raise ShiraError(
+                f"mode={mode!r} supports nn.Linear targets only; '{module_name}' is a {type(module).__name__}. "
+                f"Narrow target_modules to Linear layers, or use mode='dense'"
+            )
+        if mode != "dense" and _compact.VALUES in module._parameters:
+            raise ShiraError(f"module '{module_name}' already has a parameter '{_compact.VALUES}'; detach the handle that added it first")
+        targets.append((name, module, weight))
 
-    handle = ShiraHandle(model, mask, float(sparsity), int(seed), calibration_steps)
+    handle = ShiraHandle(model, mask, float(sparsity), int(seed), calibration_steps, mode)
     try:
         handle._install(targets, freeze_others)
         if callable(mask) or mask not in masks.CALIBRATED_KINDS:
             handle._fix_masks()
         elif calibration is not None:
             handle._lazy = False
-            run_calibration(model, calibration, loss_fn, {id(p) for _, p in targets}, progress)
+            run_calibration(model, calibration, loss_fn, {id(p) for _, _, p in targets}, progress)
             for target in handle._targets:
                 handle._mask_from_scores(target)
             handle._lazy = True
+        if mode != "dense":
+            handle._make_compact()
     except BaseException:
         handle.detach()
         raise

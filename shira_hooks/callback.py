@@ -125,6 +125,11 @@ class ShiraCallback(TrainerCallback):
 
     def _attach(self, model, dataloader) -> ShiraHandle:
         kwargs = dict(self.attach_kwargs)
+        if kwargs.get("mode", "dense") != "dense":
+            raise ShiraError(
+                f"ShiraCallback cannot attach with mode={kwargs['mode']!r} at train begin: the Trainer has already built its "
+                f"optimizer, which would not see shira_values. Attach before building the Trainer and pass the handle"
+            )
         if kwargs.get("mask", "snip") in ("grad", "snip") and "calibration" not in kwargs and dataloader is not None:
             device = next(model.parameters()).device
             batches = []

@@ -11,8 +11,9 @@ What is precomputed, so that switching costs two ``index_copy_`` calls per weigh
   values written for the last ``alpha`` used;
 * per weight, the ``Tensor._version`` counter after each of our writes: while it is unchanged
   nobody else has written to the weight, so a base verified once is still the base and the
-  fingerprint need not be hashed again. Writes through ``.data`` bypass the counter: use
-  ``check_base="always"`` if something may write that way.
+  fingerprint need not be hashed again. Writes through ``.data`` and fused optimizer kernels
+  (``torch._fused_adamw_``) bypass the counter: if the base may be trained or edited that way
+  between applies, use ``check_base="always"``.
 
 Several adapters may be applied at once. Removal is allowed in any order and restores the base bit
 for bit: removing an adapter that is not the last one applied removes the ones above it, removes

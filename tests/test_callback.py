@@ -150,3 +150,32 @@ def test_torch_compile(tmp_path):
     assert assert_changes_within_masks(shira, base, model) > 0  # the hooks fire under torch.compile
     assert shira.verify() == []
     shira.detach()
+
+
+@pytest.mark.parametrize("mode", ["compact", "sparse"])
+def test_trainer_with_compact_modes_and_resume(tmp_path, mode):
+    def run(resume=None, mask_seed=0):
+        model = make_llama()
+        shira = shira_hooks.attach(model, 0.02, "rand", seed=mask_seed, mode=mode)
+        args = _args(tmp_path, save_strategy="steps", save_steps=3)  # accumulation 2, clipping 1.0, AdamW wd 0.1
+        trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ShiraCallback(shira)])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, shira, trainer
+
+    base = snapshot(make_llama())
+    model, shira, trainer = run()
+    trained_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained_names and all(n.endswith("shira_values") for n in trained_names)
+    assert assert_changes_within_masks(shira, base, model) > 0 and shira.verify() == []
+    adapter = SparseAdapter.load(tmp_path / ADAPTER_FILE)
+    fresh = make_llama()
+    with apply(fresh, adapter):
+        assert (_logits(fresh) - _logits(model)).abs().max() <= 1e-5
+    masks, final = shira.masks, {n: p.detach().clone() for n, p in model.named_parameters() if "shira_values" not in n}
+    shira.detach()
+    resumed, again, _ = run(resume=str(tmp_path / "checkpoint-3"), mask_seed=5)
+    assert all(torch.equal(again.masks[n], i) for n, i in masks.items())
+    for name, param in resumed.named_parameters():
+        if name in final:
+            torch.testing.assert_close(param, final[name], rtol=1e-5, atol=1e-6)
+    again.detach()

@@ -20,7 +20,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str, lazy: bool) -> None:
+def _worker(rank: int, world: int, port: int, out: str, lazy: bool, mode: str = "dense") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -32,13 +32,14 @@ def _worker(rank: int, world: int, port: int, out: str, lazy: bool) -> None:
     if lazy:
         shira = shira_hooks.attach(model, 0.02, "snip", calibration_steps=2)
     else:
-        shira = shira_hooks.attach(model, 0.02, "snip", calibration=shard, progress=False)
+        shira = shira_hooks.attach(model, 0.02, "snip", calibration=shard, progress=False, mode=mode)
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     for batch in (shard if lazy else []) + llama_batches(3, seed=20 + rank):
         ddp(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    shira._sync()  # compact modes: the weights hold the trained values
     changed_outside = []
     params = dict(model.named_parameters())
     for name, idx in shira.masks.items():
@@ -60,9 +61,9 @@ def _worker(rank: int, world: int, port: int, out: str, lazy: bool) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
-def test_two_process_ddp(tmp_path, lazy):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), lazy), nprocs=2, join=True)
+@pytest.mark.parametrize("lazy, mode", [(False, "dense"), (True, "dense"), (False, "sparse"), (False, "compact")], ids=["eager", "lazy", "sparse", "compact"])
+def test_two_process_ddp(tmp_path, lazy, mode):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), lazy, mode), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["masks"] == r1["masks"]  # scores summed across ranks before top-k
     assert r0["weights"] == r1["weights"]  # replicas equal

@@ -1,0 +1,112 @@
+"""``mode="compact"`` and ``mode="sparse"``: train the k masked entries as a k-length parameter.
+
+For each target ``nn.Linear`` (weight W of shape (out, in), mask ``index`` of k flat entries):
+
+* ``module.shira_values`` is an ``nn.Parameter`` of shape (k,) holding ``W.view(-1)[index]``. It is
+  registered on the module, so ``model.parameters()`` (and therefore a Trainer's optimizer, gradient
+  clipping and DDP) sees it, and any stock optimizer keeps state for k entries only. W itself gets
+  ``requires_grad=False``: autograd computes no dense ``dL/dW`` for it.
+* A forward hook passes the layer's output through ``_Tap``, an identity whose backward produces the
+  gradient of ``shira_values`` from the output gradient dY (T, out) and the saved input X (T, in):
+  ``dL/dW[r, c] = sum_t dY[t, r] X[t, c]`` at the masked (r, c) only.
+  - "compact": the dense product ``dY^T X`` (one weight's worth, freed at once), then a gather;
+  - "sparse": only the k sampled entries, with ``torch.sparse.sampled_addmm`` on a CSR pattern of the mask.
+* After every optimizer step (a global step hook) ``shira_values`` is written into W (``index_copy_``);
+  a forward pre-hook also writes it whenever ``Tensor._version`` shows another in-place change, so the
+  layer computes with the trained entries. Only masked entries of W are ever written.
+
+Weight decay: the optimizer decays ``shira_values``, which are the weight's entries, so decay acts
+exactly as in the dense mode (on the masked entries of the weight, not on a delta).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+VALUES = "shira_values"
+
+
+@dataclass(eq=False)
+class Plan:
+    """Everything the hooks of one target layer need."""
+
+    weight: nn.Parameter
+    values: nn.Parameter  # (k,)
+    index: torch.Tensor  # (k,) int64 flat indices
+    sparse: bool
+    pattern: torch.Tensor | None = None  # (out, in) CSR with the mask's nonzeros, for sampled_addmm
+    synced: int = -1  # values._version last written into the weight
+
+    @torch.no_grad()
+    def sync(self, force: bool = False) -> None:
+        """Write the values into the weight: always with ``force``, else when ``values._version`` moved.
+
+        Fused optimizer kernels (``torch._fused_adamw_``, the Trainer's default) update the values
+        without bumping the version counter, so after an optimizer step the write is forced.
+        """
+        if force or self.values._version != self.synced:
+            self.weight.view(-1).index_copy_(0, self.index, self.values.detach().to(self.weight.dtype))
+            self.synced = self.values._version
+
+
+def csr_pattern(index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The mask as an (out, in) CSR tensor with zero values (row-major order = flat index order)."""
+    rows, cols = torch.div(index, shape[1], rounding_mode="floor"), index % shape[1]
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta" and invariant-check notices
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, torch.zeros(index.numel()), shape)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on the layer output; its backward gives the gradient of the k masked weight entries."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor, plan: Plan) -> torch.Tensor:
+        ctx.save_for_backward(inputs)
+        ctx.plan = plan
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (inputs,) = ctx.saved_tensors
+        plan: Plan = ctx.plan
+        dy = grad_output.reshape(-1, grad_output.shape[-1]).float()  # (T, out)
+        x = inputs.reshape(-1, inputs.shape[-1]).float()  # (T, in)
+        if plan.sparse:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                grad = torch.sparse.sampled_addmm(plan.pattern, dy.t(), x, beta=0.0).values()  # (k,)
+        else:
+            grad = (dy.t() @ x).view(-1).index_select(0, plan.index)  # dense (out, in) product, gathered
+        return grad_output, grad.to(plan.values.dtype), None, None
+
+
+def install(module: nn.Module, weight: nn.Parameter, index: torch.Tensor, sparse: bool) -> tuple[Plan, list]:
+    """Register ``module.shira_values`` and the two hooks; returns the plan and the hook handles."""
+    index = index.to(torch.int64)
+    values = nn.Parameter(weight.detach().view(-1).index_select(0, index).clone())
+    module.register_parameter(VALUES, values)
+    plan = Plan(weight, values, index, sparse, csr_pattern(index, tuple(weight.shape)) if sparse else None)
+    plan.synced = values._version
+
+    def before(mod, args):
+        plan.sync()
+
+    def after(mod, args, output):
+        if torch.is_grad_enabled() and plan.values.requires_grad:
+            return _Tap.apply(output, plan.values, args[0], plan)
+        return None
+
+    return plan, [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+
+def uninstall(module: nn.Module, plan: Plan) -> None:
+    plan.sync(force=True)
+    if module._parameters.get(VALUES) is plan.values:
+        del module._parameters[VALUES]

@@ -1,0 +1,99 @@
+"""mode="compact" and mode="sparse": k-length parameters, sampled gradients, same training as the dense mode."""
+
+import pytest
+import torch
+from torch import nn
+
+import shira_hooks
+from shira_hooks import ShiraError
+from conftest import assert_changes_within_masks, llama_batches, make_convnet, make_llama, snapshot
+
+MODES = ["compact", "sparse"]
+
+
+def _train(model, steps=4, weight_decay=0.0, accumulate=2):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=weight_decay)
+    for i, batch in enumerate(llama_batches(steps * accumulate, seed=4)):
+        (model(**batch).loss / accumulate).backward()
+        if (i + 1) % accumulate == 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+    return optimizer
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sampled_gradient_equals_masked_dense_gradient(mode):
+    dense_model, model = make_llama(), make_llama()
+    dense = shira_hooks.attach(dense_model, 0.03, "rand")
+    shira = shira_hooks.attach(model, 0.03, "rand", mode=mode)
+    batch = llama_batches(1, seed=2)[0]
+    dense_model(**batch).loss.backward()
+    model(**batch).loss.backward()
+    modules = dict(model.named_modules())
+    for name, param in dense_model.named_parameters():
+        if name in dense.masks:
+            values = modules[name.removesuffix(".weight")].shira_values
+            expected = param.grad.reshape(-1)[dense.masks[name].long()]
+            torch.testing.assert_close(values.grad, expected, rtol=1e-4, atol=1e-6)
+            assert dict(model.named_parameters())[name].grad is None  # no dense dL/dW at all
+    dense.detach()
+    shira.detach()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("mode", MODES)
+def test_training_equals_the_dense_mode(mode, weight_decay):
+    dense_model, model = make_llama(), make_llama()
+    base = snapshot(model)
+    dense = shira_hooks.attach(dense_model, 0.03, "wm")
+    shira = shira_hooks.attach(model, 0.03, "wm", mode=mode)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(names) == 14 and all(n.endswith("shira_values") for n in names)
+    _train(dense_model, weight_decay=weight_decay)
+    optimizer = _train(model, weight_decay=weight_decay)
+    assert {s["exp_avg"].numel() for s in optimizer.state.values()} <= {m.numel() for m in shira.masks.values()}
+    assert sum(s["exp_avg"].numel() for s in optimizer.state.values()) == shira.num_trainable  # state for k entries
+    reference = dict(dense_model.named_parameters())
+    for name, param in model.named_parameters():
+        if name in reference:
+            torch.testing.assert_close(param, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert assert_changes_within_masks(shira, base, model) > 0 and shira.verify() == []
+    adapter = shira.extract()
+    shira.detach()
+    dense.detach()
+    assert not any("shira_values" in n for n, _ in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    fresh = make_llama()
+    with shira_hooks.apply(fresh, adapter):
+        for name, param in fresh.named_parameters():
+            torch.testing.assert_close(param, dict(model.named_parameters())[name], rtol=0, atol=1e-6)
+
+
+def test_modes_reject_what_they_cannot_do():
+    with pytest.raises(ShiraError, match=r"mode='sparse' supports nn.Linear targets only; 'conv1d' is a Conv1d"):
+        shira_hooks.attach(make_convnet(), 0.05, "rand", target_modules=[nn.Conv1d], mode="sparse")
+    with pytest.raises(ShiraError, match=r"mode='compact' needs the masks at attach time.*pass calibration=batches"):
+        shira_hooks.attach(make_llama(), 0.05, "snip", mode="compact")
+    with pytest.raises(ShiraError, match=r"unknown mode='fast'"):
+        shira_hooks.attach(make_llama(), 0.05, "rand", mode="fast")
+
+
+def test_snip_calibrated_sparse_mode_and_state_round_trip(tmp_path):
+    model = make_llama()
+    shira = shira_hooks.attach(model, 0.03, "snip", calibration=llama_batches(2), progress=False, mode="sparse")
+    _train(model, steps=2)
+    path = shira.save_state(tmp_path / "state.safetensors")
+    masks, trained = shira.masks, snapshot(model)
+    shira.detach()
+    resumed = make_llama()
+    resumed.load_state_dict({n: v for n, v in trained.items() if "shira_values" not in n})
+    again = shira_hooks.attach(resumed, 0.03, "rand", mode="sparse")  # other masks until the state is loaded
+    again.load_state(path)
+    assert all(torch.equal(again.masks[n], i) for n, i in masks.items())
+    values = dict(resumed.named_parameters())
+    for name, idx in masks.items():
+        key = name.removesuffix("weight") + "shira_values"
+        assert torch.equal(values[key].detach(), trained[name].reshape(-1)[idx.long()])
+    assert again.verify() == []
+    again.detach()
