@@ -49,3 +49,18 @@ def test_switch_model_quick(tmp_path):
     result = json.loads((tmp_path / "s.json").read_text())["result"]
     assert result["targets"] == 14 and result["entries"] > 0
     assert 0.8 <= result["lora_params"] / result["entries"] <= 1.2  # the same budget within 20%
+
+
+def test_train_cost_quick(tmp_path):
+    pytest.importorskip("peft")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_cost.py"), "--quick", "--json", str(tmp_path / "t.json")],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rows = json.loads((tmp_path / "t.json").read_text())["groups"]["tiny"]
+    assert [r["method"] for r in rows] == ["full", "shira_dense", "shira_compact", "shira_sparse", "peft_lora", "peft_shira", "peft_dora"]
+    shira = [r["trainable"] for r in rows if r["method"].startswith("shira_")]
+    assert len(set(shira)) == 1  # the three modes train the same entries
+    for r in rows:
+        assert r["step_min_s"] <= r["step_median_s"] <= r["step_max_s"] and r["peak_rss_mb"] >= r["rss_after_model_mb"] > 0
+    assert "| shira_hooks mode='sparse' |" in out

@@ -1,0 +1,215 @@
+"""Training cost, the paper's Table 6 on this machine: step time and peak memory per method, side by side.
+
+    python benchmarks/train_cost.py --results benchmarks/RESULTS.md --json benchmarks/train_cost.json
+    python benchmarks/train_cost.py --quick           # tiny sizes, a smoke run (used by the tests)
+
+Every method runs in its own process (peak memory is per process): full fine-tuning, shira_hooks in
+its three modes (dense hooks, compact, sparse weight-gradients), PEFT LoRA, PEFT SHiRA and PEFT DoRA,
+all at (nearly) the same number of trainable entries: 1% of every Linear weight of the transformer
+blocks for SHiRA, the LoRA rank with as many parameters. Model: SmolLM2-135M-Instruct (its cached
+weights from the recipes if present, else built from its config; the cost does not depend on the
+values), batch 4 x 64 tokens, AdamW, 2 threads. A second, wider Llama config (TinyLlama-1.1B's width,
+``--large-layers`` of its 22 layers) shows how time and memory grow.
+
+Step time: median of the timed steps (forward, backward, optimizer step, zero_grad). Memory: peak RSS
+of the process (``ru_maxrss``), and ``torch.cuda.max_memory_allocated`` when a GPU is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+from shira_hooks._timing import machine, update_section, write_json  # noqa: E402
+
+METHODS = ["full", "shira_dense", "shira_compact", "shira_sparse", "peft_lora", "peft_shira", "peft_dora"]
+LABELS = {
+    "full": "full fine-tuning", "shira_dense": "shira_hooks mode='dense' (hooks)", "shira_compact": "shira_hooks mode='compact'",
+    "shira_sparse": "shira_hooks mode='sparse'", "peft_lora": "PEFT LoRA", "peft_shira": "PEFT SHiRA", "peft_dora": "PEFT DoRA",
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIGS = {
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    "large": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
+SMOLLM2_CACHE = Path(os.environ.get("SHIRA_HOOKS_CACHE", Path.home() / ".cache" / "shira_hooks")) / "SmolLM2-135M-Instruct"
+
+
+def build(config_name: str, layers: int | None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if config_name == "smollm2" and (SMOLLM2_CACHE / "model.safetensors").exists():
+        return LlamaForCausalLM.from_pretrained(SMOLLM2_CACHE, dtype=torch.float32), "pretrained weights"
+    settings = dict(CONFIGS[config_name], max_position_embeddings=2048)
+    if layers:
+        settings["num_hidden_layers"] = layers
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**settings)), "built from config"
+
+
+def lora_rank(model, sparsity: float) -> int:
+    import shira_hooks.masks as masks
+
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS]
+    entries = sum(masks.budget(m.weight.numel(), sparsity) for m in linears)
+    return max(1, round(entries / sum(m.in_features + m.out_features for m in linears)))
+
+
+def prepare(method: str, model, sparsity: float):
+    """Make ``model`` train with ``method``; returns (model to call, trainable entries)."""
+    if method == "full":
+        return model, sum(p.numel() for p in model.parameters())
+    if method.startswith("shira_"):
+        import shira_hooks
+
+        handle = shira_hooks.attach(model, sparsity, "rand", target_modules=TARGETS, mode=method.removeprefix("shira_"))
+        return model, handle.num_trainable
+    from peft import LoraConfig, ShiraConfig, get_peft_model
+
+    rank = lora_rank(model, sparsity)
+    config = {
+        "peft_lora": lambda: LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS),
+        "peft_dora": lambda: LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, use_dora=True),
+        "peft_shira": lambda: ShiraConfig(r=rank, target_modules=TARGETS),
+    }[method]()
+    peft_model = get_peft_model(model, config)
+    return peft_model, sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def worker(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model, source = build(args.config, args.layers)
+    model.train()
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model, trainable = prepare(args.worker, model, args.sparsity)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    times = []
+    for step in range(args.warmup + args.steps):
+        ids = torch.randint(0, vocab, (args.batch, args.length), generator=g).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - started)
+    return {
+        "method": args.worker, "config": args.config, "source": source, "layers": model.config.num_hidden_layers,
+        "parameters": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "shira_" not in n),
+        "trainable": trainable, "step_median_s": statistics.median(times), "step_min_s": min(times), "step_max_s": max(times),
+        "steps": len(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_model_mb": rss_model,
+        "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    }
+
+
+def run_all(args, config: str, layers: int | None) -> list[dict]:
+    rows = []
+    for method in args.methods:
+        command = [sys.executable, __file__, "--worker", method, "--config", config, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--batch", str(args.batch), "--length", str(args.length), "--threads", str(args.threads), "--sparsity", str(args.sparsity)]
+        if layers:
+            command += ["--layers", str(layers)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{method} on {config} failed:\n{done.stderr[-3000:]}")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{config:8} {LABELS[method]:34} trainable {row['trainable']:>13,}  step {row['step_median_s']:.3f} s  peak RSS {row['peak_rss_mb']:,.0f} MB", flush=True)
+    return rows
+
+
+def markdown(groups: dict[str, list[dict]], info: dict, command: str) -> str:
+    lines = [
+        "## `benchmarks/train_cost.py`: training step time and peak memory (the paper's Table 6)",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+        "",
+    ]
+    for config, rows in groups.items():
+        first = rows[0]
+        lora = next((r for r in rows if r["method"] == "peft_lora"), None)
+        lines += [
+            f"### {config}: {first['layers']} layers, {first['parameters'] / 1e6:.1f}M parameters ({first['source']}), batch {first.get('batch', '')}",
+            "",
+            "| method | trainable | median step s (min-max) | peak RSS MB | RSS after model load MB | step / LoRA | peak RSS / LoRA |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            vs_time = f"{r['step_median_s'] / lora['step_median_s']:.2f}" if lora else "-"
+            vs_mem = f"{r['peak_rss_mb'] / lora['peak_rss_mb']:.2f}" if lora else "-"
+            lines.append(
+                f"| {LABELS[r['method']]} | {r['trainable']:,} | {r['step_median_s']:.3f} ({r['step_min_s']:.3f}-{r['step_max_s']:.3f}) | "
+                f"{r['peak_rss_mb']:,.0f} | {r['rss_after_model_mb']:,.0f} | {vs_time} | {vs_mem} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sparsity", type=float, default=0.01)
+    parser.add_argument("--large-layers", type=int, default=4, help="layers of the wide config (0 skips it)")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--results", metavar="RESULTS.md")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--config", default="smollm2", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    if args.quick:
+        args.steps, args.warmup, args.batch, args.length = 2, 1, 2, 16
+    import peft  # noqa: F401  (its version goes into the machine line)
+
+    groups = {}
+    if args.quick:
+        groups["tiny"] = run_all(args, "tiny", None)
+    else:
+        groups["smollm2"] = run_all(args, "smollm2", None)
+        if args.large_layers:
+            groups[f"large ({args.large_layers} layers of TinyLlama-1.1B's width)"] = run_all(args, "large", args.large_layers)
+    for rows in groups.values():
+        for r in rows:
+            r["batch"] = f"{args.batch} x {args.length}"
+    info = machine()
+    command = "python benchmarks/train_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(groups, info, command.strip())
+    print(text)
+    if args.json:
+        write_json(args.json, {"command": command.strip(), "machine": info, "groups": groups})
+    if args.results:
+        update_section(args.results, "train_cost", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
