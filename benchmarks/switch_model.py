@@ -28,7 +28,7 @@ import torch
 import shira_hooks
 from shira_hooks import masks
 from shira_hooks._io import digest
-from shira_hooks._timing import Stats, machine, time_pair, update_section, write_json
+from shira_hooks._timing import machine, time_pair, update_section, write_json
 
 SMOLLM2_135M = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -146,7 +146,6 @@ def bench_peft(model, rank: int, timing: dict) -> dict:
         turn.append(state)
 
     results["lora_hotswap"], _, _ = time_pair(swap, lambda: None, **timing)
-    del lora
 
     shira = get_peft_model(copy.deepcopy(model), ShiraConfig(r=rank, target_modules=TARGETS, random_seed=0))
     results["peft_shira_params"] = sum(p.numel() for n, p in shira.named_parameters() if "shira_" in n)

@@ -14,7 +14,8 @@ Importing this package never imports transformers.
 
 from ._version import __version__
 from .adapter import SparseAdapter, SparseDelta
-from .attach import ShiraHandle, attach
+from .attach import attach
+from .handle import ShiraHandle
 from .bank import AdapterBank
 from .errors import ShiraError
 from .fusion import Overlap, fuse, overlap

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import masks
 from ._io import digest
-from ._timing import Stats, machine, time_pair, update_section, write_json
+from ._timing import machine, time_pair, update_section, write_json
 from .adapter import SparseAdapter, SparseDelta
 from .switch import apply
 

@@ -21,7 +21,8 @@ import torch
 from transformers import TrainerCallback
 
 from ._optim import unknown_decay
-from .attach import ShiraHandle, attach
+from .attach import attach
+from .handle import ShiraHandle
 from .errors import ShiraError
 
 logger = logging.getLogger("shira_hooks")

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 import shira_hooks

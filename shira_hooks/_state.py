@@ -1,0 +1,132 @@
+"""The handle's resumable state: masks, base values at the masked entries, base digests.
+
+``ShiraHandle.state_dict`` / ``load_state_dict`` / ``save_state`` / ``load_state`` call these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from . import _compact
+from ._io import atomic_write
+from .adapter import check_indices, dtype_name, read_safetensors
+from .errors import ShiraError
+
+if TYPE_CHECKING:
+    from .handle import ShiraHandle
+
+STATE_FORMAT = "shira_hooks.state"
+STATE_VERSION = 1
+
+
+def state_dict(self: "ShiraHandle") -> dict[str, Any]:
+    """Masks and base values at the masked entries, to resume a run with identical masks.
+
+    Returns:
+        ``{"format", "format_version", "mask", "sparsity", "seed", "targets": {name: {"shape",
+        "dtype", "base_digest", "indices", "originals"}}}``; tensors are CPU copies.
+    """
+    self._require_calibrated("save the handle's state")
+    self._sync()
+    return {
+        "format": STATE_FORMAT,
+        "format_version": STATE_VERSION,
+        "mask": self.mask if isinstance(self.mask, str) else "custom",
+        "sparsity": self.sparsity,
+        "seed": self.seed,
+        "targets": {
+            t.name: {
+                "shape": list(t.param.shape),
+                "dtype": dtype_name(t.param.dtype),
+                "base_digest": t.base_digest,
+                "indices": t.indices.cpu().clone(),
+                "originals": t.originals.cpu().clone(),
+            }
+            for t in self._targets
+        },
+    }
+
+@torch.no_grad()
+def load_state_dict(self: "ShiraHandle", state: dict[str, Any]) -> None:
+    """Adopt the masks and originals of ``state_dict()``; everything is checked before anything changes.
+
+    Raises:
+        ShiraError: the state is for other weights, shapes or dtypes, or its indices are invalid.
+    """
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ShiraError(f"not a shira_hooks handle state (format={state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {STATE_FORMAT!r})")
+    if state.get("format_version") != STATE_VERSION:
+        raise ShiraError(f"unknown handle state format_version {state.get('format_version')!r}; this shira_hooks reads {STATE_VERSION}")
+    saved = state["targets"]
+    ours = {t.name: t for t in self._targets}
+    if saved.keys() != ours.keys():
+        missing, extra = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
+        raise ShiraError(
+            f"the state is for other target weights: missing {missing[:5]}, unexpected {extra[:5]}; "
+            f"attach with the same target_modules as the run that saved it"
+        )
+    for name, entry in saved.items():
+        param = ours[name].param
+        if list(entry["shape"]) != list(param.shape) or entry["dtype"] != dtype_name(param.dtype):
+            raise ShiraError(
+                f"state for '{name}' is a {entry['dtype']} weight of shape {list(entry['shape'])}, the model's "
+                f"is {dtype_name(param.dtype)} {list(param.shape)}; load it into the model it was saved from"
+            )
+        check_indices(entry["indices"], param.numel(), f"state '{name}.indices'")
+        originals = entry["originals"]
+        if originals.dtype != param.dtype or originals.shape != entry["indices"].shape:
+            raise ShiraError(
+                f"state '{name}.originals' is {originals.dtype} of shape {tuple(originals.shape)}; expected "
+                f"{param.dtype} of shape {tuple(entry['indices'].shape)}"
+            )
+        plan = ours[name].plan
+        if plan is not None and plan.values.numel() != entry["indices"].numel():
+            raise ShiraError(
+                f"state for '{name}' has {entry['indices'].numel()} entries, the handle's {_compact.VALUES} has "
+                f"{plan.values.numel()}; attach with the sparsity of the run that saved it"
+            )
+    for name, entry in saved.items():
+        target = ours[name]
+        target.indices = entry["indices"].to(target.param.device).clone()
+        target.originals = entry["originals"].to(target.param.device).clone()
+        target.budget = target.indices.numel()
+        target.base_digest = entry["base_digest"]
+        target.scores = None
+        if target.plan is not None:  # same parameter object, new entries: W holds the trained values
+            plan = target.plan
+            plan.index = target.indices.to(torch.int64)
+            plan.pattern = _compact.csr_pattern(plan.index, tuple(target.param.shape)) if plan.sparse else None
+            plan.values.copy_(target.param.detach().view(-1).index_select(0, plan.index))
+            plan.synced = plan.values._version
+    if isinstance(state.get("mask"), str) and state["mask"] != "custom":
+        self.mask = state["mask"]
+
+def save_state(self: "ShiraHandle", path: str | os.PathLike) -> Path:
+    """``state_dict()`` as one safetensors file, written atomically."""
+    state = state_dict(self)
+    tensors, info = {}, {}
+    for name, entry in state["targets"].items():
+        tensors[f"{name}.indices"], tensors[f"{name}.originals"] = entry.pop("indices"), entry.pop("originals")
+        info[name] = entry
+    header = {k: json.dumps(v) for k, v in state.items() if k != "targets"}
+    header["targets"] = json.dumps(info)
+    return atomic_write(path, save_safetensors(tensors, metadata=header))
+
+def load_state(self: "ShiraHandle", path: str | os.PathLike) -> None:
+    """Read a file written by ``save_state`` and ``load_state_dict`` it."""
+    header, tensors = read_safetensors(Path(path).read_bytes(), str(path))
+    try:
+        meta = {k: json.loads(v) for k, v in (header.get("__metadata__") or {}).items()}
+        targets = meta.pop("targets")
+        for name, entry in targets.items():
+            entry["indices"], entry["originals"] = tensors[f"{name}.indices"], tensors[f"{name}.originals"]
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ShiraError(f"{path}: not a shira_hooks handle state ({type(error).__name__}: {error})") from None
+    load_state_dict(self, {**meta, "targets": targets})
+
