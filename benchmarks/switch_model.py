@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 
 import torch
@@ -28,7 +27,7 @@ import torch
 import shira_hooks
 from shira_hooks import masks
 from shira_hooks._io import digest
-from shira_hooks._timing import machine, time_pair, update_section, write_json
+from shira_hooks._timing import command_line, machine, publish, report_header, time_pair
 
 SMOLLM2_135M = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -161,13 +160,7 @@ def markdown(row: dict, info: dict, command: str) -> str:
     ms = lambda s: f"{s.median * 1e3:.1f}"
     rng = lambda s: f"{s.min * 1e3:.1f}-{s.max * 1e3:.1f}"
     switch = row["switch"].median
-    lines = [
-        "## `benchmarks/switch_model.py`: one adapter switch, whole model",
-        "",
-        f"Command: `{command}`",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
-        "",
+    lines = report_header("`benchmarks/switch_model.py`: one adapter switch, whole model", command, info) + [
         f"Model: Llama architecture from SmolLM2-135M's config, {row['layers']} layers, {row['targets']} target Linear weights, float32.",
         f"Trainable entries: shira_hooks {row['entries']:,} (sparsity {row['sparsity']:g}); PEFT LoRA r={row['rank']} {row['lora_params']:,}; "
         f"PEFT SHiRA r={row['rank']} {row['peft_shira_params']:,}.",
@@ -215,13 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     row.update(bench_shira(model, args.sparsity, timing))
     row.update(bench_peft(model, row["rank"], timing))
     info = machine()
-    command = "python benchmarks/switch_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(row, info, command.strip())
+    command = command_line("python benchmarks/switch_model.py", argv)
+    text = markdown(row, info, command)
     print(text)
-    if args.json:
-        write_json(args.json, {"command": command.strip(), "machine": info, "result": row})
-    if args.results:
-        update_section(args.results, "switch_model", text)
+    publish("switch_model", text, {"command": command, "machine": info, "result": row}, args.json, args.results)
     return 0
 
 

@@ -31,7 +31,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
-from shira_hooks._timing import machine, update_section, write_json  # noqa: E402
+from shira_hooks._timing import command_line, machine, publish, report_header  # noqa: E402
 
 METHODS = ["full", "shira_dense", "shira_compact", "shira_sparse", "peft_lora", "peft_shira", "peft_dora"]
 LABELS = {
@@ -138,14 +138,7 @@ def run_all(args, config: str, layers: int | None) -> list[dict]:
 
 
 def markdown(groups: dict[str, list[dict]], info: dict, command: str) -> str:
-    lines = [
-        "## `benchmarks/train_cost.py`: training step time and peak memory (the paper's Table 6)",
-        "",
-        f"Command: `{command}`",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
-        "",
-    ]
+    lines = report_header("`benchmarks/train_cost.py`: training step time and peak memory (the paper's Table 6)", command, info)
     for config, rows in groups.items():
         first = rows[0]
         lora = next((r for r in rows if r["method"] == "peft_lora"), None)
@@ -201,13 +194,10 @@ def main(argv=None) -> int:
         for r in rows:
             r["batch"] = f"{args.batch} x {args.length}"
     info = machine()
-    command = "python benchmarks/train_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(groups, info, command.strip())
+    command = command_line("python benchmarks/train_cost.py", argv)
+    text = markdown(groups, info, command)
     print(text)
-    if args.json:
-        write_json(args.json, {"command": command.strip(), "machine": info, "groups": groups})
-    if args.results:
-        update_section(args.results, "train_cost", text)
+    publish("train_cost", text, {"command": command, "machine": info, "groups": groups}, args.json, args.results)
     return 0
 
 

@@ -86,6 +86,24 @@ def machine() -> dict[str, str]:
     return info
 
 
+def command_line(program: str, argv: list[str] | None) -> str:
+    """The command a benchmark was run with, for its report."""
+    return f"{program} {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
+
+
+def report_header(title: str, command: str, info: dict[str, str]) -> list[str]:
+    """The first lines of every benchmark section: title, command, machine."""
+    return [f"## {title}", "", f"Command: `{command}`", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), ""]
+
+
+def publish(section: str, text: str, payload: dict, json_path: str | None, results_path: str | None) -> None:
+    """Write the JSON payload and the markdown section where the command line asked."""
+    if json_path:
+        write_json(json_path, payload)
+    if results_path:
+        update_section(results_path, section, text)
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))

@@ -20,7 +20,6 @@ is a test assertion.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import asdict
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from . import masks
 from ._io import digest
-from ._timing import machine, time_pair, update_section, write_json
+from ._timing import command_line, machine, publish, report_header, time_pair
 from .adapter import SparseAdapter, SparseDelta
 from .switch import apply
 
@@ -121,13 +120,7 @@ def table_row(row: dict) -> str:
 
 
 def markdown(rows: list[dict], info: dict, command: str) -> str:
-    lines = [
-        "## `python -m shira_hooks.bench`: one weight, SHiRA apply+remove vs LoRA fuse+unfuse",
-        "",
-        f"Command: `{command}`",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
-        "",
+    lines = report_header("`python -m shira_hooks.bench`: one weight, SHiRA apply+remove vs LoRA fuse+unfuse", command, info) + [
         "Times are medians in ms of one fuse+unfuse (LoRA) or apply+remove (SHiRA) round; `x addmm_`, `x PEFT`",
         "and `x best` (the faster of the two LoRA forms) are LoRA's time over SHiRA's; `SHiRA/raw` is the",
         "library's time over two bare `index_copy_` calls; `naive` is an apply that gathers, upcasts, adds and casts.",
@@ -195,11 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             row = bench_one(dim, DTYPES[dtype], args.sparsity, args.rank, warmup=args.warmup, repeats=args.repeats, budget=args.budget)
             rows.append(row)
             print(table_row(row), flush=True)
-    command = "python -m shira_hooks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.json:
-        write_json(args.json, {"command": command.strip(), "machine": info, "rows": rows})
-    if args.results:
-        update_section(args.results, "bench", markdown(rows, info, command.strip()))
+    command = command_line("python -m shira_hooks.bench", argv)
+    publish("bench", markdown(rows, info, command), {"command": command, "machine": info, "rows": rows}, args.json, args.results)
     if args.plot:
         plot(rows, args.plot)
     return 0
