@@ -89,21 +89,22 @@ class _Tap(torch.autograd.Function):
 
 def install(module: nn.Module, weight: nn.Parameter, index: torch.Tensor, sparse: bool) -> tuple[Plan, list]:
     """Register ``module.shira_values`` and the two hooks; returns the plan and the hook handles."""
-    index = index.to(torch.int64)
+    index = index.to(weight.device, torch.int64)
     values = nn.Parameter(weight.detach().view(-1).index_select(0, index).clone())
     module.register_parameter(VALUES, values)
-    plan = Plan(weight, values, index, sparse, csr_pattern(index, tuple(weight.shape)) if sparse else None)
+    pattern = csr_pattern(index.cpu(), tuple(weight.shape)).to(weight.device) if sparse else None
+    plan = Plan(weight, values, index, sparse, pattern)
     plan.synced = values._version
 
     def before(mod, args):
         plan.sync()
 
-    def after(mod, args, output):
+    def after(mod, args, kwargs, output):
         if torch.is_grad_enabled() and plan.values.requires_grad:
-            return _Tap.apply(output, plan.values, args[0], plan)
+            return _Tap.apply(output, plan.values, args[0] if args else kwargs["input"], plan)
         return None
 
-    return plan, [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    return plan, [module.register_forward_pre_hook(before), module.register_forward_hook(after, with_kwargs=True)]
 
 
 def uninstall(module: nn.Module, plan: Plan) -> None:

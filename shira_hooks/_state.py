@@ -52,6 +52,7 @@ def state_dict(self: "ShiraHandle") -> dict[str, Any]:
         },
     }
 
+
 @torch.no_grad()
 def load_state_dict(self: "ShiraHandle", state: dict[str, Any]) -> None:
     """Adopt the masks and originals of ``state_dict()``; everything is checked before anything changes.
@@ -101,11 +102,13 @@ def load_state_dict(self: "ShiraHandle", state: dict[str, Any]) -> None:
         if target.plan is not None:  # same parameter object, new entries: W holds the trained values
             plan = target.plan
             plan.index = target.indices.to(torch.int64)
-            plan.pattern = _compact.csr_pattern(plan.index, tuple(target.param.shape)) if plan.sparse else None
+            if plan.sparse:
+                plan.pattern = _compact.csr_pattern(plan.index.cpu(), tuple(target.param.shape)).to(plan.index.device)
             plan.values.copy_(target.param.detach().view(-1).index_select(0, plan.index))
             plan.synced = plan.values._version
     if isinstance(state.get("mask"), str) and state["mask"] != "custom":
         self.mask = state["mask"]
+
 
 def save_state(self: "ShiraHandle", path: str | os.PathLike) -> Path:
     """``state_dict()`` as one safetensors file, written atomically."""
@@ -117,6 +120,7 @@ def save_state(self: "ShiraHandle", path: str | os.PathLike) -> Path:
     header = {k: json.dumps(v) for k, v in state.items() if k != "targets"}
     header["targets"] = json.dumps(info)
     return atomic_write(path, save_safetensors(tensors, metadata=header))
+
 
 def load_state(self: "ShiraHandle", path: str | os.PathLike) -> None:
     """Read a file written by ``save_state`` and ``load_state_dict`` it."""

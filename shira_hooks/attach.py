@@ -16,7 +16,7 @@ from . import _compact, masks
 from ._calibrate import LossFn, run_calibration
 from ._targets import TargetSpec, resolve_targets
 from .errors import ShiraError
-from .handle import _ATTACHED, ShiraHandle
+from .handle import ShiraHandle, _attached_elsewhere
 
 DEFAULT_CALIBRATION_STEPS = 8
 
@@ -99,11 +99,14 @@ def attach(
     names = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), name)
+    owners: dict[int, int] = {}  # id(weight) -> number of modules using it
+    for _, module in model.named_modules(remove_duplicate=False):
+        if isinstance(getattr(module, "weight", None), nn.Parameter):
+            owners[id(module.weight)] = owners.get(id(module.weight), 0) + 1
     targets = []
     for module_name, module, weight in resolve_targets(model, target_modules):
         name = names[id(weight)]
-        holder = _ATTACHED.get(id(weight))
-        if holder is not None and holder() is not None and holder().attached:
+        if _attached_elsewhere(weight):
             raise ShiraError(f"weight '{name}' (module '{module_name}') already has a shira_hooks handle attached; call detach() on it first")
         if not weight.is_contiguous():
             raise ShiraError(f"weight '{name}' is not contiguous; flat mask indices need a contiguous weight (call .data = .data.contiguous())")
@@ -111,6 +114,11 @@ def attach(
             raise ShiraError(
                 f"mode={mode!r} supports nn.Linear targets only; '{module_name}' is a {type(module).__name__}. "
                 f"Narrow target_modules to Linear layers, or use mode='dense'"
+            )
+        if mode != "dense" and owners.get(id(weight), 0) > 1:
+            raise ShiraError(
+                f"weight '{name}' is shared by {owners[id(weight)]} modules; mode={mode!r} taps one layer's output, so "
+                f"the others' gradient would be lost. Use mode='dense' for tied weights"
             )
         if mode != "dense" and _compact.VALUES in module._parameters:
             raise ShiraError(f"module '{module_name}' already has a parameter '{_compact.VALUES}'; detach the handle that added it first")

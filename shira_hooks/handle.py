@@ -28,6 +28,11 @@ from .errors import ShiraError
 _ATTACHED: dict[int, "weakref.ref[ShiraHandle]"] = {}
 
 
+def _attached_elsewhere(param: nn.Parameter) -> bool:
+    holder = _ATTACHED.get(id(param))
+    return holder is not None and holder() is not None and holder().attached
+
+
 @dataclass(eq=False)
 class _Target:
     """One trained weight and its mask."""
@@ -77,7 +82,7 @@ class ShiraHandle:
             self._flags.append((param, param.requires_grad))
             if id(param) in target_ids:
                 param.requires_grad_(True)
-            elif freeze_others:
+            elif freeze_others and not _attached_elsewhere(param):  # another handle's target keeps training
                 param.requires_grad_(False)
         for name, module, param in targets:
             numel = param.numel()
@@ -127,7 +132,7 @@ class ShiraHandle:
         # Keep the k masked entries, zero the rest in place, put them back: no dense temporary,
         # and an inf outside the mask becomes 0, never NaN. index_copy_ wants int64 indices (a (k,)
         # conversion, cheaper than index_put_ with int32).
-        index = target.indices.to(torch.int64)  # (k,)
+        index = target.indices.to(grad.device, torch.int64)  # (k,)
         flat = grad.view(-1)  # (numel,)
         kept = flat.index_select(0, index)  # (k,)
         flat.zero_()
@@ -162,6 +167,7 @@ class ShiraHandle:
         self._set_mask(target, masks.topk_mask(scores, target.budget))
 
     def _set_mask(self, target: _Target, indices: torch.Tensor) -> None:
+        indices = indices.to(target.param.device)  # rand/struct/user masks are made on the CPU
         target.indices = indices
         target.originals = target.param.detach().view(-1).index_select(0, indices)
         target.budget = indices.numel()
@@ -279,7 +285,7 @@ class ShiraHandle:
             current = t.param.detach().view(-1).index_select(0, t.indices)
             values = current.float() - t.originals.float()
             deltas[t.name] = SparseDelta(
-                tuple(t.param.shape), t.param.dtype, t.indices.clone(), values.cpu(), digest(t.originals)
+                tuple(t.param.shape), t.param.dtype, t.indices.cpu().clone(), values.cpu(), digest(t.originals)
             )
         mask = self.mask if isinstance(self.mask, str) else "custom"
         return SparseAdapter(

@@ -1,6 +1,7 @@
 """``apply`` / ``remove``: load a SHiRA adapter by overwriting its entries in place (paper §3.2, App. B).
 
-``W.view(-1)[idx] = cast(W_orig[idx] + alpha * S)`` with ``index_copy_`` (the fastest in-place
+``W.view(-1)[idx] = cast(W_orig[idx] + alpha * S)`` (computed in float32, float64 for float64
+weights; ``alpha=0`` writes the originals unchanged) with ``index_copy_`` (the fastest in-place
 scatter on CPU for float32 and bfloat16 alike; ``scatter_`` is a slow path for bfloat16), and
 ``remove`` writes ``W_orig[idx]`` back. Parameters keep their identity and storage.
 
@@ -23,6 +24,7 @@ it, and re-applies them, which leaves exactly the weights that applying them wit
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Literal
@@ -41,7 +43,7 @@ _tokens = itertools.count(1)
 class _Prepared:
     """Per-weight precomputation cached on an adapter (``adapter._prepared[name]``)."""
 
-    index: torch.Tensor  # (k,) int64 indices for index_copy_
+    index: torch.Tensor  # (k,) int64 indices for index_copy_, on the weight's device
     delta: torch.Tensor  # (k,) float32 S
     base: torch.Tensor | None = None  # (k,) verified base values, weight dtype
     base_token: tuple[int, int] | None = None  # (id(param), token) the base was verified against
@@ -77,8 +79,10 @@ class _ModelState:
     def weight(self, param: nn.Parameter) -> _WeightState:
         """The state of ``param``, with a new token if anybody else has written to it since we did."""
         state = self.weights.get(id(param))
-        if state is None or state.flat.data_ptr() != param.data_ptr():  # new, or `param.data = ...` replaced
+        if state is None:
             state = self.weights[id(param)] = _WeightState(next(_tokens), param._version, param.detach().view(-1))
+        elif state.flat.data_ptr() != param.data_ptr():  # `param.data = ...`, .to(): new storage, same stack
+            state.token, state.version, state.flat = next(_tokens), param._version, param.detach().view(-1)
         elif param._version != state.version:
             state.token, state.version = next(_tokens), param._version
         return state
@@ -87,11 +91,25 @@ class _ModelState:
 _MODELS: "weakref.WeakKeyDictionary[nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
 
 
-def _prepared(adapter: SparseAdapter, name: str, delta: SparseDelta) -> _Prepared:
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 weights: never less precise than the weight."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _written(originals: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """cast(originals + alpha * S); exactly the originals for alpha == 0 (-0.0 stays -0.0)."""
+    if alpha == 0:
+        return originals.clone()
+    compute = _compute_dtype(originals.dtype)
+    return (originals.to(compute) + alpha * delta.to(compute)).to(originals.dtype)
+
+
+def _prepared(adapter: SparseAdapter, name: str, delta: SparseDelta, device: torch.device) -> _Prepared:
     cache = adapter.__dict__.setdefault("_prepared", {})
-    if name not in cache:
-        cache[name] = _Prepared(delta.indices.to(torch.int64), delta.values.to(torch.float32))
-    return cache[name]
+    prep = cache.get(name)
+    if prep is None or prep.index.device != device:
+        prep = cache[name] = _Prepared(delta.indices.to(device, torch.int64), delta.values.to(device, torch.float32))
+    return prep
 
 
 def _base_values(state: _WeightState, param: nn.Parameter, index: torch.Tensor) -> torch.Tensor:
@@ -139,12 +157,11 @@ class AppliedAdapter:
                 if not weight.stack and prep.base_token == (id(param), weight.token):
                     originals = prep.base  # fast path: the verified base is what is there now
                     if prep.alpha != self.alpha:
-                        prep.written = (prep.base.float() + self.alpha * prep.delta).to(param.dtype)
-                        prep.alpha = self.alpha
+                        prep.written, prep.alpha = _written(prep.base, prep.delta, self.alpha), self.alpha
                     values = prep.written
                 else:  # stacked on another adapter: read what is there
                     originals = flat.index_select(0, prep.index)
-                    values = (originals.float() + self.alpha * prep.delta).to(param.dtype)
+                    values = _written(originals, prep.delta, self.alpha)
                 flat.index_copy_(0, prep.index, values)
                 weight.version = param._version
                 entry = _Applied(name, param, prep, originals)
@@ -161,7 +178,8 @@ class AppliedAdapter:
             weight = state.weight(entry.param)
             weight.flat.index_copy_(0, entry.prepared.index, entry.originals)
             weight.version = entry.param._version
-            weight.stack.remove(entry)
+            if entry in weight.stack:
+                weight.stack.remove(entry)
         self._entries = []
         if self in state.stack:
             state.stack.remove(self)
@@ -219,7 +237,7 @@ def _check(model: nn.Module, adapter: SparseAdapter, state: _ModelState, strict:
             )
         if not param.is_contiguous():
             raise ShiraError(f"model weight '{name}' is not contiguous; flat indices need a contiguous weight")
-        prep = _prepared(adapter, name, delta)
+        prep = _prepared(adapter, name, delta, param.device)
         weight = state.weight(param)
         if check_base and delta.fingerprint:
             if check_base == "always" or prep.base_token != (id(param), weight.token):
@@ -271,7 +289,7 @@ def apply(
         >>> with shira_hooks.apply(model, adapter, alpha=0.8):
         ...     images = pipe(prompt)
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != alpha:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ShiraError(f"alpha={alpha!r}; it must be a finite number (the adapter's strength, 1.0 = as trained)")
     state = _MODELS.setdefault(model, _ModelState())
     targets, skipped = _check(model, adapter, state, strict, check_base)

@@ -97,3 +97,14 @@ def test_snip_calibrated_sparse_mode_and_state_round_trip(tmp_path):
         assert torch.equal(values[key].detach(), trained[name].reshape(-1)[idx.long()])
     assert again.verify() == []
     again.detach()
+
+
+def test_shared_weights_are_refused_and_keyword_inputs_work():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight  # one weight, two layers
+    with pytest.raises(ShiraError, match=r"weight '0.weight' is shared by 2 modules; mode='sparse'"):
+        shira_hooks.attach(model, 0.2, "rand", mode="sparse")
+    layer = nn.Linear(8, 4)
+    with shira_hooks.attach(layer, 0.25, "rand", mode="sparse") as shira:
+        layer(input=torch.randn(3, 8)).sum().backward()  # called with a keyword argument
+        assert layer.shira_values.grad is not None and layer.shira_values.grad.numel() == shira.num_trainable

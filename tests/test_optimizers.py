@@ -200,3 +200,52 @@ def test_conv_and_embedding_weights_train_exactly():
     assert assert_changes_within_masks(shira, before, model) > 0
     assert not torch.equal(model.head.weight, before["head.weight"])  # a non-target trains in full
     shira.detach()
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd_momentum_l2"])
+def test_step_with_closure_is_guarded(name):
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.05, "rand")
+    before = snapshot(model)
+    optimizer = OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad])
+    for batch in mlp_batches(3):
+        def closure():
+            optimizer.zero_grad()
+            loss = mlp_loss(model, batch)
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+    assert assert_changes_within_masks(shira, before, model) > 0 and shira.verify() == []
+    shira.detach()
+
+
+def test_asgd_is_refused_because_it_decays_every_entry():
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.05, "rand")
+    before = snapshot(model)
+    optimizer = torch.optim.ASGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    mlp_loss(model, mlp_batches(1)[0]).backward()
+    with pytest.raises(shira_hooks.ShiraError, match=r"ASGD multiplies every parameter .*lambd=0.0001.*Fix: ASGD\(\.\.\., lambd=0\)"):
+        optimizer.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    shira.detach()
+
+
+def test_two_handles_on_one_model_share_the_guard():
+    model = make_mlp()
+    first = shira_hooks.attach(model, 0.05, "rand", target_modules=["layers.0"])
+    second = shira_hooks.attach(model, 0.05, "wm", target_modules=["layers.1"])
+    assert model.layers[0].weight.requires_grad  # the second attach did not freeze the first's target
+    before = snapshot(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    groups = [[id(p) for p in g["params"]] for g in optimizer.param_groups]
+    for batch in mlp_batches(3):
+        mlp_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == groups
+    assert assert_changes_within_masks(first, before, model) > 0
+    assert assert_changes_within_masks(second, before, model) > 0
+    assert first.verify() == [] and second.verify() == []
+    second.detach()
+    first.detach()

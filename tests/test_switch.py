@@ -243,3 +243,30 @@ def test_ten_thousand_random_operations_keep_the_base_exact(dtype):
     while handles:
         handles.pop(rng.randrange(len(handles))).remove()
     assert _bits_equal(base, snapshot(model))
+
+
+def test_remove_after_the_storage_was_replaced():
+    model = make_llama()
+    base = snapshot(model)
+    handle = apply(model, _random_adapter(model, 1))
+    for param in model.parameters():
+        param.data = param.data.clone()  # e.g. a .to() round trip: new storage, same Parameter objects
+    handle.remove()
+    assert not handle.active and _bits_equal(base, snapshot(model))
+
+
+def test_alpha_zero_and_float64_are_bit_exact():
+    model = make_mlp().double()
+    with torch.no_grad():
+        model.layers[0].weight.view(-1)[:50] = -0.0
+    base = snapshot(model)
+    adapter = _random_adapter(model, 1, sparsity=0.5)
+    with apply(model, adapter, alpha=0.0):
+        assert _bits_equal(base, snapshot(model))  # -0.0 stays -0.0, float64 is not rounded to float32
+    with apply(model, adapter, alpha=1.0):
+        name, delta = next(iter(adapter.deltas.items()))
+        flat = dict(model.named_parameters())[name].detach().reshape(-1)
+        expected = base[name].reshape(-1)[delta.indices.long()] + delta.values.double()
+        assert torch.equal(flat[delta.indices.long()], expected)  # computed in float64
+    with pytest.raises(ShiraError, match=r"alpha=inf; it must be a finite number"):
+        apply(model, adapter, alpha=float("inf"))
