@@ -54,13 +54,16 @@ class Plan:
 
 
 def csr_pattern(index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The mask as an (out, in) CSR tensor with zero values (row-major order = flat index order)."""
+    """The mask as an (out, in) CSR tensor with zero values, on the device of ``index``.
+
+    Row-major order is flat index order, so the CSR values line up with ``index``.
+    """
     rows, cols = torch.div(index, shape[1], rounding_mode="floor"), index % shape[1]
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64)
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=index.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
     with warnings.catch_warnings():  # "sparse CSR support is in beta" and invariant-check notices
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, cols, torch.zeros(index.numel()), shape)
+        return torch.sparse_csr_tensor(crow, cols, torch.zeros(index.numel(), device=index.device), shape)
 
 
 class _Tap(torch.autograd.Function):
@@ -92,7 +95,7 @@ def install(module: nn.Module, weight: nn.Parameter, index: torch.Tensor, sparse
     index = index.to(weight.device, torch.int64)
     values = nn.Parameter(weight.detach().view(-1).index_select(0, index).clone())
     module.register_parameter(VALUES, values)
-    pattern = csr_pattern(index.cpu(), tuple(weight.shape)).to(weight.device) if sparse else None
+    pattern = csr_pattern(index, tuple(weight.shape)) if sparse else None
     plan = Plan(weight, values, index, sparse, pattern)
     plan.synced = values._version
 

@@ -103,7 +103,7 @@ def load_state_dict(self: "ShiraHandle", state: dict[str, Any]) -> None:
             plan = target.plan
             plan.index = target.indices.to(torch.int64)
             if plan.sparse:
-                plan.pattern = _compact.csr_pattern(plan.index.cpu(), tuple(target.param.shape)).to(plan.index.device)
+                plan.pattern = _compact.csr_pattern(plan.index, tuple(target.param.shape))
             plan.values.copy_(target.param.detach().view(-1).index_select(0, plan.index))
             plan.synced = plan.values._version
     if isinstance(state.get("mask"), str) and state["mask"] != "custom":

@@ -29,9 +29,6 @@ class Stats:
     def of(cls, samples: list[float]) -> "Stats":
         return cls(statistics.median(samples), min(samples), max(samples), len(samples))
 
-    def ms(self) -> str:
-        return f"{self.median * 1e3:.3f}"
-
 
 def time_pair(first: Callable[[], object], second: Callable[[], object], *, warmup: int, repeats: int, budget: float) -> tuple[Stats, Stats, Stats]:
     """Time ``first(); second()`` repeatedly (e.g. fuse then unfuse); returns stats of first, second, both.

@@ -12,6 +12,7 @@ from torch import nn
 from ._io import digest
 from .adapter import SparseAdapter, SparseDelta
 from .errors import ShiraError
+from .masks import index_dtype
 
 
 def fuse(adapters: Sequence[SparseAdapter], weights: Sequence[float] | None = None, *, base: nn.Module | None = None) -> SparseAdapter:
@@ -62,7 +63,7 @@ def fuse(adapters: Sequence[SparseAdapter], weights: Sequence[float] | None = No
             fingerprint = digest(flat[union])
         else:
             fingerprint = first.fingerprint if same_entries else ""
-        fused[name] = SparseDelta(first.shape, first.dtype, union.to(first.indices.dtype if union.numel() < 2**31 else torch.int64), values, fingerprint)
+        fused[name] = SparseDelta(first.shape, first.dtype, union.to(index_dtype(first.numel)), values, fingerprint)
     metadata = {"mask": "fused", "fused_weights": json.dumps(weights), "fused_masks": json.dumps([a.metadata.get("mask", "?") for a in adapters])}
     return SparseAdapter(fused, metadata)
 
