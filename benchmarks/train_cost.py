@@ -12,7 +12,9 @@ values), batch 4 x 64 tokens, AdamW, 2 threads. A second, wider Llama config (Ti
 ``--large-layers`` of its 22 layers) shows how time and memory grow.
 
 Step time: median of the timed steps (forward, backward, optimizer step, zero_grad). Memory: peak RSS
-of the process (``ru_maxrss``), and ``torch.cuda.max_memory_allocated`` when a GPU is used.
+of the process (``ru_maxrss``), and ``torch.cuda.max_memory_allocated`` when a GPU is used. Where the
+memory goes: the tensors autograd saves for one backward (distinct storages, parameters excluded)
+and the optimizer state, measured after the timed steps.
 """
 
 from __future__ import annotations
@@ -112,13 +114,41 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the diagnostic pass below
+    saved_mb = saved_activations_mb(model, ids)
+    state_mb = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)) / 2**20
     return {
+        "saved_activations_mb": saved_mb, "optimizer_state_mb": state_mb,
         "method": args.worker, "config": args.config, "source": source, "layers": model.config.num_hidden_layers,
         "parameters": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "shira_" not in n),
         "trainable": trainable, "step_median_s": statistics.median(times), "step_min_s": min(times), "step_max_s": max(times),
-        "steps": len(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_model_mb": rss_model,
+        "steps": len(times), "peak_rss_mb": peak_rss_mb, "rss_after_model_mb": rss_model,
         "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
+
+
+def saved_activations_mb(model, ids: torch.Tensor) -> float:
+    """MB that autograd keeps for the backward of one step: distinct storages saved by the graph,
+    parameters and buffers excluded (where the methods differ besides the optimizer state)."""
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()} | {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.layout != torch.strided:  # PEFT SHiRA's sparse COO delta: count its values and indices
+            parts = [tensor._values(), tensor._indices()] if tensor.layout == torch.sparse_coo else []
+        else:
+            parts = [tensor]
+        for part in parts:
+            storage = part.untyped_storage()
+            if storage.data_ptr() not in own:
+                seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()) / 2**20
 
 
 def run_all(args, config: str, layers: int | None) -> list[dict]:
@@ -145,15 +175,15 @@ def markdown(groups: dict[str, list[dict]], info: dict, command: str) -> str:
         lines += [
             f"### {config}: {first['layers']} layers, {first['parameters'] / 1e6:.1f}M parameters ({first['source']}), batch {first.get('batch', '')}",
             "",
-            "| method | trainable | median step s (min-max) | peak RSS MB | RSS after model load MB | step / LoRA | peak RSS / LoRA |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| method | trainable | median step s (min-max) | peak RSS MB | RSS after model load MB | saved activations MB | optimizer state MB | step / LoRA | peak RSS / LoRA |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             vs_time = f"{r['step_median_s'] / lora['step_median_s']:.2f}" if lora else "-"
             vs_mem = f"{r['peak_rss_mb'] / lora['peak_rss_mb']:.2f}" if lora else "-"
             lines.append(
                 f"| {LABELS[r['method']]} | {r['trainable']:,} | {r['step_median_s']:.3f} ({r['step_min_s']:.3f}-{r['step_max_s']:.3f}) | "
-                f"{r['peak_rss_mb']:,.0f} | {r['rss_after_model_mb']:,.0f} | {vs_time} | {vs_mem} |"
+                f"{r['peak_rss_mb']:,.0f} | {r['rss_after_model_mb']:,.0f} | {r['saved_activations_mb']:,.1f} | {r['optimizer_state_mb']:,.1f} | {vs_time} | {vs_mem} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -63,4 +63,9 @@ def test_train_cost_quick(tmp_path):
     assert len(set(shira)) == 1  # the three modes train the same entries
     for r in rows:
         assert r["step_min_s"] <= r["step_median_s"] <= r["step_max_s"] and r["peak_rss_mb"] >= r["rss_after_model_mb"] > 0
+    by = {r["method"]: r for r in rows}
+    # compact/sparse keep optimizer state for the k entries only; dense hooks for whole target weights
+    assert by["full"]["optimizer_state_mb"] > by["shira_dense"]["optimizer_state_mb"] > 10 * by["shira_sparse"]["optimizer_state_mb"] > 0
+    assert by["shira_compact"]["optimizer_state_mb"] == by["shira_sparse"]["optimizer_state_mb"]
+    assert all(r["saved_activations_mb"] > 0 for r in rows)
     assert "| shira_hooks mode='sparse' |" in out

