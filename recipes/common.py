@@ -75,19 +75,26 @@ def load_model(name: str | None, tiny: bool, vocabulary: list[str] | None = None
 
 def tiny_model(words: list[str]):
     """A 2-layer Llama and a word-level tokenizer over ``words`` (built in memory, nothing downloaded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = word_tokenizer(words)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    return LlamaForCausalLM(config), tokenizer
+
+
+def word_tokenizer(words: list[str]):
+    """A word-level tokenizer over ``words``: ids 0-3 are <pad>, <unk>, <s>, </s> (built in memory)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + sorted(set(words)))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-    )
-    return LlamaForCausalLM(config), tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 # ------------------------------------------------------------------------------------------- data

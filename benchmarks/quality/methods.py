@@ -18,6 +18,7 @@ Baselines: ``head`` (encoder: frozen backbone, head only) and ``zero_shot`` (LM:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -162,9 +163,9 @@ class CausalLM:
     @torch.no_grad()
     def option_scores(self, model, row: dict) -> torch.Tensor:
         """(options,) log-likelihood of " option" + eos after the prompt; the prompt runs once, its KV cache is shared."""
-        tails = [self.tokenizer(" " + o, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id] for o in row["options"]]
+        tails = [T.answer_ids(self.tokenizer, o) for o in row["options"]]
         width = max(len(t) for t in tails)
-        head = self.tokenizer(row["input"].strip() + T.ANSWER, add_special_tokens=False)["input_ids"][-(self.max_length - width) :]
+        head = T.prompt_ids(self.tokenizer, row)[-(self.max_length - width) :]
         out = model(input_ids=torch.tensor([head]), use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), -1)  # (V,) the first tail token
         cache = out.past_key_values
@@ -183,13 +184,9 @@ class CausalLM:
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from recipes.common import word_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + T.synthetic_words())}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return word_tokenizer(T.synthetic_words())
 
 
 # ------------------------------------------------------------------------------------ methods
@@ -204,12 +201,16 @@ def lora_rank(root: nn.Module, targets: list[str], sparsity: float) -> int:
     return max(1, round(entries / sum(m.in_features + m.out_features for m in linears)))
 
 
+@dataclass
 class Prepared:
     """A model made trainable by one method: the parameters to optimise and how to read the delta back."""
 
-    def __init__(self, model, adapter_params, head_params, entries: int, handle=None, peft_model=None):
-        self.model, self.adapter_params, self.head_params = model, adapter_params, head_params
-        self.entries, self.handle, self.peft_model = entries, handle, peft_model
+    model: nn.Module
+    adapter_params: list[nn.Parameter]
+    head_params: list[nn.Parameter]
+    entries: int
+    handle: shira_hooks.ShiraHandle | None = None
+    peft_model: nn.Module | None = None
 
 
 def prepare(method: str, backend, model, *, sparsity: float, seed: int, calibration: list[dict] | None) -> Prepared:

@@ -85,10 +85,6 @@ class Run:
         return self.folder / task / method / f"lr{lr:g}-seed{seed}"
 
 
-def methods_of(run: Run) -> list[str]:
-    return M.METHODS
-
-
 def baseline_of(run: Run) -> str:
     return "head" if run.kind == "encoder" else "zero_shot"
 
@@ -176,11 +172,11 @@ def stage_grid(run: Run) -> None:
     names = list(run.tasks)
     for name in names:
         cell(run, run.tasks[name], baseline_of(run), run.settings["head_lr"], 0)
-    for method in methods_of(run):
+    for method in M.METHODS:
         for lr in run.grid:
             cell(run, run.tasks[names[0]], method, lr, 0)
     for name in names[1:]:
-        for method in methods_of(run):
+        for method in M.METHODS:
             cell(run, run.tasks[name], method, chosen_lr(run, method), 0)
 
 
@@ -199,7 +195,7 @@ def stage_seeds(run: Run) -> None:
         for seed in run.seeds[1:]:
             if run.kind == "encoder":
                 cell(run, task, baseline_of(run), run.settings["head_lr"], seed)
-            for method in methods_of(run):
+            for method in M.METHODS:
                 cell(run, task, method, chosen_lr(run, method), seed)
 
 
@@ -237,7 +233,7 @@ def stage_test(run: Run) -> None:
     """Test accuracy of the cells at the chosen rates that lack it (``--lazy-test`` grid cells), measured on
     a fresh base model with the saved adapter applied: what a user who loads the adapter gets."""
     for name, task in run.tasks.items():
-        for method in [baseline_of(run)] + methods_of(run):
+        for method in [baseline_of(run)] + M.METHODS:
             lr = run.settings["head_lr"] if method == baseline_of(run) else chosen_lr(run, method)
             for seed in run.seeds:
                 folder = run.cell_dir(name, method, lr, seed) if lr is not None else None
@@ -305,7 +301,7 @@ def stage_fusion(run: Run) -> list[dict]:
     path = run.folder / "fusion.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     have = {(r["method"], r["seed"]) for r in rows}
-    for method in methods_of(run):
+    for method in M.METHODS:
         for seed in run.seeds:
             lr = chosen_lr(run, method)
             if (method, seed) in have or lr is None or not all((run.cell_dir(n, method, lr, seed) / "cell.json").exists() for n in run.tasks):
@@ -325,7 +321,7 @@ def stage_cost(run: Run, args) -> list[dict]:
     if path.exists():
         return json.loads(path.read_text())
     rows = []
-    for method in ["shira_rand"] if run.quick else methods_of(run):  # --quick: one, to keep it short
+    for method in ["shira_rand"] if run.quick else M.METHODS:  # --quick: one, to keep it short
         command = [sys.executable, __file__, "--cost-worker", method, "--models", run.kind, "--sparsity", str(args.sparsity), "--cache", str(args.cache or CACHE)]
         command += ["--quick"] if run.quick else []
         command += ["--tasks", *run.tasks]
@@ -370,10 +366,10 @@ def stage_pilot(run: Run) -> list[dict]:
 def collect(run: Run) -> dict:
     cells = []
     for name in run.tasks:
-        for method in [baseline_of(run)] + methods_of(run):
+        for method in [baseline_of(run)] + M.METHODS:
             for path in sorted((run.folder / name / method).glob("*/cell.json")):
                 cells.append({k: v for k, v in json.loads(path.read_text()).items() if k != "step_times"})  # medians suffice
-    chosen = {m: lr for m in methods_of(run) if (lr := chosen_lr(run, m)) is not None}
+    chosen = {m: lr for m in M.METHODS if (lr := chosen_lr(run, m)) is not None}
     return {
         "model": run.backend.name, "settings": run.settings, "batch_size": run.backend.batch_size, "max_length": run.backend.max_length,
         "targets": run.backend.targets, "grid": run.grid, "seeds": run.seeds, "chosen_lr": chosen,

@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-from recipes.common import bigbench_task  # noqa: E402
+from recipes.common import bigbench_task, collate  # noqa: E402
 
 ANSWER = "\nAnswer:"
 
@@ -122,10 +122,18 @@ def encoder_inputs(tokenizer, task: Task, rows: list[dict], max_length: int) -> 
     return {"enc": dict(enc), "labels": torch.tensor([r["answer"] for r in rows]), "options": [len(r["options"]) for r in rows]}
 
 
+def prompt_ids(tokenizer, row: dict) -> list[int]:
+    return tokenizer(row["input"].strip() + ANSWER, add_special_tokens=False)["input_ids"]
+
+
+def answer_ids(tokenizer, option: str) -> list[int]:
+    """What the LM is trained on and scored by: " option" then eos."""
+    return tokenizer(" " + option, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def lm_rows(tokenizer, row: dict, option: int, max_length: int) -> dict:
     """input_ids of prompt + " option" + eos, labels only on the option and eos."""
-    head = tokenizer(row["input"].strip() + ANSWER, add_special_tokens=False)["input_ids"]
-    tail = tokenizer(" " + row["options"][option], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    head, tail = prompt_ids(tokenizer, row), answer_ids(tokenizer, row["options"][option])
     ids = (head + tail)[-max_length:]
     labels = ([-100] * len(head) + tail)[-max_length:]
     return {"input_ids": ids, "labels": labels}
@@ -134,11 +142,4 @@ def lm_rows(tokenizer, row: dict, option: int, max_length: int) -> dict:
 def lm_inputs(tokenizer, rows: list[dict], max_length: int, *, every_option: bool = False) -> dict:
     """A right-padded batch: the correct option of each row, or every option of every row (scoring)."""
     items = [lm_rows(tokenizer, r, o, max_length) for r in rows for o in (range(len(r["options"])) if every_option else [r["answer"]])]
-    length = max(len(i["input_ids"]) for i in items)
-    ids = torch.full((len(items), length), tokenizer.pad_token_id)
-    labels = torch.full((len(items), length), -100)
-    mask = torch.zeros((len(items), length), dtype=torch.long)
-    for i, item in enumerate(items):
-        n = len(item["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(item["input_ids"]), torch.tensor(item["labels"]), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return collate(items, tokenizer.pad_token_id)
