@@ -116,13 +116,6 @@ def bench_shira(model, sparsity: float, timing: dict) -> dict:
     }
 
 
-def lora_rank(weights: dict, sparsity: float) -> int:
-    """The rank whose r * (in + out) parameters best match sparsity * sum(in * out)."""
-    entries = sum(masks.budget(w.numel(), sparsity) for w in weights.values())
-    per_rank = sum(sum(w.shape) for w in weights.values())
-    return max(1, round(entries / per_rank))
-
-
 def bench_peft(model, rank: int, timing: dict) -> dict:
     from peft import LoraConfig, ShiraConfig, get_peft_model
     from peft.utils.hotswap import hotswap_adapter_from_state_dict
@@ -204,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model(args.quick)
     weights = target_weights(model)
-    row = {"layers": model.config.num_hidden_layers, "targets": len(weights), "sparsity": args.sparsity, "rank": lora_rank(weights, args.sparsity)}
+    row = {"layers": model.config.num_hidden_layers, "targets": len(weights), "sparsity": args.sparsity, "rank": masks.lora_rank((w.shape for w in weights.values()), args.sparsity)}
     row.update(bench_shira(model, args.sparsity, timing))
     row.update(bench_peft(model, row["rank"], timing))
     info = machine()

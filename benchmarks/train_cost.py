@@ -4,8 +4,8 @@
     python benchmarks/train_cost.py --quick           # tiny sizes, a smoke run (used by the tests)
 
 Every method runs in its own process (peak memory is per process): full fine-tuning, shira_hooks in
-its three modes (dense hooks, compact, sparse weight-gradients), PEFT LoRA, PEFT SHiRA and PEFT DoRA,
-all at (nearly) the same number of trainable entries: 1% of every Linear weight of the transformer
+its three modes (dense hooks, compact, sparse weight-gradients), PEFT LoRA (without and with dropout),
+PEFT SHiRA and PEFT DoRA, all at (nearly) the same number of trainable entries: 1% of every Linear weight of the transformer
 blocks for SHiRA, the LoRA rank with as many parameters. Model: SmolLM2-135M-Instruct (its cached
 weights from the recipes if present, else built from its config; the cost does not depend on the
 values), batch 4 x 64 tokens, AdamW, 2 threads. A second, wider Llama config (TinyLlama-1.1B's width,
@@ -35,11 +35,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 from shira_hooks._timing import command_line, machine, publish, report_header  # noqa: E402
 
-METHODS = ["full", "shira_dense", "shira_compact", "shira_sparse", "peft_lora", "peft_shira", "peft_dora"]
+METHODS = ["full", "shira_dense", "shira_compact", "shira_sparse", "peft_lora", "peft_lora_dropout", "peft_shira", "peft_dora"]
 LABELS = {
     "full": "full fine-tuning", "shira_dense": "shira_hooks mode='dense' (hooks)", "shira_compact": "shira_hooks mode='compact'",
-    "shira_sparse": "shira_hooks mode='sparse'", "peft_lora": "PEFT LoRA", "peft_shira": "PEFT SHiRA", "peft_dora": "PEFT DoRA",
+    "shira_sparse": "shira_hooks mode='sparse'", "peft_lora": "PEFT LoRA", "peft_lora_dropout": "PEFT LoRA, dropout 0.05",
+    "peft_shira": "PEFT SHiRA", "peft_dora": "PEFT DoRA",
 }
+# PEFT's default LoRA dropout is 0. The paper trains its LLMs "following the setting of Hu et al. (2023)",
+# LLM-Adapters, whose finetune.py defaults to lora_dropout=0.05: with dropout, every target saves its own
+# dropped-out copy of the input (and the dropout mask) for the backward of A.
+LORA_DROPOUT = 0.05
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
@@ -61,14 +66,6 @@ def build(config_name: str, layers: int | None):
     return LlamaForCausalLM(LlamaConfig(**settings)), "built from config"
 
 
-def lora_rank(model, sparsity: float) -> int:
-    import shira_hooks.masks as masks
-
-    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS]
-    entries = sum(masks.budget(m.weight.numel(), sparsity) for m in linears)
-    return max(1, round(entries / sum(m.in_features + m.out_features for m in linears)))
-
-
 def prepare(method: str, model, sparsity: float):
     """Make ``model`` train with ``method``; returns (model to call, trainable entries)."""
     if method == "full":
@@ -80,9 +77,12 @@ def prepare(method: str, model, sparsity: float):
         return model, handle.num_trainable
     from peft import LoraConfig, ShiraConfig, get_peft_model
 
-    rank = lora_rank(model, sparsity)
+    from shira_hooks.masks import lora_rank
+
+    rank = lora_rank((m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS), sparsity)
     config = {
         "peft_lora": lambda: LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS),
+        "peft_lora_dropout": lambda: LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=LORA_DROPOUT),
         "peft_dora": lambda: LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, use_dora=True),
         "peft_shira": lambda: ShiraConfig(r=rank, target_modules=TARGETS),
     }[method]()
@@ -185,8 +185,21 @@ def markdown(groups: dict[str, list[dict]], info: dict, command: str) -> str:
                 f"| {LABELS[r['method']]} | {r['trainable']:,} | {r['step_median_s']:.3f} ({r['step_min_s']:.3f}-{r['step_max_s']:.3f}) | "
                 f"{r['peak_rss_mb']:,.0f} | {r['rss_after_model_mb']:,.0f} | {r['saved_activations_mb']:,.1f} | {r['optimizer_state_mb']:,.1f} | {vs_time} | {vs_mem} |"
             )
-        lines.append("")
+        lines += ["", *ratios(rows), ""]
     return "\n".join(lines)
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """One line per shira_hooks mode: its step time and peak RSS over each PEFT LoRA variant's."""
+    by = {r["method"]: r for r in rows}
+    loras = [m for m in ("peft_lora", "peft_lora_dropout") if m in by]
+    out = []
+    for mode in (m for m in ("shira_compact", "shira_sparse") if m in by):
+        parts = [f"{by[mode]['step_median_s'] / by[m]['step_median_s']:.2f}x the step time and "
+                 f"{by[mode]['peak_rss_mb'] / by[m]['peak_rss_mb']:.2f}x the peak RSS of {LABELS[m]}" for m in loras]
+        if parts:
+            out.append(f"- {LABELS[mode]}: " + "; ".join(parts) + ".")
+    return out
 
 
 def main(argv=None) -> int:

@@ -39,16 +39,11 @@ COLUMNS = (
 )
 
 
-def lora_rank(dim: int, sparsity: float) -> int:
-    """The LoRA rank with as many parameters (2 * dim * r) as SHiRA's sparsity * dim**2 entries."""
-    return max(1, round(sparsity * dim / 2))
-
-
 def bench_one(dim: int, dtype: torch.dtype, sparsity: float, rank: int | None, *, warmup: int, repeats: int, budget: float, seed: int = 0) -> dict:
     """All methods for one (dim, dtype); returns a JSON-ready row (times in seconds)."""
     g = torch.Generator().manual_seed(seed)
     weight = (torch.randn(dim, dim, generator=g) * 0.02).to(dtype)  # (out, in)
-    r = rank or lora_rank(dim, sparsity)
+    r = rank or masks.lora_rank([(dim, dim)], sparsity)
     lora_a = (torch.randn(r, dim, generator=g) * 0.01).to(dtype)  # (r, in), like lora_A.weight
     lora_b = (torch.randn(dim, r, generator=g) * 0.01).to(dtype)  # (out, r), like lora_B.weight
     scale = 2.0  # lora_alpha / r

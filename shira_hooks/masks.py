@@ -7,7 +7,7 @@ never as a dense boolean tensor. ``index_dtype`` says which integer type they ar
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -26,6 +26,14 @@ def budget(numel: int, sparsity: float) -> int:
     Rounds half up (``int(x + 0.5)``) and never exceeds ``numel``.
     """
     return min(numel, max(1, int(sparsity * numel + 0.5)))
+
+
+def lora_rank(shapes: Iterable[tuple[int, ...]], sparsity: float) -> int:
+    """The LoRA rank whose ``r * (out + in)`` parameters over these (out, in) weights come closest to
+    their SHiRA budget (``budget`` per weight), at least 1: how benchmarks compare at equal size."""
+    shapes = [tuple(s) for s in shapes]
+    entries = sum(budget(out * inp, sparsity) for out, inp in shapes)
+    return max(1, round(entries / sum(out + inp for out, inp in shapes)))
 
 
 def index_dtype(numel: int) -> torch.dtype:

@@ -58,7 +58,7 @@ def test_train_cost_quick(tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout
     rows = json.loads((tmp_path / "t.json").read_text())["groups"]["tiny"]
-    assert [r["method"] for r in rows] == ["full", "shira_dense", "shira_compact", "shira_sparse", "peft_lora", "peft_shira", "peft_dora"]
+    assert [r["method"] for r in rows] == ["full", "shira_dense", "shira_compact", "shira_sparse", "peft_lora", "peft_lora_dropout", "peft_shira", "peft_dora"]
     shira = [r["trainable"] for r in rows if r["method"].startswith("shira_")]
     assert len(set(shira)) == 1  # the three modes train the same entries
     for r in rows:
@@ -69,3 +69,6 @@ def test_train_cost_quick(tmp_path):
     assert by["shira_compact"]["optimizer_state_mb"] == by["shira_sparse"]["optimizer_state_mb"]
     assert all(r["saved_activations_mb"] > 0 for r in rows)
     assert "| shira_hooks mode='sparse' |" in out
+    # LoRA with dropout keeps a dropped-out copy of every target's input for the backward of A
+    assert by["peft_lora_dropout"]["saved_activations_mb"] > by["peft_lora"]["saved_activations_mb"]
+    assert "- shira_hooks mode='sparse':" in out and "of PEFT LoRA, dropout 0.05" in out

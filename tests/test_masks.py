@@ -37,6 +37,17 @@ def test_exact_budget_per_weight(mask, builder):
         assert shira.num_trainable == sum(i.numel() for i in shira.masks.values())
 
 
+def test_lora_rank_matches_the_budget():
+    # 1% of a 4096x4096 weight is 167,772 entries; rank 20 gives 163,840 LoRA parameters, rank 21 172,032
+    assert masks.lora_rank([(4096, 4096)], 0.01) == 20
+    shapes = [(576, 576), (192, 576), (1536, 576)]
+    rank = masks.lora_rank(shapes, 0.01)
+    entries = sum(masks.budget(o * i, 0.01) for o, i in shapes)
+    per_rank = sum(o + i for o, i in shapes)
+    assert all(abs(rank * per_rank - entries) <= abs(r * per_rank - entries) for r in range(1, 10))
+    assert masks.lora_rank([(8, 8)], 0.001) == 1  # never zero
+
+
 def test_default_targets_skip_head_and_embeddings():
     model = make_llama()
     with shira_hooks.attach(model, 0.01, "rand") as shira:

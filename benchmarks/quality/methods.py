@@ -30,7 +30,7 @@ from torch import nn
 import shira_hooks
 from shira_hooks import SparseAdapter, SparseDelta
 from shira_hooks._io import atomic_write, digest
-from shira_hooks.masks import budget
+from shira_hooks.masks import lora_rank
 
 import tasks as T
 
@@ -194,13 +194,6 @@ def target_linears(root: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
     return {n: m for n, m in root.named_modules() if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)}
 
 
-def lora_rank(root: nn.Module, targets: list[str], sparsity: float) -> int:
-    """The LoRA rank whose r * (in + out) over all targets is closest to 1% of their weights."""
-    linears = target_linears(root, targets).values()
-    entries = sum(budget(m.weight.numel(), sparsity) for m in linears)
-    return max(1, round(entries / sum(m.in_features + m.out_features for m in linears)))
-
-
 @dataclass
 class Prepared:
     """A model made trainable by one method: the parameters to optimise and how to read the delta back."""
@@ -230,7 +223,7 @@ def prepare(method: str, backend, model, *, sparsity: float, seed: int, calibrat
         return Prepared(model, params, head, handle.num_trainable, handle=handle)
     from peft import LoraConfig, ShiraConfig, get_peft_model
 
-    rank = lora_rank(root, backend.targets, sparsity)
+    rank = lora_rank((m.weight.shape for m in target_linears(root, backend.targets).values()), sparsity)
     if method == "lora":
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=backend.targets)
     elif method == "peft_shira":

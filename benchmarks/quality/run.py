@@ -47,12 +47,16 @@ from shira_hooks._io import atomic_write  # noqa: E402
 from shira_hooks._timing import command_line, machine  # noqa: E402
 
 CACHE = Path(os.environ.get("SHIRA_HOOKS_CACHE", Path.home() / ".cache" / "shira_hooks")) / "quality"
-CANDIDATES = ["intent_recognition", "strategyqa", "winowhy", "epistemic_reasoning", "sports_understanding", "navigate"]
-# The LM gets the first two tasks only: one LM cell takes 4-6 minutes on the 2-core CPU (SmolLM2's
-# step at batch 8 is ~3-5 s), and the three-task LM runs did not fit the session that produced RESULTS.md.
+# The pilot's candidates per model (``--pilot``); the tasks kept are the three whose LoRA validation
+# accuracy clears the baseline and the majority answer by the widest margin (pilot.json, RESULTS.md).
+CANDIDATES = {
+    "encoder": ["intent_recognition", "strategyqa", "winowhy", "epistemic_reasoning", "sports_understanding", "navigate"],
+    "lm": ["intent_recognition", "navigate", "winowhy", "epistemic_reasoning", "sports_understanding", "metaphor_boolean",
+           "hyperbaton", "reasoning_about_colored_objects", "language_identification", "social_support"],
+}
 DEFAULT_TASKS = {"encoder": ["intent_recognition", "navigate", "winowhy"], "lm": ["intent_recognition", "navigate"]}
 QUICK_TASKS = ["intent", "sentiment", "topic"]
-GRID = {"encoder": [3e-4, 1e-3, 3e-3], "lm": [3e-4, 1e-3]}
+GRID = {"encoder": [3e-4, 1e-3, 3e-3], "lm": [3e-4, 1e-3, 3e-3]}
 SETTINGS = {  # per backend: steps, warm-up share, head learning rate, test / validation sizes
     "encoder": dict(steps=100, warmup=0.1, head_lr=2e-3, test=300, val=150, calibration_batches=4),
     "lm": dict(steps=48, warmup=0.1, head_lr=0.0, test=100, val=40, calibration_batches=4),
@@ -70,6 +74,7 @@ class Run:
         self.settings = dict(QUICK if args.quick else SETTINGS[kind], sparsity=args.sparsity)
         self.backend = (M.Encoder if kind == "encoder" else M.CausalLM)(tiny=args.quick)
         self.grid = ([1e-2, 3e-2] if kind == "encoder" else [3e-2]) if args.quick else GRID[kind]
+        self.methods = args.methods or M.METHODS  # the methods the training stages train (--methods)
         self.seeds = list(range(min(2, args.encoder_seeds) if args.quick and kind == "encoder" else args.encoder_seeds if kind == "encoder" else args.lm_seeds))
         names = args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS[kind])
         self.tasks = {n: self.load_task(n) for n in names}
@@ -172,11 +177,11 @@ def stage_grid(run: Run) -> None:
     names = list(run.tasks)
     for name in names:
         cell(run, run.tasks[name], baseline_of(run), run.settings["head_lr"], 0)
-    for method in M.METHODS:
+    for method in run.methods:
         for lr in run.grid:
             cell(run, run.tasks[names[0]], method, lr, 0)
     for name in names[1:]:
-        for method in M.METHODS:
+        for method in run.methods:
             cell(run, run.tasks[name], method, chosen_lr(run, method), 0)
 
 
@@ -195,7 +200,7 @@ def stage_seeds(run: Run) -> None:
         for seed in run.seeds[1:]:
             if run.kind == "encoder":
                 cell(run, task, baseline_of(run), run.settings["head_lr"], seed)
-            for method in M.METHODS:
+            for method in run.methods:
                 cell(run, task, method, chosen_lr(run, method), seed)
 
 
@@ -347,12 +352,12 @@ def cost_worker(run: Run, method: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- pilot
-def stage_pilot(run: Run) -> list[dict]:
+def stage_pilot(run: Run, names: list[str]) -> list[dict]:
     """Which candidate tasks does the model learn? The baseline and LoRA at the middle rate, seed 0."""
     rows = []
     run.folder = run.folder / "pilot"  # its own cells: the pilot draws no per-task mask seeds
     lr = run.grid[len(run.grid) // 2]
-    for name in CANDIDATES:
+    for name in names:
         task = run.load_task(name)
         row = {"task": name, "sizes": task.sizes, "majority": task.majority()}
         for method in [baseline_of(run), "lora"]:
@@ -382,10 +387,13 @@ def collect(run: Run) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["encoder", "lm"], choices=["encoder", "lm"])
-    parser.add_argument("--tasks", nargs="+", help=f"BIG-bench tasks, the first one for the learning-rate grid (default {DEFAULT_TASKS})")
+    parser.add_argument("--tasks", nargs="+", help=f"BIG-bench tasks, the first one for the learning-rate grid (default {DEFAULT_TASKS}); "
+                        "with --pilot, the candidates")
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     parser.add_argument("--pilot", action="store_true", help="run the task pilot instead (writes pilot.json)")
     parser.add_argument("--lazy-test", action="store_true", help="test only the cells at the chosen rates, from their saved adapters (saves time on the LM)")
+    parser.add_argument("--methods", nargs="+", choices=M.METHODS, help="train only these methods in the grid and seeds stages "
+                        "(to share the work between processes; default all)")
     parser.add_argument("--encoder-seeds", type=int, default=3)
     parser.add_argument("--lm-seeds", type=int, default=1)
     parser.add_argument("--sparsity", type=float, default=0.01)
@@ -405,9 +413,14 @@ def main(argv=None) -> int:
 
     out = args.out or ((args.cache or CACHE) / "quick-report" if args.quick else HERE)
     out.mkdir(parents=True, exist_ok=True)
-    if args.pilot:
-        pilot = {kind: stage_pilot(Run(kind, args)) for kind in args.models}
-        atomic_write(out / "pilot.json", json.dumps({"command": command_line("python benchmarks/quality/run.py", argv), "pilot": pilot}, indent=1).encode())
+    if args.pilot:  # pilot.json keeps the other model's pilot
+        path = out / "pilot.json"
+        pilot = json.loads(path.read_text()) if path.exists() else {}
+        for kind in args.models:
+            run = Run(kind, args)
+            rows = stage_pilot(run, args.tasks or CANDIDATES[kind])
+            pilot[kind] = {"command": command_line("python benchmarks/quality/run.py", argv), "lr": run.grid[len(run.grid) // 2], "rows": rows}
+            atomic_write(path, json.dumps(pilot, indent=1).encode())
         return 0
     results = {"command": command_line("python benchmarks/quality/run.py", argv), "machine": machine(), "models": {}}
     for kind in args.models:
