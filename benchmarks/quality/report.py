@@ -196,17 +196,21 @@ def claims(r: dict) -> list[str]:
     return out
 
 
-def pilot_section(pilot: dict) -> list[str]:
-    lines = ["## Pilot: which tasks the models learn", "", "The baseline and PEFT LoRA at the grid's middle learning rate, seed 0, validation accuracy (%). "
-             "The three tasks whose LoRA accuracy clears both the baseline and the majority answer (chance for multiple choice) "
-             "by the widest margin were kept.", ""]
+def pilot_section(pilot: dict, results: dict) -> list[str]:
+    lines = ["## Pilot: which tasks the models learn", "",
+             "The baseline and PEFT LoRA at the grid's middle learning rate, seed 0, validation accuracy (%). Margin: LoRA's "
+             "accuracy over the better of the baseline and the majority answer (chance for multiple choice). The three tasks with "
+             "the widest margin are kept; a tie goes to the wider margin over the majority answer alone.", ""]
     for kind, p in pilot.items():
         baseline = "head" if kind == "encoder" else "zero_shot"
+        used = results["models"].get(kind, {}).get("tasks", {})
         lines += [f"**{kind}** (`{p['command']}`, LoRA learning rate {p['lr']:g})", "",
-                  f"| task | train/val/test | majority | {LABELS[baseline]} | PEFT LoRA |", "|---|---|---:|---:|---:|"]
+                  f"| task | train/val/test | majority | {LABELS[baseline]} | PEFT LoRA | margin | used |", "|---|---|---:|---:|---:|---:|---|"]
         for row in p["rows"]:
             sizes = "/".join(str(row["sizes"][k]) for k in ("train", "val", "test"))
-            lines.append(f"| {row['task']} | {sizes} | {100 * row['majority']:.1f} | {100 * row[baseline]:.1f} | {100 * row['lora']:.1f} |")
+            margin = row["lora"] - max(row[baseline], row["majority"])
+            lines.append(f"| {row['task']} | {sizes} | {100 * row['majority']:.1f} | {100 * row[baseline]:.1f} | {100 * row['lora']:.1f} | "
+                         f"{100 * margin:+.1f} | {'yes' if row['task'] in used else ''} |")
         lines.append("")
     return lines
 
@@ -232,7 +236,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xticks(list(xs), [LABELS[m].replace("shira_hooks ", "shira ") for m in names], rotation=30, ha="right")
         ax.set_ylabel("test accuracy (%), mean ± std over seeds")
         ax.set_title(r["model"])
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -244,7 +248,7 @@ def write(results: dict, out: Path, pilot: dict | None = None) -> Path:
     for kind, r in results["models"].items():
         lines += model_section(kind, r)
     if pilot:
-        lines += pilot_section(pilot)
+        lines += pilot_section(pilot, results)
     discussion = HERE / "discussion.md"
     if discussion.exists() and out.resolve() == HERE:
         lines += ["## Discussion", "", discussion.read_text().strip(), ""]
