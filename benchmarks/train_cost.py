@@ -5,8 +5,8 @@
 
 Every method runs in its own process (peak memory is per process): full fine-tuning, shira_hooks in
 its three modes (dense hooks, compact, sparse weight-gradients), PEFT LoRA (without and with dropout),
-PEFT SHiRA and PEFT DoRA, all at (nearly) the same number of trainable entries: 1% of every Linear weight of the transformer
-blocks for SHiRA, the LoRA rank with as many parameters. Model: SmolLM2-135M-Instruct (its cached
+PEFT SHiRA and PEFT DoRA, all at (nearly) the same number of trainable entries: 1% of every Linear
+weight of the transformer blocks for SHiRA, the LoRA rank with as many parameters. Model: SmolLM2-135M-Instruct (its cached
 weights from the recipes if present, else built from its config; the cost does not depend on the
 values), batch 4 x 64 tokens, AdamW, 2 threads. A second, wider Llama config (TinyLlama-1.1B's width,
 ``--large-layers`` of its 22 layers) shows how time and memory grow.
@@ -34,6 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 from shira_hooks._timing import command_line, machine, publish, report_header  # noqa: E402
+from shira_hooks.masks import lora_rank  # noqa: E402
 
 METHODS = ["full", "shira_dense", "shira_compact", "shira_sparse", "peft_lora", "peft_lora_dropout", "peft_shira", "peft_dora"]
 LABELS = {
@@ -77,13 +78,12 @@ def prepare(method: str, model, sparsity: float):
         return model, handle.num_trainable
     from peft import LoraConfig, ShiraConfig, get_peft_model
 
-    from shira_hooks.masks import lora_rank
-
     rank = lora_rank((m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS), sparsity)
+    lora = dict(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
     config = {
-        "peft_lora": lambda: LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS),
-        "peft_lora_dropout": lambda: LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=LORA_DROPOUT),
-        "peft_dora": lambda: LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, use_dora=True),
+        "peft_lora": lambda: LoraConfig(**lora),
+        "peft_lora_dropout": lambda: LoraConfig(**lora, lora_dropout=LORA_DROPOUT),
+        "peft_dora": lambda: LoraConfig(**lora, use_dora=True),
         "peft_shira": lambda: ShiraConfig(r=rank, target_modules=TARGETS),
     }[method]()
     peft_model = get_peft_model(model, config)

@@ -24,8 +24,7 @@ DEFAULT_CALIBRATION_STEPS = 8
 def _check_arguments(model: Any, sparsity: Any, mask: Any, calibration: Any, calibration_steps: Any) -> None:
     if not isinstance(model, nn.Module):
         raise ShiraError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
-        raise ShiraError(f"sparsity={sparsity!r} is outside (0, 1]; it is the fraction of each weight that trains, e.g. 0.01")
+    masks.check_sparsity(sparsity)
     if not callable(mask) and mask not in masks.MASK_KINDS:
         raise ShiraError(f"unknown mask={mask!r}; use one of {', '.join(masks.MASK_KINDS)} or a function (name, weight) -> indices")
     if calibration is not None and mask not in masks.CALIBRATED_KINDS:

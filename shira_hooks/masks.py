@@ -20,6 +20,12 @@ CALIBRATED_KINDS = ("grad", "snip")
 MaskFn = Callable[[str, torch.Tensor], Any]
 
 
+def check_sparsity(sparsity: Any) -> None:
+    """A ShiraError unless ``sparsity`` is a number in (0, 1]."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
+        raise ShiraError(f"sparsity={sparsity!r} is outside (0, 1]; it is the fraction of each weight that trains, e.g. 0.01")
+
+
 def budget(numel: int, sparsity: float) -> int:
     """Number of trainable entries for a weight of ``numel`` entries: round(sparsity * numel), at least 1.
 
@@ -31,7 +37,10 @@ def budget(numel: int, sparsity: float) -> int:
 def lora_rank(shapes: Iterable[tuple[int, ...]], sparsity: float) -> int:
     """The LoRA rank whose ``r * (out + in)`` parameters over these (out, in) weights come closest to
     their SHiRA budget (``budget`` per weight), at least 1: how benchmarks compare at equal size."""
+    check_sparsity(sparsity)
     shapes = [tuple(s) for s in shapes]
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ShiraError(f"lora_rank() needs one or more (out, in) weight shapes, got {shapes!r}; pass Linear weight shapes such as [(576, 576)]")
     entries = sum(budget(out * inp, sparsity) for out, inp in shapes)
     return max(1, round(entries / sum(out + inp for out, inp in shapes)))
 

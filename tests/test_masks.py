@@ -46,6 +46,12 @@ def test_lora_rank_matches_the_budget():
     per_rank = sum(o + i for o, i in shapes)
     assert all(abs(rank * per_rank - entries) <= abs(r * per_rank - entries) for r in range(1, 10))
     assert masks.lora_rank([(8, 8)], 0.001) == 1  # never zero
+    with pytest.raises(shira_hooks.ShiraError, match=r"lora_rank\(\) needs one or more \(out, in\) weight shapes, got \[\]"):
+        masks.lora_rank([], 0.01)
+    with pytest.raises(shira_hooks.ShiraError, match=r"got \[\(8, 3, 3\)\]"):
+        masks.lora_rank([(8, 3, 3)], 0.01)  # a conv weight
+    with pytest.raises(shira_hooks.ShiraError, match=r"sparsity=0 is outside \(0, 1\]"):
+        masks.lora_rank([(8, 8)], 0)
 
 
 def test_default_targets_skip_head_and_embeddings():

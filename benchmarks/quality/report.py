@@ -167,32 +167,29 @@ def drops(r: dict, method: str) -> list[float]:
     return out
 
 
+def against_lora(r: dict, series) -> list[tuple[str, float, float, float]]:
+    """For every SHiRA method with per-seed values ``series(r, method)``: (method, its mean, LoRA's mean,
+    the seed spread of the difference). Empty when LoRA has no values."""
+    lora = series(r, "lora")
+    if not lora:
+        return []
+    return [(m, statistics.fmean(v), statistics.fmean(lora), spread(v, lora)) for m in ["peft_shira"] + SHIRA if (v := series(r, m))]
+
+
 def claims(r: dict) -> list[str]:
     """Sentences generated from the numbers: does each claim of the paper hold here?"""
     out = []
-    lora = per_seed_average(r, "lora")
-    if lora:
-        lo = statistics.fmean(lora)
-        for method in ["peft_shira"] + SHIRA:
-            avg = per_seed_average(r, method)
-            if avg:
-                a = statistics.fmean(avg)
-                v = verdict(a - lo, spread(avg, lora), "above LoRA", "below LoRA")
-                out.append(f"- Single tasks: {LABELS[method]} averages {100 * a:.1f}% vs LoRA {100 * lo:.1f}% ({100 * (a - lo):+.1f} points): {v}.")
-    lora_drops = drops(r, "lora")
-    if lora_drops:
-        dl = statistics.fmean(lora_drops)
-        for method in ["peft_shira"] + SHIRA:
-            d = drops(r, method)
-            if d:
-                v = verdict(dl - statistics.fmean(d), spread(d, lora_drops), "a smaller drop than LoRA's", "a larger drop than LoRA's")
-                out.append(f"- Fusion: {LABELS[method]} drops {100 * statistics.fmean(d):.1f} points vs LoRA {100 * dl:.1f}: {v} "
-                           "(paper, LLaMA2-7B: SHiRA-WM 4.4 vs LoRA 11.1).")
-        changed = {m: statistics.fmean(f["changed"] / f["target_weights"] for f in fused(r, m)) for m in METHODS if fused(r, m)}
-        shira = [changed[m] for m in SHIRA if m in changed]
-        if "lora" in changed and shira:
-            out.append(f"- Fused LoRA changes {100 * changed['lora']:.1f}% of the target weights; fused shira_hooks adapters "
-                       f"{100 * min(shira):.2f}-{100 * max(shira):.2f}% (paper: ~66% for LoRA, 1% for one SHiRA adapter).")
+    for method, a, lo, noise in against_lora(r, per_seed_average):
+        v = verdict(a - lo, noise, "above LoRA", "below LoRA")
+        out.append(f"- Single tasks: {LABELS[method]} averages {100 * a:.1f}% vs LoRA {100 * lo:.1f}% ({100 * (a - lo):+.1f} points): {v}.")
+    for method, d, dl, noise in against_lora(r, drops):
+        v = verdict(dl - d, noise, "a smaller drop than LoRA's", "a larger drop than LoRA's")
+        out.append(f"- Fusion: {LABELS[method]} drops {100 * d:.1f} points vs LoRA {100 * dl:.1f}: {v} (paper, LLaMA2-7B: SHiRA-WM 4.4 vs LoRA 11.1).")
+    changed = {m: statistics.fmean(f["changed"] / f["target_weights"] for f in fused(r, m)) for m in METHODS if fused(r, m)}
+    shira = [changed[m] for m in SHIRA if m in changed]
+    if drops(r, "lora") and "lora" in changed and shira:
+        out.append(f"- Fused LoRA changes {100 * changed['lora']:.1f}% of the target weights; fused shira_hooks adapters "
+                   f"{100 * min(shira):.2f}-{100 * max(shira):.2f}% (paper: ~66% for LoRA, 1% for one SHiRA adapter).")
     return out
 
 

@@ -353,8 +353,9 @@ def cost_worker(run: Run, method: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- pilot
-def stage_pilot(run: Run, names: list[str]) -> list[dict]:
-    """Which candidate tasks does the model learn? The baseline and LoRA at the middle rate, seed 0."""
+def stage_pilot(run: Run, names: list[str]) -> dict:
+    """Which candidate tasks does the model learn? The baseline and LoRA at the middle rate, seed 0:
+    {"lr": that rate, "rows": one row per task}."""
     rows = []
     run.folder = run.folder / "pilot"  # its own cells: the pilot draws no per-task mask seeds
     lr = run.grid[len(run.grid) // 2]
@@ -365,7 +366,7 @@ def stage_pilot(run: Run, names: list[str]) -> list[dict]:
             record = cell(run, task, method, run.settings["head_lr"] if method == baseline_of(run) else lr, 0)
             row[method] = record["val"]
         rows.append(row)
-    return rows
+    return {"lr": lr, "rows": rows}
 
 
 # -------------------------------------------------------------------------------------- collect
@@ -418,9 +419,7 @@ def main(argv=None) -> int:
         path = out / "pilot.json"
         pilot = json.loads(path.read_text()) if path.exists() else {}
         for kind in args.models:
-            run = Run(kind, args)
-            rows = stage_pilot(run, args.tasks or CANDIDATES[kind])
-            pilot[kind] = {"command": command_line("python benchmarks/quality/run.py", argv), "lr": run.grid[len(run.grid) // 2], "rows": rows}
+            pilot[kind] = {"command": command_line("python benchmarks/quality/run.py", argv), **stage_pilot(Run(kind, args), args.tasks or CANDIDATES[kind])}
             atomic_write(path, json.dumps(pilot, indent=1).encode())
         return 0
     results = {"command": command_line("python benchmarks/quality/run.py", argv), "machine": machine(), "models": {}}
