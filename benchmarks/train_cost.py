@@ -11,10 +11,19 @@ weights from the recipes if present, else built from its config; the cost does n
 values), batch 4 x 64 tokens, AdamW, 2 threads. A second, wider Llama config (TinyLlama-1.1B's width,
 ``--large-layers`` of its 22 layers) shows how time and memory grow.
 
-Step time: median of the timed steps (forward, backward, optimizer step, zero_grad). Memory: peak RSS
-of the process (``ru_maxrss``), and ``torch.cuda.max_memory_allocated`` when a GPU is used. Where the
-memory goes: the tensors autograd saves for one backward (distinct storages, parameters excluded)
-and the optimizer state, measured after the timed steps.
+Step time: median of the timed steps (forward, backward, optimizer step, zero_grad) over ``--rounds``
+rounds; each round starts every method's process once, in forward order and then in reverse order,
+so the machine's drift over the run (10-50% here) falls on all methods alike. Memory:
+
+* peak RSS of the process (``ru_maxrss``, the largest over the rounds) with the default allocator,
+  what a user sees. glibc's malloc keeps freed memory in its heaps, so this includes whatever the
+  allocation pattern of a method left fragmented, and grows for the first steps;
+* peak RSS of one more process per method with ``MALLOC_MMAP_THRESHOLD_=65536`` and
+  ``MALLOC_TRIM_THRESHOLD_=0`` (large blocks are mapped and unmapped, freed memory goes back at
+  once): it follows the memory the tensors actually hold at their peak, the CPU counterpart of
+  ``torch.cuda.max_memory_allocated`` (also reported when a GPU is used);
+* where the memory goes: the tensors autograd saves for one backward (distinct storages,
+  parameters excluded) and the optimizer state, measured after the timed steps.
 """
 
 from __future__ import annotations
@@ -115,14 +124,15 @@ def worker(args) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the diagnostic pass below
+    if args.no_breakdown:
+        return {"method": args.worker, "peak_rss_mb": peak_rss_mb}
     saved_mb = saved_activations_mb(model, ids)
     state_mb = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)) / 2**20
     return {
         "saved_activations_mb": saved_mb, "optimizer_state_mb": state_mb,
         "method": args.worker, "config": args.config, "source": source, "layers": model.config.num_hidden_layers,
         "parameters": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "shira_" not in n),
-        "trainable": trainable, "step_median_s": statistics.median(times), "step_min_s": min(times), "step_max_s": max(times),
-        "steps": len(times), "peak_rss_mb": peak_rss_mb, "rss_after_model_mb": rss_model,
+        "trainable": trainable, "times": times, "peak_rss_mb": peak_rss_mb, "rss_after_model_mb": rss_model,
         "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
 
@@ -151,52 +161,83 @@ def saved_activations_mb(model, ids: torch.Tensor) -> float:
     return sum(seen.values()) / 2**20
 
 
+# glibc: blocks of 64 KiB and more are mmap'ed and unmapped on free, and freed heap tops are trimmed at
+# once, so RSS follows the live tensors instead of what earlier allocations left behind.
+RETURNING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def spawn(args, method: str, config: str, layers: int | None, *, steps: int, warmup: int, extra=(), env=None) -> dict:
+    command = [sys.executable, __file__, "--worker", method, "--config", config, "--steps", str(steps), "--warmup", str(warmup),
+               "--batch", str(args.batch), "--length", str(args.length), "--threads", str(args.threads), "--sparsity", str(args.sparsity), *extra]
+    if layers:
+        command += ["--layers", str(layers)]
+    done = subprocess.run(command, capture_output=True, text=True, env=None if env is None else {**os.environ, **env})
+    if done.returncode != 0:
+        raise SystemExit(f"{method} on {config} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_all(args, config: str, layers: int | None) -> list[dict]:
+    """``args.rounds`` timed processes per method (forward then reverse order), then one live-memory process."""
+    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for round_ in range(args.rounds):
+        for method in args.methods if round_ % 2 == 0 else reversed(args.methods):
+            runs[method].append(spawn(args, method, config, layers, steps=args.steps, warmup=args.warmup))
+            last = runs[method][-1]
+            print(f"{config:8} round {round_ + 1} {LABELS[method]:34} step {statistics.median(last['times']):.3f} s  peak RSS {last['peak_rss_mb']:,.0f} MB", flush=True)
     rows = []
     for method in args.methods:
-        command = [sys.executable, __file__, "--worker", method, "--config", config, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--batch", str(args.batch), "--length", str(args.length), "--threads", str(args.threads), "--sparsity", str(args.sparsity)]
-        if layers:
-            command += ["--layers", str(layers)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{method} on {config} failed:\n{done.stderr[-3000:]}")
-        row = json.loads(done.stdout.strip().splitlines()[-1])
+        live = spawn(args, method, config, layers, steps=args.live_steps, warmup=1, extra=["--no-breakdown"], env=RETURNING_MALLOC)
+        first, times = runs[method][0], [t for run in runs[method] for t in run["times"]]
+        row = {k: v for k, v in first.items() if k != "times"}
+        row.update(step_median_s=statistics.median(times), step_min_s=min(times), step_max_s=max(times), steps=len(times), rounds=args.rounds,
+                   peak_rss_mb=max(run["peak_rss_mb"] for run in runs[method]), peak_live_rss_mb=live["peak_rss_mb"])
         rows.append(row)
-        print(f"{config:8} {LABELS[method]:34} trainable {row['trainable']:>13,}  step {row['step_median_s']:.3f} s  peak RSS {row['peak_rss_mb']:,.0f} MB", flush=True)
+        print(f"{config:8} {LABELS[method]:34} trainable {row['trainable']:>13,}  step {row['step_median_s']:.3f} s  peak RSS {row['peak_rss_mb']:,.0f} MB"
+              f"  live {row['peak_live_rss_mb']:,.0f} MB", flush=True)
     return rows
 
 
 def markdown(groups: dict[str, list[dict]], info: dict, command: str) -> str:
     lines = report_header("`benchmarks/train_cost.py`: training step time and peak memory (the paper's Table 6)", command, info)
+    lines += [
+        "Step time: median over all timed steps of all rounds (each round runs every method once, alternately in forward and reverse order). "
+        "Peak RSS: the largest over the rounds, default allocator. Live peak: peak RSS of one more process per method "
+        f"with {' '.join(f'{k}={v}' for k, v in RETURNING_MALLOC.items())}, so that freed memory goes back at once and RSS follows the tensors "
+        "(the CPU counterpart of `torch.cuda.max_memory_allocated`).",
+        "",
+    ]
     for config, rows in groups.items():
         first = rows[0]
         lora = next((r for r in rows if r["method"] == "peft_lora"), None)
         lines += [
-            f"### {config}: {first['layers']} layers, {first['parameters'] / 1e6:.1f}M parameters ({first['source']}), batch {first.get('batch', '')}",
+            f"### {config}: {first['layers']} layers, {first['parameters'] / 1e6:.1f}M parameters ({first['source']}), batch {first.get('batch', '')}, "
+            f"{first['rounds']} rounds, {first['steps']} timed steps per method",
             "",
-            "| method | trainable | median step s (min-max) | peak RSS MB | RSS after model load MB | saved activations MB | optimizer state MB | step / LoRA | peak RSS / LoRA |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| method | trainable | median step s (min-max) | peak RSS MB | live peak MB | RSS after model load MB | saved activations MB | optimizer state MB "
+            "| step / LoRA | peak RSS / LoRA | live peak / LoRA |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
-            vs_time = f"{r['step_median_s'] / lora['step_median_s']:.2f}" if lora else "-"
-            vs_mem = f"{r['peak_rss_mb'] / lora['peak_rss_mb']:.2f}" if lora else "-"
+            vs = [f"{r[key] / lora[key]:.2f}" if lora else "-" for key in ("step_median_s", "peak_rss_mb", "peak_live_rss_mb")]
             lines.append(
                 f"| {LABELS[r['method']]} | {r['trainable']:,} | {r['step_median_s']:.3f} ({r['step_min_s']:.3f}-{r['step_max_s']:.3f}) | "
-                f"{r['peak_rss_mb']:,.0f} | {r['rss_after_model_mb']:,.0f} | {r['saved_activations_mb']:,.1f} | {r['optimizer_state_mb']:,.1f} | {vs_time} | {vs_mem} |"
+                f"{r['peak_rss_mb']:,.0f} | {r['peak_live_rss_mb']:,.0f} | {r['rss_after_model_mb']:,.0f} | {r['saved_activations_mb']:,.1f} | "
+                f"{r['optimizer_state_mb']:,.1f} | {' | '.join(vs)} |"
             )
         lines += ["", *ratios(rows), ""]
     return "\n".join(lines)
 
 
 def ratios(rows: list[dict]) -> list[str]:
-    """One line per shira_hooks mode: its step time and peak RSS over each PEFT LoRA variant's."""
+    """One line per shira_hooks mode: its step time, peak RSS and live peak over each PEFT LoRA variant's."""
     by = {r["method"]: r for r in rows}
     loras = [m for m in ("peft_lora", "peft_lora_dropout") if m in by]
     out = []
     for mode in (m for m in ("shira_compact", "shira_sparse") if m in by):
-        parts = [f"{by[mode]['step_median_s'] / by[m]['step_median_s']:.2f}x the step time and "
-                 f"{by[mode]['peak_rss_mb'] / by[m]['peak_rss_mb']:.2f}x the peak RSS of {LABELS[m]}" for m in loras]
+        r = by[mode]
+        parts = [f"{r['step_median_s'] / by[m]['step_median_s']:.2f}x the step time, {r['peak_rss_mb'] / by[m]['peak_rss_mb']:.2f}x the peak RSS "
+                 f"and {r['peak_live_rss_mb'] / by[m]['peak_live_rss_mb']:.2f}x the live peak of {LABELS[m]}" for m in loras]
         if parts:
             out.append(f"- {LABELS[mode]}: " + "; ".join(parts) + ".")
     return out
@@ -205,12 +246,14 @@ def ratios(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process and round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sparsity", type=float, default=0.01)
+    parser.add_argument("--rounds", type=int, default=3, help="timed processes per method, alternating the order of the methods")
+    parser.add_argument("--live-steps", type=int, default=2, help="timed steps of the live-memory process (after one warm-up step)")
     parser.add_argument("--large-layers", type=int, default=4, help="layers of the wide config (0 skips it)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--results", metavar="RESULTS.md")
@@ -218,12 +261,13 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--config", default="smollm2", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-breakdown", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
     if args.quick:
-        args.steps, args.warmup, args.batch, args.length = 2, 1, 2, 16
+        args.steps, args.warmup, args.batch, args.length, args.rounds, args.live_steps = 2, 1, 2, 16, 1, 1
     import peft  # noqa: F401  (its version goes into the machine line)
 
     groups = {}

@@ -56,14 +56,16 @@ class Plan:
 def csr_pattern(index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The mask as an (out, in) CSR tensor with zero values, on the device of ``index``.
 
-    Row-major order is flat index order, so the CSR values line up with ``index``.
+    Row-major order is flat index order, so the CSR values line up with ``index``. The row pointers and
+    column indices are int32 where they fit (half the memory of int64; ``sampled_addmm`` takes both).
     """
+    dtype = torch.int32 if shape[0] * shape[1] < 2**31 else torch.int64
     rows, cols = torch.div(index, shape[1], rounding_mode="floor"), index % shape[1]
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=index.device)
+    crow = torch.zeros(shape[0] + 1, dtype=dtype, device=index.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
     with warnings.catch_warnings():  # "sparse CSR support is in beta" and invariant-check notices
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, cols, torch.zeros(index.numel(), device=index.device), shape)
+        return torch.sparse_csr_tensor(crow, cols.to(dtype), torch.zeros(index.numel(), device=index.device), shape)
 
 
 class _Tap(torch.autograd.Function):
