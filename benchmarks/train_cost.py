@@ -109,23 +109,15 @@ def worker(args) -> dict:
     model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    times = []
-    for step in range(args.warmup + args.steps):
-        ids = torch.randint(0, vocab, (args.batch, args.length), generator=g).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - started)
+    if args.live:  # ascending lengths: memory grows with the tokens, so the peak so far is the peak at this length
+        peaks = {}
+        for length in sorted({args.length, *args.live_lengths}):
+            train_steps(model, optimizer, device, g, args.batch, length, args.warmup + args.steps)
+            peaks[str(length)] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"method": args.worker, "live_peak_mb": peaks}
+    times = train_steps(model, optimizer, device, g, args.batch, args.length, args.warmup + args.steps)[args.warmup:]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the diagnostic pass below
-    if args.no_breakdown:
-        return {"method": args.worker, "peak_rss_mb": peak_rss_mb}
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.length), generator=g).to(device)
     saved_mb = saved_activations_mb(model, ids)
     state_mb = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)) / 2**20
     return {
@@ -135,6 +127,23 @@ def worker(args) -> dict:
         "trainable": trainable, "times": times, "peak_rss_mb": peak_rss_mb, "rss_after_model_mb": rss_model,
         "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
+
+
+def train_steps(model, optimizer, device, g: torch.Generator, batch: int, length: int, steps: int) -> list[float]:
+    """``steps`` training steps on random tokens; the seconds each took."""
+    times = []
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return times
 
 
 def saved_activations_mb(model, ids: torch.Tensor) -> float:
@@ -187,11 +196,13 @@ def run_all(args, config: str, layers: int | None) -> list[dict]:
             print(f"{config:8} round {round_ + 1} {LABELS[method]:34} step {statistics.median(last['times']):.3f} s  peak RSS {last['peak_rss_mb']:,.0f} MB", flush=True)
     rows = []
     for method in args.methods:
-        live = spawn(args, method, config, layers, steps=args.live_steps, warmup=1, extra=["--no-breakdown"], env=RETURNING_MALLOC)
+        lengths = args.live_lengths if config == "smollm2" or args.quick else []
+        live = spawn(args, method, config, layers, steps=args.live_steps, warmup=1, extra=["--live", "--live-lengths", *map(str, lengths)], env=RETURNING_MALLOC)
         first, times = runs[method][0], [t for run in runs[method] for t in run["times"]]
         row = {k: v for k, v in first.items() if k != "times"}
         row.update(step_median_s=statistics.median(times), step_min_s=min(times), step_max_s=max(times), steps=len(times), rounds=args.rounds,
-                   peak_rss_mb=max(run["peak_rss_mb"] for run in runs[method]), peak_live_rss_mb=live["peak_rss_mb"])
+                   peak_rss_mb=max(run["peak_rss_mb"] for run in runs[method]), peak_live_rss_mb=live["live_peak_mb"][str(args.length)],
+                   live_peak_by_length=live["live_peak_mb"])
         rows.append(row)
         print(f"{config:8} {LABELS[method]:34} trainable {row['trainable']:>13,}  step {row['step_median_s']:.3f} s  peak RSS {row['peak_rss_mb']:,.0f} MB"
               f"  live {row['peak_live_rss_mb']:,.0f} MB", flush=True)
@@ -225,8 +236,30 @@ def markdown(groups: dict[str, list[dict]], info: dict, command: str) -> str:
                 f"{r['peak_rss_mb']:,.0f} | {r['peak_live_rss_mb']:,.0f} | {r['rss_after_model_mb']:,.0f} | {r['saved_activations_mb']:,.1f} | "
                 f"{r['optimizer_state_mb']:,.1f} | {' | '.join(vs)} |"
             )
-        lines += ["", *ratios(rows), ""]
+        lines += ["", *ratios(rows), "", *by_length(rows)]
     return "\n".join(lines)
+
+
+def by_length(rows: list[dict]) -> list[str]:
+    """The live peak at each measured sequence length, and each shira mode's ratio to each LoRA variant there."""
+    lengths = sorted({int(n) for r in rows for n in r["live_peak_by_length"]})
+    if len(lengths) < 2:
+        return []
+    batch = rows[0]["batch_size"]
+    lines = [
+        "Live peak MB by tokens per batch (the same live-memory process, at ascending sequence lengths):",
+        "",
+        "| method | " + " | ".join(f"{batch} x {n}" for n in lengths) + " |",
+        "|---|" + "---:|" * len(lengths),
+    ]
+    lines += [f"| {LABELS[r['method']]} | " + " | ".join(f"{r['live_peak_by_length'][str(n)]:,.0f}" for n in lengths) + " |" for r in rows]
+    by = {r["method"]: r for r in rows}
+    lines.append("")
+    for mode in (m for m in ("shira_compact", "shira_sparse") if m in by):
+        for lora in (m for m in ("peft_lora", "peft_lora_dropout") if m in by):
+            ratio = ", ".join(f"{by[mode]['live_peak_by_length'][str(n)] / by[lora]['live_peak_by_length'][str(n)]:.2f}x at {batch} x {n}" for n in lengths)
+            lines.append(f"- {LABELS[mode]} / {LABELS[lora]}, live peak: {ratio}.")
+    return lines + [""]
 
 
 def ratios(rows: list[dict]) -> list[str]:
@@ -253,7 +286,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=3, help="timed processes per method, alternating the order of the methods")
-    parser.add_argument("--live-steps", type=int, default=2, help="timed steps of the live-memory process (after one warm-up step)")
+    parser.add_argument("--live-steps", type=int, default=2, help="steps of the live-memory process per length (after one warm-up step)")
+    parser.add_argument("--live-lengths", type=int, nargs="*", default=[256],
+                        help="longer sequences at which the live-memory process of the SmolLM2 config also measures the peak")
     parser.add_argument("--large-layers", type=int, default=4, help="layers of the wide config (0 skips it)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--results", metavar="RESULTS.md")
@@ -261,13 +296,13 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--config", default="smollm2", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--no-breakdown", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--live", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
     if args.quick:
-        args.steps, args.warmup, args.batch, args.length, args.rounds, args.live_steps = 2, 1, 2, 16, 1, 1
+        args.steps, args.warmup, args.batch, args.length, args.rounds, args.live_steps, args.live_lengths = 2, 1, 2, 16, 1, 1, [32]
     import peft  # noqa: F401  (its version goes into the machine line)
 
     groups = {}
@@ -279,7 +314,7 @@ def main(argv=None) -> int:
             groups[f"large ({args.large_layers} layers of TinyLlama-1.1B's width)"] = run_all(args, "large", args.large_layers)
     for rows in groups.values():
         for r in rows:
-            r["batch"] = f"{args.batch} x {args.length}"
+            r["batch"], r["batch_size"] = f"{args.batch} x {args.length}", args.batch
     info = machine()
     command = command_line("python benchmarks/train_cost.py", argv)
     text = markdown(groups, info, command)

@@ -64,6 +64,7 @@ def test_train_cost_quick(tmp_path):
     for r in rows:
         assert r["step_min_s"] <= r["step_median_s"] <= r["step_max_s"] and r["peak_rss_mb"] >= r["rss_after_model_mb"] > 0
         assert r["steps"] == 2 * r["rounds"] and r["peak_live_rss_mb"] > 0  # --quick: one round of two timed steps, and the live-memory process
+        assert set(r["live_peak_by_length"]) == {"16", "32"} and r["live_peak_by_length"]["32"] >= r["peak_live_rss_mb"]
     by = {r["method"]: r for r in rows}
     # compact/sparse keep optimizer state for the k entries only; dense hooks for whole target weights
     assert by["full"]["optimizer_state_mb"] > by["shira_dense"]["optimizer_state_mb"] > 10 * by["shira_sparse"]["optimizer_state_mb"] > 0
@@ -73,3 +74,4 @@ def test_train_cost_quick(tmp_path):
     # LoRA with dropout keeps a dropped-out copy of every target's input for the backward of A
     assert by["peft_lora_dropout"]["saved_activations_mb"] > by["peft_lora"]["saved_activations_mb"]
     assert "- shira_hooks mode='sparse':" in out and "the live peak of PEFT LoRA, dropout 0.05" in out
+    assert "| method | 2 x 16 | 2 x 32 |" in out
