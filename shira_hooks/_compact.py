@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .masks import index_dtype
+
 VALUES = "shira_values"
 
 
@@ -59,7 +61,7 @@ def csr_pattern(index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     Row-major order is flat index order, so the CSR values line up with ``index``. The row pointers and
     column indices are int32 where they fit (half the memory of int64; ``sampled_addmm`` takes both).
     """
-    dtype = torch.int32 if shape[0] * shape[1] < 2**31 else torch.int64
+    dtype = index_dtype(shape[0] * shape[1])
     rows, cols = torch.div(index, shape[1], rounding_mode="floor"), index % shape[1]
     crow = torch.zeros(shape[0] + 1, dtype=dtype, device=index.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
