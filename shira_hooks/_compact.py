@@ -11,6 +11,12 @@ For each target ``nn.Linear`` (weight W of shape (out, in), mask ``index`` of k 
   ``dL/dW[r, c] = sum_t dY[t, r] X[t, c]`` at the masked (r, c) only.
   - "compact": the dense product ``dY^T X`` (one weight's worth, freed at once), then a gather;
   - "sparse": only the k sampled entries, with ``torch.sparse.sampled_addmm`` on a CSR pattern of the mask.
+    The kernel reads X with T contiguous, so the forward hook saves X^T (in, T) instead of X, made while
+    X is fresh in cache and made once for layers that read the same input (q/k/v, gate/up:
+    ``InputTransposes``), instead of one transposing copy per layer in the backward. An input whose
+    storage the backward keeps anyway is saved as it is, since a transpose would be a second copy:
+    a view (an attention output reshaped: SDPA saves its output) or the result of an op that saves
+    its own result (tanh, sigmoid, softmax, ...).
 * After every optimizer step (a global step hook) ``shira_values`` is written into W (``index_copy_``);
   a forward pre-hook also writes it whenever ``Tensor._version`` shows another in-place change, so the
   layer computes with the trained entries. Only masked entries of W are ever written.
@@ -22,6 +28,7 @@ exactly as in the dense mode (on the masked entries of the weight, not on a delt
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +48,7 @@ class Plan:
     index: torch.Tensor  # (k,) int64 flat indices
     sparse: bool
     pattern: torch.Tensor | None = None  # (out, in) CSR with the mask's nonzeros, for sampled_addmm
+    transposes: "InputTransposes | None" = None  # mode="sparse": shared by the layers of one handle
     synced: int = -1  # values._version last written into the weight
 
     @torch.no_grad()
@@ -70,13 +78,37 @@ def csr_pattern(index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         return torch.sparse_csr_tensor(crow, cols.to(dtype), torch.zeros(index.numel(), device=index.device), shape)
 
 
+class InputTransposes:
+    """The (in, T) transpose of the last layer input, for the sparse-mode layers of one handle.
+
+    Layers that read the same input tensor one after another (a transformer's q/k/v projections, its
+    gate/up projections) get one transposed copy between them. Only weak references are kept: the
+    copy lives as long as a backward graph saves it, and an input that changed in place (its
+    ``_version``) or a new tensor at the same address gets a fresh copy.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[weakref.ref, int, weakref.ref] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is not None:
+            source, version, copy = self._last
+            xt = copy()
+            if source() is x and version == x._version and xt is not None:
+                return xt
+        xt = x.detach().reshape(-1, x.shape[-1]).t().contiguous()
+        self._last = (weakref.ref(x), x._version, weakref.ref(xt))
+        return xt
+
+
 class _Tap(torch.autograd.Function):
     """Identity on the layer output; its backward gives the gradient of the k masked weight entries."""
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def forward(ctx, output: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor, plan: Plan, transposed: bool) -> torch.Tensor:
+        """``inputs``: the layer input X (..., in), or with ``transposed`` its transpose X^T (in, T)."""
         ctx.save_for_backward(inputs)
-        ctx.plan = plan
+        ctx.plan, ctx.transposed = plan, transposed
         return output.view_as(output)
 
     @staticmethod
@@ -84,23 +116,35 @@ class _Tap(torch.autograd.Function):
         (inputs,) = ctx.saved_tensors
         plan: Plan = ctx.plan
         dy = grad_output.reshape(-1, grad_output.shape[-1]).float()  # (T, out)
-        x = inputs.reshape(-1, inputs.shape[-1]).float()  # (T, in)
+        # (T, in); from a contiguous X^T, sampled_addmm's own transpose of its mat2 is a no-op
+        x = inputs.float().t() if ctx.transposed else inputs.reshape(-1, inputs.shape[-1]).float()
         if plan.sparse:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 grad = torch.sparse.sampled_addmm(plan.pattern, dy.t(), x, beta=0.0).values()  # (k,)
         else:
             grad = (dy.t() @ x).view(-1).index_select(0, plan.index)  # dense (out, in) product, gathered
-        return grad_output, grad.to(plan.values.dtype), None, None
+        return grad_output, grad.to(plan.values.dtype), None, None, None
 
 
-def install(module: nn.Module, weight: nn.Parameter, index: torch.Tensor, sparse: bool) -> tuple[Plan, list]:
-    """Register ``module.shira_values`` and the two hooks; returns the plan and the hook handles."""
+def _kept_by_producer(x: torch.Tensor) -> bool:
+    """Whether the backward already keeps ``x``'s storage: ``x`` is a view, or the op that made it
+    saved its own result. ``dir`` lists the saved fields without unpacking them (which would run
+    saved-tensor hooks such as offloading or checkpoint recomputation)."""
+    return x._base is not None or (x.grad_fn is not None and "_saved_result" in dir(x.grad_fn))
+
+
+def install(module: nn.Module, weight: nn.Parameter, index: torch.Tensor, transposes: InputTransposes | None) -> tuple[Plan, list]:
+    """Register ``module.shira_values`` and the two hooks; returns the plan and the hook handles.
+
+    ``transposes`` (shared between the layers of one handle) selects mode="sparse"; None is "compact".
+    """
+    sparse = transposes is not None
     index = index.to(weight.device, torch.int64)
     values = nn.Parameter(weight.detach().view(-1).index_select(0, index).clone())
     module.register_parameter(VALUES, values)
     pattern = csr_pattern(index, tuple(weight.shape)) if sparse else None
-    plan = Plan(weight, values, index, sparse, pattern)
+    plan = Plan(weight, values, index, sparse, pattern, transposes)
     plan.synced = values._version
 
     def before(mod, args):
@@ -108,7 +152,10 @@ def install(module: nn.Module, weight: nn.Parameter, index: torch.Tensor, sparse
 
     def after(mod, args, kwargs, output):
         if torch.is_grad_enabled() and plan.values.requires_grad:
-            return _Tap.apply(output, plan.values, args[0] if args else kwargs["input"], plan)
+            x = args[0] if args else kwargs["input"]
+            if plan.sparse and not _kept_by_producer(x):
+                return _Tap.apply(output, plan.values, plan.transposes(x), plan, True)
+            return _Tap.apply(output, plan.values, x, plan, False)
         return None
 
     return plan, [module.register_forward_pre_hook(before), module.register_forward_hook(after, with_kwargs=True)]

@@ -190,8 +190,9 @@ class ShiraHandle:
 
     def _make_compact(self) -> None:
         """mode="compact"/"sparse": move the trainable entries into k-length parameters (``_compact``)."""
+        transposes = _compact.InputTransposes() if self.mode == "sparse" else None
         for t in self._targets:
-            t.plan, hooks = _compact.install(t.module, t.param, t.indices, sparse=self.mode == "sparse")
+            t.plan, hooks = _compact.install(t.module, t.param, t.indices, transposes)
             self._hooks.extend(hooks)
             t.param.requires_grad_(False)  # no dense dL/dW; the flag is restored by detach()
 

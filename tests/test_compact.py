@@ -108,3 +108,67 @@ def test_shared_weights_are_refused_and_keyword_inputs_work():
     with shira_hooks.attach(layer, 0.25, "rand", mode="sparse") as shira:
         layer(input=torch.randn(3, 8)).sum().backward()  # called with a keyword argument
         assert layer.shira_values.grad is not None and layer.shira_values.grad.numel() == shira.num_trainable
+
+
+
+class _TwoReaders(nn.Module):
+    """Layers a and b both read the output h of another layer, like q/k/v; how b gets it is ``change``."""
+
+    def __init__(self, change: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(16, 12)
+        self.change = change  # "none": b reads h itself; "copy": b reads 2 * h; "inplace": h.mul_(2) after a read it
+
+    def forward(self, x):
+        h = self.first(x) + 1.0  # not a view (a Linear's 3-D output is one), and its producer keeps nothing
+        y = self.a(h)
+        if self.change == "inplace":
+            h.mul_(2.0)
+        elif self.change == "copy":
+            h = h * 2.0
+        return (y * self.b(h)).sum()
+
+
+def _sparse_run(change: str):
+    """Forward and backward of ``_TwoReaders`` in mode="sparse": the storages of the saved (in, T) inputs, the two gradients."""
+    model = _TwoReaders(change)
+    handle = shira_hooks.attach(model, 0.25, "rand", target_modules=["a", "b"], mode="sparse", freeze_others=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = model(torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1)))
+    loss.backward()
+    storages = [t.untyped_storage().data_ptr() for t in saved if t.shape == (16, 15)]  # h^T: in=16, T=3*5
+    grads = [model.a.shira_values.grad.clone(), model.b.shira_values.grad.clone()]
+    handle.detach()
+    return storages, grads
+
+
+def test_sparse_mode_saves_one_transposed_input_for_layers_that_share_it():
+    storages, _ = _sparse_run("none")
+    assert len(storages) == 2 and len(set(storages)) == 1  # a and b save the same h^T
+    storages, _ = _sparse_run("copy")
+    assert len(storages) == 2 and len(set(storages)) == 2
+
+
+def test_sparse_mode_saves_an_input_the_backward_keeps_anyway_as_it_is():
+    """Inputs whose storage the backward keeps (a view, a tanh result) are not copied a second time."""
+    for make in (lambda h: h.view(3, 5, 16), torch.tanh):
+        model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 12))
+        handle = shira_hooks.attach(model, 0.25, "rand", target_modules=["1"], mode="sparse", freeze_others=True)
+        model[0].register_forward_hook(lambda mod, args, out: make(out.reshape(15, 16)))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            model(torch.randn(3, 5, 8, requires_grad=True)).sum().backward()  # so that tanh keeps its result
+        assert not [t for t in saved if t.shape == (16, 15)]  # no transposed copy
+        assert model[1].shira_values.grad.abs().sum() > 0
+        handle.detach()
+
+
+def test_sparse_mode_gradient_uses_the_input_as_it_was_in_the_forward():
+    """h changed in place after a read it: b gets a fresh transpose, and a's gradient uses the old h."""
+    storages, changed_in_place = _sparse_run("inplace")
+    assert len(set(storages)) == 2
+    _, same_math = _sparse_run("copy")
+    for got, expected in zip(changed_in_place, same_math):
+        torch.testing.assert_close(got, expected)
