@@ -172,3 +172,22 @@ def test_sparse_mode_gradient_uses_the_input_as_it_was_in_the_forward():
     _, same_math = _sparse_run("copy")
     for got, expected in zip(changed_in_place, same_math):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_are_the_same_under_gradient_checkpointing(mode, reentrant):
+    """Checkpointing reruns the forward hooks in the backward; the k-entry gradients must not change."""
+    grads = []
+    for checkpointing in (False, True):
+        model = make_llama()
+        handle = shira_hooks.attach(model, 0.03, "rand", mode=mode)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+        model(**llama_batches(1, seed=2)[0]).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        handle.detach()
+    assert list(grads[0]) == list(grads[1]) and len(grads[0]) == 14
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
