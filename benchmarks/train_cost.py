@@ -195,8 +195,8 @@ def run_all(args, config: str, layers: int | None) -> list[dict]:
             last = runs[method][-1]
             print(f"{config:8} round {round_ + 1} {LABELS[method]:34} step {statistics.median(last['times']):.3f} s  peak RSS {last['peak_rss_mb']:,.0f} MB", flush=True)
     rows = []
+    lengths = args.live_lengths if config == "smollm2" or args.quick else []
     for method in args.methods:
-        lengths = args.live_lengths if config == "smollm2" or args.quick else []
         live = spawn(args, method, config, layers, steps=args.live_steps, warmup=1, extra=["--live", "--live-lengths", *map(str, lengths)], env=RETURNING_MALLOC)
         first, times = runs[method][0], [t for run in runs[method] for t in run["times"]]
         row = {k: v for k, v in first.items() if k != "times"}
@@ -255,19 +255,25 @@ def by_length(rows: list[dict]) -> list[str]:
     lines += [f"| {LABELS[r['method']]} | " + " | ".join(f"{r['live_peak_by_length'][str(n)]:,.0f}" for n in lengths) + " |" for r in rows]
     by = {r["method"]: r for r in rows}
     lines.append("")
-    for mode in (m for m in ("shira_compact", "shira_sparse") if m in by):
-        for lora in (m for m in ("peft_lora", "peft_lora_dropout") if m in by):
+    modes, loras = compared(by)
+    for mode in modes:
+        for lora in loras:
             ratio = ", ".join(f"{by[mode]['live_peak_by_length'][str(n)] / by[lora]['live_peak_by_length'][str(n)]:.2f}x at {batch} x {n}" for n in lengths)
             lines.append(f"- {LABELS[mode]} / {LABELS[lora]}, live peak: {ratio}.")
     return lines + [""]
 
 
+def compared(by: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """The shira_hooks k-entry modes and the PEFT LoRA variants present in ``by``: the pairs the ratio lines compare."""
+    return [m for m in ("shira_compact", "shira_sparse") if m in by], [m for m in ("peft_lora", "peft_lora_dropout") if m in by]
+
+
 def ratios(rows: list[dict]) -> list[str]:
     """One line per shira_hooks mode: its step time, peak RSS and live peak over each PEFT LoRA variant's."""
     by = {r["method"]: r for r in rows}
-    loras = [m for m in ("peft_lora", "peft_lora_dropout") if m in by]
+    modes, loras = compared(by)
     out = []
-    for mode in (m for m in ("shira_compact", "shira_sparse") if m in by):
+    for mode in modes:
         r = by[mode]
         parts = [f"{r['step_median_s'] / by[m]['step_median_s']:.2f}x the step time, {r['peak_rss_mb'] / by[m]['peak_rss_mb']:.2f}x the peak RSS "
                  f"and {r['peak_live_rss_mb'] / by[m]['peak_live_rss_mb']:.2f}x the live peak of {LABELS[m]}" for m in loras]

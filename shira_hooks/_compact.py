@@ -46,10 +46,13 @@ class Plan:
     weight: nn.Parameter
     values: nn.Parameter  # (k,)
     index: torch.Tensor  # (k,) int64 flat indices
-    sparse: bool
-    pattern: torch.Tensor | None = None  # (out, in) CSR with the mask's nonzeros, for sampled_addmm
+    pattern: torch.Tensor | None = None  # mode="sparse": (out, in) CSR with the mask's nonzeros, for sampled_addmm
     transposes: "InputTransposes | None" = None  # mode="sparse": shared by the layers of one handle
     synced: int = -1  # values._version last written into the weight
+
+    @property
+    def sparse(self) -> bool:
+        return self.transposes is not None
 
     @torch.no_grad()
     def sync(self, force: bool = False) -> None:
@@ -139,12 +142,11 @@ def install(module: nn.Module, weight: nn.Parameter, index: torch.Tensor, transp
 
     ``transposes`` (shared between the layers of one handle) selects mode="sparse"; None is "compact".
     """
-    sparse = transposes is not None
     index = index.to(weight.device, torch.int64)
     values = nn.Parameter(weight.detach().view(-1).index_select(0, index).clone())
     module.register_parameter(VALUES, values)
-    pattern = csr_pattern(index, tuple(weight.shape)) if sparse else None
-    plan = Plan(weight, values, index, sparse, pattern, transposes)
+    pattern = csr_pattern(index, tuple(weight.shape)) if transposes is not None else None
+    plan = Plan(weight, values, index, pattern, transposes)
     plan.synced = values._version
 
     def before(mod, args):

@@ -110,7 +110,6 @@ def test_shared_weights_are_refused_and_keyword_inputs_work():
         assert layer.shira_values.grad is not None and layer.shira_values.grad.numel() == shira.num_trainable
 
 
-
 class _TwoReaders(nn.Module):
     """Layers a and b both read the output h of another layer, like q/k/v; how b gets it is ``change``."""
 
