@@ -11,6 +11,18 @@ from .errors import ShiraError
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
+# Running out of host or accelerator memory, or a device fault, says nothing about the batch: the fix
+# is a smaller batch or another device, and callers catch these by type (to retry smaller), so they
+# pass through calibration unchanged instead of becoming a ShiraError. (OutOfMemoryError is a
+# RuntimeError, AcceleratorError too; both are recent names, hence the lookups.)
+_RESOURCE_ERRORS = tuple(
+    error for error in (
+        MemoryError,
+        getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError,
+        getattr(torch, "AcceleratorError", None),
+    ) if error is not None
+)
+
 
 def _progress(batches: Iterable, enabled: bool) -> Iterable:
     if not enabled:
@@ -28,6 +40,8 @@ def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, position:
 
     Raises:
         ShiraError: naming the batch, when no loss can be computed or the loss is not a scalar.
+        MemoryError, torch.OutOfMemoryError, torch.AcceleratorError: unchanged, as raised by the
+            model or ``loss_fn`` (as is any BaseException such as KeyboardInterrupt).
     """
     fix = "pass loss_fn=lambda model, batch: <scalar loss>"
     try:
@@ -48,9 +62,9 @@ def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, position:
                     f"model(**batch) returned no loss for calibration batch {position} (Hugging Face models "
                     f"return one only when the batch has labels). Fix: add labels, or {fix}"
                 )
-    except ShiraError:
+    except (ShiraError, *_RESOURCE_ERRORS):
         raise
-    except Exception as error:
+    except Exception as error:  # a batch the model cannot take: wrong keys, types, shapes
         raise ShiraError(
             f"could not compute a loss from calibration batch {position} "
             f"({type(error).__name__}: {error}). Fix: {fix}"

@@ -123,10 +123,10 @@ def save_state(self: "ShiraHandle", path: str | os.PathLike) -> Path:
 
 
 def load_state(self: "ShiraHandle", path: str | os.PathLike) -> None:
-    """Read a file written by ``save_state`` and ``load_state_dict`` it."""
-    header, tensors = read_safetensors(Path(path).read_bytes(), str(path))
+    """Read a file written by ``save_state`` (memory-mapped, not read whole) and ``load_state_dict`` it."""
+    metadata, tensors = read_safetensors(path)
     try:
-        meta = {k: json.loads(v) for k, v in (header.get("__metadata__") or {}).items()}
+        meta = {k: json.loads(v) for k, v in metadata.items()}
         targets = meta.pop("targets")
         for name, entry in targets.items():
             entry["indices"], entry["originals"] = tensors[f"{name}.indices"], tensors[f"{name}.originals"]

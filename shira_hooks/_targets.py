@@ -71,8 +71,11 @@ def resolve_targets(model: nn.Module, target_modules: TargetSpec) -> list[tuple[
     ``model.get_output_embeddings()``, a Linear whose weight is tied to an ``nn.Embedding``, and
     Linear layers named one of ``HEAD_NAMES``.
 
+    Modules without a ``weight`` parameter (containers, dropout, activations) are skipped, whatever
+    ``target_modules`` is: only modules with a weight can be targets.
+
     Raises:
-        ShiraError: nothing matched, a match has no floating-point ``weight`` parameter, or an
+        ShiraError: no module with a weight matched, a match's weight is not floating point, or an
             ``nn.Embedding`` with ``sparse=True`` (its sparse gradients cannot be masked in place).
     """
     if target_modules is None:
@@ -83,13 +86,15 @@ def resolve_targets(model: nn.Module, target_modules: TargetSpec) -> list[tuple[
 
     targets, seen = [], set()
     for name, module in model.named_modules():
-        if not match(name, module):
-            continue
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or not weight.is_floating_point():
+        # Containers (a ModuleList, a decoder layer) and weightless layers (dropout, activations)
+        # hold nothing to train: a regex such as r"encoder\..*" or a suffix also names them.
+        if not isinstance(weight, nn.Parameter) or not match(name, module):
+            continue
+        if not weight.is_floating_point():
             raise ShiraError(
-                f"target module '{name}' ({type(module).__name__}) has no floating-point weight "
-                f"parameter; narrow target_modules to layers with a `weight`"
+                f"target module '{name}' ({type(module).__name__}) has a {weight.dtype} weight; only "
+                f"floating-point weights can be trained. Narrow target_modules to exclude it"
             )
         if isinstance(module, nn.Embedding) and module.sparse:
             raise ShiraError(

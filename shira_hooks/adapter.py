@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from ._io import atomic_write
@@ -166,17 +165,27 @@ class SparseAdapter:
         return atomic_write(path, self.to_bytes(dtype=dtype))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SparseAdapter":
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "SparseAdapter":
         """Read and validate an adapter file written by ``save``.
 
+        The file is memory-mapped (``safetensors.safe_open``), never read whole into Python memory.
+
+        Args:
+            path: the adapter file.
+            device: where the indices and values are loaded (e.g. ``"cuda:0"``, to apply the
+                adapter to a model there); validation runs on that device.
+
         Raises:
+            FileNotFoundError: no file at ``path``.
             ShiraError: naming the file, the tensor key and the problem, for a file that is not
                 safetensors, is truncated, has an unknown format version, missing or extra keys,
-                indices out of range, unsorted or duplicate, mismatched lengths, or non-finite values.
+                indices out of range, unsorted or duplicate, mismatched lengths, or non-finite
+                values; or a ``device`` that is not a torch device.
+
+        Example:
+            >>> adapter = SparseAdapter.load("adapter.safetensors", device="cpu")
         """
-        data = Path(path).read_bytes()
-        header, tensors = read_safetensors(data, str(path))
-        metadata = dict(header.get("__metadata__") or {})
+        metadata, tensors = read_safetensors(path, device=device)
         if metadata.get("format") != FORMAT:
             raise ShiraError(f"{path}: not a shira_hooks adapter (metadata format={metadata.get('format')!r}, expected {FORMAT!r})")
         if metadata.get("format_version") != FORMAT_VERSION:
@@ -208,24 +217,41 @@ class SparseAdapter:
         return cls(deltas, metadata, context=f"{path}: tensor ")
 
 
-def read_safetensors(data: bytes, where: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Parse safetensors bytes into (header, tensors), raising ShiraError for anything malformed."""
-    if len(data) < 8:
-        raise ShiraError(f"{where}: not a safetensors file ({len(data)} bytes, shorter than the 8-byte header length)")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8:
-        raise ShiraError(
-            f"{where}: not a safetensors file or truncated (header says {header_len} header bytes, "
-            f"the file has {len(data) - 8} after the length)"
-        )
+def read_safetensors(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The (metadata, tensors) of a safetensors file, memory-mapped through ``safe_open``.
+
+    Shared by ``SparseAdapter.load`` and ``ShiraHandle.load_state``, which validate the content.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ShiraError: naming the file, for a file safetensors cannot parse (not safetensors,
+            truncated, corrupt), or a ``device`` torch does not know.
+    """
+    where = str(path)
     try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ShiraError(f"{where}: not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ShiraError(f"{where}: not a safetensors file (its header is not a JSON object)")
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ShiraError(f"{where}: device={device!r} is not a torch device ({error}); pass e.g. 'cpu' or 'cuda:0'") from None
+    size = os.stat(path).st_size  # FileNotFoundError as before; the size explains the errors below
+    if size < 8:
+        raise ShiraError(f"{where}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
     try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as error:
-        raise ShiraError(f"{where}: truncated or corrupt safetensors file ({error})") from None
-    return header, tensors
+        with safe_open(path, framework="pt", device=str(device)) as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as error:
+        raise _unreadable(where, size, device, error) from None
+    return metadata, tensors
+
+
+def _unreadable(where: str, size: int, device: torch.device, error: Exception) -> ShiraError:
+    """A ShiraError for what ``safe_open`` rejected: the header, the data it describes, or the device."""
+    detail = str(error)
+    fix = "it was not written by shira_hooks or was cut short (an interrupted copy); copy or save it again"
+    if not detail.startswith("Error while deserializing header"):
+        return ShiraError(f"{where}: safetensors could not load it on device '{device}' ({detail}); load it on 'cpu'")
+    detail = detail.removeprefix("Error while deserializing header: ")
+    # the header parsed, but the tensor bytes it lists do not fill the file (older safetensors: the enum name)
+    if "not fully covered" in detail or "MetadataIncompleteBuffer" in detail:
+        return ShiraError(f"{where}: truncated or corrupt safetensors file ({size} bytes: {detail}); {fix}")
+    return ShiraError(f"{where}: not a safetensors file or truncated ({size} bytes, header unreadable: {detail}); {fix}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -108,33 +109,62 @@ class Overlap:
         return "\n".join(lines)
 
 
-def _row_col(delta: SparseDelta) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Row and column of each entry, the weight viewed as (shape[0], numel // shape[0])."""
-    cols = delta.numel // (delta.shape[0] if delta.shape else 1)
-    index = delta.indices.to(torch.int64)
-    return torch.div(index, cols, rounding_mode="floor"), index % cols, cols
+# Rows of A1^T A2 are computed a block at a time; a block holds at most this many product entries
+# (~100 MB as float64 values plus the int64 row/column indices torch.sparse.mm returns), so memory
+# is O(k) for the adapters plus this fixed budget, however many pairs of entries share a row.
+_PRODUCT_CHUNK = 1 << 21
 
 
 def _product_stats(da: SparseDelta, db: SparseDelta) -> tuple[float, float]:
-    """Density of A1^T A2 and ||A1^T A2||_F / (||A1||_F ||A2||_F), without a dense matrix.
+    """Density of A1^T A2 and ||A1^T A2||_F / (||A1||_F ||A2||_F), in bounded memory.
 
-    (A1^T A2)[i, j] = sum_r A1[r, i] A2[r, j]: every pair of entries of A1 and A2 in the same row r
-    contributes to entry (i, j). Pairs are enumerated per row (entries are sorted by row).
+    The weight is viewed as a (rows, cols) matrix, rows = shape[0]. (A1^T A2)[i, j] = sum_r
+    A1[r, i] A2[r, j], a (cols, cols) matrix that can be dense (two adapters sharing one whole row
+    already fill it), so it is never held whole: its rows i, which are the columns of A1, are taken
+    in blocks whose product has at most ``_PRODUCT_CHUNK`` entries, each block multiplied by A2 as
+    sparse float64 matrices, and only the count of nonzeros and the squared norm are kept.
     """
-    rows_a, cols_a, cols = _row_col(da)
-    rows_b, cols_b, _ = _row_col(db)
-    start = torch.searchsorted(rows_b, rows_a)  # first entry of b in the row of each entry of a
-    count = torch.searchsorted(rows_b, rows_a, right=True) - start  # (ka,) partners per entry of a
-    norm = float(da.values.float().norm() * db.values.float().norm())
-    if int(count.sum()) == 0 or norm == 0:
+    rows = da.shape[0] if da.shape else 1
+    cols = da.numel // rows
+    index_a, index_b = da.indices.to(torch.int64), db.indices.to(torch.int64)
+    rows_a, cols_a = torch.div(index_a, cols, rounding_mode="floor"), index_a % cols  # (ka,)
+    rows_b, cols_b = torch.div(index_b, cols, rounding_mode="floor"), index_b % cols  # (kb,), sorted by row
+    norm = float(da.values.double().norm() * db.values.double().norm())
+    # partners of each entry of A1: the entries of A2 in its row (indices are sorted, so rows_b is too)
+    partners = torch.searchsorted(rows_b, rows_a, right=True) - torch.searchsorted(rows_b, rows_a)  # (ka,)
+    paired = partners > 0
+    if not bool(paired.any()) or norm == 0:
         return 0.0, 0.0
-    left = torch.repeat_interleave(torch.arange(rows_a.numel()), count)  # entry of a, per pair
-    offset = torch.arange(left.numel()) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-    right = start[left] + offset  # entry of b, per pair
-    keys, where = torch.unique(cols_a[left] * cols + cols_b[right], return_inverse=True)
-    product = torch.zeros(keys.numel(), dtype=torch.float64)
-    product.index_add_(0, where, da.values.double()[left] * db.values.double()[right])
-    return int((product != 0).sum()) / cols**2, float(product.norm()) / norm
+    rows_a, cols_a, partners = rows_a[paired], cols_a[paired], partners[paired]
+    values_a = da.values.double()[paired]
+    # product rows with at least one pair, numbered 0..n-1; entries of A1 grouped by it (stable: rows stay sorted)
+    product_rows, slot = torch.unique(cols_a, return_inverse=True)  # (n,), (ka',)
+    order = torch.argsort(slot, stable=True)
+    slot, rows_a, values_a = slot[order], rows_a[order], values_a[order]
+    starts = torch.searchsorted(slot, torch.arange(product_rows.numel() + 1))  # (n + 1,) entry ranges
+    # a product row has at most min(cols, pairs) entries: the bound that sizes the blocks
+    bound = torch.zeros(product_rows.numel(), dtype=torch.int64).index_add_(0, slot, partners[order])
+    reach = torch.cumsum(bound.clamp_(max=cols), 0)  # (n,)
+    a2 = torch.sparse_coo_tensor(
+        torch.stack([rows_b, cols_b]), db.values.double(), (rows, cols), is_coalesced=True, check_invariants=False
+    )
+    nonzeros, square = 0, 0.0
+    first = 0
+    while first < product_rows.numel():
+        done = int(reach[first - 1]) if first else 0
+        last = max(first + 1, int(torch.searchsorted(reach, done + _PRODUCT_CHUNK, right=True)))
+        lo, hi = int(starts[first]), int(starts[last])
+        block = torch.sparse_coo_tensor(  # rows first..last-1 of A1^T, (last - first, rows), sorted (slot, row)
+            torch.stack([slot[lo:hi] - first, rows_a[lo:hi]]), values_a[lo:hi], (last - first, rows),
+            is_coalesced=True, check_invariants=False,
+        )
+        with warnings.catch_warnings():  # sparse.mm goes through CSR, which warns that it is beta
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            product = torch.sparse.mm(block, a2).values()  # (<= max(_PRODUCT_CHUNK, cols),), may hold zeros
+        nonzeros += int(torch.count_nonzero(product))
+        square += float(product.square().sum())
+        first = last
+    return nonzeros / cols**2, square**0.5 / norm
 
 
 def overlap(a: SparseAdapter, b: SparseAdapter) -> Overlap:

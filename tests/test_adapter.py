@@ -187,3 +187,112 @@ def test_load_rejects_non_safetensors_and_truncated(tmp_path):
     cut.write_bytes(good[:20])
     with pytest.raises(ShiraError, match="cut.safetensors: not a safetensors file or truncated"):
         SparseAdapter.load(cut)
+
+
+def _saved_state(tmp_path):
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=3)
+    path = shira.save_state(tmp_path / "state.safetensors")
+    return model, shira, path
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask022", "umask027"])
+def test_saved_files_get_the_mode_open_would_give(tmp_path, monkeypatch, umask, mode):
+    _, shira, _ = _saved_state(tmp_path / "first")
+    masks = {name: indices.clone() for name, indices in shira.masks.items()}
+    adapter = shira.extract()
+    adapter_path, state_path = tmp_path / "adapter.safetensors", tmp_path / "state.safetensors"
+    old = os.umask(umask)
+    try:
+        if os.path.exists("/proc/self/status"):  # Linux reads the umask without setting it process-wide
+            monkeypatch.setattr(os, "umask", lambda *_: pytest.fail("os.umask called"))
+        adapter.save(adapter_path)
+        shira.save_state(state_path)
+        new_modes = [oct(os.stat(p).st_mode & 0o777) for p in (adapter_path, state_path)]
+        # replacing an existing file keeps its mode, as open(path, "w") does
+        os.chmod(adapter_path, 0o600)
+        os.chmod(state_path, 0o600)
+        adapter.save(adapter_path, dtype=torch.bfloat16)
+        shira.save_state(state_path)
+        kept_modes = [oct(os.stat(p).st_mode & 0o777) for p in (adapter_path, state_path)]
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+        shira.detach()
+    assert new_modes == [oct(mode)] * 2
+    assert kept_modes == [oct(0o600)] * 2
+    loaded = SparseAdapter.load(adapter_path)
+    for name, delta in adapter.deltas.items():
+        assert torch.equal(loaded.deltas[name].indices, delta.indices)
+        assert torch.equal(loaded.deltas[name].values, delta.values.to(torch.bfloat16))
+    with shira_hooks.attach(make_mlp(), 0.1, "rand", seed=99) as fresh:
+        fresh.load_state(state_path)
+        assert fresh.masks.keys() == masks.keys()
+        assert all(torch.equal(fresh.masks[name], masks[name]) for name in masks)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="folders cannot be fsynced on Windows")
+def test_save_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    import stat
+
+    adapter = SparseAdapter.load(_write(tmp_path, *_valid(), name="fixture.safetensors"))
+    events = []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append("replace"), real_replace(src, dst))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file"), real_fsync(fd))[1])
+    adapter.save(tmp_path / "out" / "adapter.safetensors")
+    assert events == ["fsync file", "replace", "fsync folder"]
+
+
+def test_load_memory_maps_instead_of_reading_the_file(tmp_path, monkeypatch):
+    import builtins
+    import io
+    import pathlib
+
+    from safetensors.torch import load as load_bytes
+
+    _, _, shira = _trained()
+    adapter = shira.extract()
+    shira.detach()
+    paths = {
+        "f32": adapter.save(tmp_path / "adapter.safetensors"),
+        "bf16": adapter.save(tmp_path / "adapter_bf16.safetensors", dtype=torch.bfloat16),
+    }
+    _, handle, state_path = _saved_state(tmp_path)
+    masks = {name: indices.clone() for name, indices in handle.masks.items()}
+    handle.detach()
+    # what the whole-bytes reader gave, as the reference: the same tensors, dtypes and metadata
+    expected = {kind: load_bytes(path.read_bytes()) for kind, path in paths.items()}
+    guarded = {str(p) for p in [*paths.values(), state_path]}
+
+    def refuse(real):
+        def call(file, *args, **kwargs):
+            if str(file) in guarded:
+                raise AssertionError(f"{file} was read into Python memory")
+            return real(file, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", refuse(pathlib.Path.read_bytes))
+    monkeypatch.setattr(builtins, "open", refuse(builtins.open))
+    monkeypatch.setattr(io, "open", refuse(io.open))
+    for kind, path in paths.items():
+        for options in ({}, {"device": "cpu"}, {"device": torch.device("cpu")}):
+            loaded = SparseAdapter.load(path, **options)
+            assert loaded.metadata == adapter.metadata
+            assert loaded.deltas.keys() == adapter.deltas.keys()
+            for name, delta in loaded.deltas.items():
+                for part, tensor in (("indices", delta.indices), ("values", delta.values)):
+                    reference = expected[kind][f"{name}.{part}"]
+                    assert tensor.device.type == "cpu" and tensor.dtype == reference.dtype
+                    assert torch.equal(tensor, reference), (kind, name, part)
+                original = adapter.deltas[name]
+                assert (delta.shape, delta.dtype, delta.fingerprint) == (original.shape, original.dtype, original.fingerprint)
+    with shira_hooks.attach(make_mlp(), 0.1, "rand", seed=99) as fresh:
+        fresh.load_state(state_path)
+        assert all(torch.equal(fresh.masks[name], masks[name]) for name in masks)
+    monkeypatch.undo()
+    with pytest.raises(ShiraError, match=r"adapter.safetensors: device='gpu:x' is not a torch device"):
+        SparseAdapter.load(paths["f32"], device="gpu:x")
+    with pytest.raises(FileNotFoundError):
+        SparseAdapter.load(tmp_path / "absent.safetensors")
