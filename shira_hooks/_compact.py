@@ -30,10 +30,12 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
+from ._layout import storage_flat
 from .masks import index_dtype
 
 VALUES = "shira_values"
@@ -45,14 +47,24 @@ class Plan:
 
     weight: nn.Parameter
     values: nn.Parameter  # (k,)
-    index: torch.Tensor  # (k,) int64 flat indices
+    index: torch.Tensor  # (k,) int64 logical flat indices (row-major (out, in)), on the weight's device
+    positions: Callable[[torch.Tensor], torch.Tensor]  # the mask's storage positions in a tensor's layout
     pattern: torch.Tensor | None = None  # mode="sparse": (out, in) CSR with the mask's nonzeros, for sampled_addmm
     transposes: "InputTransposes | None" = None  # mode="sparse": shared by the layers of one handle
     synced: int = -1  # values._version last written into the weight
+    seen: bool = False  # a gradient of the values was computed since attach
 
     @property
     def sparse(self) -> bool:
         return self.transposes is not None
+
+    def follow(self) -> None:
+        """Keep the index and the CSR pattern on the weight's device (``model.to(...)`` moves only parameters)."""
+        device = self.weight.device
+        if self.index.device != device:
+            self.index = self.index.to(device)
+            if self.pattern is not None:
+                self.pattern = self.pattern.to(device)
 
     @torch.no_grad()
     def sync(self, force: bool = False) -> None:
@@ -62,7 +74,9 @@ class Plan:
         without bumping the version counter, so after an optimizer step the write is forced.
         """
         if force or self.values._version != self.synced:
-            self.weight.view(-1).index_copy_(0, self.index, self.values.detach().to(self.weight.dtype))
+            weight = self.weight.detach()
+            values = self.values.detach().to(weight.device, weight.dtype)
+            storage_flat(weight).index_copy_(0, self.positions(weight), values)
             self.synced = self.values._version
 
 
@@ -109,15 +123,22 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor, plan: Plan, transposed: bool) -> torch.Tensor:
-        """``inputs``: the layer input X (..., in), or with ``transposed`` its transpose X^T (in, T)."""
+        """``inputs``: the layer input X (..., in), or with ``transposed`` its transpose X^T (in, T).
+
+        The output is returned as itself, marked dirty, rather than as a view of it: autograd refuses
+        in-place changes of a custom Function's view outputs, and layers are often followed by one
+        (``nn.ReLU(inplace=True)``). Marking it dirty makes this node its producer, like an in-place op.
+        """
         ctx.save_for_backward(inputs)
         ctx.plan, ctx.transposed = plan, transposed
-        return output.view_as(output)
+        ctx.mark_dirty(output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (inputs,) = ctx.saved_tensors
         plan: Plan = ctx.plan
+        plan.seen = True
         dy = grad_output.reshape(-1, grad_output.shape[-1]).float()  # (T, out)
         # (T, in); from a contiguous X^T, sampled_addmm's own transpose of its mat2 is a no-op
         x = inputs.float().t() if ctx.transposed else inputs.reshape(-1, inputs.shape[-1]).float()
@@ -137,19 +158,28 @@ def _kept_by_producer(x: torch.Tensor) -> bool:
     return x._base is not None or (x.grad_fn is not None and "_saved_result" in dir(x.grad_fn))
 
 
-def install(module: nn.Module, weight: nn.Parameter, index: torch.Tensor, transposes: InputTransposes | None) -> tuple[Plan, list]:
+def install(
+    module: nn.Module,
+    weight: nn.Parameter,
+    indices: torch.Tensor,
+    positions: Callable[[torch.Tensor], torch.Tensor],
+    transposes: InputTransposes | None,
+) -> tuple[Plan, list]:
     """Register ``module.shira_values`` and the two hooks; returns the plan and the hook handles.
 
-    ``transposes`` (shared between the layers of one handle) selects mode="sparse"; None is "compact".
+    ``indices`` are the mask's logical flat indices, ``positions(tensor)`` their storage positions in a
+    tensor's layout. ``transposes`` (shared between the layers of one handle) selects mode="sparse";
+    None is "compact".
     """
-    index = index.to(weight.device, torch.int64)
-    values = nn.Parameter(weight.detach().view(-1).index_select(0, index).clone())
+    index = indices.to(weight.device, torch.int64)
+    values = nn.Parameter(storage_flat(weight.detach()).index_select(0, positions(weight)).clone())
     module.register_parameter(VALUES, values)
     pattern = csr_pattern(index, tuple(weight.shape)) if transposes is not None else None
-    plan = Plan(weight, values, index, pattern, transposes)
+    plan = Plan(weight, values, index, positions, pattern, transposes)
     plan.synced = values._version
 
     def before(mod, args):
+        plan.follow()
         plan.sync()
 
     def after(mod, args, kwargs, output):

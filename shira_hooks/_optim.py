@@ -1,8 +1,16 @@
-"""Keep weight decay off the entries outside the masks, for any torch optimizer step.
+"""Keep every optimizer step exact for the target weights of the attached handles.
 
-Masking gradients is not enough: decoupled decay (AdamW) multiplies every parameter that has a
-``.grad`` by ``1 - lr * wd``, and L2 decay (Adam, SGD, ...) adds ``wd * p`` to the gradient inside
-``step()`` (FACTS.md has the reproduction). Around each step that touches a target weight, the guard
+Masking gradients in the backward pass is not enough:
+
+* decoupled decay (AdamW) multiplies every parameter that has a ``.grad`` by ``1 - lr * wd``, and L2
+  decay (Adam, SGD, ...) adds ``wd * p`` to the gradient inside ``step()`` (FACTS.md has the
+  reproduction);
+* something may write ``.grad`` after the masking hook ran: a DDP communication hook (PowerSGD)
+  writes its dense approximation back at the end of the backward pass, user code may assign it;
+* optimizer state from before ``attach`` (momentum, Adam moments) keeps moving unmasked entries.
+
+So around each step of an optimizer that holds target weights, each handle (``ShiraHandle._before_step``)
+masks the gradients again and checks the optimizer's state, and then the guard here
 
 1. moves the target weights of a decaying param group into a temporary group with
    ``weight_decay=0`` (the other parameters of the group keep their decay, untouched), and
@@ -13,19 +21,32 @@ Masking gradients is not enough: decoupled decay (AdamW) multiplies every parame
 Optimizers whose decay rule is not known here raise ``ShiraError`` at their first step if they
 would decay a target weight (so does ASGD with ``lambd != 0``, which decays every entry). With a
 closure, the gradients exist only inside ``step()``: the closure is wrapped so that this happens
-after it ran. With a GradScaler and a fused optimizer, the L2 term is scaled like the gradient and
-nothing is decayed on a step the scaler skips.
+after it ran. A ``GradScaler`` hands fused optimizers ``grad_scale`` and ``found_inf`` as attributes
+of the optimizer (older code passed them to ``step()``): the L2 term is scaled like the gradient,
+and nothing is decayed on a step the scaler skips.
+
+The step hooks are torch's global optimizer hooks, registered while at least one handle is attached
+and removed when the last one is detached or garbage collected. Handles are held in a ``WeakSet``:
+the hooks keep no model alive, and once no handle is attached no shira_hooks code runs in any
+optimizer's ``step()``. While one is, an optimizer without target weights costs the hook one pass
+over its parameter ids.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from ._layout import storage_flat
 from .errors import ShiraError
+
+if TYPE_CHECKING:
+    from ._target import Target
+    from .handle import ShiraHandle
 
 _L2_OPTIMIZERS = (
     torch.optim.SGD,
@@ -54,14 +75,18 @@ def _scalar(value) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def unknown_decay(optimizer: torch.optim.Optimizer, masked: dict[int, tuple[str, torch.Tensor]]) -> str | None:
-    """The error message ``step()`` would raise for this optimizer, or None if its decay is handled."""
+def unknown_decay(optimizer: torch.optim.Optimizer, targets: dict[int, str]) -> str | None:
+    """The error message ``step()`` would raise for this optimizer, or None if its decay is handled.
+
+    Args:
+        targets: ``id(param) -> name`` of the target weights to check.
+    """
     name = type(optimizer).__name__
     for group in optimizer.param_groups:
-        targets = [p for p in group["params"] if id(p) in masked]
-        if not targets:
+        found = [p for p in group["params"] if id(p) in targets]
+        if not found:
             continue
-        target = masked[id(targets[0])][0]
+        target = targets[id(found[0])]
         if isinstance(optimizer, torch.optim.ASGD) and _scalar(group.get("lambd", 0.0)) != 0.0:
             return (
                 f"ASGD multiplies every parameter with a gradient by (1 - lambd * eta) at each step (lambd="
@@ -83,51 +108,40 @@ class _PendingStep:
     """What the pre-step hook changed, so the post-step hook can put it back."""
 
     groups: list[tuple[dict, list, dict]] = field(default_factory=list)  # (group, its params, temp group)
-    grads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (grad, idx, kept)
+    grads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (flat grad, index, kept)
 
 
-class WeightDecayGuard:
-    """One attached handle's part in the optimizer step hooks.
-
-    All guards share one pair of global step hooks (registered while any guard exists), so that
-    several handles, on one model or on several, make one consistent change to the param groups.
-
-    Args:
-        masked: maps ``id(param)`` to ``(name, indices)`` for every target weight whose mask is fixed;
-            read at every step, so masks fixed later (lazy calibration) are picked up.
-        before_step: called at every step once the gradients exist (the handle drops calibration
-            gradients there).
-        after_step: called after every step (the compact modes write the new values into the weights).
-    """
-
-    def __init__(
-        self,
-        masked: Callable[[], dict[int, tuple[str, torch.Tensor]]],
-        before_step: Callable[[], None],
-        after_step: Callable[[], None],
-    ):
-        self._masked = masked
-        self._before = before_step
-        self._after = after_step
-        if not _GUARDS:
-            _HOOKS[:] = [register_optimizer_step_pre_hook(_before_step), register_optimizer_step_post_hook(_after_step)]
-        _GUARDS.append(self)
-
-    def remove(self) -> None:
-        if self not in _GUARDS:
-            return
-        _GUARDS.remove(self)
-        if not _GUARDS:
-            for handle in _HOOKS:
-                handle.remove()
-            _HOOKS.clear()
-            for optimizer, _ in list(_PENDING.values()):
-                _restore(optimizer)
+_LIVE: "weakref.WeakSet[ShiraHandle]" = weakref.WeakSet()  # handles attached now
+_HOOKS: list = []  # the global step pre/post hook handles, while a handle is attached
+_PENDING: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _PendingStep]" = weakref.WeakKeyDictionary()
 
 
-_GUARDS: list[WeightDecayGuard] = []
-_HOOKS: list = []
-_PENDING: dict[int, tuple[torch.optim.Optimizer, _PendingStep]] = {}
+def _attached() -> list["ShiraHandle"]:
+    return [handle for handle in _LIVE if handle.attached]
+
+
+def track(handle: "ShiraHandle") -> weakref.finalize:
+    """Start guarding optimizer steps for ``handle``; the returned finalizer untracks it when collected."""
+    _LIVE.add(handle)
+    if not _HOOKS:
+        _HOOKS[:] = [register_optimizer_step_pre_hook(_before_step), register_optimizer_step_post_hook(_after_step)]
+    return weakref.finalize(handle, _prune)
+
+
+def untrack(handle: "ShiraHandle") -> None:
+    _LIVE.discard(handle)
+    _prune()
+
+
+def _prune() -> None:
+    """Remove the global hooks once no handle is attached."""
+    if _attached() or not _HOOKS:
+        return
+    for hook in _HOOKS:
+        hook.remove()
+    _HOOKS.clear()
+    for optimizer in list(_PENDING.keys()):
+        _restore(optimizer)
 
 
 def _before_step(optimizer, args, kwargs):
@@ -150,20 +164,22 @@ def _before_step(optimizer, args, kwargs):
 
 @torch.no_grad()
 def _prepare(optimizer, kwargs) -> None:
-    for guard in list(_GUARDS):
-        guard._before()
-    masked = {}
-    for guard in _GUARDS:
-        masked.update(guard._masked())
-    if not masked:
+    handles = _attached()
+    if not handles:
         return
-    found_inf = kwargs.get("found_inf")
+    members = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    stepped: dict[int, Target] = {}  # id(param) -> target with a fixed mask and a masked gradient
+    for handle in handles:
+        stepped.update(handle._before_step(optimizer, members))
+    if not stepped:
+        return
+    # GradScaler and fused kernels: step() arguments in old torch, attributes of the optimizer now.
+    found_inf = kwargs.get("found_inf", getattr(optimizer, "found_inf", None))
     if found_inf is not None and _scalar(found_inf) != 0.0:
-        return  # GradScaler: a fused kernel skips this step entirely, so no decay either
-    grad_scale = kwargs.get("grad_scale")  # fused kernels unscale the gradients themselves
-    scale = 1.0 if grad_scale is None else _scalar(grad_scale)
-    stepped = {id(p): masked[id(p)] for g in optimizer.param_groups for p in g["params"] if id(p) in masked and p.grad is not None}
-    problem = unknown_decay(optimizer, stepped)
+        return  # the fused kernel skips this step entirely, so no decay either
+    grad_scale = kwargs.get("grad_scale", getattr(optimizer, "grad_scale", None))
+    scale = 1.0 if grad_scale is None else _scalar(grad_scale)  # fused kernels unscale the gradients themselves
+    problem = unknown_decay(optimizer, {key: target.name for key, target in stepped.items()})
     if problem:
         raise ShiraError(problem)
     pending = _PendingStep()
@@ -172,20 +188,21 @@ def _prepare(optimizer, kwargs) -> None:
         targets = [p for p in group["params"] if id(p) in stepped]
         if not targets or decay == 0.0:
             continue
-        rule, lr = decay_rule(optimizer, group), group["lr"]
+        rule, lr = decay_rule(optimizer, group), _scalar(group["lr"])
         sign = -1.0 if group.get("maximize", False) else 1.0
         for param in targets:
-            idx = stepped[id(param)][1].to(param.device, torch.int64)  # index_copy_ wants int64
-            flat = param.view(-1)
+            target = stepped[id(param)]
+            flat, index = storage_flat(param), target.positions(param)
             if rule == "decoupled":
-                kept = flat.index_select(0, idx)
-                flat.index_copy_(0, idx, kept.mul_(1 - lr * decay))
+                kept = flat.index_select(0, index)
+                flat.index_copy_(0, index, kept.mul_(1 - lr * decay))
             else:
-                grad = param.grad.view(-1)
-                kept = grad.index_select(0, idx)
-                decayed = kept.add(flat.index_select(0, idx).to(grad.dtype), alpha=sign * decay * scale)
-                grad.index_copy_(0, idx, decayed)
-                pending.grads.append((grad, idx, kept))
+                grad = storage_flat(param.grad)
+                grad_index = target.positions(param.grad)
+                kept = grad.index_select(0, grad_index)
+                decayed = kept.add(flat.index_select(0, index).to(grad.dtype), alpha=sign * decay * scale)
+                grad.index_copy_(0, grad_index, decayed)
+                pending.grads.append((grad, grad_index, kept))
         # The optimizer itself must not decay the targets: give them a group of their own.
         target_ids = {id(p) for p in targets}
         temp = dict(group)
@@ -195,23 +212,25 @@ def _prepare(optimizer, kwargs) -> None:
         group["params"] = [p for p in group["params"] if id(p) not in target_ids]
         optimizer.param_groups.append(temp)
     if pending.groups or pending.grads:
-        _PENDING[id(optimizer)] = (optimizer, pending)
+        _PENDING[optimizer] = pending
 
 
 def _after_step(optimizer, args, kwargs) -> None:
     _restore(optimizer)
-    for guard in list(_GUARDS):
-        guard._after()
+    handles = _attached()
+    if handles:
+        members = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for handle in handles:
+            handle._after_step(members)
 
 
 @torch.no_grad()
 def _restore(optimizer) -> None:
-    entry = _PENDING.pop(id(optimizer), None)
-    if entry is None:
+    pending = _PENDING.pop(optimizer, None)
+    if pending is None:
         return
-    pending = entry[1]
     for group, params, temp in pending.groups:
         group["params"] = params
         optimizer.param_groups[:] = [g for g in optimizer.param_groups if g is not temp]
-    for grad, idx, kept in pending.grads:
-        grad.index_copy_(0, idx, kept)
+    for grad, index, kept in pending.grads:
+        grad.index_copy_(0, index, kept)

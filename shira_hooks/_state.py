@@ -45,7 +45,7 @@ def state_dict(self: "ShiraHandle") -> dict[str, Any]:
                 "shape": list(t.param.shape),
                 "dtype": dtype_name(t.param.dtype),
                 "base_digest": t.base_digest,
-                "indices": t.indices.cpu().clone(),
+                "indices": t.indices.clone(),
                 "originals": t.originals.cpu().clone(),
             }
             for t in self._targets
@@ -92,22 +92,28 @@ def load_state_dict(self: "ShiraHandle", state: dict[str, Any]) -> None:
                 f"state for '{name}' has {entry['indices'].numel()} entries, the handle's {_compact.VALUES} has "
                 f"{plan.values.numel()}; attach with the sparsity of the run that saved it"
             )
+    sparsity, seed = state.get("sparsity"), state.get("seed")
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1):
+        raise ShiraError(f"state has sparsity={sparsity!r}; expected a number in (0, 1]")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ShiraError(f"state has seed={seed!r}; expected an int")
     for name, entry in saved.items():
         target = ours[name]
-        target.indices = entry["indices"].to(target.param.device).clone()
-        target.originals = entry["originals"].to(target.param.device).clone()
-        target.budget = target.indices.numel()
-        target.base_digest = entry["base_digest"]
-        target.scores = None
+        target.set_indices(entry["indices"].clone(), entry["originals"].clone())
+        target.base_digest, target.base_dtype = entry["base_digest"], target.param.dtype
         if target.plan is not None:  # same parameter object, new entries: W holds the trained values
             plan = target.plan
-            plan.index = target.indices.to(torch.int64)
+            plan.index = target.indices.to(target.param.device, torch.int64)
             if plan.sparse:
                 plan.pattern = _compact.csr_pattern(plan.index, tuple(target.param.shape))
-            plan.values.copy_(target.param.detach().view(-1).index_select(0, plan.index))
+            plan.values.copy_(target.current())
             plan.synced = plan.values._version
     if isinstance(state.get("mask"), str) and state["mask"] != "custom":
         self.mask = state["mask"]
+    if sparsity is not None:
+        self.sparsity = float(sparsity)
+    if seed is not None:
+        self.seed = seed
 
 
 def save_state(self: "ShiraHandle", path: str | os.PathLike) -> Path:

@@ -8,12 +8,16 @@ handle is detached before the error propagates: nothing stays changed.
 
 from __future__ import annotations
 
+import os
+import secrets
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 
 from . import _compact, masks
 from ._calibrate import LossFn, run_calibration
+from ._layout import check_dense
 from ._targets import TargetSpec, resolve_targets
 from .errors import ShiraError
 from .handle import ShiraHandle, _attached_elsewhere
@@ -33,6 +37,34 @@ def _check_arguments(model: Any, sparsity: Any, mask: Any, calibration: Any, cal
         raise ShiraError(f"calibration_steps={calibration_steps!r}; it must be a positive int (backward passes used to score)")
 
 
+def resolve_seed(seed: Any, mask: Any) -> int:
+    """``seed``, or a fresh random one agreed by every rank of a ``torch.distributed`` run.
+
+    A fixed default would give every ``rand``/``struct`` adapter a user trains the same mask, so
+    independently trained adapters would overlap completely and interfere when fused.
+    """
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ShiraError(f"seed={seed!r}; it must be a non-negative int, or None for a fresh random seed")
+        return seed
+    seed = secrets.randbits(62)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        agreed = torch.tensor([seed], dtype=torch.int64, device=device)
+        torch.distributed.broadcast(agreed, src=0)  # every rank draws the same masks
+        return int(agreed.item())
+    world = os.environ.get("WORLD_SIZE", "1")
+    if mask in ("rand", "struct") and world.isdigit() and int(world) > 1:
+        raise ShiraError(
+            f"mask={mask!r} with seed=None draws a fresh random seed, but this is one of {world} processes "
+            f"(WORLD_SIZE={world}) and torch.distributed is not initialized yet, so the ranks cannot agree on it "
+            f"and would train different masks. Pass seed=<int> (the same on every rank), or initialize the process "
+            f"group first (torch.distributed.init_process_group, or build the Trainer's TrainingArguments) and attach after"
+        )
+    return seed
+
+
 def attach(
     model: nn.Module,
     sparsity: float = 0.01,
@@ -41,7 +73,7 @@ def attach(
     target_modules: TargetSpec = None,
     calibration: Iterable | None = None,
     loss_fn: LossFn | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     calibration_steps: int = DEFAULT_CALIBRATION_STEPS,
     freeze_others: bool = True,
     progress: bool = True,
@@ -62,7 +94,10 @@ def attach(
             ``calibration_steps`` backward passes of training score them, and the hooks drop those
             gradients so no optimizer changes anything during them.
         loss_fn: ``loss_fn(model, batch) -> scalar``; by default ``model(**batch).loss``.
-        seed: seeds "rand" and the row choice of "struct" (per weight, mixed with its name).
+        seed: seeds "rand" and the row choice of "struct" (per weight, mixed with its name). None (the
+            default) draws a fresh random seed, broadcast from rank 0 under ``torch.distributed``, so that
+            independently trained adapters get independent masks; it is kept in ``handle.seed``, the
+            adapter's metadata and the resumable state. Pass an int to reproduce a mask.
         calibration_steps: backward passes used by lazy calibration (default 8).
         freeze_others: set ``requires_grad=False`` on every non-target parameter (restored by detach).
         progress: show a tqdm bar over calibration batches.
@@ -95,6 +130,7 @@ def attach(
             f"mode={mode!r} needs the masks at attach time, and mask={mask!r} without calibration= would score them "
             f"lazily during training; pass calibration=batches, or use mode='dense'"
         )
+    seed = resolve_seed(seed, mask)
     names = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), name)
@@ -102,17 +138,24 @@ def attach(
     for _, module in model.named_modules(remove_duplicate=False):
         if isinstance(getattr(module, "weight", None), nn.Parameter):
             owners[id(module.weight)] = owners.get(id(module.weight), 0) + 1
+    # Layers whose weight their parent reads without calling them: a forward hook never sees them.
+    read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     targets = []
     for module_name, module, weight in resolve_targets(model, target_modules):
         name = names[id(weight)]
         if _attached_elsewhere(weight):
             raise ShiraError(f"weight '{name}' (module '{module_name}') already has a shira_hooks handle attached; call detach() on it first")
-        if not weight.is_contiguous():
-            raise ShiraError(f"weight '{name}' is not contiguous; flat mask indices need a contiguous weight (call .data = .data.contiguous())")
+        check_dense(weight, f"weight '{name}' (module '{module_name}')")
         if mode != "dense" and not isinstance(module, nn.Linear):
             raise ShiraError(
                 f"mode={mode!r} supports nn.Linear targets only; '{module_name}' is a {type(module).__name__}. "
                 f"Narrow target_modules to Linear layers, or use mode='dense'"
+            )
+        if mode != "dense" and id(module) in read_directly:
+            raise ShiraError(
+                f"'{module_name}' is the out_proj of an nn.MultiheadAttention, which reads out_proj.weight directly "
+                f"(F.multi_head_attention_forward) without calling the layer, so mode={mode!r}, which taps the layer's "
+                f"output, would never train it. Use mode='dense', or leave it out of target_modules"
             )
         if mode != "dense" and owners.get(id(weight), 0) > 1:
             raise ShiraError(
@@ -123,7 +166,7 @@ def attach(
             raise ShiraError(f"module '{module_name}' already has a parameter '{_compact.VALUES}'; detach the handle that added it first")
         targets.append((name, module, weight))
 
-    handle = ShiraHandle(model, mask, float(sparsity), int(seed), calibration_steps, mode)
+    handle = ShiraHandle(model, mask, float(sparsity), seed, calibration_steps, mode)
     try:
         handle._install(targets, freeze_others)
         if callable(mask) or mask not in masks.CALIBRATED_KINDS:

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ._optim import unknown_decay
 from .attach import attach
 from .handle import ShiraHandle
 from .errors import ShiraError
@@ -119,10 +118,7 @@ class ShiraCallback(TrainerCallback):
             logger.info("shira_hooks: masks and base values restored from %s", path)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         if isinstance(inner, torch.optim.Optimizer):
-            masked = {id(t.param): (t.name, t.indices) for t in self.handle._targets}
-            problem = unknown_decay(inner, masked)
-            if problem:
-                raise ShiraError(problem)
+            self.handle.check_optimizer(inner)
 
     def _attach(self, model, dataloader) -> ShiraHandle:
         kwargs = dict(self.attach_kwargs)

@@ -1,55 +1,83 @@
 """``ShiraHandle``: what ``attach`` returns — the masks, the gradient hooks and the public verbs.
 
 One ``register_post_accumulate_grad_hook`` per target weight keeps only the k masked entries of
-its gradient; a global optimizer step hook (``_optim.WeightDecayGuard``) keeps weight decay off
-the other entries. No module is replaced and no parameter object changes; ``detach()`` removes
-every hook and restores every ``requires_grad`` flag.
+its gradient; the optimizer step hooks (``_optim``) mask again before every step, keep weight decay
+off the other entries and refuse optimizer state that would move them. No module is replaced and no
+parameter object changes; ``detach()`` removes every hook and restores every ``requires_grad`` flag.
+
+Where the state lives: an attached handle is kept alive by the modules it trains, through an
+attribute ``_shira_handle`` on each target module (a plain Python reference, so a model and its
+handle, dropped without ``detach()``, are collected together; copies and pickles of a module do not
+carry it). Everything else refers to handles weakly: the gradient hooks (torch keeps a tensor's hooks
+from C++, where the garbage collector cannot see a cycle back to the tensor), the step hooks' ``WeakSet``,
+and the tables keyed weakly by parameter that say which handle trains a parameter and what every
+attached handle wants of its ``requires_grad`` flag (``_flags``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _compact, _state, masks
+from . import _compact, _flags, _optim, _state, masks
 from ._io import digest
-from ._optim import WeightDecayGuard
+from ._layout import is_dense, storage_flat
+from ._target import Target
 from ._version import __version__
 from .adapter import SparseAdapter, SparseDelta
 from .errors import ShiraError
 
-# id(weight) -> the live handle attached to it; a weight takes one handle at a time.
-_ATTACHED: dict[int, "weakref.ref[ShiraHandle]"] = {}
+logger = logging.getLogger("shira_hooks")
+
+KEEP_ALIVE = "_shira_handle"  # the attribute of each target module that keeps its handle alive
+
+# parameter -> weakref to the attached handle that trains it; a weight takes one handle at a time.
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+# Names of task heads that Hugging Face (classifier, score, qa_outputs) and timm (head) models create
+# freshly initialised: freezing one of these is worth a warning, not only a log line.
+_HEAD_PARTS = ("classifier", "score", "qa_outputs", "head")
+
+
+class _KeepAlive:
+    """The value of ``module._shira_handle``: keeps an attached handle alive as long as a module it trains.
+
+    A deep copy or a pickle of the module gets None instead: the copy's parameters carry no hooks.
+    """
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: "ShiraHandle"):
+        self.handle = handle
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self):
+        return (_none, ())
+
+
+def _none() -> None:
+    return None
 
 
 def _attached_elsewhere(param: nn.Parameter) -> bool:
-    holder = _ATTACHED.get(id(param))
-    return holder is not None and holder() is not None and holder().attached
+    ref = _OWNERS.get(param)
+    handle = ref() if ref is not None else None
+    return handle is not None and handle.attached
 
 
-@dataclass(eq=False)
-class _Target:
-    """One trained weight and its mask."""
-
-    name: str  # parameter name in the model, e.g. "layers.0.q_proj.weight"
-    module: nn.Module  # the layer that owns the weight
-    param: nn.Parameter
-    budget: int  # k, the number of trainable entries
-    base_digest: str  # digest of the whole base weight, for verify()
-    indices: torch.Tensor | None = None  # (k,) sorted flat indices; None while calibrating
-    originals: torch.Tensor | None = None  # (k,) base values at indices, in the weight's dtype
-    scores: torch.Tensor | None = None  # (numel,) float32 calibration buffer
-    backward_passes: int = 0
-    # The mask was fixed in the last backward pass and no masked gradient has arrived since: whatever
-    # .grad holds (a DDP reducer writes the averaged dense gradient back after our hook) is calibration.
-    fresh: bool = False
-    plan: _compact.Plan | None = None  # mode="compact"/"sparse": the k-length parameter and its hooks
+def attached_handles() -> list["ShiraHandle"]:
+    """Every handle attached now, in no particular order (the step hooks' weak set)."""
+    return _optim._attached()
 
 
 class ShiraHandle:
@@ -66,88 +94,100 @@ class ShiraHandle:
         self.sparsity = sparsity
         self.seed = seed
         self.calibration_steps = calibration_steps
-        self._targets: list[_Target] = []
-        self._flags: list[tuple[nn.Parameter, bool]] = []
+        self.frozen: list[str] = []  # trainable parameters that freeze_others froze (not in the adapter)
+        self._targets: list[Target] = []
+        self._claimed: list[nn.Parameter] = []  # parameters whose requires_grad this handle claims (_flags)
         self._hooks: list[Any] = []
-        self._guard: WeightDecayGuard | None = None
+        self._finalizer: weakref.finalize | None = None
         self._lazy = True  # lazy calibration fixes each mask after `calibration_steps` backward passes
         self._attached = False
+        self._warned_no_gradient = False
+        self._checked_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> id(state) checked
 
     # ------------------------------------------------------------------------------ install
     def _install(self, targets: list[tuple[str, nn.Module, nn.Parameter]], freeze_others: bool) -> None:
-        """Freeze, register hooks and the optimizer guard. Partial work is undone by ``detach``."""
+        """Claim flags, register hooks and the optimizer guard. Partial work is undone by ``detach``."""
         self._attached = True
+        self._finalizer = _optim.track(self)
         target_ids = {id(p) for _, _, p in targets}
-        for param in self.model.parameters():
-            self._flags.append((param, param.requires_grad))
-            if id(param) in target_ids:
-                param.requires_grad_(True)
-            elif freeze_others and not _attached_elsewhere(param):  # another handle's target keeps training
-                param.requires_grad_(False)
+        keep_alive = _KeepAlive(self)
         for name, module, param in targets:
-            numel = param.numel()
-            budget = masks.budget(numel, self.sparsity) if isinstance(self.mask, str) else 0
-            target = _Target(name, module, param, budget, digest(param, 16))
+            target = Target(name, module, param, self._budget(param), digest(param, 16), param.dtype)
             self._targets.append(target)
-            _ATTACHED[id(param)] = weakref.ref(self)
-            self._hooks.append(param.register_post_accumulate_grad_hook(self._make_hook(target)))
-        self._guard = WeightDecayGuard(self._masked, self._drop_calibration_grads, self._sync)
+            module.__dict__[KEEP_ALIVE] = keep_alive
+            _OWNERS[param] = weakref.ref(self)
+            _flags.claim(self, param, target=True, wanted=True)
+            self._claimed.append(param)
+            self._hooks.append(param.register_post_accumulate_grad_hook(self._make_hook(len(self._targets) - 1)))
+        if freeze_others:
+            for name, param in self.model.named_parameters():
+                if id(param) in target_ids:
+                    continue
+                trainable = param.requires_grad
+                _flags.claim(self, param, target=False, wanted=False)  # another handle's target keeps training
+                self._claimed.append(param)
+                if trainable and not param.requires_grad:
+                    self.frozen.append(name)
+            self._report_frozen()
 
-    def _make_hook(self, target: _Target):
+    def _budget(self, param: nn.Parameter) -> int:
+        return masks.budget(param.numel(), self.sparsity) if isinstance(self.mask, str) else 0
+
+    def _report_frozen(self) -> None:
+        """freeze_others froze trainable parameters: say which, loudly if one looks like an output head."""
+        if not self.frozen:
+            return
+        heads = [n for n in self.frozen if any(part in _HEAD_PARTS for part in n.split(".")[:-1])]
+        shown = ", ".join(self.frozen[:8]) + (f", ... ({len(self.frozen)} in all)" if len(self.frozen) > 8 else "")
+        logger.info("shira_hooks: freeze_others=True froze %d trainable non-target parameter(s): %s", len(self.frozen), shown)
+        if heads:
+            logger.warning(
+                "shira_hooks: freeze_others=True froze %s, which look like an output head: they keep their current "
+                "values and are not part of the SHiRA adapter. To train them, attach with freeze_others=False (they "
+                "then train densely and must be saved separately, e.g. with the model's state_dict)", ", ".join(heads[:8]),
+            )
+
+    def _make_hook(self, position: int):
+        # Weak: a strong reference from a tensor's hook back to the handle (which holds the tensor) is a
+        # cycle through torch's C++ side that the garbage collector cannot break.
+        owner = weakref.ref(self)
+
         def hook(param: torch.Tensor) -> None:  # post-accumulate-grad hooks must return None
-            self._on_grad(target, param)
+            handle = owner()
+            if handle is not None:
+                handle._on_grad(handle._targets[position], param)
 
         return hook
 
-    def _masked(self) -> dict[int, tuple[str, torch.Tensor]]:
-        return {id(t.param): (t.name, t.indices) for t in self._targets if t.indices is not None}
-
-    def _drop_calibration_grads(self) -> None:
-        """Before an optimizer step: no gradient of a calibration pass may reach the optimizer.
-
-        The hook already drops them, but a DDP reducer writes the averaged gradient back into
-        ``.grad`` after the hook has run, so they are dropped again here.
-        """
-        for t in self._targets:
-            if t.indices is None or t.fresh:
-                t.param.grad = None
-                t.fresh = False
-
     # --------------------------------------------------------------------------- the hook
     @torch.no_grad()
-    def _on_grad(self, target: _Target, param: torch.Tensor) -> None:
+    def _on_grad(self, target: Target, param: torch.Tensor) -> None:
         grad = param.grad
         if grad is None:
             return
         if grad.is_sparse:
             raise ShiraError(f"'{target.name}' received a sparse gradient; shira_hooks masks dense gradients only")
+        target.grad_seen = True
+        target.follow()
         if target.indices is None:  # calibrating: score, then drop the gradient so nothing is updated
             self._accumulate(target, grad)
             param.grad = None
             return
         target.fresh = False  # from here on .grad is masked training gradient
-        if not grad.is_contiguous():
-            grad = grad.contiguous()
-            param.grad = grad
-        # Keep the k masked entries, zero the rest in place, put them back: no dense temporary,
-        # and an inf outside the mask becomes 0, never NaN. index_copy_ wants int64 indices (a (k,)
-        # conversion, cheaper than index_put_ with int32).
-        index = target.indices.to(grad.device, torch.int64)  # (k,)
-        flat = grad.view(-1)  # (numel,)
-        kept = flat.index_select(0, index)  # (k,)
-        flat.zero_()
-        flat.index_copy_(0, index, kept)
+        if not is_dense(grad):
+            param.grad = grad = grad.contiguous()
+        target.mask_grad(grad)
 
-    def _accumulate(self, target: _Target, grad: torch.Tensor) -> None:
+    def _accumulate(self, target: Target, grad: torch.Tensor) -> None:
         if target.scores is None:
             target.scores = torch.zeros(grad.numel(), dtype=torch.float32, device=grad.device)
-        target.scores.add_(grad.reshape(-1).abs_())  # the gradient is dropped next, so abs_ in place
+        target.scores.add_(grad.reshape(-1).abs_())  # logical order; the gradient is dropped next, so abs_ in place
         target.backward_passes += 1
         if self._lazy and target.backward_passes >= self.calibration_steps:
             self._mask_from_scores(target)
             target.fresh = True
 
-    def _mask_from_scores(self, target: _Target) -> None:
+    def _mask_from_scores(self, target: Target) -> None:
         scores = target.scores
         if scores is None:
             raise ShiraError(
@@ -164,14 +204,7 @@ class ShiraHandle:
                 f"calibration scores of '{target.name}' contain NaN/inf (the loss or its gradients "
                 f"overflowed); calibrate on batches with a finite loss"
             )
-        self._set_mask(target, masks.topk_mask(scores, target.budget))
-
-    def _set_mask(self, target: _Target, indices: torch.Tensor) -> None:
-        indices = indices.to(target.param.device)  # rand/struct/user masks are made on the CPU
-        target.indices = indices
-        target.originals = target.param.detach().view(-1).index_select(0, indices)
-        target.budget = indices.numel()
-        target.scores = None
+        target.set_indices(masks.topk_mask(scores, target.budget))
 
     def _fix_masks(self) -> None:
         """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""
@@ -186,21 +219,126 @@ class ShiraHandle:
                 indices = masks.rand_mask(numel, target.budget, masks.generator_for(self.seed, target.name))
             else:  # "wm"
                 indices = masks.topk_mask(weight.reshape(-1).abs(), target.budget)
-            self._set_mask(target, indices)
+            target.set_indices(indices)
 
     def _make_compact(self) -> None:
         """mode="compact"/"sparse": move the trainable entries into k-length parameters (``_compact``)."""
         transposes = _compact.InputTransposes() if self.mode == "sparse" else None
         for t in self._targets:
-            t.plan, hooks = _compact.install(t.module, t.param, t.indices, transposes)
+            t.plan, hooks = _compact.install(t.module, t.param, t.indices, t.positions, transposes)
             self._hooks.extend(hooks)
-            t.param.requires_grad_(False)  # no dense dL/dW; the flag is restored by detach()
+            _flags.claim(self, t.param, target=True, wanted=False)  # no dense dL/dW; restored by detach()
 
     def _sync(self) -> None:
         """Make the weights hold the current compact values (a no-op in the dense mode)."""
         for t in self._targets:
+            t.follow()
             if t.plan is not None:
+                t.plan.follow()
                 t.plan.sync(force=True)
+
+    # ------------------------------------------------------------------ optimizer steps (_optim)
+    @torch.no_grad()
+    def _before_step(self, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> dict[int, Target]:
+        """Called by the step pre-hook once the gradients exist; ``members`` maps id(param) -> its group.
+
+        Drops calibration gradients (a DDP reducer writes the averaged gradient back after the hook
+        dropped it), reports targets that get no gradient, checks the optimizer's state once, and
+        masks every target gradient again, since something may have written it after the hook (a DDP
+        communication hook, user code). Returns the targets with a fixed mask and a gradient, by id.
+        """
+        mine = [t for t in self._targets if id(t.param) in members or (t.plan is not None and id(t.plan.values) in members)]
+        if not mine:
+            return {}
+        self._check_gradients(mine)
+        self._check_optimizer_state(optimizer, [t for t in mine if t.plan is None])
+        stepped = {}
+        for t in mine:
+            t.follow()
+            if t.plan is not None:
+                if id(t.plan.values) not in members:
+                    raise ShiraError(
+                        f"{type(optimizer).__name__} holds target weight '{t.name}' but not its "
+                        f"'{_compact.VALUES}' (mode={self.mode!r} trains those k entries instead of the weight): it "
+                        f"was built before attach() and would train nothing. Build the optimizer after attach()"
+                    )
+                continue
+            param = t.param
+            if param.grad is None:
+                continue
+            if t.indices is None or t.fresh:  # a calibration gradient: nothing may be updated from it
+                param.grad, t.fresh = None, False
+                continue
+            grad = param.grad
+            if grad.is_sparse:
+                raise ShiraError(f"'{t.name}' has a sparse gradient; shira_hooks masks dense gradients only")
+            if not is_dense(grad):
+                param.grad = grad = grad.contiguous()
+            t.mask_grad(grad, -0.0 if members[id(param)].get("maximize", False) else 0.0)
+            stepped[id(param)] = t
+        return stepped
+
+    def _after_step(self, members: set[int]) -> None:
+        """Called after every optimizer step: compact values stepped by it are written into the weights."""
+        for t in self._targets:
+            if t.plan is not None and id(t.plan.values) in members:
+                t.plan.follow()
+                t.plan.sync(force=True)
+
+    def _check_gradients(self, mine: list[Target]) -> None:
+        """Targets that got no gradient while others did: a warning, or an error if calibration cannot finish."""
+        seen = [t.grad_seen or (t.plan is not None and t.plan.seen) for t in mine]
+        if all(seen) or not any(seen):
+            return
+        missing = [t for t, s in zip(mine, seen) if not s]
+        names = ", ".join(f"'{t.name}'" for t in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        stuck = [t for t in missing if t.indices is None]
+        if stuck and all(t.indices is not None for t in mine if t not in stuck):
+            raise ShiraError(
+                f"mask={self.mask!r} is scored on the gradients of the first {self.calibration_steps} backward passes, "
+                f"and {len(stuck)} target weight(s) have received none while every other target's mask is fixed: "
+                f"{names}. The loss does not depend on them (e.g. an unused pooler), so their masks can never be "
+                f"scored. Exclude them with target_modules, or pass calibration= batches whose loss uses them"
+            )
+        if self._warned_no_gradient:
+            return
+        self._warned_no_gradient = True
+        why = "the loss does not depend on them (e.g. an unused pooler or head)"
+        if self.mode != "dense":
+            why += f", or their module's weight is read without calling the module, which mode={self.mode!r} cannot see"
+        warnings.warn(
+            f"shira_hooks: {len(missing)} of {len(mine)} target weights received no gradient in the backward passes so "
+            f"far while the others did: {names}. They do not train: {why}. Exclude them with target_modules"
+            + (", or use mode='dense'" if self.mode != "dense" else ""),
+            stacklevel=4,
+        )
+
+    def _check_optimizer_state(self, optimizer: torch.optim.Optimizer, targets: list[Target]) -> None:
+        """Refuse optimizer state that is nonzero outside a mask (built before attach): it would move those entries.
+
+        Checked once per optimizer state (``load_state_dict`` makes a new one), when every target's
+        mask is fixed. State built by steps under the hooks is zero outside the masks.
+        """
+        state = optimizer.state
+        if self._checked_state.get(optimizer) == id(state):
+            return
+        for t in targets:
+            if t.indices is None:
+                continue
+            for key, value in (state.get(t.param) or {}).items():
+                if not isinstance(value, torch.Tensor) or value.shape != t.param.shape or not is_dense(value):
+                    continue
+                inside = int(torch.count_nonzero(storage_flat(value).index_select(0, t.positions(value))))
+                outside = int(torch.count_nonzero(value)) - inside
+                if outside:
+                    raise ShiraError(
+                        f"{type(optimizer).__name__} has state '{key}' for target weight '{t.name}' that is nonzero at "
+                        f"{outside} entries outside the mask (state from steps before attach()); the optimizer would keep "
+                        f"moving those entries. Build the optimizer after attach(), or drop its state for the target "
+                        f"weights first (optimizer.state.pop(param) for each, or optimizer.state.clear())"
+                    )
+        if all(t.indices is not None for t in targets):
+            self._checked_state[optimizer] = id(state)
 
     # ------------------------------------------------------------------------- public API
     @property
@@ -239,8 +377,11 @@ class ShiraHandle:
         width = max(len("weight"), *(len(t.name) for t in self._targets))
         lines = [
             f"shira_hooks: mask={mask!r} sparsity={self.sparsity:g} ({state})",
-            f"{'weight':<{width}}  {'shape':>14}  {'k':>10}  {'%':>6}",
         ]
+        if self.frozen:
+            shown = ", ".join(self.frozen[:8]) + (", ..." if len(self.frozen) > 8 else "")
+            lines.append(f"frozen by freeze_others, not in the adapter: {len(self.frozen)} parameter(s): {shown}")
+        lines.append(f"{'weight':<{width}}  {'shape':>14}  {'k':>10}  {'%':>6}")
         for t in self._targets:
             shape = "x".join(str(s) for s in t.param.shape)
             lines.append(f"{t.name:<{width}}  {shape:>14}  {t.budget:>10,}  {100 * t.budget / t.param.numel():>6.2f}")
@@ -250,8 +391,19 @@ class ShiraHandle:
     def __repr__(self) -> str:
         return (
             f"ShiraHandle({len(self._targets)} weights, {self.num_trainable:,} trainable entries, "
-            f"mask={self.mask!r}, calibrated={self.calibrated}, attached={self._attached})"
+            f"mask={self.mask!r}, mode={self.mode!r}, calibrated={self.calibrated}, attached={self._attached})"
         )
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise ``ShiraError`` now, not at its first step, if ``optimizer`` cannot train the targets exactly.
+
+        That is: a weight-decay rule shira_hooks does not know on a target weight (or ASGD's ``lambd``),
+        or state nonzero outside a mask (built before ``attach``). ``ShiraCallback`` calls it at train begin.
+        """
+        problem = _optim.unknown_decay(optimizer, {id(t.param): t.name for t in self._targets})
+        if problem:
+            raise ShiraError(problem)
+        self._check_optimizer_state(optimizer, [t for t in self._targets if t.plan is None])
 
     def _require_calibrated(self, action: str) -> None:
         waiting = [t for t in self._targets if t.indices is None]
@@ -283,11 +435,8 @@ class ShiraHandle:
         self._sync()
         deltas = {}
         for t in self._targets:
-            current = t.param.detach().view(-1).index_select(0, t.indices)
-            values = current.float() - t.originals.float()
-            deltas[t.name] = SparseDelta(
-                tuple(t.param.shape), t.param.dtype, t.indices.cpu().clone(), values.cpu(), digest(t.originals)
-            )
+            values = t.current().float() - t.originals.float()
+            deltas[t.name] = SparseDelta(tuple(t.param.shape), t.param.dtype, t.indices.clone(), values.cpu(), digest(t.originals))
         mask = self.mask if isinstance(self.mask, str) else "custom"
         return SparseAdapter(
             deltas, {"mask": mask, "sparsity": f"{self.sparsity:g}", "seed": str(self.seed), "created_by": f"shira_hooks {__version__}"}
@@ -304,10 +453,7 @@ class ShiraHandle:
         self._sync()
         changed = []
         for t in self._targets:
-            weight = t.param.detach()
-            if t.indices is not None:
-                weight = weight.clone()
-                weight.view(-1).index_put_((t.indices,), t.originals)
+            weight = t.restored() if t.indices is not None else t.param.detach()
             if digest(weight, 16) != t.base_digest:
                 changed.append(t.name)
         return changed
@@ -326,26 +472,27 @@ class ShiraHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if self._guard is not None:
-            self._guard.remove()
-            self._guard = None
-        for param, flag in self._flags:
-            param.requires_grad_(flag)
-        self._flags = []
+        self._attached = False
+        _optim.untrack(self)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        _flags.release(self, self._claimed)
+        self._claimed = []
         for t in self._targets:
             t.scores = None
-            entry = _ATTACHED.get(id(t.param))
-            if entry is not None and entry() is self:
-                del _ATTACHED[id(t.param)]
-        self._attached = False
+            keep_alive = t.module.__dict__.get(KEEP_ALIVE)
+            if isinstance(keep_alive, _KeepAlive) and keep_alive.handle is self:
+                del t.module.__dict__[KEEP_ALIVE]
+            ref = _OWNERS.get(t.param)
+            if ref is not None and ref() is self:
+                del _OWNERS[t.param]
 
     def __enter__(self) -> "ShiraHandle":
         return self
 
     def __exit__(self, *exc) -> None:
         self.detach()
-
-    # ---------------------------------------------------------------------- resume state
 
     # ---------------------------------------------------------------------- resume state
     def state_dict(self) -> dict[str, Any]:

@@ -104,9 +104,9 @@ def assert_changes_within_masks(handle: shira_hooks.ShiraHandle, before: dict, m
 def _no_leftover_handles():
     """Every test must detach what it attached (a leftover handle would leak hooks into the next test)."""
     yield
-    from shira_hooks.handle import _ATTACHED
+    from shira_hooks.handle import attached_handles
 
-    alive = [ref() for ref in _ATTACHED.values() if ref() is not None and ref().attached]
+    alive = attached_handles()
     for handle in alive:
         handle.detach()
     assert not alive, "a test left a handle attached"

@@ -25,8 +25,8 @@ def _train(model, steps=4, weight_decay=0.0, accumulate=2):
 @pytest.mark.parametrize("mode", MODES)
 def test_sampled_gradient_equals_masked_dense_gradient(mode):
     dense_model, model = make_llama(), make_llama()
-    dense = shira_hooks.attach(dense_model, 0.03, "rand")
-    shira = shira_hooks.attach(model, 0.03, "rand", mode=mode)
+    dense = shira_hooks.attach(dense_model, 0.03, "rand", seed=0)
+    shira = shira_hooks.attach(model, 0.03, "rand", seed=0, mode=mode)
     batch = llama_batches(1, seed=2)[0]
     dense_model(**batch).loss.backward()
     model(**batch).loss.backward()
@@ -132,7 +132,7 @@ class _TwoReaders(nn.Module):
 def _sparse_run(change: str):
     """Forward and backward of ``_TwoReaders`` in mode="sparse": the storages of the saved (in, T) inputs, the two gradients."""
     model = _TwoReaders(change)
-    handle = shira_hooks.attach(model, 0.25, "rand", target_modules=["a", "b"], mode="sparse", freeze_others=True)
+    handle = shira_hooks.attach(model, 0.25, "rand", seed=0, target_modules=["a", "b"], mode="sparse", freeze_others=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = model(torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1)))
@@ -180,7 +180,7 @@ def test_gradients_are_the_same_under_gradient_checkpointing(mode, reentrant):
     grads = []
     for checkpointing in (False, True):
         model = make_llama()
-        handle = shira_hooks.attach(model, 0.03, "rand", mode=mode)
+        handle = shira_hooks.attach(model, 0.03, "rand", seed=0, mode=mode)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
@@ -190,3 +190,78 @@ def test_gradients_are_the_same_under_gradient_checkpointing(mode, reentrant):
     assert list(grads[0]) == list(grads[1]) and len(grads[0]) == 14
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+# --------------------------------------------------------------------- layers used in unusual ways
+def _inplace_relu_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 4), nn.ReLU(inplace=True))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_in_place_op_after_a_target_trains_as_in_the_dense_mode(mode):
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    dense_model, model = _inplace_relu_model(), _inplace_relu_model()
+    dense = shira_hooks.attach(dense_model, 0.25, "rand", seed=0, target_modules=[nn.Linear])
+    shira = shira_hooks.attach(model, 0.25, "rand", seed=0, target_modules=[nn.Linear], mode=mode)
+    dense_model(x).pow(2).sum().backward()
+    model(x).pow(2).sum().backward()
+    for index in (0, 2):
+        name = f"{index}.weight"
+        expected = dense_model[index].weight.grad.reshape(-1)[dense.masks[name].long()]
+        torch.testing.assert_close(model[index].shira_values.grad, expected, rtol=1e-5, atol=1e-6)
+    shira.detach()
+    dense.detach()
+
+
+class _FunctionalUse(nn.Module):
+    """``proj`` is a Linear whose weight is read with F.linear, never by calling ``proj``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.proj = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.relu(self.first(x)), self.proj.weight, self.proj.bias)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_weight_read_without_calling_its_module_is_reported(mode):
+    """nn.MultiheadAttention reads out_proj.weight directly: refused at attach. Any other functional
+    use is found at the first optimizer step, where the weight's values have had no gradient."""
+    attention = nn.MultiheadAttention(16, 2)
+    with pytest.raises(ShiraError, match=rf"'out_proj' is the out_proj of an nn.MultiheadAttention.*mode='{mode}'.*Use mode='dense'"):
+        shira_hooks.attach(attention, 0.1, "rand", target_modules=[nn.Linear], mode=mode)
+    assert all(p.requires_grad for p in attention.parameters()) and not hasattr(attention.out_proj, "shira_values")
+
+    model = _FunctionalUse()
+    shira = shira_hooks.attach(model, 0.25, "rand", mode=mode)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(3, 8)).sum().backward()
+    with pytest.warns(UserWarning, match=r"1 of 2 target weights received no gradient.*'proj.weight'.*read without calling the module.*mode='dense'"):
+        optimizer.step()
+    shira.detach()
+
+
+def test_dense_mode_trains_a_multihead_attention_out_proj():
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 2)
+    shira = shira_hooks.attach(attention, 0.1, "rand", target_modules=["out_proj"])
+    before = snapshot(attention)
+    optimizer = torch.optim.AdamW([p for p in attention.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x = torch.randn(5, 2, 16)
+    attention(x, x, x)[0].pow(2).mean().backward()
+    optimizer.step()
+    assert assert_changes_within_masks(shira, before, attention) == shira.num_trainable and shira.verify() == []
+    shira.detach()
+
+
+def test_optimizer_built_before_attach_is_refused_in_compact_mode():
+    model = make_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # holds the weights, not the shira_values
+    shira = shira_hooks.attach(model, 0.03, "rand", mode="sparse")
+    model(**llama_batches(1)[0]).loss.backward()
+    with pytest.raises(ShiraError, match=r"AdamW holds target weight '.*' but not its 'shira_values'.*Build the optimizer after attach\(\)"):
+        optimizer.step()
+    shira.detach()

@@ -70,3 +70,57 @@ def test_two_process_ddp(tmp_path, lazy, mode):
     assert r0["changed_outside"] == r1["changed_outside"] == []
     assert r0["verify"] == r1["verify"] == [] and r0["trained"] > 0
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["adapter.safetensors"]
+
+
+def _late_writer_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Variants where the gradient reaching the optimizer is not the one the hook masked."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powerSGD
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from conftest import llama_batches, make_llama
+
+    report = {}
+    for variant in ("powersgd", "bucket_view", "no_sync"):
+        model = make_llama()
+        shira = shira_hooks.attach(model, 0.02, "rand")  # default seed: drawn on rank 0, broadcast
+        ddp = DistributedDataParallel(model, gradient_as_bucket_view=variant != "no_sync")
+        if variant == "powersgd":  # writes a dense low-rank approximation back after the hooks ran
+            state = powerSGD.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2)
+            ddp.register_comm_hook(state, powerSGD.powerSGD_hook)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+        batches = llama_batches(8, seed=20 + rank)
+        for step in range(4):
+            pair = batches[2 * step : 2 * step + 2]
+            if variant == "no_sync":  # accumulate locally, communicate on the last micro-batch
+                with ddp.no_sync():
+                    ddp(**pair[0]).loss.backward()
+                ddp(**pair[1]).loss.backward()
+            else:
+                for batch in pair:
+                    ddp(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        report[variant] = {
+            "seed": shira.seed,
+            "masks": {n: digest(i) for n, i in shira.masks.items()},
+            "weights": digest(torch.cat([p.detach().reshape(-1) for p in model.parameters()])),
+            "verify": shira.verify(),
+            "trained": shira.extract().num_entries,
+        }
+        shira.detach()
+    with open(os.path.join(out, f"late{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+def test_ddp_comm_hooks_bucket_views_and_no_sync_stay_exact(tmp_path):
+    mp.spawn(_late_writer_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"late{r}.json").read_text()) for r in (0, 1))
+    for variant in ("powersgd", "bucket_view", "no_sync"):
+        assert r0[variant]["seed"] == r1[variant]["seed"] and r0[variant]["masks"] == r1[variant]["masks"], variant
+        assert r0[variant]["weights"] == r1[variant]["weights"], variant
+        assert r0[variant]["verify"] == r1[variant]["verify"] == [], variant
+    assert len({r0[v]["seed"] for v in r0}) == 3  # a fresh seed per attach

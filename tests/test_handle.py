@@ -183,3 +183,159 @@ def test_load_state_rejects_other_models():
         assert all(torch.equal(other.masks[n], i) for n, i in masks.items())
         with pytest.raises(ShiraError, match=r"not a shira_hooks handle state"):
             other.load_state_dict({"targets": {}})
+
+
+# ------------------------------------------------------------------------------- several handles
+@pytest.mark.parametrize("order", ["attach order", "reverse order"])
+def test_several_handles_keep_flags_right_in_any_detach_order(order):
+    model = make_mlp()
+    model.layers[1].bias.requires_grad_(False)  # a user's own choice must survive
+    flags = _flags(model)
+    a = shira_hooks.attach(model, 0.05, "rand", target_modules=["layers.0"])
+    b = shira_hooks.attach(model, 0.05, "rand", target_modules=["layers.2"])
+    assert _flags(model) == {n: n in ("layers.0.weight", "layers.2.weight") for n in flags}
+    first, second = (a, b) if order == "attach order" else (b, a)
+    first.detach()
+    # the other handle is still attached: its target trains, everything else stays frozen by it
+    assert _flags(model) == {n: n == second.target_names[0] for n in flags}
+    before = snapshot(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for batch in mlp_batches(2):
+        mlp_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert second.verify() == []
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {second.target_names[0]}
+    second.detach()
+    assert _flags(model) == flags
+
+
+# ------------------------------------------------------------------------------------ seeds
+def test_default_seed_gives_each_attach_its_own_rand_and_struct_masks():
+    for mask in ("rand", "struct"):
+        first, second = make_llama(), make_llama()
+        with shira_hooks.attach(first, 0.05, mask) as a, shira_hooks.attach(second, 0.05, mask) as b:
+            assert a.seed != b.seed
+            shared = entries = 0
+            for name, indices in a.masks.items():
+                rows, cols = dict(first.named_parameters())[name].shape
+                diagonal = torch.arange(min(rows, cols)) * (cols + 1)  # struct's fixed part: every struct mask has it
+                own = indices[~torch.isin(indices, diagonal)]
+                shared += int(torch.isin(own, b.masks[name]).sum())
+                entries += own.numel()
+            assert shared < 0.2 * entries  # independent masks barely overlap
+            assert a.extract().metadata["seed"] == str(a.seed) and a.state_dict()["seed"] == a.seed
+        with shira_hooks.attach(first, 0.05, mask, seed=a.seed) as again:  # an explicit seed reproduces
+            assert all(torch.equal(again.masks[n], a.masks[n]) for n in a.masks)
+
+
+def test_default_seed_is_refused_where_ranks_could_not_agree(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun started us, but no process group exists yet
+    model = make_mlp()
+    flags = _flags(model)
+    with pytest.raises(ShiraError, match=r"WORLD_SIZE=2.*Pass seed=<int>"):
+        shira_hooks.attach(model, 0.05, "rand")
+    assert _flags(model) == flags
+    with shira_hooks.attach(model, 0.05, "rand", seed=4) as shira:
+        assert shira.seed == 4
+    with shira_hooks.attach(model, 0.05, "wm"):  # no seed involved
+        pass
+
+
+def test_load_state_dict_restores_sparsity_seed_and_mask(tmp_path):
+    model = make_mlp()
+    with shira_hooks.attach(model, 0.05, "rand", seed=7) as shira:
+        path = shira.save_state(tmp_path / "state.safetensors")
+        state = shira.state_dict()
+    for load in (lambda h: h.load_state_dict(state), lambda h: h.load_state(path)):
+        with shira_hooks.attach(make_mlp(), 0.1, "struct", seed=3) as resumed:
+            load(resumed)
+            assert (resumed.sparsity, resumed.seed, resumed.mask) == (0.05, 7, "rand")
+            metadata = resumed.extract().metadata
+            assert (metadata["sparsity"], metadata["seed"], metadata["mask"]) == ("0.05", "7", "rand")
+
+
+# ------------------------------------------------------------------------- state lives with the model
+def _step_runs_shira_code(optimizer) -> bool:
+    """Whether any shira_hooks function runs during ``optimizer.step()``."""
+    import sys
+
+    seen = []
+    sys.setprofile(lambda frame, event, arg: seen.append(frame.f_code.co_filename) if event == "call" else None)
+    try:
+        optimizer.step()
+    finally:
+        sys.setprofile(None)
+    return any("shira_hooks" in name for name in seen)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "lazy"])
+def test_a_dropped_model_is_freed_without_detach(mode):
+    import gc
+    import weakref
+
+    model = make_llama()
+    if mode == "lazy":
+        shira_hooks.attach(model, 0.02, "snip", calibration_steps=2)  # the one-liner, handle not kept
+    else:
+        shira_hooks.attach(model, 0.02, "rand", mode=mode)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model(**llama_batches(1)[0]).loss.backward()
+    optimizer.step()
+    alive = weakref.ref(model)
+    del model, optimizer
+    gc.collect()
+    assert alive() is None
+    other = torch.nn.Linear(4, 4)
+    other(torch.randn(2, 4)).sum().backward()
+    unrelated = torch.optim.SGD(other.parameters(), lr=0.1)
+    assert not _step_runs_shira_code(unrelated)
+    assert not _global_optimizer_pre_hooks and not _global_optimizer_post_hooks
+
+
+# ------------------------------------------------------------------- what a user sees at the first steps
+def _bert(seed=0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    return BertModel(config)
+
+
+def test_lazy_calibration_that_can_never_finish_is_reported_at_the_first_steps():
+    """A mean-pooling loss never reaches BERT's pooler: its lazy SNIP mask can never be scored."""
+    model = _bert()
+    shira = shira_hooks.attach(model, 0.02, "snip", calibration_steps=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model(input_ids=ids).last_hidden_state.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    with pytest.warns(UserWarning, match=r"1 of 13 target weights received no gradient.*'pooler.dense.weight'"):
+        step()
+    with pytest.raises(ShiraError, match=r"target weight\(s\) have received none while every other target's mask is fixed: 'pooler.dense.weight'.*Exclude them with target_modules"):
+        step()
+    shira.detach()
+
+
+def test_freeze_others_says_which_trainable_parameters_it_froze(caplog):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=3))
+    with caplog.at_level("INFO", logger="shira_hooks"):
+        shira = shira_hooks.attach(model, 0.02, "rand")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "classifier.weight, classifier.bias" in warnings[0] and "not part of the SHiRA adapter" in warnings[0]
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert any(f"froze {len(shira.frozen)} trainable non-target parameter(s)" in m for m in info)
+    assert "classifier.weight" in shira.frozen and "bert.embeddings.word_embeddings.weight" in shira.frozen
+    assert f"frozen by freeze_others, not in the adapter: {len(shira.frozen)} parameter(s)" in shira.summary()
+    shira.detach()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="shira_hooks"), shira_hooks.attach(model, 0.02, "rand", freeze_others=False) as quiet:
+        assert quiet.frozen == [] and not caplog.records

@@ -6,6 +6,7 @@ from torch import nn
 from torch.func import functional_call
 
 import shira_hooks
+from shira_hooks import _optim
 from conftest import assert_changes_within_masks, make_llama, make_mlp, mlp_batches, mlp_loss, snapshot
 
 OPTIMIZERS = {
@@ -88,8 +89,7 @@ def test_stock_optimizer_would_leak_without_the_guard():
     model = make_mlp()
     shira = shira_hooks.attach(model, 0.05, "rand")
     before = snapshot(model)
-    shira._guard.remove()  # hooks only, no guard
-    shira._guard = None
+    _optim.untrack(shira)  # gradient hooks only, no step guard
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     _train(model, optimizer, mlp_batches(4))
     with pytest.raises(AssertionError, match="outside the mask"):
@@ -249,3 +249,119 @@ def test_two_handles_on_one_model_share_the_guard():
     assert first.verify() == [] and second.verify() == []
     second.detach()
     first.detach()
+
+
+# ----------------------------------------------------------------------------- GradScaler + fused kernels
+def _scaler_run(kind: str, scaler: bool, inf_at: int | None = None, skip: int | None = None):
+    """5 batches of a fused Adam/AdamW with weight_decay=1.0; with a GradScaler, optionally an inf at step ``inf_at``."""
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.05, "rand", seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam  # decoupled / L2 decay
+    optimizer = optim(params, lr=1e-2, weight_decay=1.0, fused=True)
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if scaler else None
+    for i, batch in enumerate(mlp_batches(5)):
+        if i == skip:
+            continue
+        loss = mlp_loss(model, batch)
+        if grad_scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            grad_scaler.scale(loss).backward()
+            if i == inf_at:
+                model.layers[0].weight.grad[0, 0] = float("inf")  # the scaler must skip this step
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+        optimizer.zero_grad()
+    assert shira.verify() == []
+    weights = snapshot(model)
+    shira.detach()
+    return weights
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam"])
+def test_grad_scaler_with_a_fused_optimizer_equals_the_run_without_it(kind):
+    """torch hands fused optimizers grad_scale/found_inf as attributes: L2 decay must be scaled like the
+    gradient, and a step the scaler skips must not decay anything."""
+    plain, scaled = _scaler_run(kind, scaler=False), _scaler_run(kind, scaler=True)
+    for name in plain:
+        assert torch.equal(scaled[name], plain[name]), name
+    skipped, overflowed = _scaler_run(kind, scaler=False, skip=2), _scaler_run(kind, scaler=True, inf_at=2)
+    for name in skipped:
+        assert torch.equal(overflowed[name], skipped[name]), name
+
+
+# ------------------------------------------------------------------------ gradients written after the hook
+def test_a_gradient_written_after_the_hook_is_masked_before_the_step():
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.05, "rand")
+    before = snapshot(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for batch in mlp_batches(2):
+        mlp_loss(model, batch).backward()
+        model.layers[1].weight.grad = torch.ones_like(model.layers[1].weight)  # e.g. a communication hook
+        model.layers[2].weight.grad.data.fill_(0.5)  # a write that bypasses the version counter
+        optimizer.step()
+        optimizer.zero_grad()
+    assert assert_changes_within_masks(shira, before, model) > 0
+    assert shira.verify() == []
+    shira.detach()
+
+
+# --------------------------------------------------------------------- optimizer state from before attach
+def test_optimizer_state_from_before_attach_is_refused():
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mlp_loss(model, mlp_batches(1)[0]).backward()
+    optimizer.step()  # momentum buffers, dense
+    optimizer.zero_grad()
+    shira = shira_hooks.attach(model, 0.05, "rand")
+    before = snapshot(model)
+    mlp_loss(model, mlp_batches(1, seed=2)[0]).backward()
+    with pytest.raises(shira_hooks.ShiraError, match=r"SGD has state 'momentum_buffer' for target weight 'layers.0.weight' that is nonzero at \d+ entries outside the mask.*Build the optimizer after attach\(\)"):
+        optimizer.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    optimizer.state.clear()  # the documented fix
+    optimizer.step()
+    assert assert_changes_within_masks(shira, before, model) > 0 and shira.verify() == []
+    shira.detach()
+
+
+def test_optimizer_state_from_a_masked_run_resumes():
+    """A checkpoint's optimizer state (built under the hooks, zero outside the masks) is accepted."""
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.05, "rand")
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in mlp_batches(2):
+        mlp_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    saved = optimizer.state_dict()
+    before = snapshot(model)
+    resumed = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    resumed.load_state_dict(saved)
+    shira.check_optimizer(resumed)
+    mlp_loss(model, mlp_batches(1, seed=3)[0]).backward()
+    resumed.step()
+    assert assert_changes_within_masks(shira, before, model) > 0 and shira.verify() == []
+    shira.detach()
+
+
+# --------------------------------------------------------------------------------------- maximize
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_maximize_keeps_the_sign_of_zero_weights_outside_the_mask(momentum):
+    """A maximizing optimizer negates the gradient: -0.0 + (-lr * -0.0) would turn pruned -0.0 weights into +0.0."""
+    model = make_mlp()
+    with torch.no_grad():
+        model.layers[0].weight[:, :8] = -0.0  # pruned entries
+    shira = shira_hooks.attach(model, 0.05, "rand")
+    before = snapshot(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=momentum, maximize=True)
+    for batch in mlp_batches(2):
+        mlp_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert assert_changes_within_masks(shira, before, model) > 0  # bit for bit: the sign of zero too
+    assert shira.verify() == []
+    shira.detach()

@@ -1,0 +1,107 @@
+"""One trained weight of a handle: its mask, the base values at the mask, and where they live.
+
+A mask is kept as *logical* flat indices (row-major positions in ``weight.reshape(-1)``, on the CPU):
+what files, states and fingerprints hold. Everything that touches the weight or its gradient goes
+through ``positions(tensor)``, the int64 storage positions of the mask in that tensor's current
+device and layout (``_layout``), cached per layout. ``follow()`` makes the stored base values follow
+the weight after ``model.to(device)``, a dtype cast or a ``param.data = ...`` replacement, so no
+tensor of the handle is ever on the wrong device at use time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import _compact
+from ._io import digest
+from ._layout import check_dense, layout_key, storage_flat, storage_index
+
+
+@dataclass(eq=False)
+class Target:
+    """One trained weight and its mask."""
+
+    name: str  # parameter name in the model, e.g. "layers.0.q_proj.weight"
+    module: nn.Module  # the layer that owns the weight
+    param: nn.Parameter
+    budget: int  # k, the number of trainable entries
+    base_digest: str  # digest of the whole base weight (logical order), for verify()
+    base_dtype: torch.dtype  # the dtype the base digest and originals refer to
+    indices: torch.Tensor | None = None  # (k,) sorted logical flat indices on the CPU; None while calibrating
+    originals: torch.Tensor | None = None  # (k,) base values at indices, the weight's dtype and device
+    scores: torch.Tensor | None = None  # (numel,) float32 calibration buffer, logical order
+    backward_passes: int = 0
+    # The mask was fixed in the last backward pass and no masked gradient has arrived since: whatever
+    # .grad holds (a DDP reducer writes the averaged dense gradient back after our hook) is calibration.
+    fresh: bool = False
+    grad_seen: bool = False  # a gradient (dense, or of shira_values) arrived since attach
+    plan: _compact.Plan | None = None  # mode="compact"/"sparse": the k-length parameter and its hooks
+    _positions: dict = field(default_factory=dict)  # layout_key -> (k,) int64 storage positions
+
+    def positions(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(k,) int64 positions of the mask in ``storage_flat(tensor)``, on ``tensor``'s device."""
+        key = layout_key(tensor)
+        found = self._positions.get(key)
+        if found is None:
+            if len(self._positions) >= 2:  # the weight's and its gradient's layout; drop stale devices
+                self._positions.clear()
+            found = self._positions[key] = storage_index(self.indices, tensor)
+        return found
+
+    def set_indices(self, indices: torch.Tensor, originals: torch.Tensor | None = None) -> None:
+        """Adopt a mask (sorted logical indices) and the base values at it (by default: read them now)."""
+        self.indices = indices.cpu()
+        self._positions.clear()
+        self.budget = indices.numel()
+        self.scores = None
+        self.originals = self.current() if originals is None else originals.to(self.param.device)
+
+    def current(self) -> torch.Tensor:
+        """(k,) the weight's values at the mask now (a copy)."""
+        weight = self.param.detach()
+        return storage_flat(weight).index_select(0, self.positions(weight))
+
+    @torch.no_grad()
+    def follow(self) -> None:
+        """Make the stored base follow the weight's device and dtype (checked at every use; cheap).
+
+        A device move keeps every value, so the originals are moved. A dtype cast (``model.half()``)
+        changes the base itself: the originals are cast the same way and the base digest is taken
+        again from the cast weight with the originals put back, i.e. the cast base. Entries changed
+        outside the mask before the cast are then no longer detected: ``verify()`` before casting.
+        """
+        weight = self.param.detach()
+        check_dense(weight, f"target weight '{self.name}'")
+        if self.originals is None:
+            if self.scores is not None and self.scores.device != weight.device:
+                self.scores = self.scores.to(weight.device)
+            if self.base_dtype != weight.dtype:
+                self.base_digest, self.base_dtype = digest(weight, 16), weight.dtype
+            return
+        if self.originals.device != weight.device or self.originals.dtype != weight.dtype:
+            recast = self.originals.dtype != weight.dtype
+            self.originals = self.originals.to(weight.device, weight.dtype)
+            if recast:
+                self.base_digest, self.base_dtype = digest(self.restored(), 16), weight.dtype
+
+    def restored(self) -> torch.Tensor:
+        """A copy of the weight with the originals put back at the mask (the base, if exact)."""
+        weight = self.param.detach().clone()  # keeps the layout
+        storage_flat(weight).index_copy_(0, self.positions(weight), self.originals)
+        return weight
+
+    def mask_grad(self, grad: torch.Tensor, fill: float = 0.0) -> None:
+        """Keep the k masked gradient entries and set the rest to ``fill``, in place.
+
+        Gather, fill, put back: no dense temporary, and an inf outside the mask becomes ``fill``,
+        never NaN. ``fill=-0.0`` for ``maximize`` optimizers, which negate the gradient: a -0.0
+        weight then stays -0.0 (``-0.0 + 0.0`` would be ``+0.0``).
+        """
+        flat = storage_flat(grad)  # (numel,) in memory order
+        index = self.positions(grad)  # (k,)
+        kept = flat.index_select(0, index)
+        flat.fill_(fill)
+        flat.index_copy_(0, index, kept)
