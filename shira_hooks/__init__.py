@@ -19,7 +19,7 @@ from .handle import ShiraHandle
 from .bank import AdapterBank
 from .errors import ShiraError
 from .fusion import Overlap, fuse, overlap
-from .switch import AppliedAdapter, apply
+from .switch import AppliedAdapter, apply, clear_cache
 
 __all__ = [
     "attach",
@@ -28,6 +28,7 @@ __all__ = [
     "SparseDelta",
     "apply",
     "AppliedAdapter",
+    "clear_cache",
     "fuse",
     "overlap",
     "Overlap",

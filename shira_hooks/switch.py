@@ -5,91 +5,59 @@ weights; ``alpha=0`` writes the originals unchanged) with ``index_copy_`` (the f
 scatter on CPU for float32 and bfloat16 alike; ``scatter_`` is a slow path for bfloat16), and
 ``remove`` writes ``W_orig[idx]`` back. Parameters keep their identity and storage.
 
+Guarantees:
+
+* Stacking: several adapters may be applied at once. Removal is allowed in any order and restores
+  the base bit for bit: removing an adapter that is not the last one applied removes the ones above
+  it, removes it, and re-applies them, which leaves exactly the weights that applying them without
+  it gives.
+* Threads: ``apply`` (validation and writes), ``remove`` and ``applied`` hold the model's reentrant
+  lock, so threads may switch adapters on one model, and on several models sharing adapters, at
+  once. (The lock makes each call atomic; a request that needs an adapter active during its forward
+  pass must still keep others from switching meanwhile.)
+* Devices, dtypes and layouts: any dense, non-overlapping layout works (row-major,
+  ``channels_last``, transposed; ``_layout``): adapter indices stay logical row-major and are
+  mapped to storage positions per device and strides. If the weight gets new storage between
+  calls (``model.to(...)``, ``param.data = ...``), everything kept for the adapters applied to it
+  follows it to its new device, dtype and layout at the next call (and nothing kept for removed
+  ones stays on the old device), and the next apply verifies the base again. A layout with gaps
+  raises ``ShiraError``. ``remove`` after a dtype change writes the originals cast to the new
+  dtype: the base as that conversion made it.
+* Memory: the switching state of a model lives in a table keyed weakly by the model, whose values
+  refer to neither the model nor its parameters (only weakly): a model dropped with adapters still
+  applied is freed, and so is an adapter dropped after ``remove``.
+
 What is precomputed, so that switching costs two ``index_copy_`` calls per weight:
 
-* on the adapter, per weight, when it is first applied: the int64 indices ``index_copy_`` needs, the
-  verified base values at the indices (these are the originals ``remove`` writes back), and the
-  values written for the last ``alpha`` used;
+* per model and adapter, per weight (``Prepared``): the int64 storage positions ``index_copy_``
+  needs, the base values at them (the originals ``remove`` writes back) and the values written for
+  the last ``alpha``. The S values are used as they are when already float32 on the weight's device.
+  These are kept for the adapters currently applied and for the ``KEEP_RECENT`` most recently
+  removed ones; older ones keep only the fact that the base was verified (so a later apply reads the
+  base again but does not hash it). ``clear_cache(model)`` drops all of it for the adapters not
+  applied now.
 * per weight, the ``Tensor._version`` counter after each of our writes: while it is unchanged
   nobody else has written to the weight, so a base verified once is still the base and the
   fingerprint need not be hashed again. Writes through ``.data`` and fused optimizer kernels
   (``torch._fused_adamw_``) bypass the counter: if the base may be trained or edited that way
   between applies, use ``check_base="always"``.
-
-Several adapters may be applied at once. Removal is allowed in any order and restores the base bit
-for bit: removing an adapter that is not the last one applied removes the ones above it, removes
-it, and re-applies them, which leaves exactly the weights that applying them without it gives.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import weakref
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
 from ._io import digest
-from .adapter import SparseAdapter, SparseDelta, dtype_name
+from ._switch_state import STATES, STATES_LOCK, KEEP_RECENT, AdapterCache, Applied, ModelState, Prepared, WeightState, model_state
+from .adapter import SparseAdapter, dtype_name
 from .errors import ShiraError
 
-_tokens = itertools.count(1)
-
-
-@dataclass(eq=False)
-class _Prepared:
-    """Per-weight precomputation cached on an adapter (``adapter._prepared[name]``)."""
-
-    index: torch.Tensor  # (k,) int64 indices for index_copy_, on the weight's device
-    delta: torch.Tensor  # (k,) float32 S
-    base: torch.Tensor | None = None  # (k,) verified base values, weight dtype
-    base_token: tuple[int, int] | None = None  # (id(param), token) the base was verified against
-    alpha: float | None = None
-    written: torch.Tensor | None = None  # (k,) cast(base + alpha * S) for `alpha`
-
-
-@dataclass(eq=False)
-class _WeightState:
-    """What this module knows about one weight of a model."""
-
-    token: int  # changes whenever someone else writes to the weight
-    version: int  # param._version after our last write
-    flat: torch.Tensor  # param.detach().view(-1), made once
-    stack: list = field(default_factory=list)  # _Applied entries active on this weight, oldest first
-
-
-@dataclass(eq=False)
-class _Applied:
-    """One adapter's write into one weight."""
-
-    name: str
-    param: nn.Parameter
-    prepared: _Prepared
-    originals: torch.Tensor  # (k,) values before the write, weight dtype
-
-
-class _ModelState:
-    def __init__(self) -> None:
-        self.weights: dict[int, _WeightState] = {}
-        self.stack: list[AppliedAdapter] = []  # active applications, oldest first
-
-    def weight(self, param: nn.Parameter) -> _WeightState:
-        """The state of ``param``, with a new token if anybody else has written to it since we did."""
-        state = self.weights.get(id(param))
-        if state is None:
-            state = self.weights[id(param)] = _WeightState(next(_tokens), param._version, param.detach().view(-1))
-        elif state.flat.data_ptr() != param.data_ptr():  # `param.data = ...`, .to(): new storage, same stack
-            state.token, state.version, state.flat = next(_tokens), param._version, param.detach().view(-1)
-        elif param._version != state.version:
-            state.token, state.version = next(_tokens), param._version
-        return state
-
-
-_MODELS: "weakref.WeakKeyDictionary[nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
-
+__all__ = ["apply", "AppliedAdapter", "applied", "clear_cache", "KEEP_RECENT"]
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32, or float64 for float64 weights: never less precise than the weight."""
@@ -104,35 +72,40 @@ def _written(originals: torch.Tensor, delta: torch.Tensor, alpha: float) -> torc
     return (originals.to(compute) + alpha * delta.to(compute)).to(originals.dtype)
 
 
-def _prepared(adapter: SparseAdapter, name: str, delta: SparseDelta, device: torch.device) -> _Prepared:
-    cache = adapter.__dict__.setdefault("_prepared", {})
-    prep = cache.get(name)
-    if prep is None or prep.index.device != device:
-        prep = cache[name] = _Prepared(delta.indices.to(device, torch.int64), delta.values.to(device, torch.float32))
-    return prep
-
-
-def _base_values(state: _WeightState, param: nn.Parameter, index: torch.Tensor) -> torch.Tensor:
-    """Base values of ``param`` at ``index``: current values with active adapters' writes undone."""
-    values = param.detach().view(-1).index_select(0, index)
-    for applied in reversed(state.stack):
-        theirs = applied.prepared.index
-        position = torch.searchsorted(theirs, index).clamp_(max=theirs.numel() - 1)
-        hit = theirs[position] == index
+def _base_values(weight: WeightState, param: nn.Parameter, prep: Prepared) -> torch.Tensor:
+    """Base values of ``param`` at the adapter's entries: current values with active writes undone."""
+    values = weight.storage(param).index_select(0, prep.index)
+    for applied in reversed(weight.stack):  # matched on the sorted logical indices (storage ones need not be)
+        theirs = applied.prepared.logical
+        position = torch.searchsorted(theirs, prep.logical).clamp_(max=theirs.numel() - 1)
+        hit = theirs[position] == prep.logical
         values[hit] = applied.originals[position[hit]]
+    if not weight.stack:
+        weight.flat = None
     return values
 
 
 class AppliedAdapter:
-    """Handle returned by ``apply``: ``remove()`` (idempotent, also via ``with``) restores the weights."""
+    """Handle returned by ``apply``: ``remove()`` (idempotent, also via ``with``) restores the weights.
 
-    def __init__(self, model: nn.Module, adapter: SparseAdapter, alpha: float, targets: list, skipped: list[str]):
-        self.model = model
+    It holds the model weakly (``handle.model`` is None once the model is freed) and the adapter
+    strongly (``handle.adapter``).
+    """
+
+    def __init__(self, model: nn.Module, adapter: SparseAdapter, alpha: float, skipped: list[str], state: ModelState, cache: AdapterCache, targets: list):
+        self._model = weakref.ref(model)
         self.adapter = adapter
         self.alpha = alpha
         self.skipped = skipped  # module names absent from the model (strict=False)
-        self._targets: list[tuple[str, nn.Parameter, _Prepared]] = targets
-        self._entries: list[_Applied] = []  # the writes currently in the model
+        self._state = state
+        self._cache = cache
+        self._targets: list[tuple[WeightState, Prepared]] = targets
+        self._entries: list[Applied] = []  # the writes currently in the model
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model (held weakly: None once it has been freed)."""
+        return self._model()
 
     @property
     def active(self) -> bool:
@@ -148,14 +121,16 @@ class AppliedAdapter:
         self.remove()
 
     @torch.no_grad()
-    def _write(self, state: _ModelState) -> None:
-        """Write alpha * S on top of the current weights; undo everything if a write fails."""
+    def _write(self) -> None:
+        """Write alpha * S on top of the current weights (weights synced); undo everything if a write fails."""
         try:
-            for name, param, prep in self._targets:
-                weight = state.weight(param)
-                flat = weight.flat
-                if not weight.stack and prep.base_token == (id(param), weight.token):
-                    originals = prep.base  # fast path: the verified base is what is there now
+            for weight, prep in self._targets:
+                param = weight.param()
+                if param is None:  # the module's parameter was replaced by another object
+                    continue
+                flat = weight.storage(param)
+                if not weight.stack and prep.base_token == weight.token:
+                    originals = prep.base  # fast path: the base read (and verified) at this token is what is there
                     if prep.alpha != self.alpha:
                         prep.written, prep.alpha = _written(prep.base, prep.delta, self.alpha), self.alpha
                     values = prep.written
@@ -164,41 +139,55 @@ class AppliedAdapter:
                     values = _written(originals, prep.delta, self.alpha)
                 flat.index_copy_(0, prep.index, values)
                 weight.version = param._version
-                entry = _Applied(name, param, prep, originals)
+                entry = Applied(weight, prep, originals)
                 weight.stack.append(entry)
                 self._entries.append(entry)
         except BaseException:
-            self._restore(state)
+            self._restore()
             raise
-        state.stack.append(self)
+        self._state.stack.append(self)
 
     @torch.no_grad()
-    def _restore(self, state: _ModelState) -> None:
+    def _restore(self) -> None:
         for entry in reversed(self._entries):
-            weight = state.weight(entry.param)
-            weight.flat.index_copy_(0, entry.prepared.index, entry.originals)
-            weight.version = entry.param._version
-            if entry in weight.stack:
-                weight.stack.remove(entry)
+            weight, param = entry.weight, entry.weight.param()
+            if param is not None:
+                weight.storage(param).index_copy_(0, entry.prepared.index, entry.originals)
+                weight.version = param._version
+            weight.stack.remove(entry)
+            if not weight.stack:
+                weight.flat = None  # holds no storage while nothing is applied
         self._entries = []
-        if self in state.stack:
-            state.stack.remove(self)
+        if self in self._state.stack:
+            self._state.stack.remove(self)
 
     def remove(self) -> None:
-        """Restore the values this adapter overwrote, bit for bit. Safe to call twice.
+        """Restore the values this adapter overwrote, bit for bit. Safe to call twice, from any thread.
 
         If adapters applied after this one are still active, they are removed first and applied
         again afterwards, so the result equals never having applied this one.
+
+        Raises:
+            ShiraError: a weight it wrote to has since been given a layout with gaps or another
+                shape. Nothing has changed; fix the weight and call ``remove()`` again.
         """
-        if not self._entries:
-            return
-        state = _MODELS[self.model]
-        above = state.stack[state.stack.index(self) + 1 :]
-        for other in reversed(above):
-            other._restore(state)
-        self._restore(state)
-        for other in above:
-            other._write(state)
+        state = self._state
+        with state.lock:
+            if not self._entries:
+                return
+            above = state.stack[state.stack.index(self) + 1 :]
+            for handle in (self, *above):  # everything that will be written, checked before the first write
+                for entry in handle._entries:
+                    weight, param = entry.weight, entry.weight.param()
+                    if param is not None and (param._version != weight.version or param.data_ptr() != weight.ptr or param.stride() != weight.strides):
+                        state.sync(weight, param)
+            for other in reversed(above):
+                other._restore()
+            self._restore()
+            self._cache.active -= 1
+            state.settle(self._cache)
+            for other in above:
+                other._write()
 
 
 def _find_parameter(model: nn.Module, name: str) -> nn.Parameter | None:
@@ -212,7 +201,7 @@ def _find_parameter(model: nn.Module, name: str) -> nn.Parameter | None:
     return module._parameters.get(leaf)
 
 
-def _check(model: nn.Module, adapter: SparseAdapter, state: _ModelState, strict: bool, check_base: bool | str):
+def _check(model: nn.Module, adapter: SparseAdapter, state: ModelState, cache: AdapterCache, strict: bool, check_base: bool | str):
     """Validate every module before anything is written; returns (targets, skipped names)."""
     targets, skipped = [], []
     for name, delta in adapter.deltas.items():
@@ -235,23 +224,25 @@ def _check(model: nn.Module, adapter: SparseAdapter, state: _ModelState, strict:
                 f"{dtype_name(param.dtype)}; load the model in {dtype_name(delta.dtype)}, or pass check_base=False "
                 f"to apply it anyway"
             )
-        if not param.is_contiguous():
-            raise ShiraError(f"model weight '{name}' is not contiguous; flat indices need a contiguous weight")
-        prep = _prepared(adapter, name, delta, param.device)
-        weight = state.weight(param)
-        if check_base and delta.fingerprint:
-            if check_base == "always" or prep.base_token != (id(param), weight.token):
-                base = _base_values(weight, param, prep.index)
-                if digest(base) != delta.fingerprint:
-                    raise ShiraError(
-                        f"adapter module '{name}': the model's base values at the adapter's entries do not match "
-                        f"the adapter's fingerprint (it was trained on other weights); use the base model it was "
-                        f"trained from, or pass check_base=False"
-                    )
-                prep.base, prep.base_token, prep.alpha = base, (id(param), weight.token), None
-        elif prep.base_token != (id(param), weight.token):  # unverified: read the base as it is
-            prep.base, prep.base_token, prep.alpha = _base_values(weight, param, prep.index), (id(param), weight.token), None
-        targets.append((name, param, prep))
+        weight = state.weight(name, param)
+        prep = cache.prepared.get(name)
+        if prep is None or prep.source is not delta:  # adapter.deltas[name] may have been replaced
+            prep = cache.prepared[name] = Prepared(delta)
+        if prep.layout != weight.layout:
+            prep.place(weight.layout, param)
+        if check_base and delta.fingerprint and (check_base == "always" or prep.verified != weight.token):
+            base = _base_values(weight, param, prep)
+            if digest(base) != delta.fingerprint:
+                raise ShiraError(
+                    f"adapter module '{name}': the model's base values at the adapter's entries do not match "
+                    f"the adapter's fingerprint (it was trained on other weights); use the base model it was "
+                    f"trained from, or pass check_base=False"
+                )
+            prep.verified = weight.token
+            prep.base, prep.base_token, prep.alpha = base, weight.token, None
+        elif prep.base_token != weight.token:  # verified earlier, or unverified: read the base as it is
+            prep.base, prep.base_token, prep.alpha = _base_values(weight, param, prep), weight.token, None
+        targets.append((weight, prep))
     if not targets:
         raise ShiraError(f"none of the adapter's {len(adapter.deltas)} modules is a parameter of the model (e.g. '{next(iter(adapter.deltas))}')")
     return targets, skipped
@@ -267,6 +258,8 @@ def apply(
 ) -> AppliedAdapter:
     """Load ``adapter`` into ``model`` in place: ``W[idx] = cast(W_orig[idx] + alpha * S)``.
 
+    Thread-safe: validation and writes hold the model's lock.
+
     Args:
         model: the base model (its parameter names must be the adapter's module names).
         adapter: a ``SparseAdapter`` (``extract()``, ``SparseAdapter.load`` or ``fuse``).
@@ -281,8 +274,8 @@ def apply(
         An ``AppliedAdapter``; ``remove()`` restores the original values bit for bit.
 
     Raises:
-        ShiraError: a module is missing (strict), or its shape, dtype or base fingerprint does not
-            match. Raised before the first write: the model is untouched.
+        ShiraError: a module is missing (strict), its shape, dtype or base fingerprint does not
+            match, or a weight's layout has gaps. Raised before the first write: the model is untouched.
 
     Example:
         >>> adapter = shira_hooks.SparseAdapter.load("paint.safetensors")
@@ -291,14 +284,56 @@ def apply(
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ShiraError(f"alpha={alpha!r}; it must be a finite number (the adapter's strength, 1.0 = as trained)")
-    state = _MODELS.setdefault(model, _ModelState())
-    targets, skipped = _check(model, adapter, state, strict, check_base)
-    handle = AppliedAdapter(model, adapter, float(alpha), targets, skipped)
-    handle._write(state)
+    state = model_state(model)
+    with state.lock:
+        cache = state.cache(adapter)
+        try:
+            targets, skipped = _check(model, adapter, state, cache, strict, check_base)
+            handle = AppliedAdapter(model, adapter, float(alpha), skipped, state, cache, targets)
+            handle._write()
+        except BaseException:
+            state.settle(cache)
+            raise
+        cache.active += 1
     return handle
 
 
 def applied(model: nn.Module) -> list[AppliedAdapter]:
     """The adapters currently applied to ``model``, oldest first."""
-    state = _MODELS.get(model)
-    return list(state.stack) if state is not None else []
+    state = model_state(model, create=False)
+    if state is None:
+        return []
+    with state.lock:
+        return list(state.stack)
+
+
+def clear_cache(model: nn.Module | None = None) -> None:
+    """Drop what ``apply`` keeps between calls for adapters not applied now (all models if None).
+
+    ``apply`` keeps, per model, precomputed tensors for the adapters applied and for the
+    ``KEEP_RECENT`` most recently removed ones (16 bytes per entry for a float32 weight), and for
+    older ones the fact that the base was verified. Afterwards the next ``apply`` of each adapter
+    verifies the base again (one hash of its entries). The adapters applied now keep what their
+    ``remove()`` needs.
+
+    Example:
+        >>> shira_hooks.switch.clear_cache(model)
+    """
+    if model is None:
+        with STATES_LOCK:
+            states = [state for _, state in STATES.items()]
+    else:
+        states = [state] if (state := model_state(model, create=False)) is not None else []
+    for state in states:
+        with state.lock:
+            state.clear()
+
+
+def _cached_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors the model's cache holds that are not the adapters' own (tests, debugging)."""
+    state = model_state(model, create=False)
+    if state is None:
+        return 0
+    with state.lock:
+        tensors = {id(t): t for _, cache in state.caches.items() for prep in cache.prepared.values() for t in prep.tensors()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

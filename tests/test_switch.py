@@ -1,9 +1,14 @@
 """apply / remove / fuse / overlap / AdapterBank: bit-exact switching, validation before writing."""
 
+import copy
+import gc
+import pickle
 import random
+import weakref
 
 import pytest
 import torch
+from torch import nn
 
 import shira_hooks
 from shira_hooks import AdapterBank, ShiraError, SparseAdapter, SparseDelta, apply, fuse, overlap
@@ -36,7 +41,7 @@ def _random_adapter(model, seed, sparsity=0.05, scale=0.1):
     g = torch.Generator().manual_seed(seed)
     deltas = {}
     for name, param in model.named_parameters():
-        if not name.endswith("weight") or param.dim() != 2:
+        if not name.endswith("weight") or param.dim() < 2:
             continue
         k = max(1, int(sparsity * param.numel()))
         index = torch.randperm(param.numel(), generator=g)[:k].sort().values
@@ -248,11 +253,23 @@ def test_ten_thousand_random_operations_keep_the_base_exact(dtype):
 def test_remove_after_the_storage_was_replaced():
     model = make_llama()
     base = snapshot(model)
-    handle = apply(model, _random_adapter(model, 1))
-    for param in model.parameters():
-        param.data = param.data.clone()  # e.g. a .to() round trip: new storage, same Parameter objects
+    a, b = _random_adapter(model, 1), _random_adapter(model, 2)
+    handle = apply(model, a)
+
+    def new_storage():  # e.g. a .to() round trip: new storage, same Parameter objects
+        for param in model.parameters():
+            param.data = param.data.clone()
+
+    new_storage()
     handle.remove()
     assert not handle.active and _bits_equal(base, snapshot(model))
+    new_storage()  # between applies, and under a stack whose bottom is then removed
+    ha, hb = apply(model, a), apply(model, b, alpha=0.5)
+    new_storage()
+    ha.remove()
+    assert _bits_equal(_by_hand(base, b, 0.5), snapshot(model))
+    hb.remove()
+    assert _bits_equal(base, snapshot(model))
 
 
 def test_alpha_zero_and_float64_are_bit_exact():
@@ -270,3 +287,196 @@ def test_alpha_zero_and_float64_are_bit_exact():
         assert torch.equal(flat[delta.indices.long()], expected)  # computed in float64
     with pytest.raises(ShiraError, match=r"alpha=inf; it must be a finite number"):
         apply(model, adapter, alpha=float("inf"))
+
+
+def _by_hand(base: dict, adapter: SparseAdapter, alpha: float = 1.0) -> dict:
+    """The weights after applying ``adapter`` to ``base``, computed here: float32 sum, then cast."""
+    weights = {}
+    for name, tensor in base.items():
+        flat = tensor.contiguous().view(-1).clone()  # row-major, whatever the layout of `base`
+        if name in adapter.deltas:
+            index = adapter.deltas[name].indices.long()
+            flat[index] = (flat[index].float() + alpha * adapter.deltas[name].values.float()).to(flat.dtype)
+        weights[name] = flat.view(tensor.shape)
+    return weights
+
+
+def test_dropped_models_and_adapters_are_freed():
+    model = make_mlp()
+    handle = apply(model, _random_adapter(model, 1))  # still applied when the model is dropped
+    assert handle.model is model
+    copied = copy.deepcopy(model)  # has the adapter's values but no applied adapter of its own
+    loaded = pickle.loads(pickle.dumps(model))
+    assert shira_hooks.switch.applied(copied) == [] == shira_hooks.switch.applied(loaded)
+    assert _bits_equal(snapshot(model), snapshot(copied)) and _bits_equal(snapshot(model), snapshot(loaded))
+    model_ref = weakref.ref(model)
+    del model, copied, loaded
+    gc.collect()
+    assert model_ref() is None
+    assert handle.model is None
+    handle.remove()  # nothing left to restore
+    assert not handle.active
+
+    model = make_mlp()  # applied, then removed: the model and the adapter are freed
+    adapter = _random_adapter(model, 2)
+    apply(model, adapter).remove()
+    refs = weakref.ref(model), weakref.ref(adapter)
+    del model, adapter
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
+
+    model = make_mlp()  # an adapter dropped after remove() while the model lives: freed, with its cache
+    adapter = _random_adapter(model, 3)
+    with apply(model, adapter):
+        pass
+    adapter_ref = weakref.ref(adapter)
+    del adapter
+    gc.collect()
+    assert adapter_ref() is None
+    assert shira_hooks.switch._cached_bytes(model) == 0
+
+
+def test_cache_is_bounded_and_clear_cache_drops_it(monkeypatch):
+    model = make_mlp()
+    base = snapshot(model)
+    adapters = [_random_adapter(model, seed, sparsity=0.2) for seed in range(10)]
+    hashed = []
+    monkeypatch.setattr(shira_hooks.switch, "digest", lambda values: hashed.append(values.numel()) or digest(values))
+    for adapter in adapters:
+        with apply(model, adapter):
+            pass
+    assert all("_prepared" not in vars(adapter) for adapter in adapters)  # nothing is kept on the adapters
+    assert len(hashed) == 10 * 3  # each adapter's 3 weights verified once
+    # int64 index + float32 base + float32 written per entry, for the KEEP_RECENT most recent adapters
+    # only; S is float32 already and is not copied
+    assert shira_hooks.switch._cached_bytes(model) == shira_hooks.switch.KEEP_RECENT * 16 * adapters[0].num_entries
+    with apply(model, adapters[0], alpha=0.5):  # evicted: the base is read again, not hashed again
+        assert _bits_equal(_by_hand(base, adapters[0], 0.5), snapshot(model))
+    assert len(hashed) == 30 and _bits_equal(base, snapshot(model))
+    shira_hooks.clear_cache(model)
+    assert shira_hooks.switch._cached_bytes(model) == 0
+    with apply(model, adapters[1], alpha=-1.0):  # verified again after clear_cache, and exact
+        assert _bits_equal(_by_hand(base, adapters[1], -1.0), snapshot(model))
+    assert len(hashed) == 33 and _bits_equal(base, snapshot(model))
+    held = apply(model, adapters[2])
+    shira_hooks.clear_cache()  # every model; an applied adapter keeps what its remove() needs
+    held.remove()
+    assert _bits_equal(base, snapshot(model))
+
+
+def _conv_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 6, 3), nn.Linear(6, 5))
+
+
+def test_channels_last_weights_switch_like_contiguous_ones():
+    model, reference = _conv_model(), _conv_model()
+    base = snapshot(model)
+    a, b = _random_adapter(model, 1, sparsity=0.3), _random_adapter(model, 2, sparsity=0.3)
+    model.to(memory_format=torch.channels_last)  # what diffusers UNets do to their conv weights
+    conv = model[0].weight
+    assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
+    ha, hb = apply(model, a), apply(model, b, alpha=0.5)
+    hc = apply(model, a, alpha=-1.0, check_base="always")  # re-verified under two overlapping adapters
+    apply(reference, a), apply(reference, b, alpha=0.5), apply(reference, a, alpha=-1.0)
+    assert _bits_equal(snapshot(reference), snapshot(model))
+    ha.remove()  # from the bottom: b and the second a are applied again
+    reference.load_state_dict(base)
+    apply(reference, b, alpha=0.5), apply(reference, a, alpha=-1.0)
+    assert _bits_equal(snapshot(reference), snapshot(model))
+    hb.remove(), hc.remove()
+    assert _bits_equal(base, snapshot(model)) and conv.is_contiguous(memory_format=torch.channels_last)
+
+    handle = apply(model, b)  # the layout changes between apply and remove ...
+    for param in model.parameters():
+        param.data = param.data.contiguous()
+    handle.remove()
+    assert _bits_equal(base, snapshot(model))
+    handle = apply(model, b)  # ... and between applies (the storage positions are made again)
+    model.to(memory_format=torch.channels_last)
+    handle.remove()
+    assert _bits_equal(base, snapshot(model))
+    with apply(model, b, alpha=2.0):
+        assert _bits_equal(_by_hand(base, b, 2.0), snapshot(model))
+    assert _bits_equal(base, snapshot(model))
+
+
+def test_weights_with_gaps_are_refused_by_name():
+    model = make_mlp()
+    base = snapshot(model)
+    adapter = _random_adapter(model, 1)
+    weight = model.layers[1].weight
+    contiguous = weight.data
+
+    def with_gaps(values: torch.Tensor) -> torch.Tensor:  # every other row of a larger block
+        block = torch.zeros(2 * values.shape[0], values.shape[1])
+        block[::2] = values
+        return block[::2]
+
+    weight.data = with_gaps(contiguous)
+    with pytest.raises(ShiraError, match=r"model weight 'layers\.1\.weight' has a layout with gaps"):
+        apply(model, adapter)
+    assert _bits_equal(base, snapshot(model)) and shira_hooks.switch.applied(model) == []
+    weight.data = contiguous
+    handle = apply(model, adapter)
+    applied_weights = snapshot(model)
+    weight.data = with_gaps(weight.data)
+    with pytest.raises(ShiraError, match=r"model weight 'layers\.1\.weight' has a layout with gaps"):
+        handle.remove()
+    assert handle.active and _bits_equal(applied_weights, snapshot(model))  # nothing was restored
+    weight.data = weight.data.contiguous()
+    handle.remove()
+    assert _bits_equal(base, snapshot(model))
+
+
+def test_dtype_change_between_apply_and_remove_and_between_applies():
+    model = make_mlp()
+    base = snapshot(model)
+    a, b = _random_adapter(model, 1), _random_adapter(model, 2)
+    ha, hb = apply(model, a), apply(model, b, alpha=0.5)
+    model.to(torch.bfloat16)
+    ha.remove()  # b is applied again on the bfloat16 weights
+    in_bf16 = {name: t.to(torch.bfloat16) for name, t in base.items()}
+    assert _bits_equal(_by_hand(in_bf16, b, 0.5), snapshot(model))
+    hb.remove()
+    assert _bits_equal(in_bf16, snapshot(model))  # the base as the conversion made it, bit for bit
+    with pytest.raises(ShiraError, match=r"was trained on a float32 weight, the model's is bfloat16"):
+        apply(model, a)
+    with apply(model, a, check_base=False, alpha=-2.0):
+        assert _bits_equal(_by_hand(in_bf16, a, -2.0), snapshot(model))
+    assert _bits_equal(in_bf16, snapshot(model))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_model_moved_to_cuda_between_apply_and_remove():
+    model = make_mlp()
+    base = snapshot(model)
+    a, b = _random_adapter(model, 1), _random_adapter(model, 2)
+    ha, hb = apply(model, a), apply(model, b, alpha=0.5)  # on the CPU
+    model.to("cuda")
+    ha.remove()  # b is applied again, on the GPU
+    assert _bits_equal(_by_hand(base, b, 0.5), {n: t.cpu() for n, t in snapshot(model).items()})
+    hb.remove()
+    assert _bits_equal(base, {n: t.cpu() for n, t in snapshot(model).items()})
+    state = shira_hooks._switch_state.model_state(model)  # every tensor kept for the model is on its device now
+    kept = [t for _, cache in state.caches.items() for prep in cache.prepared.values() for t in prep.tensors()]
+    assert kept and all(t.device.type == "cuda" for t in kept)
+    with apply(model, a, alpha=-1.0):  # apply again on the GPU (verified against the moved base)
+        assert _bits_equal(_by_hand(base, a, -1.0), {n: t.cpu() for n, t in snapshot(model).items()})
+    assert _bits_equal(base, {n: t.cpu() for n, t in snapshot(model).items()})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_adapter_prepared_on_cpu_applies_to_a_cuda_model():
+    cpu_model, cuda_model = make_mlp(), make_mlp().to("cuda")
+    base = snapshot(cpu_model)
+    adapter = _random_adapter(cpu_model, 1)
+    with apply(cpu_model, adapter, alpha=0.5):  # precomputed for the CPU model first
+        on_cpu = snapshot(cpu_model)
+    with apply(cuda_model, adapter, alpha=0.5):
+        assert _bits_equal(on_cpu, {n: t.cpu() for n, t in snapshot(cuda_model).items()})
+    assert _bits_equal(base, {n: t.cpu() for n, t in snapshot(cuda_model).items()})
+    handle = apply(cuda_model, adapter)
+    cuda_model.to("cpu")  # and back: remove on the CPU
+    handle.remove()
+    assert _bits_equal(base, snapshot(cuda_model))

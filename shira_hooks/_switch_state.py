@@ -1,0 +1,234 @@
+"""The switching state of each model: its weights, the applied adapters, the per-adapter caches, a lock.
+
+``switch.apply`` / ``remove`` read and change it under the model's lock. It lives in a table keyed
+weakly by the model (``STATES``), whose values refer to neither the model nor its parameters except
+weakly: a model dropped with adapters still applied is freed, and so is an adapter dropped after
+``remove()``. Nothing is stored on the model or on the adapters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ._layout import check_dense, layout_key, storage_flat, storage_index
+from .adapter import SparseAdapter, SparseDelta
+from .errors import ShiraError
+
+KEEP_RECENT = 4  # removed adapters per model whose precomputation is kept (least recently used dropped first)
+
+_tokens = itertools.count(1)  # weight tokens: a new one whenever a weight changes behind our back
+
+
+class WeakIdTable:
+    """A table keyed weakly by object identity: an entry goes when its key is freed (values must not
+    refer to their keys). Like ``torch.utils.weak.WeakIdKeyDictionary``, whose lookups cost several
+    times more, and there are a few on every apply."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[weakref.ref, object]] = {}  # id(key) -> (weak key, value)
+
+    def get(self, key: object):
+        entry = self.entries.get(id(key))
+        return entry[1] if entry is not None and entry[0]() is key else None
+
+    def set(self, key: object, value: object) -> None:
+        def forget(ref: weakref.ref, table=weakref.ref(self), ident=id(key)) -> None:
+            owner = table()
+            if owner is not None and owner.entries.get(ident, (None,))[0] is ref:
+                del owner.entries[ident]
+
+        self.entries[id(key)] = (weakref.ref(key, forget), value)
+
+    def pop(self, key: object) -> None:
+        if self.get(key) is not None:
+            del self.entries[id(key)]
+
+    def items(self) -> list[tuple[object, object]]:
+        """The live (key, value) pairs."""
+        return [(key, value) for ref, value in list(self.entries.values()) if (key := ref()) is not None]
+
+
+class Prepared:
+    """One adapter's precomputation for one weight of one model."""
+
+    def __init__(self, source: SparseDelta):
+        self.source = source  # the adapter's delta (its tensors are the adapter's, not copies)
+        self.verified: int | None = None  # weight token at which the base matched the fingerprint (kept when evicted)
+        self.evict()
+
+    def evict(self) -> None:
+        """Drop the tensors, keep ``verified``."""
+        self.layout: tuple | None = None  # layout_key of the weight the tensors below were made for
+        self.logical: torch.Tensor | None = None  # (k,) int64 row-major indices, sorted
+        self.index: torch.Tensor | None = None  # (k,) int64 positions in storage_flat(weight); `logical` if row-major
+        self.delta: torch.Tensor | None = None  # (k,) float32 S on the weight's device
+        self.forget_base()
+
+    def forget_base(self) -> None:
+        self.base_token: int | None = None  # weight token at which `base` was read
+        self.base: torch.Tensor | None = None  # (k,) base values, weight dtype
+        self.alpha: float | None = None
+        self.written: torch.Tensor | None = None  # (k,) cast(base + alpha * S) for `alpha`
+
+    def follow(self, layout: tuple, param: torch.Tensor) -> None:
+        """The weight got new storage: its base is unknown; the tensors move if the layout changed."""
+        if self.layout != layout:
+            self.place(layout, param)
+        self.forget_base()
+
+    def place(self, layout: tuple, param: torch.Tensor) -> None:
+        """Make the index and delta tensors for the weight's current device and strides."""
+        self.evict()
+        self.logical = self.source.indices.to(param.device, torch.int64)
+        self.index = storage_index(self.logical, param)
+        self.delta = self.source.values.to(param.device, torch.float32)
+        self.layout = layout
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors held for this weight that are not the adapter's own."""
+        own = (self.source.indices, self.source.values)
+        held = (self.logical, self.index, self.delta, self.base, self.written)
+        return [t for t in held if t is not None and not any(t is o for o in own)]
+
+
+class AdapterCache:
+    """One adapter's precomputation for one model: a ``Prepared`` per weight name."""
+
+    def __init__(self) -> None:
+        self.prepared: dict[str, Prepared] = {}
+        self.active = 0  # applications of the adapter currently in the model
+
+    def evict(self) -> None:
+        for prep in self.prepared.values():
+            prep.evict()
+
+
+class Applied:
+    """One adapter's write into one weight."""
+
+    __slots__ = ("weight", "prepared", "originals")
+
+    def __init__(self, weight: "WeightState", prepared: Prepared, originals: torch.Tensor):
+        self.weight = weight
+        self.prepared = prepared
+        self.originals = originals  # (k,) values before the write, weight dtype and device
+
+
+class WeightState:
+    """What the switching state knows about one weight (the parameter itself is held weakly)."""
+
+    def __init__(self, name: str, param: nn.Parameter):
+        self.name = name
+        self.param = weakref.ref(param)
+        self.stack: list[Applied] = []  # writes active on this weight, oldest first
+        self.flat: torch.Tensor | None = None  # storage_flat(param), kept while `stack` is not empty
+        self.reset(param)
+
+    def reset(self, param: nn.Parameter) -> None:
+        self.ptr, self.strides, self.shape = param.data_ptr(), param.stride(), tuple(param.shape)
+        self.layout = layout_key(param)
+        self.token, self.version, self.flat = next(_tokens), param._version, None
+
+    def storage(self, param: nn.Parameter) -> torch.Tensor:
+        if self.flat is None:
+            self.flat = storage_flat(param.detach())
+        return self.flat
+
+
+class ModelState:
+    """A model's switching state: its weights, the applied adapters, the per-adapter caches, a lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.weights = WeakIdTable()  # param -> WeightState
+        self.stack: list[AppliedAdapter] = []  # active applications, oldest first
+        self.caches = WeakIdTable()  # adapter -> AdapterCache
+        self.recent: OrderedDict[int, weakref.ref] = OrderedDict()  # removed adapters' caches, oldest first
+
+    def weight(self, name: str, param: nn.Parameter) -> WeightState:
+        """The state of ``param``, synced with what others did to it (``sync``)."""
+        weight = self.weights.get(param)
+        if weight is None:
+            check_dense(param, f"model weight '{name}'")
+            weight = WeightState(name, param)
+            self.weights.set(param, weight)
+        else:
+            self.sync(weight, param)
+        return weight
+
+    def sync(self, weight: WeightState, param: nn.Parameter) -> None:
+        """A new token if anyone else wrote to the weight; new storage: the active writes follow it.
+
+        Raises ShiraError (changing nothing) if the new storage has gaps, or a new shape while
+        adapters are applied to it.
+        """
+        if param.data_ptr() == weight.ptr and param.stride() == weight.strides:
+            if param._version != weight.version:
+                weight.token, weight.version = next(_tokens), param._version
+            return
+        check_dense(param, f"model weight '{weight.name}'")
+        if weight.stack and tuple(param.shape) != weight.shape:
+            raise ShiraError(
+                f"model weight '{weight.name}' changed shape from {list(weight.shape)} to {list(param.shape)} while "
+                f"an adapter was applied to it; give it back its shape before applying or removing adapters"
+            )
+        weight.reset(param)
+        for entry in weight.stack:  # `.to()` moves exactly and casts as the model's own conversion did
+            entry.originals = entry.originals.to(param.device, param.dtype)
+            entry.prepared.follow(weight.layout, param)
+        for ref in self.recent.values():  # removed adapters: no tensors left on the old device or dtype
+            cache = ref()
+            prep = cache.prepared.get(weight.name) if cache is not None else None
+            if prep is not None and prep.layout != weight.layout:
+                prep.evict()
+            elif prep is not None:
+                prep.forget_base()
+
+    def cache(self, adapter: SparseAdapter) -> AdapterCache:
+        cache = self.caches.get(adapter)
+        if cache is None:
+            cache = AdapterCache()
+            self.caches.set(adapter, cache)
+        self.recent.pop(id(cache), None)
+        return cache
+
+    def settle(self, cache: AdapterCache) -> None:
+        """After a remove or a failed apply: an unused cache joins the recent ones; the oldest are evicted."""
+        if cache.active:
+            return
+        self.recent[id(cache)] = weakref.ref(cache)
+        if len(self.recent) <= KEEP_RECENT:
+            return
+        for key in [key for key, ref in self.recent.items() if ref() is None]:
+            del self.recent[key]
+        while len(self.recent) > KEEP_RECENT:
+            evicted = self.recent.popitem(last=False)[1]()
+            if evicted is not None:
+                evicted.evict()
+
+    def clear(self) -> None:
+        for adapter, cache in self.caches.items():
+            if not cache.active:
+                self.caches.pop(adapter)
+        self.recent.clear()
+
+
+STATES = WeakIdTable()  # model -> ModelState (the values never refer to the model)
+STATES_LOCK = threading.Lock()  # guards creating a model's state
+
+
+def model_state(model: nn.Module, create: bool = True) -> ModelState | None:
+    state = STATES.get(model)
+    if state is None and create:
+        with STATES_LOCK:
+            state = STATES.get(model)
+            if state is None:
+                state = ModelState()
+                STATES.set(model, state)
+    return state
