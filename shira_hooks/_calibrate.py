@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .errors import ShiraError
+from .masks import topk_mask
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -120,3 +121,30 @@ def run_calibration(
             "on the first backward passes of training"
         )
     return count
+
+
+def mask_from_scores(mask: str, name: str, scores: torch.Tensor | None, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k mask of a grad/snip weight from its accumulated ``sum_b |g_b|`` (logical order, float32).
+
+    Under ``torch.distributed`` the scores are summed across ranks first, so that every rank, each
+    scoring its own batches, chooses the same mask.
+
+    Raises:
+        ShiraError: the weight got no gradient at all, or its scores are not finite.
+    """
+    if scores is None:
+        raise ShiraError(
+            f"target weight '{name}' received no gradient from the calibration batches, so "
+            f"mask={mask!r} cannot score it; exclude it with target_modules"
+        )
+    if mask == "snip":  # sum_b |W * g_b| = |W * sum_b |g_b|| while W is fixed
+        scores.mul_(weight.reshape(-1)).abs_()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(scores)
+    if not bool(torch.isfinite(scores).all()):
+        raise ShiraError(
+            f"calibration scores of '{name}' contain NaN/inf (the loss or its gradients "
+            f"overflowed); calibrate on batches with a finite loss"
+        )
+    return topk_mask(scores, k)

@@ -27,6 +27,7 @@ exactly as in the dense mode (on the masked entries of the weight, not on a delt
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ._layout import storage_flat
 from .masks import index_dtype
@@ -116,6 +118,39 @@ class InputTransposes:
         xt = x.detach().reshape(-1, x.shape[-1]).t().contiguous()
         self._last = (weakref.ref(x), x._version, weakref.ref(xt))
         return xt
+
+
+class ReadWatch(TorchFunctionMode):
+    """Finds target weights that a torch function reads while their own layer is not running.
+
+    The tap is a forward hook of the layer, so a weight read another way (``nn.MultiheadAttention``
+    passes ``out_proj.weight`` to ``F.multi_head_attention_forward``; ``F.linear(x, layer.weight)``)
+    would silently never train. Active during the model's first forward pass with gradients only
+    (every torch call then goes through Python once).
+
+    Args:
+        names: ``id(weight) -> module name`` of the compact targets.
+    """
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__()
+        self.names = names
+        self.running: set[int] = set()  # ids of the weights whose layer is inside its forward (hooks included)
+        self.found: list[str] = []  # module names of weights read from outside their layer
+
+    def enter_layer(self, weight: torch.Tensor) -> None:
+        self.running.add(id(weight))
+
+    def leave_layer(self, weight: torch.Tensor) -> None:
+        self.running.discard(id(weight))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in itertools.chain(args, kwargs.values()):
+            key = id(value)
+            if key in self.names and key not in self.running and self.names[key] not in self.found:
+                self.found.append(self.names[key])
+        return func(*args, **kwargs)
 
 
 class _Tap(torch.autograd.Function):

@@ -12,6 +12,7 @@ import itertools
 import threading
 import weakref
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from torch import nn
 from ._layout import check_dense, layout_key, storage_flat, storage_index
 from .adapter import SparseAdapter, SparseDelta
 from .errors import ShiraError
+
+if TYPE_CHECKING:
+    from .switch import AppliedAdapter
 
 KEEP_RECENT = 4  # removed adapters per model whose precomputation is kept (least recently used dropped first)
 
@@ -147,7 +151,7 @@ class ModelState:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.weights = WeakIdTable()  # param -> WeightState
-        self.stack: list[AppliedAdapter] = []  # active applications, oldest first
+        self.stack: list["AppliedAdapter"] = []  # active applications, oldest first
         self.caches = WeakIdTable()  # adapter -> AdapterCache
         self.recent: OrderedDict[int, weakref.ref] = OrderedDict()  # removed adapters' caches, oldest first
 

@@ -17,7 +17,8 @@ from torch import nn
 
 from . import _compact
 from ._io import digest
-from ._layout import check_dense, layout_key, storage_flat, storage_index
+from ._layout import check_dense, is_dense, layout_key, storage_flat, storage_index
+from .errors import ShiraError
 
 
 @dataclass(eq=False)
@@ -105,3 +106,36 @@ class Target:
         kept = flat.index_select(0, index)
         flat.fill_(fill)
         flat.index_copy_(0, index, kept)
+
+    @torch.no_grad()
+    def prepare_step(self, group: dict) -> bool:
+        """Before an optimizer step (dense mode): whether the step will use this weight's gradient.
+
+        A calibration gradient is dropped (a DDP reducer writes the averaged gradient back after the
+        hook dropped it). Any other gradient is masked again, since something may have written it
+        after the hook (a DDP communication hook such as PowerSGD, user code).
+        """
+        self.follow()
+        grad = self.param.grad
+        if grad is None:
+            return False
+        if self.indices is None or self.fresh:  # calibrating: nothing may be updated from it
+            self.param.grad, self.fresh = None, False
+            return False
+        if grad.is_sparse:
+            raise ShiraError(f"'{self.name}' has a sparse gradient; shira_hooks masks dense gradients only")
+        if not is_dense(grad):
+            self.param.grad = grad = grad.contiguous()
+        self.mask_grad(grad, -0.0 if group.get("maximize", False) else 0.0)
+        return True
+
+    def state_outside_mask(self, state: dict) -> tuple[str, int] | None:
+        """(key, entries) of the first weight-shaped optimizer state tensor nonzero outside the mask, or None."""
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.shape != self.param.shape or not is_dense(value):
+                continue
+            inside = int(torch.count_nonzero(storage_flat(value).index_select(0, self.positions(value))))
+            outside = int(torch.count_nonzero(value)) - inside
+            if outside:
+                return key, outside
+        return None

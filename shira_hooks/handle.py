@@ -29,7 +29,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _compact, _flags, _optim, _state, masks
 from ._io import digest
-from ._layout import is_dense, storage_flat
+from ._calibrate import mask_from_scores
+from ._layout import is_dense
 from ._target import Target
 from ._version import __version__
 from .adapter import SparseAdapter, SparseDelta
@@ -98,6 +99,7 @@ class ShiraHandle:
         self._targets: list[Target] = []
         self._claimed: list[nn.Parameter] = []  # parameters whose requires_grad this handle claims (_flags)
         self._hooks: list[Any] = []
+        self._watch_hooks: list[Any] = []  # compact modes: the model's first-forward check (_watch_first_forward)
         self._finalizer: weakref.finalize | None = None
         self._lazy = True  # lazy calibration fixes each mask after `calibration_steps` backward passes
         self._attached = False
@@ -188,38 +190,12 @@ class ShiraHandle:
             target.fresh = True
 
     def _mask_from_scores(self, target: Target) -> None:
-        scores = target.scores
-        if scores is None:
-            raise ShiraError(
-                f"target weight '{target.name}' received no gradient from the calibration batches, so "
-                f"mask={self.mask!r} cannot score it; exclude it with target_modules"
-            )
-        if self.mask == "snip":  # sum_b |W * g_b| = |W * sum_b |g_b|| while W is fixed
-            scores.mul_(target.param.detach().reshape(-1)).abs_()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:  # every rank must choose the same mask
-                torch.distributed.all_reduce(scores)
-        if not bool(torch.isfinite(scores).all()):
-            raise ShiraError(
-                f"calibration scores of '{target.name}' contain NaN/inf (the loss or its gradients "
-                f"overflowed); calibrate on batches with a finite loss"
-            )
-        target.set_indices(masks.topk_mask(scores, target.budget))
+        target.set_indices(mask_from_scores(self.mask, target.name, target.scores, target.param.detach(), target.budget))
 
     def _fix_masks(self) -> None:
         """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""
         for target in self._targets:
-            weight = target.param.detach()
-            shape, numel = tuple(weight.shape), weight.numel()
-            if callable(self.mask):
-                indices = masks.user_mask(self.mask(target.name, weight), target.name, shape)
-            elif self.mask == "struct":
-                indices = masks.struct_mask(shape, target.budget, masks.generator_for(self.seed, target.name))
-            elif self.mask == "rand":
-                indices = masks.rand_mask(numel, target.budget, masks.generator_for(self.seed, target.name))
-            else:  # "wm"
-                indices = masks.topk_mask(weight.reshape(-1).abs(), target.budget)
-            target.set_indices(indices)
+            target.set_indices(masks.fixed_mask(self.mask, target.name, target.param.detach(), target.budget, self.seed))
 
     def _make_compact(self) -> None:
         """mode="compact"/"sparse": move the trainable entries into k-length parameters (``_compact``)."""
@@ -228,6 +204,50 @@ class ShiraHandle:
             t.plan, hooks = _compact.install(t.module, t.param, t.indices, t.positions, transposes)
             self._hooks.extend(hooks)
             _flags.claim(self, t.param, target=True, wanted=False)  # no dense dL/dW; restored by detach()
+        self._watch_first_forward()
+
+    def _watch_first_forward(self) -> None:
+        """Refuse, at the model's first forward pass with gradients, a target weight read without calling
+        its layer (``_compact.ReadWatch``): the compact modes' tap would never see it, so it would not train."""
+        owner = weakref.ref(self)  # hooks on the model must not keep the handle alive (see _KeepAlive)
+        watching: list = []  # [ReadWatch, layer hook handles] while the first forward runs
+
+        def start(model, args):
+            handle = owner()
+            if handle is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or watching:
+                return
+            watch = _compact.ReadWatch({id(t.param): t.name.rpartition(".")[0] or type(t.module).__name__ for t in handle._targets})
+            watching.append(watch)
+            for t in handle._targets:  # prepend: before the plan's own pre-hook reads the weight
+                if t.module is model:  # the model is itself a target layer, and already running
+                    watch.enter_layer(t.param)
+                watching.append(t.module.register_forward_pre_hook(lambda mod, a, w=t.param: watch.enter_layer(w), prepend=True))
+                watching.append(t.module.register_forward_hook(lambda mod, a, out, w=t.param: watch.leave_layer(w), always_call=True))
+            watch.__enter__()
+
+        def stop(model, args, output):
+            handle = owner()
+            if not watching:
+                return
+            watch, layer_hooks = watching[0], watching[1:]
+            watch.__exit__(None, None, None)
+            for hook in layer_hooks:
+                hook.remove()
+            watching.clear()
+            if handle is None:
+                return
+            for hook in handle._watch_hooks:
+                hook.remove()
+            handle._watch_hooks = []
+            if watch.found:
+                names = ", ".join(f"'{n}'" for n in watch.found)
+                raise ShiraError(
+                    f"the weight of {names} is read without calling its module (a functional use such as "
+                    f"F.linear(x, layer.weight)); mode={handle.mode!r} taps the module's output, so it would never train. "
+                    f"Use mode='dense', or leave {names} out of target_modules"
+                )
+
+        self._watch_hooks = [self.model.register_forward_pre_hook(start), self.model.register_forward_hook(stop, always_call=True)]
 
     def _sync(self) -> None:
         """Make the weights hold the current compact values (a no-op in the dense mode)."""
@@ -238,14 +258,12 @@ class ShiraHandle:
                 t.plan.sync(force=True)
 
     # ------------------------------------------------------------------ optimizer steps (_optim)
-    @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> dict[int, Target]:
         """Called by the step pre-hook once the gradients exist; ``members`` maps id(param) -> its group.
 
-        Drops calibration gradients (a DDP reducer writes the averaged gradient back after the hook
-        dropped it), reports targets that get no gradient, checks the optimizer's state once, and
-        masks every target gradient again, since something may have written it after the hook (a DDP
-        communication hook, user code). Returns the targets with a fixed mask and a gradient, by id.
+        Reports targets that get no gradient, checks the optimizer's state once, and prepares every
+        target gradient (``Target.prepare_step``). Returns the targets whose masked gradient the
+        step uses, by id(param).
         """
         mine = [t for t in self._targets if id(t.param) in members or (t.plan is not None and id(t.plan.values) in members)]
         if not mine:
@@ -254,28 +272,15 @@ class ShiraHandle:
         self._check_optimizer_state(optimizer, [t for t in mine if t.plan is None])
         stepped = {}
         for t in mine:
-            t.follow()
-            if t.plan is not None:
-                if id(t.plan.values) not in members:
-                    raise ShiraError(
-                        f"{type(optimizer).__name__} holds target weight '{t.name}' but not its "
-                        f"'{_compact.VALUES}' (mode={self.mode!r} trains those k entries instead of the weight): it "
-                        f"was built before attach() and would train nothing. Build the optimizer after attach()"
-                    )
-                continue
-            param = t.param
-            if param.grad is None:
-                continue
-            if t.indices is None or t.fresh:  # a calibration gradient: nothing may be updated from it
-                param.grad, t.fresh = None, False
-                continue
-            grad = param.grad
-            if grad.is_sparse:
-                raise ShiraError(f"'{t.name}' has a sparse gradient; shira_hooks masks dense gradients only")
-            if not is_dense(grad):
-                param.grad = grad = grad.contiguous()
-            t.mask_grad(grad, -0.0 if members[id(param)].get("maximize", False) else 0.0)
-            stepped[id(param)] = t
+            if t.plan is None:
+                if t.prepare_step(members[id(t.param)]):
+                    stepped[id(t.param)] = t
+            elif id(t.plan.values) not in members:
+                raise ShiraError(
+                    f"{type(optimizer).__name__} holds target weight '{t.name}' but not its "
+                    f"'{_compact.VALUES}' (mode={self.mode!r} trains those k entries instead of the weight): it "
+                    f"was built before attach() and would train nothing. Build the optimizer after attach()"
+                )
         return stepped
 
     def _after_step(self, members: set[int]) -> None:
@@ -323,20 +328,14 @@ class ShiraHandle:
         if self._checked_state.get(optimizer) == id(state):
             return
         for t in targets:
-            if t.indices is None:
-                continue
-            for key, value in (state.get(t.param) or {}).items():
-                if not isinstance(value, torch.Tensor) or value.shape != t.param.shape or not is_dense(value):
-                    continue
-                inside = int(torch.count_nonzero(storage_flat(value).index_select(0, t.positions(value))))
-                outside = int(torch.count_nonzero(value)) - inside
-                if outside:
-                    raise ShiraError(
-                        f"{type(optimizer).__name__} has state '{key}' for target weight '{t.name}' that is nonzero at "
-                        f"{outside} entries outside the mask (state from steps before attach()); the optimizer would keep "
-                        f"moving those entries. Build the optimizer after attach(), or drop its state for the target "
-                        f"weights first (optimizer.state.pop(param) for each, or optimizer.state.clear())"
-                    )
+            found = t.state_outside_mask(state.get(t.param) or {}) if t.indices is not None else None
+            if found:
+                raise ShiraError(
+                    f"{type(optimizer).__name__} has state '{found[0]}' for target weight '{t.name}' that is nonzero at "
+                    f"{found[1]} entries outside the mask (state from steps before attach()); the optimizer would keep "
+                    f"moving those entries. Build the optimizer after attach(), or drop its state for the target "
+                    f"weights first (optimizer.state.pop(param) for each, or optimizer.state.clear())"
+                )
         if all(t.indices is not None for t in targets):
             self._checked_state[optimizer] = id(state)
 
@@ -469,9 +468,9 @@ class ShiraHandle:
             if t.plan is not None:
                 _compact.uninstall(t.module, t.plan)
                 t.plan = None
-        for hook in self._hooks:
+        for hook in self._hooks + self._watch_hooks:
             hook.remove()
-        self._hooks = []
+        self._hooks, self._watch_hooks = [], []
         self._attached = False
         _optim.untrack(self)
         if self._finalizer is not None:

@@ -115,6 +115,18 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _finish(torch.topk(scores, k, sorted=False).indices, scores.numel())
 
 
+def fixed_mask(mask: str | MaskFn, name: str, weight: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The mask of a weight for the kinds that need no calibration data: struct, rand, wm, a function."""
+    shape, numel = tuple(weight.shape), weight.numel()
+    if callable(mask):
+        return user_mask(mask(name, weight), name, shape)
+    if mask == "struct":
+        return struct_mask(shape, k, generator_for(seed, name))
+    if mask == "rand":
+        return rand_mask(numel, k, generator_for(seed, name))
+    return topk_mask(weight.reshape(-1).abs(), k)  # "wm"
+
+
 def user_mask(result: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Check and normalise what a user mask function returned: flat indices or a boolean mask.
 

@@ -67,6 +67,14 @@ def mlp_loss(model, batch):
     return nn.functional.cross_entropy(model(x), y)
 
 
+def mlp_steps(model, optimizer, batches) -> None:
+    """One optimizer step per batch of ``mlp_batches``."""
+    for batch in batches:
+        mlp_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def llama_batches(n: int, seed: int = 1, batch: int = 4, length: int = 12):
     g = torch.Generator().manual_seed(seed)
     out = []

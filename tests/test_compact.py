@@ -227,19 +227,36 @@ class _FunctionalUse(nn.Module):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_weight_read_without_calling_its_module_is_reported(mode):
+def test_a_weight_read_without_calling_its_module_is_refused(mode):
     """nn.MultiheadAttention reads out_proj.weight directly: refused at attach. Any other functional
-    use is found at the first optimizer step, where the weight's values have had no gradient."""
+    use is found in the model's first forward pass with gradients, before anything trains."""
     attention = nn.MultiheadAttention(16, 2)
     with pytest.raises(ShiraError, match=rf"'out_proj' is the out_proj of an nn.MultiheadAttention.*mode='{mode}'.*Use mode='dense'"):
         shira_hooks.attach(attention, 0.1, "rand", target_modules=[nn.Linear], mode=mode)
     assert all(p.requires_grad for p in attention.parameters()) and not hasattr(attention.out_proj, "shira_values")
 
     model = _FunctionalUse()
+    before = snapshot(model)
+    shira = shira_hooks.attach(model, 0.25, "rand", mode=mode)
+    with torch.no_grad():
+        model(torch.randn(3, 8))  # inference is not checked, and not refused
+    with pytest.raises(ShiraError, match=rf"the weight of 'proj' is read without calling its module.*mode='{mode}'.*Use mode='dense'"):
+        model(torch.randn(3, 8))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    shira.detach()
+    with shira_hooks.attach(model, 0.25, "rand", mode="dense") as dense:  # the dense mode trains it
+        model(torch.randn(3, 8)).sum().backward()
+        assert model.proj.weight.grad is not None and dense.verify() == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_target_without_gradient_is_named_at_the_first_step(mode):
+    model = _FunctionalUse()
+    model.forward = lambda x: model.proj(torch.relu(x))  # model.first is never called
     shira = shira_hooks.attach(model, 0.25, "rand", mode=mode)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model(torch.randn(3, 8)).sum().backward()
-    with pytest.warns(UserWarning, match=r"1 of 2 target weights received no gradient.*'proj.weight'.*read without calling the module.*mode='dense'"):
+    model(torch.randn(3, 8)).sum().backward()  # the first forward: nothing is read from outside its layer
+    with pytest.warns(UserWarning, match=r"1 of 2 target weights received no gradient.*'first.weight'.*mode='dense'"):
         optimizer.step()
     shira.detach()
 

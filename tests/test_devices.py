@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import shira_hooks
-from conftest import assert_changes_within_masks, llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, snapshot
+from conftest import assert_changes_within_masks, llama_batches, make_llama, make_mlp, mlp_batches, mlp_steps, snapshot
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 MODES = ["dense", "compact", "sparse"]
@@ -106,10 +106,7 @@ def test_parameter_storage_replaced_after_attach():
         param.data = param.data.clone()  # new storage, same parameter objects
     before = snapshot(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    for batch in mlp_batches(2):
-        mlp_loss(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    mlp_steps(model, optimizer, mlp_batches(2))
     assert assert_changes_within_masks(shira, before, model) > 0 and shira.verify() == []
     shira.detach()
 

@@ -6,7 +6,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 import shira_hooks
 from shira_hooks import ShiraError
-from conftest import llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, snapshot
+from conftest import llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, mlp_steps, snapshot
 
 
 def _hook_counts(model):
@@ -200,10 +200,7 @@ def test_several_handles_keep_flags_right_in_any_detach_order(order):
     assert _flags(model) == {n: n == second.target_names[0] for n in flags}
     before = snapshot(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    for batch in mlp_batches(2):
-        mlp_loss(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    mlp_steps(model, optimizer, mlp_batches(2))
     assert second.verify() == []
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {second.target_names[0]}

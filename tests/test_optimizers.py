@@ -7,7 +7,7 @@ from torch.func import functional_call
 
 import shira_hooks
 from shira_hooks import _optim
-from conftest import assert_changes_within_masks, make_llama, make_mlp, mlp_batches, mlp_loss, snapshot
+from conftest import assert_changes_within_masks, make_llama, make_mlp, mlp_batches, mlp_loss, mlp_steps, snapshot
 
 OPTIMIZERS = {
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
@@ -333,10 +333,7 @@ def test_optimizer_state_from_a_masked_run_resumes():
     model = make_mlp()
     shira = shira_hooks.attach(model, 0.05, "rand")
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for batch in mlp_batches(2):
-        mlp_loss(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    mlp_steps(model, optimizer, mlp_batches(2))
     saved = optimizer.state_dict()
     before = snapshot(model)
     resumed = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -358,10 +355,7 @@ def test_maximize_keeps_the_sign_of_zero_weights_outside_the_mask(momentum):
     shira = shira_hooks.attach(model, 0.05, "rand")
     before = snapshot(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=momentum, maximize=True)
-    for batch in mlp_batches(2):
-        mlp_loss(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    mlp_steps(model, optimizer, mlp_batches(2))
     assert assert_changes_within_masks(shira, before, model) > 0  # bit for bit: the sign of zero too
     assert shira.verify() == []
     shira.detach()
