@@ -186,6 +186,18 @@ class _Tap(torch.autograd.Function):
         return grad_output, grad.to(plan.values.dtype), None, None, None
 
 
+def _whole_base(output: torch.Tensor) -> torch.Tensor:
+    """The tensor to tap: F.linear returns a (..., out) view of its 2-D result; marking that view dirty
+    would make autograd copy its gradient twice per layer (CopySlices), so the result it views is
+    tapped instead and viewed again, when the view is that whole result in the same memory order."""
+    base = output._base
+    whole = (
+        base is not None and output.is_contiguous() and base.is_contiguous()
+        and output.numel() == base.numel() and output.data_ptr() == base.data_ptr()
+    )
+    return base if whole else output
+
+
 def _kept_by_producer(x: torch.Tensor) -> bool:
     """Whether the backward already keeps ``x``'s storage: ``x`` is a view, or the op that made it
     saved its own result. ``dir`` lists the saved fields without unpacking them (which would run
@@ -220,9 +232,12 @@ def install(
     def after(mod, args, kwargs, output):
         if torch.is_grad_enabled() and plan.values.requires_grad:
             x = args[0] if args else kwargs["input"]
+            tapped = _whole_base(output)
             if plan.sparse and not _kept_by_producer(x):
-                return _Tap.apply(output, plan.values, plan.transposes(x), plan, True)
-            return _Tap.apply(output, plan.values, x, plan, False)
+                tapped = _Tap.apply(tapped, plan.values, plan.transposes(x), plan, True)
+            else:
+                tapped = _Tap.apply(tapped, plan.values, x, plan, False)
+            return tapped if tapped is output else tapped.view(output.shape)
         return None
 
     return plan, [module.register_forward_pre_hook(before), module.register_forward_hook(after, with_kwargs=True)]

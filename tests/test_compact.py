@@ -198,9 +198,10 @@ def _inplace_relu_model():
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 4), nn.ReLU(inplace=True))
 
 
+@pytest.mark.parametrize("shape", [(5, 8), (2, 5, 8)], ids=["2-D input", "3-D input: F.linear returns a view"])
 @pytest.mark.parametrize("mode", MODES)
-def test_an_in_place_op_after_a_target_trains_as_in_the_dense_mode(mode):
-    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+def test_an_in_place_op_after_a_target_trains_as_in_the_dense_mode(mode, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
     dense_model, model = _inplace_relu_model(), _inplace_relu_model()
     dense = shira_hooks.attach(dense_model, 0.25, "rand", seed=0, target_modules=[nn.Linear])
     shira = shira_hooks.attach(model, 0.25, "rand", seed=0, target_modules=[nn.Linear], mode=mode)
