@@ -166,12 +166,12 @@ class SparseAdapter:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "SparseAdapter":
-        """Read and validate an adapter file written by ``save``.
+        """Read and validate an adapter file written by ``save`` (or a folder: ``from_pretrained``).
 
         The file is memory-mapped (``safetensors.safe_open``), never read whole into Python memory.
 
         Args:
-            path: the adapter file.
+            path: the adapter file, or a folder written by ``save_pretrained``.
             device: where the indices and values are loaded (e.g. ``"cuda:0"``, to apply the
                 adapter to a model there); validation runs on that device.
 
@@ -185,6 +185,8 @@ class SparseAdapter:
         Example:
             >>> adapter = SparseAdapter.load("adapter.safetensors", device="cpu")
         """
+        if Path(path).is_dir():
+            return cls.from_pretrained(path, device=device)
         metadata, tensors = read_safetensors(path, device=device)
         if metadata.get("format") != FORMAT:
             raise ShiraError(f"{path}: not a shira_hooks adapter (metadata format={metadata.get('format')!r}, expected {FORMAT!r})")
@@ -215,6 +217,227 @@ class SparseAdapter:
             deltas[name] = SparseDelta(shape, dtype, tensors[f"{name}.indices"], tensors[f"{name}.values"], fingerprint)
         metadata.pop("format"), metadata.pop("format_version")
         return cls(deltas, metadata, context=f"{path}: tensor ")
+
+    # ------------------------------------------------------------- PEFT format (_peft_format.py)
+    def to_peft(
+        self, folder: str | os.PathLike, base_model_name_or_path: str | None = None, *, base: torch.nn.Module | None = None
+    ) -> Path:
+        """Write the adapter as a PEFT SHiRA adapter folder, which ``peft.PeftModel.from_pretrained`` loads.
+
+        The folder gets ``adapter_config.json`` (a ``peft.ShiraConfig``: ``target_modules`` = the
+        adapted Linear modules by full name, one ``r``, ``inference_mode=True``) and
+        ``adapter_model.safetensors`` (``base_model.model.<module>.shira_weight`` float32 and
+        ``.shira_indices`` int32 (2, K) rows and columns). PEFT requires exactly ``r * (m + n)``
+        entries for every (m, n) weight, with one ``r`` for all of them, so:
+
+        * ``r`` is the smallest with ``r * (m + n) >= k`` for every weight of k entries (the least
+          padding); PEFT also requires ``r * (m + n) <= m * n``.
+        * Each weight is padded to ``r * (m + n)`` entries with deltas of ``-0.0`` at the smallest
+          flat row-major indices outside the adapter's mask (deterministic). ``-0.0`` is IEEE's exact
+          additive identity (``w + -0.0 == w`` bit for bit, ``w = -0.0`` included), so PEFT's merge and
+          forward leave padded entries exactly as in the base. The k real entries come first in each
+          tensor, padding after; the safetensors header records, under ``shira_hooks.modules`` and
+          ``shira_hooks.metadata``, each weight's shape, dtype, fingerprint and k, and the adapter's
+          metadata, so ``from_peft`` gives this adapter back exactly (PEFT ignores those entries).
+          Training the folder further in PEFT trains the padded entries too.
+        * Values are stored in float32, as PEFT keeps them; ``alpha`` is not part of the export
+          (PEFT's ``scaling`` is 1.0).
+
+        Each of the two files is written atomically (weights first, then the config); other files in
+        the folder are left alone, as ``save_pretrained`` leaves them.
+
+        Args:
+            folder: destination folder, created if needed.
+            base_model_name_or_path: written to the config (what ``AutoPeftModel`` loads as the base).
+            base: optional base model to check before anything is written: every adapted weight must
+                be the weight of an ``nn.Linear`` there, of the same shape and fingerprint. Without it an
+                ``nn.Embedding`` weight (2-D like a Linear's) is only refused by PEFT when loading.
+
+        Returns:
+            The folder.
+
+        Raises:
+            ShiraError: naming the weight, for a weight that is not ``<module>.weight`` of a 2-D
+                (Linear) weight (a conv or, with ``base``, an embedding), a base that does not match,
+                a weight that cannot hold ``r * (m + n)`` entries, or a ``folder`` that is a file.
+                Nothing is written then.
+            ImportError: peft (>= 0.17) is not installed.
+
+        Example:
+            >>> adapter.to_peft("peft-adapter", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
+            >>> model = peft.PeftModel.from_pretrained(base, "peft-adapter").merge_and_unload()
+        """
+        from . import _peft_format
+
+        return _peft_format.to_peft(self, folder, base_model_name_or_path, base)
+
+    @classmethod
+    def from_peft(
+        cls, source: str | os.PathLike | torch.nn.Module, *, base: torch.nn.Module | None = None, adapter_name: str | None = None
+    ) -> "SparseAdapter":
+        """Read a PEFT SHiRA adapter: a folder written by ``PeftModel.save_pretrained``, or a live ``PeftModel``.
+
+        PEFT's module names become parameter names (``base_model.model.<path>`` -> ``<path>.weight``);
+        the (2, K) row/column indices become sorted flat row-major indices (duplicates, which PEFT's
+        sparse delta adds up, are added up); values become float32, times PEFT's ``scaling`` for a
+        live model. Every entry PEFT holds is kept, zero-valued ones included (they are trained
+        entries), except the padding ``to_peft`` wrote, which is dropped while it is still zero: a
+        folder from ``to_peft`` gives back the same indices, values, shapes, dtypes, fingerprints and
+        metadata.
+
+        Shapes, dtypes and fingerprints come from, in order: the live model's base weights, or
+        ``base``; the header ``to_peft`` wrote; otherwise a folder saved by PEFT records none of them:
+        each shape (m, n) is then read from PEFT's rule ``K = r * (m + n)`` and the largest row and
+        column used (a ShiraError asks for ``base`` where they do not fix it), the dtype is taken to
+        be float32, and the fingerprints are left empty, so ``apply`` cannot check that the model is
+        the adapter's base (pass ``check_base=False`` to apply it to a weight of another dtype).
+
+        Args:
+            source: a folder (holding ``adapter_config.json`` and ``adapter_model.safetensors``),
+                or a ``peft.PeftModel`` whose adapter is not merged.
+            base: for a folder, the base model: gives the dtypes and the fingerprints, and checks
+                that every module exists with the shape the adapter needs.
+            adapter_name: which adapter; default the live model's active adapter, or, for a folder,
+                the one in it (another name reads ``source/<adapter_name>``, where ``save_pretrained``
+                puts adapters other than ``"default"``).
+
+        Returns:
+            A ``SparseAdapter`` with one delta per SHiRA module.
+
+        Raises:
+            FileNotFoundError: no folder at ``source``.
+            ShiraError: naming the folder or module, for a folder that is not a PEFT SHiRA adapter
+                (another ``peft_type`` such as LoRA, a missing or unreadable file, ``modules_to_save``,
+                which a sparse adapter cannot hold), a base whose modules or shapes do not fit the
+                adapter, a merged live adapter, or ``base`` given with a live model.
+
+        Example:
+            >>> peft_model.save_pretrained("peft-shira")
+            >>> adapter = SparseAdapter.from_peft("peft-shira", base=fresh_base_model)
+            >>> shira_hooks.apply(fresh_base_model, adapter)   # = peft_model.merge_and_unload()
+        """
+        from . import _peft_format
+
+        deltas, metadata, context = _peft_format.from_peft(source, base, adapter_name)
+        return cls(deltas, metadata, context=context)
+
+    # ------------------------------------------------------------ Hub-style folder (_hub.py)
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike,
+        *,
+        base_model_name_or_path: str | os.PathLike | None = None,
+        revision: str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Path:
+        """Write a Hub-style folder: the adapter file, ``shira_config.json`` and a model card ``README.md``.
+
+        The adapter file ``shira_adapter.safetensors`` is what ``save`` writes, its metadata tagged
+        with the base model; the config and the card are described in ``shira_hooks/_hub.py``.
+        The three files are written into a temporary sibling folder, which is then renamed to
+        ``folder``: a new folder appears complete or not at all. An existing ``folder`` (holding only
+        these files) is kept until the new one is complete, then moved aside and replaced, so
+        ``folder`` is missing only between two renames; a crash there leaves the old one as the
+        hidden sibling ``.<name>.old-<hex>``.
+
+        Args:
+            folder: the folder to write; its parents are created if needed.
+            base_model_name_or_path: the base model's Hub id or path, recorded in the config, the
+                card and the adapter's metadata. ``None``: the adapter's
+                ``metadata["base_model_name_or_path"]`` (set by ``from_pretrained``), if any.
+            revision: the base model's branch, tag or commit (needs ``base_model_name_or_path``).
+            dtype: how to store the values: torch.float32, torch.bfloat16 or torch.float16.
+
+        Returns:
+            ``folder``, as a Path.
+
+        Raises:
+            ShiraError: ``folder`` is a file or holds other entries (they would be lost), a
+                ``dtype`` that cannot be stored, an empty or non-string base model id or revision,
+                or a revision without a base model. Raised before anything is written.
+
+        Example:
+            >>> adapter.save_pretrained("paint", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
+            PosixPath('paint')
+            >>> sorted(p.name for p in Path("paint").iterdir())
+            ['README.md', 'shira_adapter.safetensors', 'shira_config.json']
+        """
+        from ._hub import save_pretrained
+
+        return save_pretrained(self, folder, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> "SparseAdapter":
+        """Read a folder written by ``save_pretrained``.
+
+        The config's base model id and revision, when recorded, are kept in
+        ``adapter.metadata["base_model_name_or_path"]`` and ``adapter.metadata["revision"]``.
+
+        Args:
+            folder: the folder (a local path; download a Hub copy first with
+                ``huggingface_hub.snapshot_download``).
+            device: where the indices and values are loaded, as in ``load``.
+
+        Returns:
+            The adapter.
+
+        Raises:
+            FileNotFoundError: no folder at ``folder``.
+            ShiraError: naming the file and the fix, for a path that is a file, a missing,
+                malformed or newer ``shira_config.json``, a missing or invalid adapter file (see
+                ``load``), or a config that does not describe the adapter file.
+
+        Example:
+            >>> adapter = SparseAdapter.from_pretrained("paint")
+            >>> adapter.metadata["base_model_name_or_path"]
+            'HuggingFaceTB/SmolLM2-135M'
+            >>> applied = shira_hooks.apply(model, adapter)
+        """
+        from ._hub import from_pretrained
+
+        return from_pretrained(cls, folder, device=device)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        base_model_name_or_path: str | os.PathLike | None = None,
+        revision: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload SHiRA adapter",
+    ):
+        """Upload the ``save_pretrained`` folder to the Hub repository ``repo_id`` (created if needed).
+
+        Untested against the real Hub (the tests run offline, with a stand-in ``HfApi``). Needs
+        ``huggingface_hub``, imported only here. The folder is written to a temporary folder and
+        uploaded in one commit to the repository's default branch with ``HfApi.upload_folder``.
+
+        Args:
+            repo_id: ``"user/name"`` of a model repository.
+            base_model_name_or_path, revision, dtype: as in ``save_pretrained`` (``revision`` is the
+                base model's, not a branch of ``repo_id``).
+            private: passed to ``HfApi.create_repo`` when the repository is created.
+            token: a Hub token; ``None`` uses the one ``huggingface-cli login`` stored.
+            commit_message: the commit's message.
+
+        Returns:
+            What ``HfApi.upload_folder`` returns (a ``huggingface_hub.CommitInfo``).
+
+        Raises:
+            ImportError: huggingface_hub is not installed.
+            ShiraError: as ``save_pretrained``, before anything is uploaded.
+
+        Example:
+            >>> adapter.push_to_hub("me/smollm2-paint-shira", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
+        """
+        from ._hub import push_to_hub
+
+        return push_to_hub(
+            self, repo_id, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype,
+            private=private, token=token, commit_message=commit_message,
+        )
 
 
 def read_safetensors(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[dict[str, str], dict[str, torch.Tensor]]:

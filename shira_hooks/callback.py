@@ -27,6 +27,7 @@ from .errors import ShiraError
 logger = logging.getLogger("shira_hooks")
 
 ADAPTER_FILE = "shira_adapter.safetensors"
+ADAPTER_FOLDER = "shira_adapter"  # SparseAdapter.save_pretrained's folder, written at train end
 STATE_FILE = "shira_state.safetensors"
 
 
@@ -36,6 +37,12 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return {key: _to_device(value, device) for key, value in batch.items()}
     return batch
+
+
+def _base_model_id(model: Any) -> str | None:
+    """The Hub id or path the model was loaded from (``config._name_or_path``), or None if built from a config."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return os.fspath(name) if isinstance(name, (str, os.PathLike)) and os.fspath(name) else None
 
 
 class ShiraCallback(TrainerCallback):
@@ -51,10 +58,14 @@ class ShiraCallback(TrainerCallback):
             resumes (``state.global_step > 0`` at train begin), ``<output_dir>/checkpoint-<step>``.
         calibration_batches: batches scored when attaching at train begin with a grad/snip mask.
 
-    At train end the adapter is written to ``<output_dir>/shira_adapter.safetensors`` (by the main
-    process only) and the number of trainable entries and the result of ``verify()`` are logged and
-    kept in ``callback.report``. At every checkpoint save, the adapter and the handle's state (masks
-    and base values at the masked entries) are written into the checkpoint folder, so
+    At train end the main process writes the adapter twice: the single file
+    ``<output_dir>/shira_adapter.safetensors`` (``SparseAdapter.save``, read with ``load``), and the
+    Hub-style folder ``<output_dir>/shira_adapter/`` (``SparseAdapter.save_pretrained``: the same
+    file, a config and a model card, naming the base model ``model.config._name_or_path`` when the
+    model was loaded from the Hub or a path; read with ``SparseAdapter.from_pretrained``). The number
+    of trainable entries and the result of ``verify()`` are logged and kept in ``callback.report``.
+    At every checkpoint save, the adapter file and the handle's state (masks and base values at the
+    masked entries) are written into the checkpoint folder, so
     ``trainer.train(resume_from_checkpoint=...)`` continues with identical masks.
     """
 
@@ -153,16 +164,19 @@ class ShiraCallback(TrainerCallback):
             logger.warning("shira_hooks: training ended before the masks were fixed; no adapter written")
             return
         changed = self.handle.verify()
-        path = Path(args.output_dir) / ADAPTER_FILE
+        path, folder = Path(args.output_dir) / ADAPTER_FILE, Path(args.output_dir) / ADAPTER_FOLDER
         self.report = {
             "trainable_entries": self.handle.num_trainable,
             "changed_outside_masks": changed,
             "adapter": str(path) if state.is_world_process_zero else None,
+            "adapter_folder": str(folder) if state.is_world_process_zero else None,
         }
         if state.is_world_process_zero:
-            self.handle.extract().save(path, dtype=self.save_dtype)
+            adapter = self.handle.extract()
+            adapter.save(path, dtype=self.save_dtype)
+            adapter.save_pretrained(folder, base_model_name_or_path=_base_model_id(self.handle.model), dtype=self.save_dtype)
         level = logging.ERROR if changed else logging.INFO
         logger.log(
-            level, "shira_hooks: %s trainable entries; entries changed outside the masks: %s; adapter: %s",
-            f"{self.handle.num_trainable:,}", changed or "none", self.report["adapter"],
+            level, "shira_hooks: %s trainable entries; entries changed outside the masks: %s; adapter: %s; adapter folder: %s",
+            f"{self.handle.num_trainable:,}", changed or "none", self.report["adapter"], self.report["adapter_folder"],
         )

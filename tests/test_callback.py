@@ -179,3 +179,36 @@ def test_trainer_with_compact_modes_and_resume(tmp_path, mode):
         if name in final:
             torch.testing.assert_close(param, final[name], rtol=1e-5, atol=1e-6)
     again.detach()
+
+
+def test_trainer_writes_the_hub_style_folder(tmp_path):
+    import json
+
+    from shira_hooks.callback import ADAPTER_FOLDER
+
+    model = make_llama()
+    model.config._name_or_path = "tiny-org/tiny-llama"  # what from_pretrained("tiny-org/tiny-llama") records
+    shira = shira_hooks.attach(model, 0.02, "rand", seed=4, target_modules=["q_proj", "down_proj"])
+    callback = ShiraCallback(shira, save_dtype=torch.bfloat16)
+    Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=Tokens(), callbacks=[callback]).train()
+    folder = tmp_path / ADAPTER_FOLDER
+    assert callback.report["adapter_folder"] == str(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "shira_adapter.safetensors", "shira_config.json"]
+    loaded, expected = SparseAdapter.from_pretrained(folder), shira.extract()
+    assert loaded.metadata == {**expected.metadata, "base_model_name_or_path": "tiny-org/tiny-llama"}
+    assert list(loaded.deltas) == list(expected.deltas) == [
+        f"model.layers.{i}.{name}.weight" for i in range(2) for name in ("self_attn.q_proj", "mlp.down_proj")
+    ]
+    for name, delta in expected.deltas.items():
+        assert torch.equal(loaded.deltas[name].indices, delta.indices)
+        assert torch.equal(loaded.deltas[name].values, delta.values.to(torch.bfloat16))
+    config = json.loads((folder / "shira_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["values_dtype"], config["num_entries"]) == (
+        "tiny-org/tiny-llama", "bfloat16", shira.num_trainable,
+    )
+    card = (folder / "README.md").read_text()
+    assert "of 4 weights (`q_proj`, `down_proj`)" in card and 'base_model: "tiny-org/tiny-llama"' in card
+    assert all(f"| `{name}` |" in card for name in expected.deltas)
+    single = SparseAdapter.load(tmp_path / ADAPTER_FILE)  # the single file, as before
+    assert single.num_entries == shira.num_trainable and single.metadata == expected.metadata
+    shira.detach()

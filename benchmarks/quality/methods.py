@@ -28,8 +28,8 @@ from safetensors.torch import save
 from torch import nn
 
 import shira_hooks
-from shira_hooks import SparseAdapter, SparseDelta
-from shira_hooks._io import atomic_write, digest
+from shira_hooks import SparseAdapter
+from shira_hooks._io import atomic_write
 from shira_hooks.masks import lora_rank
 
 import tasks as T
@@ -246,23 +246,14 @@ def _base_name(peft_name: str) -> str:
 def save_adapter(prepared: Prepared, method: str, path: Path) -> None:
     """Write what a cell keeps of its adapter to ``path`` (safetensors), atomically.
 
-    Sparse methods: a ``SparseAdapter`` (PEFT SHiRA's COO delta converted to it); LoRA: ``<weight>.lora_A``
+    Sparse methods: a ``SparseAdapter`` (PEFT SHiRA read by ``SparseAdapter.from_peft``); LoRA: ``<weight>.lora_A``
     and ``<weight>.lora_B`` with the scaling folded into B, so that the delta is B @ A.
     """
     if prepared.handle is not None:
         prepared.handle.extract().save(path)
         return
     if method == "peft_shira":
-        deltas = {}
-        for name, module in prepared.peft_model.named_modules():
-            if "default" in getattr(module, "shira_weight", {}):
-                coo = module.get_delta_weight("default").detach().coalesce()  # coalesce sorts row-major
-                weight = module.get_base_layer().weight.detach()
-                flat = coo.indices()[0] * weight.shape[1] + coo.indices()[1]
-                deltas[_base_name(name) + ".weight"] = SparseDelta(
-                    tuple(weight.shape), weight.dtype, flat.to(torch.int32), coo.values().float().clone(), digest(weight.view(-1)[flat])
-                )
-        SparseAdapter(deltas, {"created_by": "PEFT ShiraConfig, converted"}).save(path)
+        SparseAdapter.from_peft(prepared.peft_model).save(path)
         return
     tensors = {}
     for name, module in prepared.peft_model.named_modules():
