@@ -1,10 +1,10 @@
-"""``python -m shira_hooks``: the whole SHiRA workflow on an embedded default, in a few seconds.
+"""``python -m shira_hooks`` (or ``python -m shira_hooks demo``): the whole SHiRA workflow on an embedded default.
 
 A small MLP is first trained on task A (synthetic data generated from a fixed seed, nothing is
 downloaded), then adapted to a related task B with SHiRA: ``attach`` with a SNIP mask scored on
 calibration batches, a plain AdamW loop with weight decay, ``verify`` that no entry outside the
 masks changed, ``extract`` the adapter, save it, load it back, ``apply`` it to a fresh copy of
-the base and ``remove`` it again.
+the base and ``remove`` it again. A few seconds once torch is imported.
 
     python -m shira_hooks [--sparsity 0.02] [--mask snip] [--steps 300] [--out shira_demo]
 """
@@ -20,6 +20,11 @@ from torch import nn
 
 import shira_hooks
 
+DESCRIPTION = (
+    "The whole SHiRA workflow on an embedded default: train a small MLP on task A, adapt it to task B "
+    "with SHiRA (attach, train, verify, extract, save), then load the adapter, apply it to a fresh base "
+    "and remove it again. Nothing is downloaded."
+)
 FEATURES, CLASSES = 32, 8
 
 
@@ -56,12 +61,14 @@ def accuracy(model, inputs, labels) -> float:
     return float((model(inputs[-1024:]).argmax(1) == labels[-1024:]).float().mean())
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sparsity", type=float, default=0.02)
-    parser.add_argument("--mask", default="snip", choices=["struct", "rand", "wm", "grad", "snip"])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--out", type=Path, default=Path("shira_demo"))
+def main(argv: list[str] | None = None, prog: str = "python -m shira_hooks demo") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--sparsity", type=float, default=0.02, help="fraction of each target weight that trains")
+    parser.add_argument("--mask", default="snip", choices=["struct", "rand", "wm", "grad", "snip"], help="how the entries are chosen")
+    parser.add_argument("--steps", type=int, default=300, help="AdamW steps on each task")
+    parser.add_argument("--out", type=Path, default=Path("shira_demo"), help="folder for the adapter file")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
@@ -99,6 +106,3 @@ def main(argv=None) -> int:
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0 if not changed_outside and gap <= 1e-4 and restored else 1
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
