@@ -49,3 +49,17 @@ def test_hf_trainer_recipe_with_accelerate_launch(tmp_path):
     assert out.count("accuracy after: ") == 1  # only the main process reports and saves
     assert "entries changed outside the masks: none" in out
     assert (tmp_path / "run" / "shira_adapter.safetensors").exists()
+
+
+def test_diffusers_recipe_tiny(tmp_path):
+    pytest.importorskip("diffusers")
+    out = _run([sys.executable, str(RECIPES / "diffusers_unet.py"), "--tiny", "--output-dir", str(tmp_path / "run")], tmp_path)
+    assert "33/33 conv weights channels_last" in out and "targets 33 Conv2d + 50 Linear (83 weights), trainable entries: 7,851" in out
+    assert out.count("entries changed outside the masks: none") == 2
+    rows = [line.split() for line in out.splitlines() if line.startswith(("  base ", "  adapter "))]
+    losses = {row[-3]: (float(row[-2]), float(row[-1])) for row in rows}  # "base", "a", "b" -> held-out loss on style a, b
+    assert losses["a"][0] < losses["base"][0] and losses["b"][1] < losses["base"][1]  # each adapter learned its style
+    assert "run twice: samples identical bit for bit: True" in out
+    assert "weights that differ from the base bit for bit: none; weights whose layout changed: none" in out
+    assert "all exactness checks passed" in out
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["a.safetensors", "b.safetensors"]
