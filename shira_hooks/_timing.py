@@ -54,6 +54,46 @@ def time_pair(first: Callable[[], object], second: Callable[[], object], *, warm
     return Stats.of(firsts), Stats.of(seconds), Stats.of([a + b for a, b in zip(firsts, seconds)])
 
 
+def time_interleaved(
+    methods: dict[str, tuple[Callable[[], object], Callable[[], object]]], *, warmup: int, repeats: int, budget: float, settle: int = 1
+) -> dict[str, tuple[Stats, Stats, Stats]]:
+    """``time_pair`` for several methods at once, interleaved round-robin.
+
+    Each round times one ``first(); second()`` pair of every method, in forward order on even rounds
+    and in reverse order on odd ones, so that a slow phase of the machine (another process, a noisy
+    neighbour) falls on all methods alike instead of on whichever was being timed then. Before its
+    timed pair, each method runs ``settle`` untimed pairs: what the previous method left behind
+    (its data in the caches, the TLB flushes of memory it gave back to the kernel, which made the
+    next method's scattered writes up to 3x slower here) is not charged to this one, so the figures
+    are each method's steady state. Up to ``repeats`` rounds, stopping once ``budget`` seconds per
+    method are spent (never fewer than 3 rounds). Returns, per method, stats of first, second, and both.
+    """
+    names = list(methods)
+    for _ in range(warmup):
+        for name in names:
+            first, second = methods[name]
+            first(), second()
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    started = time.perf_counter()
+    for round_ in range(repeats):
+        if round_ >= 3 and time.perf_counter() - started > budget * len(names):
+            break
+        for name in names if round_ % 2 == 0 else reversed(names):
+            first, second = methods[name]
+            for _ in range(settle):
+                first(), second()
+            t0 = time.perf_counter()
+            first()
+            t1 = time.perf_counter()
+            second()
+            t2 = time.perf_counter()
+            samples[name].append((t1 - t0, t2 - t1))
+    return {
+        name: (Stats.of([a for a, _ in pairs]), Stats.of([b for _, b in pairs]), Stats.of([a + b for a, b in pairs]))
+        for name, pairs in samples.items()
+    }
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

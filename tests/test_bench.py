@@ -21,14 +21,19 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path):
     header = next(i for i, l in enumerate(lines) if l.split()[:4] == ["dim", "dtype", "r", "k"])
     rows = [l.split() for l in lines[header + 1 :]]
     assert [(r[0], r[1]) for r in rows] == [("256", "float32"), ("512", "float32"), ("256", "bfloat16"), ("512", "bfloat16")]
-    assert all(len(r) == 13 and all(re.fullmatch(r"[\d.,]+", c) for c in r[2:]) for r in rows)
+    # 15 columns, the last (spread) followed by "!" where a method's slowest round was >= 3x its median
+    assert all(len(r) in (15, 16) and all(re.fullmatch(r"[\d.,]+", c) for c in r[2:15]) and r[15:] in ([], ["!"]) for r in rows)
     payload = json.loads((tmp_path / "b.json").read_text())
     assert payload["machine"]["torch_threads"] == "2" and len(payload["rows"]) == 4
     row = payload["rows"][0]
     assert row["entries"] == round(0.01 * 256 * 256) and row["rank"] == 1
-    for method in ("lora_addmm", "lora_peft", "shira", "raw_bound", "naive"):
+    methods = ("lora_addmm", "lora_peft", "shira", "raw_bound", "raw_scatter", "naive")
+    for method in methods:
         stats = row[method]["pair"]
         assert stats["min"] <= stats["median"] <= stats["max"] and stats["n"] >= 3
+        assert row["spread"][method] == pytest.approx(stats["max"] / stats["median"])
+    assert len({row[method]["pair"]["n"] for method in methods}) == 1  # round-robin: every method timed in every round
+    assert row["scatter_over_index_copy"] == pytest.approx(row["raw_scatter"]["pair"]["median"] / row["raw_bound"]["pair"]["median"])
     assert "<!-- bench:start -->" in (tmp_path / "R.md").read_text()
 
 
