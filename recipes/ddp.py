@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     if not args.tiny and rank == 0:
         common.smollm2_folder()  # convert once, before the other ranks read it
     dist.barrier()
-    model, tokenizer = common.load_model(args.model, args.tiny, common.words_of(train + test))
+    model, tokenizer = common.load_model(args.model, args.tiny, common.texts_of(train + test))
     model.to(device)
     shard = [common.encode(tokenizer, e) for e in train[rank::world]]  # (N / world) rows per rank
     to_device = lambda batch: {k: v.to(device) for k, v in batch.items()}

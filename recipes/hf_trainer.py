@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
 
     train, test = common.load_task(args.tiny)
-    model, tokenizer = common.load_model(args.model, args.tiny, common.words_of(train + test))
+    model, tokenizer = common.load_model(args.model, args.tiny, common.texts_of(train + test))
     rows = [common.encode(tokenizer, example) for example in train]
     print(f"task: {len(train)} train / {len(test)} test examples; accuracy before: {common.accuracy(model, tokenizer, test):.3f}")
     print(f"sample before: {common.sample(model, tokenizer, test[0])!r} (answer: {test[0]['options'][test[0]['answer']]!r})")

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     train, test = common.load_task(args.tiny)
-    model, tokenizer = common.load_model(args.model, args.tiny, common.words_of(train + test))
+    model, tokenizer = common.load_model(args.model, args.tiny, common.texts_of(train + test))
     base = {name: p.detach().clone() for name, p in model.state_dict().items()}
     print(f"accuracy before: {common.accuracy(model, tokenizer, test):.3f}")
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     print(f"adapter: {path} ({path.stat().st_size:,} bytes)")
 
     # A fresh copy of the base, the adapter loaded in place, and removed again.
-    fresh, _ = common.load_model(args.model, args.tiny, common.words_of(train + test))
+    fresh, _ = common.load_model(args.model, args.tiny, common.texts_of(train + test))
     fresh.load_state_dict(base)
     adapter = shira_hooks.SparseAdapter.load(path)
     ids = common.collate(rows[:4], tokenizer.pad_token_id)["input_ids"]

@@ -35,9 +35,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
 
     train, test = common.load_task(args.tiny)
-    model, tokenizer = common.load_model(args.model, args.tiny, common.words_of(train + test))
+    model, tokenizer = common.load_model(args.model, args.tiny, common.texts_of(train + test))
     print(f"accuracy before: {common.accuracy(model, tokenizer, test):.3f}")
-    data = Dataset.from_list([{"prompt": common.prompt(e), "completion": e["options"][e["answer"]]} for e in train])
+    data = Dataset.from_list([{"prompt": common.prompt(e), "completion": common.completion(e)} for e in train])
 
     # The literal one-liner: no calibration data, the first 8 backward passes score the SNIP mask.
     shira = shira_hooks.attach(model, args.sparsity, args.mask)
