@@ -38,6 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._layout import storage_flat
+from .errors import ShiraError
 from .masks import index_dtype
 
 VALUES = "shira_values"
@@ -151,6 +152,53 @@ class ReadWatch(TorchFunctionMode):
             if key in self.names and key not in self.running and self.names[key] not in self.found:
                 self.found.append(self.names[key])
         return func(*args, **kwargs)
+
+
+def watch_first_forward(model: nn.Module, layers: list[tuple[nn.Parameter, nn.Module, str]], mode: str) -> list:
+    """Refuse, in the model's first forward pass with gradients, a target weight read without calling its
+    layer (``ReadWatch``): the tap would never see that use, so the weight would silently not train.
+
+    Args:
+        layers: ``(weight, its layer, the layer's name)`` of every compact target.
+
+    Returns:
+        The two hook handles on ``model``; they remove themselves after that first pass (the caller
+        removes them on detach if it never comes). Skipped under ``torch.compile`` tracing.
+    """
+    names = {id(weight): name for weight, _, name in layers}
+    hooks: list = []
+    watching: list = []  # [ReadWatch, layer hook handles] while the first forward runs
+
+    def start(root, args):
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or watching:
+            return
+        watch = ReadWatch(names)
+        watching.append(watch)
+        for weight, layer, _ in layers:  # prepend: before the plan's own pre-hook reads the weight
+            if layer is root:  # the model is itself a target layer, and already running
+                watch.enter_layer(weight)
+            watching.append(layer.register_forward_pre_hook(lambda mod, a, w=weight: watch.enter_layer(w), prepend=True))
+            watching.append(layer.register_forward_hook(lambda mod, a, out, w=weight: watch.leave_layer(w), always_call=True))
+        watch.__enter__()
+
+    def stop(root, args, output):
+        if not watching:
+            return
+        watch, layer_hooks = watching[0], watching[1:]
+        watch.__exit__(None, None, None)
+        for hook in layer_hooks + hooks:
+            hook.remove()
+        watching.clear()
+        if watch.found:
+            found = ", ".join(f"'{n}'" for n in watch.found)
+            raise ShiraError(
+                f"the weight of {found} is read without calling its module (a functional use such as "
+                f"F.linear(x, layer.weight)); mode={mode!r} taps the module's output, so it would never train. "
+                f"Use mode='dense', or leave {found} out of target_modules"
+            )
+
+    hooks += [model.register_forward_pre_hook(start), model.register_forward_hook(stop, always_call=True)]
+    return hooks
 
 
 class _Tap(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""Atomic file writes and the fingerprints used to tie adapters and states to base weights."""
+"""Atomic file writes, safetensors reading, and the fingerprints that tie adapters and states to base weights."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from .errors import ShiraError
 
 
 def _umask() -> int:
@@ -85,3 +87,42 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 def digest(tensor: torch.Tensor, size: int = 8) -> str:
     """blake2b hex digest of a tensor's raw bytes (``size`` bytes long)."""
     return hashlib.blake2b(tensor_bytes(tensor), digest_size=size).hexdigest()
+
+def read_safetensors(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The (metadata, tensors) of a safetensors file, memory-mapped through ``safe_open``.
+
+    Shared by ``SparseAdapter.load`` and ``ShiraHandle.load_state``, which validate the content.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ShiraError: naming the file, for a file safetensors cannot parse (not safetensors,
+            truncated, corrupt), or a ``device`` torch does not know.
+    """
+    where = str(path)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ShiraError(f"{where}: device={device!r} is not a torch device ({error}); pass e.g. 'cpu' or 'cuda:0'") from None
+    size = os.stat(path).st_size  # FileNotFoundError as before; the size explains the errors below
+    if size < 8:
+        raise ShiraError(f"{where}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as error:
+        raise _unreadable(where, size, device, error) from None
+    return metadata, tensors
+
+
+def _unreadable(where: str, size: int, device: torch.device, error: Exception) -> ShiraError:
+    """A ShiraError for what ``safe_open`` rejected: the header, the data it describes, or the device."""
+    detail = str(error)
+    fix = "it was not written by shira_hooks or was cut short (an interrupted copy); copy or save it again"
+    if not detail.startswith("Error while deserializing header"):
+        return ShiraError(f"{where}: safetensors could not load it on device '{device}' ({detail}); load it on 'cpu'")
+    detail = detail.removeprefix("Error while deserializing header: ")
+    # the header parsed, but the tensor bytes it lists do not fill the file (older safetensors: the enum name)
+    if "not fully covered" in detail or "MetadataIncompleteBuffer" in detail:
+        return ShiraError(f"{where}: truncated or corrupt safetensors file ({size} bytes: {detail}); {fix}")
+    return ShiraError(f"{where}: not a safetensors file or truncated ({size} bytes, header unreadable: {detail}); {fix}")

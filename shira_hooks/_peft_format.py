@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from ._io import atomic_write, digest
-from .adapter import SparseDelta, dtype_name, parse_dtype, read_safetensors
+from ._io import atomic_write, digest, read_safetensors
+from .adapter import SparseDelta, dtype_name, parse_dtype
 from .errors import ShiraError
 
 if TYPE_CHECKING:

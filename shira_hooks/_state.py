@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from . import _compact
-from ._io import atomic_write
-from .adapter import check_indices, dtype_name, read_safetensors
+from ._io import atomic_write, read_safetensors
+from .adapter import check_indices, dtype_name
 from .errors import ShiraError
 
 if TYPE_CHECKING:

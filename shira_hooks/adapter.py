@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
-from ._io import atomic_write
+from ._io import atomic_write, read_safetensors
 from .errors import ShiraError
 
 FORMAT = "shira_hooks.adapter"
@@ -438,43 +437,3 @@ class SparseAdapter:
             self, repo_id, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype,
             private=private, token=token, commit_message=commit_message,
         )
-
-
-def read_safetensors(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The (metadata, tensors) of a safetensors file, memory-mapped through ``safe_open``.
-
-    Shared by ``SparseAdapter.load`` and ``ShiraHandle.load_state``, which validate the content.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ShiraError: naming the file, for a file safetensors cannot parse (not safetensors,
-            truncated, corrupt), or a ``device`` torch does not know.
-    """
-    where = str(path)
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ShiraError(f"{where}: device={device!r} is not a torch device ({error}); pass e.g. 'cpu' or 'cuda:0'") from None
-    size = os.stat(path).st_size  # FileNotFoundError as before; the size explains the errors below
-    if size < 8:
-        raise ShiraError(f"{where}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
-    try:
-        with safe_open(path, framework="pt", device=str(device)) as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except SafetensorError as error:
-        raise _unreadable(where, size, device, error) from None
-    return metadata, tensors
-
-
-def _unreadable(where: str, size: int, device: torch.device, error: Exception) -> ShiraError:
-    """A ShiraError for what ``safe_open`` rejected: the header, the data it describes, or the device."""
-    detail = str(error)
-    fix = "it was not written by shira_hooks or was cut short (an interrupted copy); copy or save it again"
-    if not detail.startswith("Error while deserializing header"):
-        return ShiraError(f"{where}: safetensors could not load it on device '{device}' ({detail}); load it on 'cpu'")
-    detail = detail.removeprefix("Error while deserializing header: ")
-    # the header parsed, but the tensor bytes it lists do not fill the file (older safetensors: the enum name)
-    if "not fully covered" in detail or "MetadataIncompleteBuffer" in detail:
-        return ShiraError(f"{where}: truncated or corrupt safetensors file ({size} bytes: {detail}); {fix}")
-    return ShiraError(f"{where}: not a safetensors file or truncated ({size} bytes, header unreadable: {detail}); {fix}")

@@ -99,7 +99,7 @@ class ShiraHandle:
         self._targets: list[Target] = []
         self._claimed: list[nn.Parameter] = []  # parameters whose requires_grad this handle claims (_flags)
         self._hooks: list[Any] = []
-        self._watch_hooks: list[Any] = []  # compact modes: the model's first-forward check (_watch_first_forward)
+        self._watch_hooks: list[Any] = []  # compact modes: the model's first-forward check (_compact.watch_first_forward)
         self._finalizer: weakref.finalize | None = None
         self._lazy = True  # lazy calibration fixes each mask after `calibration_steps` backward passes
         self._attached = False
@@ -204,50 +204,8 @@ class ShiraHandle:
             t.plan, hooks = _compact.install(t.module, t.param, t.indices, t.positions, transposes)
             self._hooks.extend(hooks)
             _flags.claim(self, t.param, target=True, wanted=False)  # no dense dL/dW; restored by detach()
-        self._watch_first_forward()
-
-    def _watch_first_forward(self) -> None:
-        """Refuse, at the model's first forward pass with gradients, a target weight read without calling
-        its layer (``_compact.ReadWatch``): the compact modes' tap would never see it, so it would not train."""
-        owner = weakref.ref(self)  # hooks on the model must not keep the handle alive (see _KeepAlive)
-        watching: list = []  # [ReadWatch, layer hook handles] while the first forward runs
-
-        def start(model, args):
-            handle = owner()
-            if handle is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or watching:
-                return
-            watch = _compact.ReadWatch({id(t.param): t.name.rpartition(".")[0] or type(t.module).__name__ for t in handle._targets})
-            watching.append(watch)
-            for t in handle._targets:  # prepend: before the plan's own pre-hook reads the weight
-                if t.module is model:  # the model is itself a target layer, and already running
-                    watch.enter_layer(t.param)
-                watching.append(t.module.register_forward_pre_hook(lambda mod, a, w=t.param: watch.enter_layer(w), prepend=True))
-                watching.append(t.module.register_forward_hook(lambda mod, a, out, w=t.param: watch.leave_layer(w), always_call=True))
-            watch.__enter__()
-
-        def stop(model, args, output):
-            handle = owner()
-            if not watching:
-                return
-            watch, layer_hooks = watching[0], watching[1:]
-            watch.__exit__(None, None, None)
-            for hook in layer_hooks:
-                hook.remove()
-            watching.clear()
-            if handle is None:
-                return
-            for hook in handle._watch_hooks:
-                hook.remove()
-            handle._watch_hooks = []
-            if watch.found:
-                names = ", ".join(f"'{n}'" for n in watch.found)
-                raise ShiraError(
-                    f"the weight of {names} is read without calling its module (a functional use such as "
-                    f"F.linear(x, layer.weight)); mode={handle.mode!r} taps the module's output, so it would never train. "
-                    f"Use mode='dense', or leave {names} out of target_modules"
-                )
-
-        self._watch_hooks = [self.model.register_forward_pre_hook(start), self.model.register_forward_hook(stop, always_call=True)]
+        layers = [(t.param, t.module, t.name.rpartition(".")[0] or type(t.module).__name__) for t in self._targets]
+        self._watch_hooks = _compact.watch_first_forward(self.model, layers, self.mode)
 
     def _sync(self) -> None:
         """Make the weights hold the current compact values (a no-op in the dense mode)."""
