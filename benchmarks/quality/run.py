@@ -78,6 +78,7 @@ class Run:
         self.methods = [m for m in args.methods or M.METHODS if m in M.METHODS]  # the methods the training stages train (--methods)
         # the baseline trains unless --methods is given without it (its cells then come from --merge)
         self.train_baseline = not args.methods or baseline_of_kind(kind) in args.methods
+        self.fixed_lr = dict(args.lr or [])  # --lr METHOD=RATE: no grid for that method
         self.seeds = list(range(min(2, args.encoder_seeds) if args.quick and kind == "encoder" else args.encoder_seeds if kind == "encoder" else args.lm_seeds))
         names = args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS[kind])
         self.tasks = {n: self.load_task(n) for n in names}
@@ -185,7 +186,7 @@ def stage_grid(run: Run) -> None:
     for name in names if run.train_baseline else []:
         cell(run, run.tasks[name], baseline_of(run), run.settings["head_lr"], 0)
     for method in run.methods:
-        for lr in run.grid:
+        for lr in [run.fixed_lr[method]] if method in run.fixed_lr else run.grid:
             cell(run, run.tasks[names[0]], method, lr, 0)
     for name in names[1:]:
         for method in run.methods:
@@ -194,7 +195,9 @@ def stage_grid(run: Run) -> None:
 
 def chosen_lr(run: Run, method: str) -> float | None:
     """The grid rate with the best validation accuracy on the first task at seed 0 (ties: the smaller
-    rate); None while the grid is unfinished."""
+    rate); None while the grid is unfinished. A rate given with --lr is used as it is."""
+    if method in run.fixed_lr:
+        return run.fixed_lr[method]
     first = next(iter(run.tasks))
     paths = [run.cell_dir(first, method, lr, 0) / "cell.json" for lr in run.grid]
     if not all(p.exists() for p in paths):
@@ -385,7 +388,7 @@ def collect(run: Run) -> dict:
     chosen = {m: lr for m in M.METHODS if (lr := chosen_lr(run, m)) is not None}
     return {
         "model": run.backend.name, "settings": run.settings, "batch_size": run.backend.batch_size, "max_length": run.backend.max_length,
-        "targets": run.backend.targets, "grid": run.grid, "seeds": run.seeds, "chosen_lr": chosen,
+        "targets": run.backend.targets, "grid": run.grid, "seeds": run.seeds, "chosen_lr": chosen, "fixed_lr": run.fixed_lr,
         "tasks": {n: {"sizes": t.sizes, "majority": t.majority(), "labels": t.labels} for n, t in run.tasks.items()},
         "cells": cells, "fusion": json.loads((run.folder / "fusion.json").read_text()) if (run.folder / "fusion.json").exists() else [],
         "cost": json.loads((run.folder / "cost.json").read_text()) if (run.folder / "cost.json").exists() else [],
@@ -404,6 +407,7 @@ def merge(fresh: dict, earlier: dict, trained: set[str]) -> dict:
         for key in ("cells", "fusion", "cost"):
             new[key] = [row for row in old[key] if row["method"] not in trained] + [row for row in new[key] if row["method"] in trained]
         new["chosen_lr"] = {**{m: lr for m, lr in old["chosen_lr"].items() if m not in trained}, **{m: lr for m, lr in new["chosen_lr"].items() if m in trained}}
+        new["fixed_lr"] = {m: lr for m, lr in new.get("fixed_lr", {}).items() if m in trained}
     fresh["command"] = f"{earlier['command']}`, then `{fresh['command']}"
     return fresh
 
@@ -420,6 +424,8 @@ def main(argv=None) -> int:
                         "seeds stages (to share the work between processes; default all); the baseline (head, zero_shot) only if listed")
     parser.add_argument("--merge", type=Path, help="an earlier results.json: keep its cells, fusion and cost rows of the methods this "
                         "run does not train (with --methods; the cost stage then runs only if asked for in --stages)")
+    parser.add_argument("--lr", nargs="+", type=lambda text: (text.split("=")[0], float(text.split("=")[1])), metavar="METHOD=RATE",
+                        help="train METHOD at RATE instead of choosing its rate on the grid (e.g. a block variant at its unstructured mask's rate)")
     parser.add_argument("--encoder-seeds", type=int, default=3)
     parser.add_argument("--lm-seeds", type=int, default=1)
     parser.add_argument("--sparsity", type=float, default=0.01)
