@@ -20,7 +20,8 @@ do not import transformers. One switch is:
   the heap and are reused), cold (``MALLOC_MMAP_THRESHOLD_=131072``: a fixed threshold, so every delta
   of a layer is a fresh ``mmap``, faulted in page by page and unmapped on free), and unset (glibc's
   dynamic threshold: what a user gets, warm or cold depending on the process's history);
-* PEFT SHiRA merge + unmerge and PEFT LoRA hot-swap (unfused), float32, unset allocator.
+* with ``--extras``: PEFT SHiRA merge + unmerge and PEFT LoRA hot-swap (unfused), float32, unset
+  allocator, and PEFT LoRA in bfloat16 with cold pages.
 
 Every method runs in its own processes, ``--rounds`` times, the methods alternating (forward order on
 even rounds, reverse on odd ones); a process warms up, then times up to ``--repeats`` switches.
@@ -266,8 +267,8 @@ def worker(case: dict, args) -> dict:
 
 
 # --------------------------------------------------------------------------------------- parent
-def cases(quick: bool) -> list[dict]:
-    """What is timed: (label, dtype, method, block, allocator)."""
+def cases(quick: bool, extras: bool) -> list[dict]:
+    """What is timed: label, dtype, method, block, allocator. ``extras``: PEFT SHiRA, PEFT hot-swap and bfloat16 cold pages too."""
     rows = []
     for dtype, block in (("float32", 16), ("bfloat16", 32)):
         rows += [
@@ -278,11 +279,13 @@ def cases(quick: bool) -> list[dict]:
             dict(dtype=dtype, method="packed", block=block, label=f"packed: 2 index_copy_ for all weights, block={block}"),
             dict(dtype=dtype, method="addmm", label="in-place LoRA bound: addmm_ fuse + unfuse"),
             dict(dtype=dtype, method="lora", allocator="warm", label="PEFT LoRA merge + unmerge, warm allocator"),
-            dict(dtype=dtype, method="lora", allocator="cold", label="PEFT LoRA merge + unmerge, cold pages"),
         ]
+        if dtype == "float32" or extras:
+            rows.append(dict(dtype=dtype, method="lora", allocator="cold", label="PEFT LoRA merge + unmerge, cold pages"))
         if dtype == "float32":
+            rows.append(dict(dtype=dtype, method="lora", allocator="unset", label="PEFT LoRA merge + unmerge, allocator unset"))
+        if dtype == "float32" and extras:
             rows += [
-                dict(dtype=dtype, method="lora", allocator="unset", label="PEFT LoRA merge + unmerge, allocator unset"),
                 dict(dtype=dtype, method="peft_shira", label="PEFT SHiRA merge + unmerge"),
                 dict(dtype=dtype, method="lora_hotswap", label="PEFT LoRA hot-swap (unfused)"),
             ]
@@ -393,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--results", metavar="RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="2 layers, 1 round, a few workers")
+    parser.add_argument("--extras", action="store_true", help="also PEFT SHiRA merge + unmerge, PEFT LoRA hot-swap, and bfloat16 cold pages")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -401,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.layers, args.rounds, args.repeats, args.warmup, args.budget = 2, 1, 3, 1, 0.2
     torch.set_num_threads(args.threads)
-    rows = cases(args.quick)
+    rows = cases(args.quick, args.extras)
     load_before = open("/proc/loadavg").read().split()[:3]
     samples: dict[str, list[list[float]]] = {r["key"]: [] for r in rows}
     rank = None
