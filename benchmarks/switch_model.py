@@ -335,6 +335,21 @@ def bytes_moved(layers: int, sparsity: float) -> dict[str, dict[str, int]]:
     return out
 
 
+def reference_ms() -> float:
+    """Median ms of one index_copy_ of 1% scattered entries into a 4096 x 4096 float32 weight, in this process:
+    a yardstick of how busy the machine is (0.2 ms on the project's machine when it is quiet)."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.zeros(4096 * 4096)
+    index = torch.randperm(weight.numel(), generator=g)[: weight.numel() // 100].sort().values
+    values = torch.randn(index.numel(), generator=g)
+    times = []
+    for _ in range(12):
+        started = time.perf_counter()
+        weight.index_copy_(0, index, values)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[2:]) * 1e3
+
+
 def summarize(samples: list[list[float]]) -> dict:
     pooled = [s for round_ in samples for s in round_]
     medians = [statistics.median(r) for r in samples]
@@ -348,7 +363,10 @@ def markdown(rows: list[dict], results: dict, moved: dict, info: dict, command: 
         f"{extra['sparsity']:g} (rand masks; block masks round k to whole blocks), LoRA rank {extra['rank']} (parameter count "
         f"matched to the SHiRA budget). Each method ran in its own processes, {extra['rounds']} rounds alternating the methods' "
         f"order; times are over all timed switches of all rounds; `per-round medians` shows how much a method moved "
-        f"between processes. Load average before / after: {extra['load_before']} / {extra['load_after']}.",
+        f"between processes. Load average before / after: {extra['load_before']} / {extra['load_after']}"
+        + (f"; a yardstick of how busy the machine was, one `index_copy_` of 1% scattered entries into a 4096 x 4096 float32 "
+           f"weight, took {extra['reference_ms'][0]:.2f} / {extra['reference_ms'][1]:.2f} ms before / after (about 0.2 ms on a quiet "
+           f"machine here)." if "reference_ms" in extra else "."),
         "",
         "Allocator states (glibc `malloc`, set through its environment tunables): warm = `MALLOC_MMAP_THRESHOLD_`, "
         "`MALLOC_TRIM_THRESHOLD_` and `MALLOC_TOP_PAD_` at 1 GiB, so a freed delta stays in the heap and the next one "
@@ -376,11 +394,12 @@ def markdown(rows: list[dict], results: dict, moved: dict, info: dict, command: 
         if switch:
             get = lambda key: by.get(f"{dtype}/{key}")
             ratio = lambda key: get(key)["median"] / switch["median"] if get(key) else float("nan")
-            lines += ["", f"block={block} switch (steady state, medians): {ratio('addmm/b1/unset'):.1f}x faster than in-place `addmm_` fuse + "
-                      f"unfuse (target 8x), {ratio('lora/b1/warm'):.1f}x faster than PEFT LoRA merge + unmerge with a warm allocator "
-                      f"(target 20x; {ratio('lora/b1/cold'):.1f}x against cold pages), {ratio('shira/b1/unset'):.1f}x faster than the "
-                      f"unstructured switch (target 3x), {1 / ratio(f'raw/b{block}/unset'):.2f}x its raw bound (target 1.3x or less); "
-                      f"the packed single write is {1 / ratio(f'packed/b{block}/unset'):.2f}x of the switch.", ""]
+            cold = f"; {ratio('lora/b1/cold'):.1f}x against cold pages" if get("lora/b1/cold") else ""
+            lines += ["", f"block={block} switch (medians; PEFT at steady state = warm allocator): {ratio('addmm/b1/unset'):.1f}x faster than "
+                      f"in-place `addmm_` fuse + unfuse (target 8x), {ratio('lora/b1/warm'):.1f}x faster than PEFT LoRA merge + unmerge "
+                      f"(target 20x{cold}), {ratio('shira/b1/unset'):.1f}x faster than the unstructured switch (target 3x), "
+                      f"{1 / ratio(f'raw/b{block}/unset'):.2f}x the time of its raw bound (target 1.3x or less), "
+                      f"{1 / ratio(f'packed/b{block}/unset'):.2f}x the time of the packed bound (one write for all weights).", ""]
     return "\n".join(lines)
 
 
@@ -397,16 +416,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", metavar="RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="2 layers, 1 round, a few workers")
     parser.add_argument("--extras", action="store_true", help="also PEFT SHiRA merge + unmerge, PEFT LoRA hot-swap, and bfloat16 cold pages")
+    parser.add_argument("--render", metavar="JSON", help="write the report of an earlier run's JSON again (no timing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker), args)))
+        return 0
+    if args.render:
+        saved = json.loads(open(args.render).read())
+        text = markdown(saved["cases"], saved["results"], saved["bytes"], saved["machine"], saved["command"], saved)
+        print(text)
+        publish("switch_model", text, saved, None, args.results)
         return 0
     if args.quick:
         args.layers, args.rounds, args.repeats, args.warmup, args.budget = 2, 1, 3, 1, 0.2
     torch.set_num_threads(args.threads)
     rows = cases(args.quick, args.extras)
     load_before = open("/proc/loadavg").read().split()[:3]
+    reference_before = reference_ms()
     samples: dict[str, list[list[float]]] = {r["key"]: [] for r in rows}
     rank = None
     for round_ in range(args.rounds):
@@ -418,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {round_ + 1}/{args.rounds} {case['key']:32} median {statistics.median(out['samples']) * 1e3:8.1f} ms "
                   f"({len(out['samples'])} switches, process {time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
     load_after = open("/proc/loadavg").read().split()[:3]
+    reference_after = reference_ms()
     results = {key: summarize(s) for key, s in samples.items()}
     moved = bytes_moved(args.layers, args.sparsity)
     import peft  # noqa: F401  (its version goes into the machine line)
@@ -425,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     command = command_line("python benchmarks/switch_model.py", argv)
     extra = {"layers": args.layers, "targets": args.layers * len(TARGETS), "sparsity": args.sparsity, "rank": rank, "rounds": args.rounds,
-             "load_before": " ".join(load_before), "load_after": " ".join(load_after)}
+             "load_before": " ".join(load_before), "load_after": " ".join(load_after),
+             "reference_ms": [round(reference_before, 3), round(reference_after, 3)]}
     text = markdown(rows, results, moved, info, command, extra)
     print(text)
     payload = {"command": command, "machine": info, **extra, "cases": rows, "results": results, "bytes": moved}

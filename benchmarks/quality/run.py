@@ -409,6 +409,8 @@ def merge(fresh: dict, earlier: dict, trained: set[str]) -> dict:
         new["chosen_lr"] = {**{m: lr for m, lr in old["chosen_lr"].items() if m not in trained}, **{m: lr for m, lr in new["chosen_lr"].items() if m in trained}}
         new["fixed_lr"] = {m: lr for m, lr in new.get("fixed_lr", {}).items() if m in trained}
     fresh["command"] = f"{earlier['command']}`, then `{fresh['command']}"
+    old = earlier["machine"]
+    fresh["machine"] = {**fresh["machine"], "rows merged from the earlier run": f"cpu {old.get('cpu')}, torch_threads {old.get('torch_threads')}"}
     return fresh
 
 
