@@ -99,6 +99,8 @@ def model_section(kind: str, r: dict) -> list[str]:
     for method in [baseline] + METHODS:
         acc = single(r, method)
         entries = sorted({c["entries"] for t in tasks for c in final_cells(r, method, t)})
+        if not entries and method != baseline:  # a method this model was not run with (e.g. the block variants on the LM)
+            continue
         lines.append(f"| {LABELS[method]} | {'/'.join(f'{e:,}' for e in entries)} | " + " | ".join(pct(acc[t]) for t in tasks)
                      + f" | {pct(per_seed_average(r, method))} |")
     counts = {m: c["entries"] for m in ("lora", "shira_rand") for c in final_cells(r, m, tasks[0])[:1]}
