@@ -1,182 +1,405 @@
-"""Whole-model adapter switching: shira_hooks against PEFT, in one run, on SmolLM2-135M's architecture.
+"""Whole-model adapter switching: shira_hooks against PEFT and the bounds, each method in its own processes.
 
     python benchmarks/switch_model.py --results benchmarks/RESULTS.md --json benchmarks/switch_model.json
-    python benchmarks/switch_model.py --quick          # a 2-layer smoke run (used by the tests)
+    python benchmarks/switch_model.py --quick          # 2 layers, 1 round (used by the tests)
 
-A Llama model built from SmolLM2-135M-Instruct's config (random weights: switching cost does not
-depend on the values; nothing is downloaded). Every Linear layer of the transformer blocks is
-targeted (210 layers; the output head is tied to the embeddings). At (nearly) the same number of
-trainable parameters, the time of one adapter switch:
+The 210 target Linear weights of SmolLM2-135M-Instruct (its config: 30 layers of q/k/v/o/gate/up/down
+projections, hidden 576, intermediate 1536), random values (switching cost does not depend on them;
+nothing is downloaded), in a plain module tree with the model's names, so that the shira_hooks workers
+do not import transformers. One switch is:
 
-* shira_hooks: ``remove()`` adapter A, ``apply()`` adapter B (1% of each weight), in place;
-* raw bound: the same with bare ``index_copy_`` calls on precomputed tensors (two per weight: A's
-  originals back, B's values in), and the single-write bound (one ``index_copy_`` per weight);
-* PEFT LoRA (rank matched to the same count): ``merge_adapter()`` + ``unmerge_adapter()``;
-* PEFT SHiRA (``ShiraConfig``, same rank): ``merge_adapter()`` + ``unmerge_adapter()``;
-* PEFT LoRA hot-swap (unfused): ``hotswap_adapter_from_state_dict`` between two adapters.
+* shira_hooks: ``remove()`` adapter A, ``apply()`` adapter B (rand masks at 1% of each weight),
+  unstructured (block 1) and with ``block=16`` (float32; one 64-byte line) or ``block=32`` (bfloat16);
+* raw bounds: the same writes as bare ``index_copy_`` calls on precomputed tensors (2 per weight; for
+  blocks on the weight's ``(numel // B, B)`` view), and "packed": the weights made views of one
+  buffer, so that a switch is 2 ``index_copy_`` calls for the whole model (one write for all weights);
+* the in-place LoRA bound: ``W.addmm_(B, A)`` then ``W.addmm_(B, A, alpha=-1)`` weight by weight, at
+  the rank whose parameter count matches the SHiRA budget: what any LoRA fuse + unfuse must pay;
+* PEFT LoRA ``merge_adapter()`` + ``unmerge_adapter()`` (same rank) with glibc's allocator warm
+  (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``/``MALLOC_TOP_PAD_`` = 1 GiB: freed deltas stay in
+  the heap and are reused), cold (``MALLOC_MMAP_THRESHOLD_=131072``: a fixed threshold, so every delta
+  of a layer is a fresh ``mmap``, faulted in page by page and unmapped on free), and unset (glibc's
+  dynamic threshold: what a user gets, warm or cold depending on the process's history);
+* with ``--extras``: PEFT SHiRA merge + unmerge and PEFT LoRA hot-swap (unfused), float32, unset
+  allocator, and PEFT LoRA in bfloat16 with cold pages.
+
+Every method runs in its own processes, ``--rounds`` times, the methods alternating (forward order on
+even rounds, reverse on odd ones); a process warms up, then times up to ``--repeats`` switches.
+Reported: median, min and max over all timed switches of all rounds, and the range of the per-round
+medians (how much a method moves from one process to the next).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
+from torch import nn
 
 import shira_hooks
 from shira_hooks import masks
 from shira_hooks._io import digest
-from shira_hooks._timing import command_line, machine, publish, report_header, time_pair
+from shira_hooks._timing import command_line, machine, publish, report_header
 
-SMOLLM2_135M = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
-)
+HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 576, 1536, 30, 9, 3  # SmolLM2-135M-Instruct's config
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GIB = str(2**30)
+ALLOCATOR = {  # glibc malloc tunables (mallopt through the environment)
+    "warm": {"MALLOC_MMAP_THRESHOLD_": GIB, "MALLOC_TRIM_THRESHOLD_": GIB, "MALLOC_TOP_PAD_": GIB},
+    "cold": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+    "unset": {},
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build_model(quick: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# ---------------------------------------------------------------------------------------- model
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        head = HIDDEN // HEADS
+        self.q_proj, self.o_proj = nn.Linear(HIDDEN, HIDDEN, bias=False), nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.k_proj, self.v_proj = nn.Linear(HIDDEN, KV_HEADS * head, bias=False), nn.Linear(HIDDEN, KV_HEADS * head, bias=False)
 
-    config = dict(SMOLLM2_135M)
-    if quick:
-        config.update(num_hidden_layers=2, vocab_size=1024)
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(HIDDEN, INTERMEDIATE, bias=False), nn.Linear(HIDDEN, INTERMEDIATE, bias=False)
+        self.down_proj = nn.Linear(INTERMEDIATE, HIDDEN, bias=False)
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn, self.mlp = Attention(), MLP()
+
+
+class Stack(nn.Module):
+    def __init__(self, layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer() for _ in range(layers))
+
+    def forward(self, x):  # PEFT wraps models it can call; never called here
+        return x
+
+
+class Model(nn.Module):
+    """``model.layers.N.self_attn.q_proj`` ...: the names of the Llama model's target layers."""
+
+    def __init__(self, layers: int):
+        super().__init__()
+        self.model = Stack(layers)
+
+    def forward(self, x):
+        return x
+
+
+def build_model(layers: int, dtype: torch.dtype) -> Model:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**config)).eval().requires_grad_(False)
+    with torch.device("meta"):
+        model = Model(layers)
+    model = model.to_empty(device="cpu").to(dtype).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
 
 
-def target_weights(model) -> dict[str, torch.nn.Parameter]:
-    return {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in TARGETS}
+def target_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in TARGETS}
 
 
-def random_adapter(weights: dict, sparsity: float, seed: int) -> shira_hooks.SparseAdapter:
-    """A 'rand' mask adapter with random deltas, fingerprinted against the model's weights."""
+def random_adapter(weights: dict, sparsity: float, seed: int, block: int) -> shira_hooks.SparseAdapter:
+    """A rand-mask adapter (block runs if ``block`` > 1) with random deltas, fingerprinted against the weights."""
     g = torch.Generator().manual_seed(seed)
     deltas = {}
     for name, weight in weights.items():
-        k = masks.budget(weight.numel(), sparsity)
-        indices = masks.rand_mask(weight.numel(), k, masks.generator_for(seed, name))
+        k = masks.budget(weight.numel(), sparsity, block)
+        indices = masks.rand_mask(weight.numel(), k, masks.generator_for(seed, name), block)
         base = weight.detach().reshape(-1)[indices.long()]
-        deltas[name] = shira_hooks.SparseDelta(tuple(weight.shape), weight.dtype, indices, torch.randn(k, generator=g) * 1e-3, digest(base))
+        deltas[name] = shira_hooks.SparseDelta(tuple(weight.shape), weight.dtype, indices, torch.randn(k, generator=g) * 1e-3, digest(base), block)
     return shira_hooks.SparseAdapter(deltas, {"mask": "rand"})
 
 
-def bench_shira(model, sparsity: float, timing: dict) -> dict:
-    weights = target_weights(model)
-    a, b = random_adapter(weights, sparsity, 1), random_adapter(weights, sparsity, 2)
-    started = time.perf_counter()
+# -------------------------------------------------------------------------------------- workers
+def shira_switch(model, adapters):
+    """remove() the applied adapter, apply() the other: (first, second) callables for time_pair."""
+    a, b = adapters
     shira_hooks.apply(model, b).remove()  # first use of B: fingerprint check and precomputation
-    first = time.perf_counter() - started
-    current = [shira_hooks.apply(model, a)]
-    nxt = [b, a]
-
-    def remove():
-        current.pop().remove()
+    current, turn = [shira_hooks.apply(model, a)], [b, a]
 
     def apply_next():
-        adapter = nxt.pop(0)
+        adapter = turn.pop(0)
         current.append(shira_hooks.apply(model, adapter))
-        nxt.append(adapter)
+        turn.append(adapter)
 
-    remove_s, apply_s, switch_s = time_pair(remove, apply_next, **timing)
-    current.pop().remove()
-
-    # raw bound: precomputed int64 indices, originals and new values; nothing but index_copy_
-    plan = []
-    for name, weight in weights.items():
-        flat = weight.detach().view(-1)
-        ia, ib = a.deltas[name].indices.long(), b.deltas[name].indices.long()
-        orig_a, orig_b = flat[ia].clone(), flat[ib].clone()
-        plan.append((flat, ia, orig_a, (orig_a + a.deltas[name].values).to(flat.dtype), ib, orig_b, (orig_b + b.deltas[name].values).to(flat.dtype)))
-    for flat, ia, _, new_a, *_ in plan:
-        flat.index_copy_(0, ia, new_a)
-    state = {"on": "a"}
-
-    def raw_switch():
-        for flat, ia, orig_a, new_a, ib, orig_b, new_b in plan:
-            if state["on"] == "a":
-                flat.index_copy_(0, ia, orig_a)
-                flat.index_copy_(0, ib, new_b)
-            else:
-                flat.index_copy_(0, ib, orig_b)
-                flat.index_copy_(0, ia, new_a)
-        state["on"] = "b" if state["on"] == "a" else "a"
-
-    raw_switch_s, _, _ = time_pair(raw_switch, lambda: None, **timing)
-
-    def raw_single():
-        for flat, ia, orig_a, *_ in plan:
-            flat.index_copy_(0, ia, orig_a)
-
-    raw_single_s, _, _ = time_pair(raw_single, lambda: None, **timing)  # leaves the base in place
-    return {
-        "entries": a.num_entries, "first_apply_s": first, "switch": switch_s, "remove": remove_s, "apply": apply_s,
-        "raw_switch": raw_switch_s, "raw_single_write": raw_single_s,
-    }
+    return (lambda: current.pop().remove()), apply_next
 
 
-def bench_peft(model, rank: int, timing: dict) -> dict:
+def raw_plan(weights, adapters, block: int, packed: bool):
+    """(flat tensor, run or entry numbers, values to write) per write of one switch direction, precomputed."""
+    flats, offsets = {}, {}
+    if packed:  # every weight becomes a view of one buffer: 2 writes per switch for the whole model
+        total = sum(w.numel() for w in weights.values())
+        buffer = torch.empty(total, dtype=next(iter(weights.values())).dtype)
+        offset = 0
+        for name, w in weights.items():
+            buffer[offset : offset + w.numel()].copy_(w.detach().reshape(-1))
+            w.data = buffer[offset : offset + w.numel()].view(w.shape)
+            flats[name], offsets[name] = buffer, offset
+            offset += w.numel()
+    else:
+        flats = {name: w.detach().view(-1) for name, w in weights.items()}
+        offsets = {name: 0 for name in weights}
+    plans = []
+    for adapter in adapters:
+        rows, originals, written, targets = [], [], [], []
+        for name, delta in adapter.deltas.items():
+            flat, index = flats[name], delta.indices.long() + offsets[name]
+            base = flat[index]
+            rows.append(index[::block] // block)
+            originals.append(base)
+            written.append((base.float() + delta.values).to(flat.dtype))
+            targets.append(flat)
+        if packed:
+            rows, originals, written, targets = [torch.cat(rows)], [torch.cat(originals)], [torch.cat(written)], [targets[0]]
+        shaped = (lambda t: t.view(-1, block)) if block > 1 else (lambda t: t)  # block 1: the library's 1-D writes
+        plans.append([(shaped(flat), r, shaped(o), shaped(n)) for flat, r, o, n in zip(targets, rows, originals, written)])
+    return plans
+
+
+def raw_switch(weights, adapters, block: int, packed: bool):
+    plan_a, plan_b = raw_plan(weights, adapters, block, packed)
+    for view, rows, _, new in plan_a:
+        view.index_copy_(0, rows, new)
+    state = {"on": 0}
+
+    def switch():
+        on, off = (plan_a, plan_b) if state["on"] == 0 else (plan_b, plan_a)
+        for view, rows, original, _ in on:
+            view.index_copy_(0, rows, original)
+        for view, rows, _, new in off:
+            view.index_copy_(0, rows, new)
+        state["on"] ^= 1
+
+    return switch, (lambda: None)
+
+
+def addmm_bound(weights, rank: int):
+    """In-place LoRA fuse + unfuse, weight by weight: W += B @ A, then W -= B @ A (no temporaries)."""
+    g = torch.Generator().manual_seed(3)
+    pairs = []
+    for w in weights.values():
+        out, inp = w.shape
+        pairs.append((w.detach(), (torch.randn(out, rank, generator=g) * 0.01).to(w.dtype), (torch.randn(rank, inp, generator=g) * 0.01).to(w.dtype)))
+
+    def fuse():
+        for w, b, a in pairs:
+            w.addmm_(b, a)
+
+    def unfuse():
+        for w, b, a in pairs:
+            w.addmm_(b, a, alpha=-1)
+
+    return fuse, unfuse
+
+
+def peft_methods(model, method: str, rank: int):
+    import warnings
+
     from peft import LoraConfig, ShiraConfig, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    if method == "peft_shira":
+        peft_model = get_peft_model(model, ShiraConfig(r=rank, target_modules=TARGETS, random_seed=0))
+        with torch.no_grad():  # non-zero deltas, as after training
+            for n, p in peft_model.named_parameters():
+                if "shira_weight" in n:
+                    p.normal_(0, 1e-3)
+        return peft_model.merge_adapter, peft_model.unmerge_adapter
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    if method != "lora_hotswap":
+        return peft_model.merge_adapter, peft_model.unmerge_adapter
     from peft.utils.hotswap import hotswap_adapter_from_state_dict
 
-    results = {}
-    lora_config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
-    lora = get_peft_model(copy.deepcopy(model), lora_config)
-    results["lora_params"] = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
-    _, _, results["lora_merge_unmerge"] = time_pair(lora.merge_adapter, lora.unmerge_adapter, **timing)
-
-    # hot-swap (unfused): two LoRA state dicts of the same shapes, swapped in turn
-    state_a = {k: v.clone() for k, v in lora.state_dict().items() if "lora_" in k}  # keys name the adapter
+    state_a = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
     g = torch.Generator().manual_seed(3)
-    state_b = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in state_a.items()}
-    turn = [state_b, state_a]
+    turn = [{k: (torch.randn(v.shape, generator=g) * 0.01).to(v.dtype) for k, v in state_a.items()}, state_a]
 
     def swap():
         state = turn.pop(0)
-        hotswap_adapter_from_state_dict(lora, state, adapter_name="default", config=lora_config)
+        hotswap_adapter_from_state_dict(peft_model, state, adapter_name="default", config=config)
         turn.append(state)
 
-    results["lora_hotswap"], _, _ = time_pair(swap, lambda: None, **timing)
-
-    shira = get_peft_model(copy.deepcopy(model), ShiraConfig(r=rank, target_modules=TARGETS, random_seed=0))
-    results["peft_shira_params"] = sum(p.numel() for n, p in shira.named_parameters() if "shira_" in n)
-    with torch.no_grad():  # non-zero deltas, as after training
-        for n, p in shira.named_parameters():
-            if "shira_weight" in n:
-                p.normal_(0, 1e-3)
-    _, _, results["peft_shira_merge_unmerge"] = time_pair(shira.merge_adapter, shira.unmerge_adapter, **timing)
-    return results
+    return swap, (lambda: None)
 
 
-def markdown(row: dict, info: dict, command: str) -> str:
-    ms = lambda s: f"{s.median * 1e3:.1f}"
-    rng = lambda s: f"{s.min * 1e3:.1f}-{s.max * 1e3:.1f}"
-    switch = row["switch"].median
+def worker(case: dict, args) -> dict:
+    """Time one case in this process: warm-up, then up to ``repeats`` switches; the samples in seconds."""
+    torch.set_num_threads(args.threads)
+    dtype, block, method = DTYPES[case["dtype"]], case.get("block", 1), case["method"]
+    model = build_model(args.layers, dtype)
+    weights = target_weights(model)
+    rank = masks.lora_rank((w.shape for w in weights.values()), args.sparsity)
+    if method in ("shira", "raw", "packed"):
+        adapters = [random_adapter(weights, args.sparsity, seed, block) for seed in (1, 2)]
+        first, second = shira_switch(model, adapters) if method == "shira" else raw_switch(weights, adapters, block, method == "packed")
+    elif method == "addmm":
+        first, second = addmm_bound(weights, rank)
+    else:
+        first, second = peft_methods(model, method, rank)
+    for _ in range(args.warmup):
+        first(), second()
+    samples, started = [], time.perf_counter()
+    while len(samples) < args.repeats and (len(samples) < 3 or time.perf_counter() - started < args.budget):
+        t0 = time.perf_counter()
+        first()
+        second()
+        samples.append(time.perf_counter() - t0)
+    return {"samples": samples, "rank": rank}
+
+
+# --------------------------------------------------------------------------------------- parent
+def cases(quick: bool, extras: bool) -> list[dict]:
+    """What is timed: label, dtype, method, block, allocator. ``extras``: PEFT SHiRA, PEFT hot-swap and bfloat16 cold pages too."""
+    rows = []
+    for dtype, block in (("float32", 16), ("bfloat16", 32)):
+        rows += [
+            dict(dtype=dtype, method="shira", block=1, label="shira_hooks switch, unstructured"),
+            dict(dtype=dtype, method="shira", block=block, label=f"shira_hooks switch, block={block}"),
+            dict(dtype=dtype, method="raw", block=1, label="raw bound: 2 index_copy_ per weight, unstructured"),
+            dict(dtype=dtype, method="raw", block=block, label=f"raw bound: 2 index_copy_ per weight, block={block}"),
+            dict(dtype=dtype, method="packed", block=block, label=f"packed: 2 index_copy_ for all weights, block={block}"),
+            dict(dtype=dtype, method="addmm", label="in-place LoRA bound: addmm_ fuse + unfuse"),
+            dict(dtype=dtype, method="lora", allocator="warm", label="PEFT LoRA merge + unmerge, warm allocator"),
+        ]
+        if dtype == "float32" or extras:
+            rows.append(dict(dtype=dtype, method="lora", allocator="cold", label="PEFT LoRA merge + unmerge, cold pages"))
+        if dtype == "float32":
+            rows.append(dict(dtype=dtype, method="lora", allocator="unset", label="PEFT LoRA merge + unmerge, allocator unset"))
+        if dtype == "float32" and extras:
+            rows += [
+                dict(dtype=dtype, method="peft_shira", label="PEFT SHiRA merge + unmerge"),
+                dict(dtype=dtype, method="lora_hotswap", label="PEFT LoRA hot-swap (unfused)"),
+            ]
+    if quick:  # one of each kind of worker, float32
+        rows = [r for r in rows if r["dtype"] == "float32" and (r.get("block", 1) > 1 or r["method"] == "addmm" or r.get("allocator") == "cold")]
+    for row in rows:
+        row["key"] = f"{row['dtype']}/{row['method']}/b{row.get('block', 1)}/{row.get('allocator', 'unset')}"
+    return rows
+
+
+def run_case(case: dict, args) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(ALLOCATOR[case.get("allocator", "unset")])
+    command = [sys.executable, __file__, "--worker", json.dumps(case), "--layers", str(args.layers), "--sparsity", str(args.sparsity),
+               "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--budget", str(args.budget)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"worker {case['key']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bytes_moved(layers: int, sparsity: float) -> dict[str, dict[str, int]]:
+    """Per dtype, bytes of weight memory one switch reads and writes, from the masks (64-byte lines).
+
+    A sparse switch touches every 64-byte line that holds an entry of A (restored) or of B (written):
+    each such line is read and written once (2 x 64 bytes). A dense fuse + unfuse reads and writes
+    every weight entry twice (4 x numel x element size; PEFT's per-layer delta temporaries come on top).
+    """
+    out = {}
+    shapes = {n: tuple(w.shape) for n, w in target_weights(build_model(layers, torch.float32)).items()}
+    numel = sum(torch.Size(s).numel() for s in shapes.values())
+    for dtype, block in (("float32", 16), ("bfloat16", 32)):
+        size = DTYPES[dtype].itemsize
+        row = {"dense": 4 * numel * size}
+        for b in (1, block):
+            lines = entries = 0
+            for seed in (1, 2):
+                for name, shape in shapes.items():
+                    n = torch.Size(shape).numel()
+                    k = masks.budget(n, sparsity, b)
+                    index = masks.rand_mask(n, k, masks.generator_for(seed, name), b).long()
+                    lines += torch.unique(index * size // 64).numel()
+                    entries += k
+            row[f"lines_b{b}"] = 2 * 64 * lines
+            row[f"entries_b{b}"] = 2 * entries * size  # the bytes of the entries themselves, read and written
+        out[dtype] = row
+    return out
+
+
+def reference_ms() -> float:
+    """Median ms of one index_copy_ of 1% scattered entries into a 4096 x 4096 float32 weight, in this process:
+    a yardstick of how busy the machine is (0.2 ms on the project's machine when it is quiet)."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.zeros(4096 * 4096)
+    index = torch.randperm(weight.numel(), generator=g)[: weight.numel() // 100].sort().values
+    values = torch.randn(index.numel(), generator=g)
+    times = []
+    for _ in range(12):
+        started = time.perf_counter()
+        weight.index_copy_(0, index, values)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[2:]) * 1e3
+
+
+def summarize(samples: list[list[float]]) -> dict:
+    pooled = [s for round_ in samples for s in round_]
+    medians = [statistics.median(r) for r in samples]
+    return {"median": statistics.median(pooled), "min": min(pooled), "max": max(pooled), "round_medians": medians, "n": len(pooled)}
+
+
+def markdown(rows: list[dict], results: dict, moved: dict, info: dict, command: str, extra: dict) -> str:
+    ms = lambda s: f"{s * 1e3:.1f}"
     lines = report_header("`benchmarks/switch_model.py`: one adapter switch, whole model", command, info) + [
-        f"Model: Llama architecture from SmolLM2-135M's config, {row['layers']} layers, {row['targets']} target Linear weights, float32.",
-        f"Trainable entries: shira_hooks {row['entries']:,} (sparsity {row['sparsity']:g}); PEFT LoRA r={row['rank']} {row['lora_params']:,}; "
-        f"PEFT SHiRA r={row['rank']} {row['peft_shira_params']:,}.",
+        f"Weights: the {extra['targets']} target Linear weights of SmolLM2-135M's config ({extra['layers']} layers), sparsity "
+        f"{extra['sparsity']:g} (rand masks; block masks round k to whole blocks), LoRA rank {extra['rank']} (parameter count "
+        f"matched to the SHiRA budget). Each method ran in its own processes, {extra['rounds']} rounds alternating the methods' "
+        f"order; times are over all timed switches of all rounds; `per-round medians` shows how much a method moved "
+        f"between processes. Load average before / after: {extra['load_before']} / {extra['load_after']}"
+        + (f"; a yardstick of how busy the machine was, one `index_copy_` of 1% scattered entries into a 4096 x 4096 float32 "
+           f"weight, took {extra['reference_ms'][0]:.2f} / {extra['reference_ms'][1]:.2f} ms before / after (about 0.2 ms on a quiet "
+           f"machine here)." if "reference_ms" in extra else "."),
         "",
-        "| method | median ms | min-max ms | vs shira_hooks switch |",
-        "|---|---:|---:|---:|",
-    ]
-    entries = [
-        ("shira_hooks switch (remove A + apply B)", row["switch"]),
-        ("raw bound: 2 index_copy_ per weight", row["raw_switch"]),
-        ("raw bound: 1 index_copy_ per weight (a single write)", row["raw_single_write"]),
-        ("PEFT LoRA merge_adapter + unmerge_adapter", row["lora_merge_unmerge"]),
-        ("PEFT SHiRA merge_adapter + unmerge_adapter", row["peft_shira_merge_unmerge"]),
-        ("PEFT LoRA hotswap_adapter_from_state_dict (unfused)", row["lora_hotswap"]),
-    ]
-    for name, stats in entries:
-        lines.append(f"| {name} | {ms(stats)} | {rng(stats)} | {stats.median / switch:.2f}x |")
-    lines += [
+        "Allocator states (glibc `malloc`, set through its environment tunables): warm = `MALLOC_MMAP_THRESHOLD_`, "
+        "`MALLOC_TRIM_THRESHOLD_` and `MALLOC_TOP_PAD_` at 1 GiB, so a freed delta stays in the heap and the next one "
+        "reuses its pages (steady state); cold = `MALLOC_MMAP_THRESHOLD_=131072`, a fixed threshold, so every delta "
+        "is a fresh `mmap` whose pages fault in on first touch; unset = glibc's dynamic threshold (what a user gets).",
         "",
-        f"shira_hooks switch / raw 2-write bound: {switch / row['raw_switch'].median:.2f}x; "
-        f"PEFT LoRA merge+unmerge / shira_hooks switch: {row['lora_merge_unmerge'].median / switch:.1f}x; "
-        f"first apply of an adapter (fingerprint check + precomputation): {row['first_apply_s'] * 1e3:.1f} ms.",
     ]
+    for dtype in ("float32", "bfloat16"):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        if not mine:
+            continue
+        block = 16 if dtype == "float32" else 32
+        by = {r["key"]: results[r["key"]] for r in mine}
+        switch = by.get(f"{dtype}/shira/b{block}/unset")
+        lines += [f"### {dtype}", "", f"| method | median ms | min-max ms | per-round medians ms | x block={block} switch |", "|---|---:|---:|---:|---:|"]
+        for r in mine:
+            s = by[r["key"]]
+            ratio = f"{s['median'] / switch['median']:.1f}x" if switch else "-"
+            lines.append(f"| {r['label']} | {ms(s['median'])} | {ms(s['min'])}-{ms(s['max'])} | {' / '.join(ms(m) for m in s['round_medians'])} | {ratio} |")
+        m = moved.get(dtype)
+        if m:
+            lines += ["", f"Bytes of weight memory per switch: unstructured {m['lines_b1'] / 1e6:.1f} MB (64-byte lines holding an entry, read "
+                      f"and written), block={block} {m[f'lines_b{block}'] / 1e6:.1f} MB, the entries themselves {m['entries_b1'] / 1e6:.1f} MB; "
+                      f"a dense fuse + unfuse {m['dense'] / 1e6:.0f} MB (every entry read and written twice, before PEFT's temporaries)."]
+        if switch:
+            get = lambda key: by.get(f"{dtype}/{key}")
+            ratio = lambda key: get(key)["median"] / switch["median"] if get(key) else float("nan")
+            cold = f"; {ratio('lora/b1/cold'):.1f}x against cold pages" if get("lora/b1/cold") else ""
+            lines += ["", f"block={block} switch (medians; PEFT at steady state = warm allocator): {ratio('addmm/b1/unset'):.1f}x faster than "
+                      f"in-place `addmm_` fuse + unfuse (target 8x), {ratio('lora/b1/warm'):.1f}x faster than PEFT LoRA merge + unmerge "
+                      f"(target 20x{cold}), {ratio('shira/b1/unset'):.1f}x faster than the unstructured switch (target 3x), "
+                      f"{1 / ratio(f'raw/b{block}/unset'):.2f}x the time of its raw bound (target 1.3x or less), "
+                      f"{1 / ratio(f'packed/b{block}/unset'):.2f}x the time of the packed bound (one write for all weights).", ""]
     return "\n".join(lines)
 
 
@@ -184,27 +407,58 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--budget", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed switches per process (at least 3 switches)")
+    parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--results", metavar="RESULTS.md")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="2 layers, 1 round, a few workers")
+    parser.add_argument("--extras", action="store_true", help="also PEFT SHiRA merge + unmerge, PEFT LoRA hot-swap, and bfloat16 cold pages")
+    parser.add_argument("--render", metavar="JSON", help="write the report of an earlier run's JSON again (no timing)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker), args)))
+        return 0
+    if args.render:
+        saved = json.loads(open(args.render).read())
+        text = markdown(saved["cases"], saved["results"], saved["bytes"], saved["machine"], saved["command"], saved)
+        print(text)
+        publish("switch_model", text, saved, None, args.results)
+        return 0
+    if args.quick:
+        args.layers, args.rounds, args.repeats, args.warmup, args.budget = 2, 1, 3, 1, 0.2
     torch.set_num_threads(args.threads)
-    timing = dict(warmup=1 if args.quick else 3, repeats=3 if args.quick else args.repeats, budget=0.5 if args.quick else args.budget)
-
+    rows = cases(args.quick, args.extras)
+    load_before = open("/proc/loadavg").read().split()[:3]
+    reference_before = reference_ms()
+    samples: dict[str, list[list[float]]] = {r["key"]: [] for r in rows}
+    rank = None
+    for round_ in range(args.rounds):
+        for case in rows if round_ % 2 == 0 else reversed(rows):
+            started = time.perf_counter()
+            out = run_case(case, args)
+            samples[case["key"]].append(out["samples"])
+            rank = out["rank"]
+            print(f"round {round_ + 1}/{args.rounds} {case['key']:32} median {statistics.median(out['samples']) * 1e3:8.1f} ms "
+                  f"({len(out['samples'])} switches, process {time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+    load_after = open("/proc/loadavg").read().split()[:3]
+    reference_after = reference_ms()
+    results = {key: summarize(s) for key, s in samples.items()}
+    moved = bytes_moved(args.layers, args.sparsity)
     import peft  # noqa: F401  (its version goes into the machine line)
 
-    model = build_model(args.quick)
-    weights = target_weights(model)
-    row = {"layers": model.config.num_hidden_layers, "targets": len(weights), "sparsity": args.sparsity, "rank": masks.lora_rank((w.shape for w in weights.values()), args.sparsity)}
-    row.update(bench_shira(model, args.sparsity, timing))
-    row.update(bench_peft(model, row["rank"], timing))
     info = machine()
     command = command_line("python benchmarks/switch_model.py", argv)
-    text = markdown(row, info, command)
+    extra = {"layers": args.layers, "targets": args.layers * len(TARGETS), "sparsity": args.sparsity, "rank": rank, "rounds": args.rounds,
+             "load_before": " ".join(load_before), "load_after": " ".join(load_after),
+             "reference_ms": [round(reference_before, 3), round(reference_after, 3)]}
+    text = markdown(rows, results, moved, info, command, extra)
     print(text)
-    publish("switch_model", text, {"command": command, "machine": info, "result": row}, args.json, args.results)
+    payload = {"command": command, "machine": info, **extra, "cases": rows, "results": results, "bytes": moved}
+    publish("switch_model", text, payload, args.json, args.results)
     return 0
 
 

@@ -123,8 +123,10 @@ def run_calibration(
     return count
 
 
-def mask_from_scores(mask: str, name: str, scores: torch.Tensor | None, weight: torch.Tensor, k: int) -> torch.Tensor:
+def mask_from_scores(mask: str, name: str, scores: torch.Tensor | None, weight: torch.Tensor, k: int, block: int = 1) -> torch.Tensor:
     """The top-k mask of a grad/snip weight from its accumulated ``sum_b |g_b|`` (logical order, float32).
+
+    With ``block`` > 1, the k/B aligned blocks whose entries' scores sum highest (``masks.topk_mask``).
 
     Under ``torch.distributed`` the scores are summed across ranks first, so that every rank, each
     scoring its own batches, chooses the same mask.
@@ -147,4 +149,4 @@ def mask_from_scores(mask: str, name: str, scores: torch.Tensor | None, weight: 
             f"calibration scores of '{name}' contain NaN/inf (the loss or its gradients "
             f"overflowed); calibrate on batches with a finite loss"
         )
-    return topk_mask(scores, k)
+    return topk_mask(scores, k, block)

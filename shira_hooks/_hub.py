@@ -14,7 +14,9 @@
     target_weights           the adapted parameter names, in the adapter's order
     num_entries              the total number of adapted entries (k summed over the weights)
     mask, sparsity, seed     from the adapter's metadata (null when it has none)
-    block                    1: entries are single weights (kept for a future block-sparse layout)
+    block                    the adapter's block (``SparseAdapter.block``): 1 for single entries, B when
+                             every weight's entries are aligned runs of B (the file then stores one
+                             index per run: adapter format version 2)
     values_dtype             how the values are stored: "float32", "bfloat16" or "float16"
     created_by               the shira_hooks version that wrote the folder
 
@@ -170,7 +172,7 @@ def folder_config(adapter: SparseAdapter, base: str | None, revision: str | None
         "mask": metadata.get("mask"),
         "sparsity": _number(metadata.get("sparsity"), float),
         "seed": _number(metadata.get("seed"), int),
-        "block": 1,
+        "block": adapter.block,
         "values_dtype": dtype_name(dtype),
         "created_by": f"shira_hooks {__version__}",
     }

@@ -17,6 +17,7 @@ from . import _compact
 from ._io import atomic_write, read_safetensors
 from .adapter import check_indices, dtype_name
 from .errors import ShiraError
+from .masks import block_starts
 
 if TYPE_CHECKING:
     from .handle import ShiraHandle
@@ -29,8 +30,9 @@ def state_dict(self: "ShiraHandle") -> dict[str, Any]:
     """Masks and base values at the masked entries, to resume a run with identical masks.
 
     Returns:
-        ``{"format", "format_version", "mask", "sparsity", "seed", "targets": {name: {"shape",
-        "dtype", "base_digest", "indices", "originals"}}}``; tensors are CPU copies.
+        ``{"format", "format_version", "mask", "sparsity", "seed", "block", "targets": {name:
+        {"shape", "dtype", "base_digest", "indices", "originals"}}}``; tensors are CPU copies.
+        States written before ``block`` existed have no "block" entry: they load as block 1.
     """
     self._require_calibrated("save the handle's state")
     self._sync()
@@ -40,6 +42,7 @@ def state_dict(self: "ShiraHandle") -> dict[str, Any]:
         "mask": self.mask if isinstance(self.mask, str) else "custom",
         "sparsity": self.sparsity,
         "seed": self.seed,
+        "block": self.block,
         "targets": {
             t.name: {
                 "shape": list(t.param.shape),
@@ -64,6 +67,12 @@ def load_state_dict(self: "ShiraHandle", state: dict[str, Any]) -> None:
         raise ShiraError(f"not a shira_hooks handle state (format={state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {STATE_FORMAT!r})")
     if state.get("format_version") != STATE_VERSION:
         raise ShiraError(f"unknown handle state format_version {state.get('format_version')!r}; this shira_hooks reads {STATE_VERSION}")
+    block = state.get("block", 1)  # states from before block masks: single entries
+    if block != self.block:
+        raise ShiraError(
+            f"the state's masks are made of runs of block={block!r} entries, the handle was attached with "
+            f"block={self.block}; attach with block={block!r}, as the run that saved it"
+        )
     saved = state["targets"]
     ours = {t.name: t for t in self._targets}
     if saved.keys() != ours.keys():
@@ -80,6 +89,8 @@ def load_state_dict(self: "ShiraHandle", state: dict[str, Any]) -> None:
                 f"is {dtype_name(param.dtype)} {list(param.shape)}; load it into the model it was saved from"
             )
         check_indices(entry["indices"], param.numel(), f"state '{name}.indices'")
+        if block > 1 and block_starts(entry["indices"], block) is None:
+            raise ShiraError(f"state '{name}.indices' are not aligned runs of block={block} entries; the state is corrupt, save it again")
         originals = entry["originals"]
         if originals.dtype != param.dtype or originals.shape != entry["indices"].shape:
             raise ShiraError(

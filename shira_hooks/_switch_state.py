@@ -71,6 +71,8 @@ class Prepared:
         self.layout: tuple | None = None  # layout_key of the weight the tensors below were made for
         self.logical: torch.Tensor | None = None  # (k,) int64 row-major indices, sorted
         self.index: torch.Tensor | None = None  # (k,) int64 positions in storage_flat(weight); `logical` if row-major
+        # block adapters on a row-major weight: (k/B,) int64 run numbers in storage_flat(weight).view(-1, B)
+        self.runs: torch.Tensor | None = None
         self.delta: torch.Tensor | None = None  # (k,) float32 S on the weight's device
         self.forget_base()
 
@@ -91,13 +93,34 @@ class Prepared:
         self.evict()
         self.logical = self.source.indices.to(param.device, torch.int64)
         self.index = storage_index(self.logical, param)
+        block = self.source.block
+        if block > 1 and param.is_contiguous():  # runs of B are B consecutive storage elements
+            self.runs = torch.div(self.logical[::block], block, rounding_mode="floor")
         self.delta = self.source.values.to(param.device, torch.float32)
         self.layout = layout
+
+    def read(self, flat: torch.Tensor) -> torch.Tensor:
+        """(k,) the values of ``flat`` (= storage_flat(weight)) at the entries, in index order."""
+        if self.runs is not None:
+            return flat.view(-1, self.source.block).index_select(0, self.runs).view(-1)
+        return flat.index_select(0, self.index)
+
+    def write(self, flat: torch.Tensor, values: torch.Tensor) -> None:
+        """``flat[entries] = values`` in place: k/B whole runs of a (numel / B, B) view, or k single entries.
+
+        Both write the same values to the same elements (bit-identical results); whole runs are one
+        row copy per cache line instead of one element copy per entry.
+        """
+        if self.runs is not None:
+            block = self.source.block
+            flat.view(-1, block).index_copy_(0, self.runs, values.reshape(-1, block))
+        else:
+            flat.index_copy_(0, self.index, values)
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors held for this weight that are not the adapter's own."""
         own = (self.source.indices, self.source.values)
-        held = (self.logical, self.index, self.delta, self.base, self.written)
+        held = (self.logical, self.index, self.runs, self.delta, self.base, self.written)
         return [t for t in held if t is not None and not any(t is o for o in own)]
 
 

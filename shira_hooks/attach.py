@@ -78,6 +78,7 @@ def attach(
     freeze_others: bool = True,
     progress: bool = True,
     mode: str = "dense",
+    block: int = 1,
 ) -> ShiraHandle:
     """Make ``model`` train only a sparse mask of its target weights (SHiRA), with gradient hooks.
 
@@ -108,13 +109,22 @@ def attach(
             and gathered; "sparse": the same, but only the k masked entries of ``dY^T X`` are
             computed (``sampled_addmm``). Masks must be known at attach (grad/snip need ``calibration=``);
             build the optimizer (and DDP) after attach, so they see ``shira_values``.
+        block: every mask is made of aligned runs of ``block`` consecutive entries of a row
+            (``[j * block, (j + 1) * block)``), never straddling rows: ``block`` must divide the row
+            length of each target's ``(shape[0], -1)`` view. k is rounded to the nearest multiple of
+            ``block`` (at least one block). rand draws blocks uniformly, wm/grad/snip rank blocks by
+            the sum of their entries' scores, struct fills the diagonal's blocks and then whole rows,
+            and a mask function must return whole runs. 16 (one 64-byte line in float32; 32 in
+            bfloat16) makes ``apply``/``remove`` write whole cache lines and halves the adapter file
+            (one index per block). Default 1: single entries.
 
     Returns:
         A ``ShiraHandle``.
 
     Raises:
-        ShiraError: bad arguments, no matching target, a weight already attached, or a calibration
-            batch the loss cannot be computed from. Nothing is left changed when it is raised.
+        ShiraError: bad arguments, no matching target, a weight already attached, a ``block`` that
+            does not divide a target's row length, or a calibration batch the loss cannot be
+            computed from. Nothing is left changed when it is raised.
 
     Example:
         >>> shira = shira_hooks.attach(model, sparsity=0.01, mask="snip", calibration=batches)
@@ -125,6 +135,7 @@ def attach(
     _check_arguments(model, sparsity, mask, calibration, calibration_steps)
     if mode not in ("dense", "compact", "sparse"):
         raise ShiraError(f"unknown mode={mode!r}; use 'dense', 'compact' or 'sparse'")
+    masks.check_block(block)
     if mode != "dense" and mask in masks.CALIBRATED_KINDS and calibration is None:
         raise ShiraError(
             f"mode={mode!r} needs the masks at attach time, and mask={mask!r} without calibration= would score them "
@@ -146,6 +157,7 @@ def attach(
         if _attached_elsewhere(weight):
             raise ShiraError(f"weight '{name}' (module '{module_name}') already has a shira_hooks handle attached; call detach() on it first")
         check_dense(weight, f"weight '{name}' (module '{module_name}')")
+        masks.check_block_fits(block, name, tuple(weight.shape))
         if mode != "dense" and not isinstance(module, nn.Linear):
             raise ShiraError(
                 f"mode={mode!r} supports nn.Linear targets only; '{module_name}' is a {type(module).__name__}. "
@@ -166,7 +178,7 @@ def attach(
             raise ShiraError(f"module '{module_name}' already has a parameter '{_compact.VALUES}'; detach the handle that added it first")
         targets.append((name, module, weight))
 
-    handle = ShiraHandle(model, mask, float(sparsity), seed, calibration_steps, mode)
+    handle = ShiraHandle(model, mask, float(sparsity), seed, calibration_steps, mode, block)
     try:
         handle._install(targets, freeze_others)
         if callable(mask) or mask not in masks.CALIBRATED_KINDS:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from .adapter import SparseAdapter, dtype_name
+from .masks import index_dtype
 from .errors import ShiraError
 
 PROG = "python -m shira_hooks"
@@ -67,7 +68,8 @@ def inspect(args: argparse.Namespace) -> int:
     rows, total_bytes = [], 0
     for name, delta in adapter.deltas.items():
         k = delta.indices.numel()
-        tensor_bytes = k * (delta.indices.element_size() + delta.values.element_size())
+        stored_indices = k // delta.block  # a block adapter's file holds one index per run
+        tensor_bytes = stored_indices * index_dtype(delta.numel // delta.block).itemsize + k * delta.values.element_size()
         total_bytes += tensor_bytes
         shape = "x".join(str(s) for s in delta.shape)
         rows.append((name, shape, dtype_name(delta.dtype), dtype_name(delta.values.dtype), f"{k:,}",
@@ -75,6 +77,8 @@ def inspect(args: argparse.Namespace) -> int:
     header = ("weight", "shape", "base dtype", "values", "k", "%", "bytes", "fingerprint")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print(f"{path}: shira_hooks adapter, {len(adapter.deltas)} weights, {adapter.num_entries:,} entries, {size:,} bytes on disk")
+    if adapter.block > 1:
+        print(f"  block {adapter.block} (one index per run of {adapter.block} entries in the file)")
     for key, value in sorted(adapter.metadata.items()):
         print(f"  {key}: {value}")
     print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))

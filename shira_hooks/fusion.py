@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -21,6 +22,11 @@ def fuse(adapters: Sequence[SparseAdapter], weights: Sequence[float] | None = No
 
     Applying the result equals applying the adapters one after the other with alphas ``weights``
     (up to float32 rounding where they overlap).
+
+    Block adapters: a union of aligned runs of B1 and of B2 entries is made of aligned runs of
+    gcd(B1, B2), so each fused weight has block gcd of its parts' blocks: adapters of one block
+    keep it (and ``apply``'s whole-run writes), 16 with 32 gives 16, and any mix with an
+    unstructured (block 1) adapter gives an unstructured weight.
 
     Args:
         adapters: one or more adapters for the same base model.
@@ -64,7 +70,8 @@ def fuse(adapters: Sequence[SparseAdapter], weights: Sequence[float] | None = No
             fingerprint = digest(flat[union])
         else:
             fingerprint = first.fingerprint if same_entries else ""
-        fused[name] = SparseDelta(first.shape, first.dtype, union.to(index_dtype(first.numel)), values, fingerprint)
+        block = math.gcd(*(d.block for d, _ in parts))
+        fused[name] = SparseDelta(first.shape, first.dtype, union.to(index_dtype(first.numel)), values, fingerprint, block)
     metadata = {"mask": "fused", "fused_weights": json.dumps(weights), "fused_masks": json.dumps([a.metadata.get("mask", "?") for a in adapters])}
     return SparseAdapter(fused, metadata)
 

@@ -88,11 +88,12 @@ class ShiraHandle:
     ordinary model again, and ``state_dict()`` / ``load_state_dict()`` to resume with the same masks.
     """
 
-    def __init__(self, model: nn.Module, mask: str | masks.MaskFn, sparsity: float, seed: int, calibration_steps: int, mode: str = "dense"):
+    def __init__(self, model: nn.Module, mask: str | masks.MaskFn, sparsity: float, seed: int, calibration_steps: int, mode: str = "dense", block: int = 1):
         self.model = model
         self.mode = mode
         self.mask = mask
         self.sparsity = sparsity
+        self.block = block  # masks are aligned runs of `block` entries of a row (masks.py)
         self.seed = seed
         self.calibration_steps = calibration_steps
         self.frozen: list[str] = []  # trainable parameters that freeze_others froze (not in the adapter)
@@ -133,7 +134,7 @@ class ShiraHandle:
             self._report_frozen()
 
     def _budget(self, param: nn.Parameter) -> int:
-        return masks.budget(param.numel(), self.sparsity) if isinstance(self.mask, str) else 0
+        return masks.budget(param.numel(), self.sparsity, self.block) if isinstance(self.mask, str) else 0
 
     def _report_frozen(self) -> None:
         """freeze_others froze trainable parameters: say which, loudly if one looks like an output head."""
@@ -190,12 +191,12 @@ class ShiraHandle:
             target.fresh = True
 
     def _mask_from_scores(self, target: Target) -> None:
-        target.set_indices(mask_from_scores(self.mask, target.name, target.scores, target.param.detach(), target.budget))
+        target.set_indices(mask_from_scores(self.mask, target.name, target.scores, target.param.detach(), target.budget, self.block))
 
     def _fix_masks(self) -> None:
         """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""
         for target in self._targets:
-            target.set_indices(masks.fixed_mask(self.mask, target.name, target.param.detach(), target.budget, self.seed))
+            target.set_indices(masks.fixed_mask(self.mask, target.name, target.param.detach(), target.budget, self.seed, self.block))
 
     def _make_compact(self) -> None:
         """mode="compact"/"sparse": move the trainable entries into k-length parameters (``_compact``)."""
@@ -333,7 +334,7 @@ class ShiraHandle:
         mask = self.mask if isinstance(self.mask, str) else getattr(self.mask, "__name__", "custom")
         width = max(len("weight"), *(len(t.name) for t in self._targets))
         lines = [
-            f"shira_hooks: mask={mask!r} sparsity={self.sparsity:g} ({state})",
+            f"shira_hooks: mask={mask!r} sparsity={self.sparsity:g}{f' block={self.block}' if self.block > 1 else ''} ({state})",
         ]
         if self.frozen:
             shown = ", ".join(self.frozen[:8]) + (", ..." if len(self.frozen) > 8 else "")
@@ -393,7 +394,7 @@ class ShiraHandle:
         deltas = {}
         for t in self._targets:
             values = t.current().float() - t.originals.float()
-            deltas[t.name] = SparseDelta(tuple(t.param.shape), t.param.dtype, t.indices.clone(), values.cpu(), digest(t.originals))
+            deltas[t.name] = SparseDelta(tuple(t.param.shape), t.param.dtype, t.indices.clone(), values.cpu(), digest(t.originals), self.block)
         mask = self.mask if isinstance(self.mask, str) else "custom"
         return SparseAdapter(
             deltas, {"mask": mask, "sparsity": f"{self.sparsity:g}", "seed": str(self.seed), "created_by": f"shira_hooks {__version__}"}
@@ -456,8 +457,8 @@ class ShiraHandle:
         """Masks and base values at the masked entries, to resume a run with identical masks.
 
         Returns:
-            ``{"format", "format_version", "mask", "sparsity", "seed", "targets": {name: {"shape",
-            "dtype", "base_digest", "indices", "originals"}}}``; tensors are CPU copies.
+            ``{"format", "format_version", "mask", "sparsity", "seed", "block", "targets": {name:
+            {"shape", "dtype", "base_digest", "indices", "originals"}}}``; tensors are CPU copies.
         """
         return _state.state_dict(self)
 
@@ -465,7 +466,8 @@ class ShiraHandle:
         """Adopt the masks and originals of ``state_dict()``; everything is checked before anything changes.
 
         Raises:
-            ShiraError: the state is for other weights, shapes or dtypes, or its indices are invalid.
+            ShiraError: the state is for other weights, shapes or dtypes, another ``block``, or its
+                indices are invalid.
         """
         _state.load_state_dict(self, state)
 

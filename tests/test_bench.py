@@ -49,11 +49,16 @@ def test_switch_model_quick(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "switch_model.py"), "--quick", "--json", str(tmp_path / "s.json")],
         capture_output=True, text=True, check=True,
     ).stdout
-    for method in ("shira_hooks switch", "raw bound: 2 index_copy_", "PEFT LoRA merge_adapter", "PEFT SHiRA merge_adapter", "PEFT LoRA hotswap"):
+    for method in ("shira_hooks switch, block=16", "raw bound: 2 index_copy_ per weight, block=16", "packed: 2 index_copy_ for all weights",
+                   "in-place LoRA bound: addmm_", "PEFT LoRA merge + unmerge, cold pages"):
         assert f"| {method}" in out
-    result = json.loads((tmp_path / "s.json").read_text())["result"]
-    assert result["targets"] == 14 and result["entries"] > 0
-    assert 0.8 <= result["lora_params"] / result["entries"] <= 1.2  # the same budget within 20%
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["targets"] == 14 and result["rank"] >= 1 and result["rounds"] == 1
+    for stats in result["results"].values():  # each method in its own process, at least 3 timed switches
+        assert stats["n"] >= 3 and stats["min"] <= stats["median"] <= stats["max"]
+    moved = result["bytes"]["float32"]
+    # block=16 float32 runs are whole 64-byte lines: the lines touched are the entries' own bytes
+    assert moved["lines_b16"] == moved["entries_b16"] < moved["lines_b1"] < moved["dense"]
 
 
 def test_train_cost_quick(tmp_path):

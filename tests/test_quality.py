@@ -23,7 +23,7 @@ def test_quality_quick_runs_the_whole_pipeline_and_resumes(tmp_path):
     pytest.importorskip("matplotlib")
     run_quick(tmp_path, "--lazy-test")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    methods = ["lora", "peft_shira", "shira_struct", "shira_rand", "shira_wm", "shira_grad", "shira_snip"]
+    methods = ["lora", "peft_shira", "shira_struct", "shira_rand", "shira_wm", "shira_grad", "shira_snip", "shira_rand_b16", "shira_snip_b16"]
     for kind in ("encoder", "lm"):
         r = results["models"][kind]
         assert sorted(r["chosen_lr"]) == sorted(methods) and all(lr in r["grid"] for lr in r["chosen_lr"].values())
@@ -43,9 +43,24 @@ def test_quality_quick_runs_the_whole_pipeline_and_resumes(tmp_path):
     for heading in ("### 1. Single adapters", "### 2. Multi-adapter fusion", "### 3. Weights changed", "### 4. Training cost", "### 5. The paper's claims"):
         assert text.count(heading) == 2
     assert (tmp_path / "out" / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert "- Blocks: shira_hooks rand block=16 single-task average" in text
     # a rerun trains nothing: every cell comes from the cache
     again = run_quick(tmp_path, "--stages", "grid", "seeds", "fusion")
     assert " val " not in again and " fused " not in again
+    # one method added to the finished results (--merge), at a given rate (--lr), in a fresh cache: nothing else retrained
+    added = subprocess.run(
+        [sys.executable, str(QUALITY / "run.py"), "--quick", "--models", "encoder", "--methods", "shira_rand_b16", "--lr", "shira_rand_b16=0.03",
+         "--stages", "grid", "seeds", "fusion", "report", "--merge", str(tmp_path / "out" / "results.json"),
+         "--cache", str(tmp_path / "cache2"), "--out", str(tmp_path / "out2")], capture_output=True, text=True, check=True).stdout
+    quick_encoder = results["models"]["encoder"]
+    assert " head " not in added and " lora " not in added and added.count(" val ") == len(quick_encoder["seeds"]) * len(quick_encoder["tasks"])
+    merged = json.loads((tmp_path / "out2" / "results.json").read_text())
+    assert merged["models"]["lm"] == results["models"]["lm"]
+    encoder, before = merged["models"]["encoder"], results["models"]["encoder"]
+    assert encoder["chosen_lr"] == {**before["chosen_lr"], "shira_rand_b16": 0.03} and encoder["fixed_lr"] == {"shira_rand_b16": 0.03}
+    assert [c for c in encoder["cells"] if c["method"] != "shira_rand_b16"] == [c for c in before["cells"] if c["method"] != "shira_rand_b16"]
+    assert {c["lr"] for c in encoder["cells"] if c["method"] == "shira_rand_b16"} == {0.03}
+    assert "Not on the grid (`--lr`, the rate of the same mask without blocks): shira_hooks rand block=16 0.03." in (tmp_path / "out2" / "RESULTS.md").read_text()
 
 
 def test_lm_option_scores_equal_full_sequence_scoring():

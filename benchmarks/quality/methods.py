@@ -13,6 +13,8 @@ Methods (same targets: every Linear layer of the transformer blocks):
 * ``peft_shira``: PEFT's ``ShiraConfig`` (random mask, r * (in + out) entries per weight).
 * ``shira_<mask>``: ``shira_hooks.attach`` with mask struct / rand / wm / grad / snip at 1% of every
   target weight, ``mode="sparse"`` (proven equal to the dense hook mode in tests/test_compact.py).
+* ``shira_<mask>_b16`` (rand, snip): the same with ``block=16``, masks made of aligned runs of 16
+  entries of a row (one 64-byte line of a float32 weight), k rounded to whole blocks.
 Baselines: ``head`` (encoder: frozen backbone, head only) and ``zero_shot`` (LM: no training).
 """
 
@@ -35,9 +37,17 @@ from shira_hooks.masks import lora_rank
 import tasks as T
 
 SHIRA_MASKS = ["struct", "rand", "wm", "grad", "snip"]
-METHODS = ["lora", "peft_shira"] + [f"shira_{m}" for m in SHIRA_MASKS]
+BLOCK_MASKS = {"rand": 16, "snip": 16}  # block variants: shira_<mask>_b<B>
+METHODS = ["lora", "peft_shira"] + [f"shira_{m}" for m in SHIRA_MASKS] + [f"shira_{m}_b{b}" for m, b in BLOCK_MASKS.items()]
 LABELS = {"lora": "PEFT LoRA", "peft_shira": "PEFT SHiRA (rand)", "head": "head only (frozen backbone)", "zero_shot": "zero-shot (untrained)"}
 LABELS.update({f"shira_{m}": f"shira_hooks {m}" for m in SHIRA_MASKS})
+LABELS.update({f"shira_{m}_b{b}": f"shira_hooks {m} block={b}" for m, b in BLOCK_MASKS.items()})
+
+
+def shira_mask(method: str) -> tuple[str, int]:
+    """(mask, block) of a ``shira_<mask>`` or ``shira_<mask>_b<B>`` method."""
+    mask, _, block = method.removeprefix("shira_").partition("_b")
+    return mask, int(block or 1)
 
 
 # ------------------------------------------------------------------------------------ backends
@@ -217,8 +227,9 @@ def prepare(method: str, backend, model, *, sparsity: float, seed: int, calibrat
         def loss_fn(_root, batch):
             return backend.loss(model, batch)
 
-        handle = shira_hooks.attach(root, sparsity, method.removeprefix("shira_"), target_modules=backend.targets, calibration=calibration,
-                                    loss_fn=loss_fn, seed=seed, mode="sparse", progress=False)
+        mask, block = shira_mask(method)
+        handle = shira_hooks.attach(root, sparsity, mask, target_modules=backend.targets, calibration=calibration,
+                                    loss_fn=loss_fn, seed=seed, mode="sparse", progress=False, block=block)
         params = [p for n, p in root.named_parameters() if p.requires_grad]
         return Prepared(model, params, head, handle.num_trainable, handle=handle)
     from peft import LoraConfig, ShiraConfig, get_peft_model

@@ -76,7 +76,9 @@ def model_section(kind: str, r: dict) -> list[str]:
         f"with {100 * s['warmup']:.0f}% warm-up" + (f"; the task head trains at {s['head_lr']:g} in every method" if kind == "encoder" else "")
         + (f"; grad/snip masks scored on {s['calibration_batches']} training batches."),
         f"- Learning-rate grid {', '.join(f'{lr:g}' for lr in r['grid'])} on `{tasks[0]}` (seed 0, best validation accuracy); chosen: "
-        + ", ".join(f"{LABELS[m]} {lr:g}" for m, lr in r["chosen_lr"].items()) + ".",
+        + ", ".join(f"{LABELS[m]} {lr:g}" for m, lr in r["chosen_lr"].items() if m not in r.get("fixed_lr", {})) + "."
+        + (" Not on the grid (`--lr`, the rate of the same mask without blocks): " + ", ".join(f"{LABELS[m]} {lr:g}" for m, lr in r["fixed_lr"].items()) + "."
+           if r.get("fixed_lr") else ""),
         f"- Seeds: {len(r['seeds'])} (the seed sets the head, LoRA's A, the random masks, and the data order; the k-th task's masks "
         "and LoRA initialisation are drawn from seed + 1000 k, so independently trained adapters do not share a random mask).",
         "- Test accuracy: " + ("measured on a fresh base model with the saved adapter applied (LoRA: B @ A added to the weights), "
@@ -97,6 +99,8 @@ def model_section(kind: str, r: dict) -> list[str]:
     for method in [baseline] + METHODS:
         acc = single(r, method)
         entries = sorted({c["entries"] for t in tasks for c in final_cells(r, method, t)})
+        if not entries and method != baseline:  # a method this model was not run with (e.g. the block variants on the LM)
+            continue
         lines.append(f"| {LABELS[method]} | {'/'.join(f'{e:,}' for e in entries)} | " + " | ".join(pct(acc[t]) for t in tasks)
                      + f" | {pct(per_seed_average(r, method))} |")
     counts = {m: c["entries"] for m in ("lora", "shira_rand") for c in final_cells(r, m, tasks[0])[:1]}
@@ -185,6 +189,15 @@ def claims(r: dict) -> list[str]:
     for method, d, dl, noise in against_lora(r, drops):
         v = verdict(dl - d, noise, "a smaller drop than LoRA's", "a larger drop than LoRA's")
         out.append(f"- Fusion: {LABELS[method]} drops {100 * d:.1f} points vs LoRA {100 * dl:.1f}: {v} (paper, LLaMA2-7B: SHiRA-WM 4.4 vs LoRA 11.1).")
+    for method in [m for m in SHIRA if "_b" in m]:  # block masks against the same mask without blocks (issue: within 1 point)
+        plain = method.rsplit("_b", 1)[0]
+        for what, series in (("single-task average", per_seed_average), ("fused average", fused_average)):
+            a, b = series(r, method), series(r, plain)
+            if a and b:
+                diff = statistics.fmean(a) - statistics.fmean(b)
+                v = verdict(diff, spread(a, b), "above the unstructured mask", "below the unstructured mask")
+                out.append(f"- Blocks: {LABELS[method]} {what} {100 * statistics.fmean(a):.1f}% vs {LABELS[plain]} "
+                           f"{100 * statistics.fmean(b):.1f}% ({100 * diff:+.1f} points): {v}.")
     changed = {m: statistics.fmean(f["changed"] / f["target_weights"] for f in fused(r, m)) for m in METHODS if fused(r, m)}
     shira = [changed[m] for m in SHIRA if m in changed]
     if drops(r, "lora") and "lora" in changed and shira:

@@ -75,7 +75,10 @@ class Run:
         self.settings = dict(QUICK if args.quick else SETTINGS[kind], sparsity=args.sparsity)
         self.backend = (M.Encoder if kind == "encoder" else M.CausalLM)(tiny=args.quick)
         self.grid = ([1e-2, 3e-2] if kind == "encoder" else [3e-2]) if args.quick else GRID[kind]
-        self.methods = args.methods or M.METHODS  # the methods the training stages train (--methods)
+        self.methods = [m for m in args.methods or M.METHODS if m in M.METHODS]  # the methods the training stages train (--methods)
+        # the baseline trains unless --methods is given without it (its cells then come from --merge)
+        self.train_baseline = not args.methods or baseline_of_kind(kind) in args.methods
+        self.fixed_lr = dict(args.lr or [])  # --lr METHOD=RATE: no grid for that method
         self.seeds = list(range(min(2, args.encoder_seeds) if args.quick and kind == "encoder" else args.encoder_seeds if kind == "encoder" else args.lm_seeds))
         names = args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS[kind])
         self.tasks = {n: self.load_task(n) for n in names}
@@ -91,8 +94,12 @@ class Run:
         return self.folder / task / method / f"lr{lr:g}-seed{seed}"
 
 
+def baseline_of_kind(kind: str) -> str:
+    return "head" if kind == "encoder" else "zero_shot"
+
+
 def baseline_of(run: Run) -> str:
-    return "head" if run.kind == "encoder" else "zero_shot"
+    return baseline_of_kind(run.kind)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -111,7 +118,7 @@ def train_cell(run: Run, task: T.Task, method: str, lr: float, seed: int, *, eva
     steps = s["steps"] if steps is None else steps
     model = backend.model(task, seed)
     calibration = None
-    if method in ("shira_grad", "shira_snip"):
+    if method.startswith("shira_") and M.shira_mask(method)[0] in ("grad", "snip"):
         rows = T.batches(task.train, backend.batch_size, s["calibration_batches"], seed=10_000 + seed)
         calibration = [backend.batch(task, r) for r in rows]
     # Independently trained adapters: the k-th task's random masks (shira rand/struct, PEFT SHiRA) and
@@ -176,10 +183,10 @@ def cell(run: Run, task: T.Task, method: str, lr: float, seed: int) -> dict:
 def stage_grid(run: Run) -> None:
     """Seed 0: the baseline on every task; the learning-rate grid on the first task; the chosen rate elsewhere."""
     names = list(run.tasks)
-    for name in names:
+    for name in names if run.train_baseline else []:
         cell(run, run.tasks[name], baseline_of(run), run.settings["head_lr"], 0)
     for method in run.methods:
-        for lr in run.grid:
+        for lr in [run.fixed_lr[method]] if method in run.fixed_lr else run.grid:
             cell(run, run.tasks[names[0]], method, lr, 0)
     for name in names[1:]:
         for method in run.methods:
@@ -188,7 +195,9 @@ def stage_grid(run: Run) -> None:
 
 def chosen_lr(run: Run, method: str) -> float | None:
     """The grid rate with the best validation accuracy on the first task at seed 0 (ties: the smaller
-    rate); None while the grid is unfinished."""
+    rate); None while the grid is unfinished. A rate given with --lr is used as it is."""
+    if method in run.fixed_lr:
+        return run.fixed_lr[method]
     first = next(iter(run.tasks))
     paths = [run.cell_dir(first, method, lr, 0) / "cell.json" for lr in run.grid]
     if not all(p.exists() for p in paths):
@@ -199,7 +208,7 @@ def chosen_lr(run: Run, method: str) -> float | None:
 def stage_seeds(run: Run) -> None:
     for name, task in run.tasks.items():
         for seed in run.seeds[1:]:
-            if run.kind == "encoder":
+            if run.kind == "encoder" and run.train_baseline:
                 cell(run, task, baseline_of(run), run.settings["head_lr"], seed)
             for method in run.methods:
                 cell(run, task, method, chosen_lr(run, method), seed)
@@ -379,11 +388,30 @@ def collect(run: Run) -> dict:
     chosen = {m: lr for m in M.METHODS if (lr := chosen_lr(run, m)) is not None}
     return {
         "model": run.backend.name, "settings": run.settings, "batch_size": run.backend.batch_size, "max_length": run.backend.max_length,
-        "targets": run.backend.targets, "grid": run.grid, "seeds": run.seeds, "chosen_lr": chosen,
+        "targets": run.backend.targets, "grid": run.grid, "seeds": run.seeds, "chosen_lr": chosen, "fixed_lr": run.fixed_lr,
         "tasks": {n: {"sizes": t.sizes, "majority": t.majority(), "labels": t.labels} for n, t in run.tasks.items()},
         "cells": cells, "fusion": json.loads((run.folder / "fusion.json").read_text()) if (run.folder / "fusion.json").exists() else [],
         "cost": json.loads((run.folder / "cost.json").read_text()) if (run.folder / "cost.json").exists() else [],
     }
+
+
+def merge(fresh: dict, earlier: dict, trained: set[str]) -> dict:
+    """``fresh`` with everything of ``earlier`` (an older results.json) that this run did not train: the cells,
+    fusion and cost rows and chosen rates of the other methods (and the baseline, unless trained), and whole
+    models this run left out. Used with ``--methods`` to add methods to a finished benchmark without retraining it."""
+    for kind, old in earlier["models"].items():
+        new = fresh["models"].get(kind)
+        if new is None:
+            fresh["models"][kind] = old
+            continue
+        for key in ("cells", "fusion", "cost"):
+            new[key] = [row for row in old[key] if row["method"] not in trained] + [row for row in new[key] if row["method"] in trained]
+        new["chosen_lr"] = {**{m: lr for m, lr in old["chosen_lr"].items() if m not in trained}, **{m: lr for m, lr in new["chosen_lr"].items() if m in trained}}
+        new["fixed_lr"] = {m: lr for m, lr in new.get("fixed_lr", {}).items() if m in trained}
+    fresh["command"] = f"{earlier['command']}`, then `{fresh['command']}"
+    old = earlier["machine"]
+    fresh["machine"] = {**fresh["machine"], "rows merged from the earlier run": f"cpu {old.get('cpu')}, torch_threads {old.get('torch_threads')}"}
+    return fresh
 
 
 def main(argv=None) -> int:
@@ -394,8 +422,12 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     parser.add_argument("--pilot", action="store_true", help="run the task pilot instead (writes pilot.json)")
     parser.add_argument("--lazy-test", action="store_true", help="test only the cells at the chosen rates, from their saved adapters (saves time on the LM)")
-    parser.add_argument("--methods", nargs="+", choices=M.METHODS, help="train only these methods in the grid and seeds stages "
-                        "(to share the work between processes; default all)")
+    parser.add_argument("--methods", nargs="+", choices=M.METHODS + ["head", "zero_shot"], help="train only these methods in the grid and "
+                        "seeds stages (to share the work between processes; default all); the baseline (head, zero_shot) only if listed")
+    parser.add_argument("--merge", type=Path, help="an earlier results.json: keep its cells, fusion and cost rows of the methods this "
+                        "run does not train (with --methods; the cost stage then runs only if asked for in --stages)")
+    parser.add_argument("--lr", nargs="+", type=lambda text: (text.split("=")[0], float(text.split("=")[1])), metavar="METHOD=RATE",
+                        help="train METHOD at RATE instead of choosing its rate on the grid (e.g. a block variant at its unstructured mask's rate)")
     parser.add_argument("--encoder-seeds", type=int, default=3)
     parser.add_argument("--lm-seeds", type=int, default=1)
     parser.add_argument("--sparsity", type=float, default=0.01)
@@ -437,6 +469,8 @@ def main(argv=None) -> int:
         if "cost" in args.stages:
             stage_cost(run, args)
         results["models"][kind] = collect(run)
+    if args.merge:
+        results = merge(results, json.loads(args.merge.read_text()), set(args.methods or M.METHODS + ["head", "zero_shot"]))
     atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
     if "report" in args.stages:
         import report
