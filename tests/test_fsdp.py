@@ -1,0 +1,259 @@
+"""FSDP2 (``fully_shard``) in two real gloo processes, checked against one process on the same global batches.
+
+One spawned run does every multi-process check (process start-up dominates): dense training with
+attach before and after ``fully_shard``, grad/snip calibration on the shards (eager and lazy),
+resume from a saved state, and the refusals (Shard(1), compact mode). The parent process then trains
+the single-process references and compares.
+"""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import shira_hooks
+from shira_hooks._io import digest
+
+from conftest import llama_batches, make_llama
+
+SPARSITY, SEED, STEPS, ACCUMULATE, LR, CLIP = 0.05, 3, 2, 2, 1e-2, 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batches(n: int, seed: int) -> list[dict]:
+    """n global micro-batches of 4 rows; rank r of 2 takes rows [2r, 2r + 2) of each."""
+    return llama_batches(n, seed=seed, batch=4)
+
+
+def _rows(batch: dict, rank: int, world: int) -> dict:
+    size = batch["input_ids"].shape[0] // world
+    return {k: v[rank * size : (rank + 1) * size] for k, v in batch.items()}
+
+
+def _train(model, batches: list[dict]) -> None:
+    """AdamW(wd=0.1), ACCUMULATE micro-batches per step, clip_grad_norm_ over every trainable parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
+    for step in range(len(batches) // ACCUMULATE):
+        for batch in batches[step * ACCUMULATE : (step + 1) * ACCUMULATE]:
+            model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _shard(model, **kwargs) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def _full_weights(model) -> dict[str, torch.Tensor]:
+    from shira_hooks._shard import gather
+
+    return {n: gather(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def _changed_outside(shira, base: dict, model) -> int:
+    now = _full_weights(model)
+    total = 0
+    for name, indices in shira.masks.items():
+        changed = (now[name].reshape(-1) != base[name].reshape(-1)).nonzero().reshape(-1)
+        total += int((~torch.isin(changed, indices.long())).sum())
+    return total
+
+
+def _expect_error(fn, pattern: str) -> str:
+    try:
+        fn()
+    except shira_hooks.ShiraError as error:
+        import re
+
+        return "ok" if re.search(pattern, str(error)) else f"wrong message: {error}"
+    return "no error"
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from torch.distributed.tensor import Shard
+
+    report: dict = {}
+    train = [_rows(b, rank, world) for b in _global_batches(STEPS * ACCUMULATE, seed=7)]
+    for order in ("before", "after"):  # attach before / after fully_shard
+        model = make_llama()
+        base = _full_weights(model)
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        if order == "before":
+            shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED)
+            _shard(model)
+        else:
+            _shard(model)
+            shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED)
+        _train(model, train)
+        adapter = shira.extract()  # every rank: it gathers
+        if rank == 0:
+            adapter.save(os.path.join(out, f"{order}.safetensors"))
+        report[order] = {
+            "verify": shira.verify(),
+            "outside": _changed_outside(shira, base, model),
+            "adapter": digest(torch.cat([d.values for d in adapter.deltas.values()])),
+            "sharded": type(model.model.layers[0].self_attn.q_proj.weight).__name__,
+        }
+        shira.detach()
+        report[order]["flags_restored"] = flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+    # grad/snip scored on the shards: eager (attach after fully_shard) and lazy (the first backward passes)
+    calibration = [_rows(b, rank, world) for b in _global_batches(2, seed=11)]
+    model = make_llama()
+    _shard(model)
+    shira = shira_hooks.attach(model, SPARSITY, "snip", calibration=calibration, progress=False)
+    if rank == 0:
+        shira.save_state(os.path.join(out, "snip_state.safetensors"))
+    report["snip_masks"] = {n: i.tolist() for n, i in shira.masks.items()}
+    shira.detach()
+    model = make_llama()
+    _shard(model)
+    shira = shira_hooks.attach(model, SPARSITY, "grad", calibration_steps=2)
+    _train(model, calibration + train)  # the first step's two passes calibrate, then train
+    report["lazy"] = {"masks": {n: i.tolist() for n, i in shira.masks.items()}, "verify": shira.verify()}
+    adapter = shira.extract()
+    if rank == 0:
+        adapter.save(os.path.join(out, "lazy.safetensors"))
+    shira.detach()
+
+    # resume: another handle on another sharded model takes the saved masks
+    dist.barrier()
+    model = make_llama()
+    _shard(model)
+    shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED + 1)
+    shira.load_state(os.path.join(out, "snip_state.safetensors"))
+    report["resumed_masks"] = {n: i.tolist() for n, i in shira.masks.items()}
+    shira.detach()
+
+    # refusals
+    model = make_llama()
+    _shard(model, shard_placement_fn=lambda param: Shard(1) if param.dim() > 1 else Shard(0))
+    report["shard1_attach"] = _expect_error(lambda: shira_hooks.attach(model, SPARSITY, "rand", seed=0), r"Shard\(0\)")
+    model = make_llama()
+    shira = shira_hooks.attach(model, SPARSITY, "rand", seed=0)
+    _shard(model, shard_placement_fn=lambda param: Shard(1) if param.dim() > 1 else Shard(0))
+    report["shard1_forward"] = _expect_error(lambda: model(**train[0]), r"placements \(Shard\(dim=1\),\)")
+    shira.detach()
+    model = make_llama()
+    _shard(model)
+    report["compact_attach"] = _expect_error(lambda: shira_hooks.attach(model, SPARSITY, "rand", seed=0, mode="compact"), "not supported under FSDP2")
+    model = make_llama()
+    shira = shira_hooks.attach(model, SPARSITY, "rand", seed=0, mode="sparse")
+    _shard(model)
+    report["sparse_forward"] = _expect_error(lambda: model(**train[0]), "not supported under FSDP2")
+    shira.detach()
+
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+def _reference(mask: str, batches: list[dict], **kwargs):
+    """One process on the global batches; returns (model, handle)."""
+    model = make_llama()
+    shira = shira_hooks.attach(model, SPARSITY, mask, progress=False, **kwargs)
+    _train(model, batches)
+    return model, shira
+
+
+def _logits_after(adapter: shira_hooks.SparseAdapter, batch: dict) -> torch.Tensor:
+    model = make_llama()
+    with shira_hooks.apply(model, adapter), torch.no_grad():
+        return model(input_ids=batch["input_ids"]).logits
+
+
+def test_fsdp2_matches_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1  # every rank: the same masks, adapters, checks
+    train = _global_batches(STEPS * ACCUMULATE, seed=7)
+    probe = _global_batches(1, seed=99)[0]
+    model, shira = _reference("rand", train, seed=SEED)
+    reference = shira.extract()
+    shira.detach()
+    expected = _logits_after(reference, probe)
+    for order in ("before", "after"):
+        assert r0[order]["sharded"] == "DTensor"
+        assert r0[order]["verify"] == [] and r0[order]["outside"] == 0 and r0[order]["flags_restored"], order
+        adapter = shira_hooks.SparseAdapter.load(tmp_path / f"{order}.safetensors")
+        assert adapter.deltas.keys() == reference.deltas.keys()
+        for name, delta in adapter.deltas.items():
+            assert torch.equal(delta.indices, reference.deltas[name].indices), name  # same masks as one process
+            assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-6), name
+        assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5, order
+
+    # grad/snip on the shards: the masks one process chooses on the global batches
+    calibration = _global_batches(2, seed=11)
+    model = make_llama()
+    snip = shira_hooks.attach(model, SPARSITY, "snip", calibration=calibration, progress=False)
+    assert r0["snip_masks"] == {n: i.tolist() for n, i in snip.masks.items()}
+    snip.detach()
+    assert r0["resumed_masks"] == r0["snip_masks"]
+    model, lazy = _reference("grad", calibration + train, calibration_steps=2)
+    assert r0["lazy"]["masks"] == {n: i.tolist() for n, i in lazy.masks.items()} and r0["lazy"]["verify"] == []
+    reference = lazy.extract()
+    lazy.detach()
+    adapter = shira_hooks.SparseAdapter.load(tmp_path / "lazy.safetensors")
+    assert (_logits_after(adapter, probe) - _logits_after(reference, probe)).abs().max() < 1e-5
+
+    assert r0["shard1_attach"] == r0["shard1_forward"] == "ok"
+    assert r0["compact_attach"] == r0["sparse_forward"] == "ok"
+
+
+class _FakeEngine(nn.Module):
+    """Stands in for deepspeed.DeepSpeedEngine (not installed): refused by its class and module name."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+_FakeEngine.__name__ = _FakeEngine.__qualname__ = "DeepSpeedEngine"
+_FakeEngine.__module__ = "deepspeed.runtime.engine"
+
+
+def test_deepspeed_engine_is_refused():
+    from conftest import make_mlp
+
+    model = make_mlp()
+    with pytest.raises(shira_hooks.ShiraError, match="DeepSpeed engine .*FSDP2"):
+        shira_hooks.attach(_FakeEngine(model), 0.1, "rand", seed=0)
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)  # attached, then wrapped: refused at its first forward
+    with pytest.raises(shira_hooks.ShiraError, match="was wrapped in a DeepSpeed engine"):
+        _FakeEngine(model)(torch.randn(2, 16))
+    shira.detach()
+
+
+def test_replaced_weight_is_refused_at_the_step():
+    from conftest import make_mlp
+
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+    model.layers[0].weight = nn.Parameter(model.layers[0].weight.detach().clone())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 16)).sum().backward()
+    with pytest.raises(shira_hooks.ShiraError, match="'layers.0.weight' is no longer the parameter"):
+        optimizer.step()
+    shira.detach()
