@@ -8,7 +8,11 @@ the single-process references and compares.
 
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,6 +223,43 @@ def test_fsdp2_matches_one_process(tmp_path):
     assert r0["compact_attach"] == r0["sparse_forward"] == "ok"
 
 
+FSDP2_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+mixed_precision: 'no'
+use_cpu: true
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+"""
+
+
+def test_hf_trainer_under_accelerate_fsdp2(tmp_path):
+    """attach, then the Trainer shards the model (Accelerate's fsdp2_prepare_model) and trains with ShiraCallback."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate is not installed")
+    (tmp_path / "fsdp2.yaml").write_text(FSDP2_CONFIG)
+    script = Path(__file__).parent / "fsdp_trainer_run.py"
+    command = [accelerate, "launch", "--config_file", str(tmp_path / "fsdp2.yaml"), "--main_process_port", str(_free_port()), str(script), str(tmp_path / "run")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1))
+    for report in (r0, r1):
+        assert report["fsdp"] and report["weight_type"] == "DTensor"  # really sharded, not DDP
+        assert report["verify"] == [] and report["outside"] == 0
+        assert report["changed"] == report["budget"] > 0  # rand masks of a tiny model: every masked entry moves
+    assert r0["masks"] == r1["masks"]
+    assert r0["logits_error"] < 1e-5  # the saved adapter on a fresh base reproduces the trained model
+    assert r0["checkpoint_masks_equal"] and r0["checkpoint_adapter"]
+
+
 class _FakeEngine(nn.Module):
     """Stands in for deepspeed.DeepSpeedEngine (not installed): refused by its class and module name."""
 
@@ -244,6 +285,48 @@ def test_deepspeed_engine_is_refused():
     with pytest.raises(shira_hooks.ShiraError, match="was wrapped in a DeepSpeed engine"):
         _FakeEngine(model)(torch.randn(2, 16))
     shira.detach()
+
+
+def _fsdp1_stand_in(model: nn.Module) -> nn.Module:
+    """A FullyShardedDataParallel instance around ``model`` without its __init__ (which needs a GPU here)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(wrapper)
+    wrapper._fsdp_wrapped_module = model  # what FullyShardedDataParallel.module returns
+    return wrapper
+
+
+def test_fsdp1_is_refused():
+    from conftest import make_mlp
+
+    model = make_mlp()
+    with pytest.raises(shira_hooks.ShiraError, match="FSDP1 FullyShardedDataParallel wrapper.*fully_shard"):
+        shira_hooks.attach(_fsdp1_stand_in(model), 0.1, "rand", seed=0)
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+    with pytest.raises(shira_hooks.ShiraError, match="was wrapped in an FSDP1"):
+        _fsdp1_stand_in(model)(torch.randn(2, 16))
+    shira.detach()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FSDP1 does not run on CPU)")
+def test_real_fsdp1_is_refused(tmp_path):
+    from conftest import make_mlp
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        model = make_mlp().cuda()
+        shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+        wrapped = FullyShardedDataParallel(model, device_id=0)
+        with pytest.raises(shira_hooks.ShiraError, match="was wrapped in an FSDP1"):
+            wrapped(torch.randn(2, 16, device="cuda"))
+        shira.detach()
+        with pytest.raises(shira_hooks.ShiraError, match="FSDP1"):
+            shira_hooks.attach(wrapped, 0.1, "rand", seed=0)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_replaced_weight_is_refused_at_the_step():
