@@ -340,3 +340,15 @@ def test_replaced_weight_is_refused_at_the_step():
     with pytest.raises(shira_hooks.ShiraError, match="'layers.0.weight' is no longer the parameter"):
         optimizer.step()
     shira.detach()
+
+
+def test_fsdp_recipe_with_torchrun(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "fsdp.py"
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", str(recipe), "--tiny", "--output-dir", str(tmp_path / "run")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 ranks; q_proj.weight (64, 64) is a DTensor, (32, 64) on each rank" in done.stdout
+    assert done.stdout.count("entries changed outside the masks: none") == 1  # rank 0 reports
+    assert "accuracy after (fresh base + adapter): " in done.stdout
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["adapter.safetensors"]
