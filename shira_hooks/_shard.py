@@ -24,6 +24,7 @@ and ZeRO-3 parameters, and DTensor placements other than ``Shard(0)`` / ``Replic
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 SUPPORTED = (
     "shira_hooks supports DistributedDataParallel and FSDP2 (torch.distributed.fsdp.fully_shard, with the default "
     "Shard(0) placement; in Accelerate: fsdp_version: 2; in the HF Trainer: fsdp='full_shard' with "
-    "fsdp_config={'fsdp_version': 2}), mode='dense'"
+    "fsdp_config={'fsdp_version': 2}); mode='compact'/'sparse' under FSDP2 when attached after fully_shard"
 )
 
 
@@ -192,3 +193,71 @@ def _before_forward(module: nn.Module, args) -> None:
                 f"a model with an attached shira_hooks handle was wrapped in {problem}. {SUPPORTED}. Fix: shard with "
                 f"fully_shard (FSDP2) instead, or use DDP"
             )
+
+
+# ------------------------------------------------------------- compact/sparse values under FSDP2
+@dataclass(frozen=True)
+class ValuesSplit:
+    """How ``shira_values`` (mode compact/sparse) is split across the ranks of a ``Shard(0)`` weight.
+
+    The mask is sorted and each rank holds a contiguous block of rows, so the entries in rank r's rows
+    are one slice ``[start, stop)`` of the sorted mask. ``shira_values`` is a ``Shard(0)`` DTensor of
+    ``world * width`` entries: rank r holds its slice, zero-padded to ``width`` (the largest slice),
+    so the values and their optimizer state are O(k) over all ranks, and each rank writes its values
+    into its own rows of the weight without communication. The padding has zero gradient, so it stays
+    zero under AdamW, its decay included.
+    """
+
+    start: int
+    stop: int
+    width: int
+    world: int
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+def split_values(indices: torch.Tensor, weight: torch.Tensor, where: str) -> ValuesSplit:
+    """The ``ValuesSplit`` of a mask (sorted logical indices) over the ranks of a ``Shard(0)`` DTensor weight.
+
+    Raises:
+        ShiraError: the weight is sharded on a mesh with more than one dimension (HSDP), or not as torch.chunk.
+    """
+    mesh = weight.device_mesh
+    if mesh.ndim != 1:
+        raise ShiraError(
+            f"{where} is sharded on a {mesh.ndim}-D device mesh (HSDP); mode='compact'/'sparse' support FSDP2 on a "
+            f"1-D mesh only. Use mode='dense'"
+        )
+    world, rank, rows = mesh.size(), mesh.get_local_rank(), weight.shape[0]
+    width_rows = -(-rows // world)  # torch.chunk: ceil(rows / world) rows per rank, the last ones fewer or none
+    bounds = torch.tensor([min(r * width_rows, rows) * (weight.numel() // rows) for r in range(world + 1)], dtype=indices.dtype)
+    starts = torch.searchsorted(indices, bounds).tolist()
+    if row_range(weight) != (min(rank * width_rows, rows), min((rank + 1) * width_rows, rows)):
+        raise ShiraError(f"{where}: this rank's rows {row_range(weight)} are not the torch.chunk split that FSDP2 uses; use mode='dense'")
+    width = max(1, max(b - a for a, b in zip(starts, starts[1:])))
+    return ValuesSplit(starts[rank], starts[rank + 1], width, world)
+
+
+def values_parameter(local_values: torch.Tensor, split: ValuesSplit, weight: torch.Tensor) -> nn.Parameter:
+    """``shira_values`` as a ``Shard(0)`` DTensor parameter on the weight's mesh: this rank's values, zero-padded."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    padded = local_values.new_zeros(split.width)
+    padded[: split.count] = local_values
+    return nn.Parameter(DTensor.from_local(padded, weight.device_mesh, [Shard(0)], shape=(split.world * split.width,), stride=(1,)))
+
+
+def values_grad(grad: torch.Tensor, split: ValuesSplit, values: torch.Tensor) -> torch.Tensor:
+    """The DTensor gradient of ``shira_values`` from this rank's (k,) gradient of every mask entry (a collective).
+
+    Averaged over the ranks, as FSDP2 averages the gradients it reduces: the gradient of the global batch.
+    """
+    from torch.distributed.tensor import DTensor
+
+    torch.distributed.all_reduce(grad, group=values.device_mesh.get_group())
+    grad.div_(split.world)
+    padded = grad.new_zeros(split.width)
+    padded[: split.count] = grad[split.start : split.stop]
+    return DTensor.from_local(padded.to(values.dtype), values.device_mesh, values.placements, shape=values.shape, stride=values.stride())

@@ -148,11 +148,6 @@ def attach(
             raise ShiraError(f"weight '{name}' (module '{module_name}') already has a shira_hooks handle attached; call detach() on it first")
         _shard.check_placements(weight, f"weight '{name}' (module '{module_name}')")
         check_dense(_shard.local(weight), f"weight '{name}' (module '{module_name}')")
-        if mode != "dense" and _shard.is_sharded(weight):
-            raise ShiraError(
-                f"weight '{name}' (module '{module_name}') is sharded by FSDP2 (fully_shard); mode={mode!r} is not "
-                f"supported under FSDP2 yet. Use mode='dense' with FSDP2, or mode={mode!r} with DDP"
-            )
         if mode != "dense" and not isinstance(module, nn.Linear):
             raise ShiraError(
                 f"mode={mode!r} supports nn.Linear targets only; '{module_name}' is a {type(module).__name__}. "

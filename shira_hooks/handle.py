@@ -216,9 +216,9 @@ class ShiraHandle:
         check_dense(_shard.local(param), f"target weight '{t.name}'")
         if self.mode != "dense":
             raise ShiraError(
-                f"target weight '{t.name}' was sharded by FSDP2 (fully_shard); mode={self.mode!r} is not supported under "
-                f"FSDP2 yet (its shira_values would be sharded and gathered by FSDP, which the tap does not follow). "
-                f"Use mode='dense' with FSDP2, or mode={self.mode!r} with DDP"
+                f"target weight '{t.name}' was sharded by FSDP2 (fully_shard) after attach(mode={self.mode!r}): fully_shard "
+                f"also sharded its '{_compact.VALUES}' as an ordinary parameter, which the tap does not follow. With FSDP2, "
+                f"attach with mode={self.mode!r} after fully_shard, or use mode='dense' (which may attach before)"
             )
         t.grad_hook.remove()
         t.grad_hook = param.register_post_accumulate_grad_hook(self._make_hook(position))
@@ -275,8 +275,11 @@ class ShiraHandle:
             t.plan, hooks = _compact.install(t.module, t.param, t.indices, t.positions, transposes)
             self._hooks.extend(hooks)
             _flags.claim(self, t.param, target=True, wanted=False)  # no dense dL/dW; restored by detach()
-        layers = [(t.param, t.module, t.name.rpartition(".")[0] or type(t.module).__name__) for t in self._targets]
-        self._watch_hooks = _compact.watch_first_forward(self.model, layers, self.mode)
+        # Under FSDP2 the layer computes with the all-gathered weight and FSDP itself reads the sharded one
+        # outside the layer (its all-gather), so the read check cannot tell a functional use there.
+        layers = [(t.param, t.module, t.name.rpartition(".")[0] or type(t.module).__name__) for t in self._targets if not _shard.is_sharded(t.param)]
+        if layers:
+            self._watch_hooks = _compact.watch_first_forward(self.model, layers, self.mode)
 
     def _sync(self) -> None:
         """Make the weights hold the current compact values (a no-op in the dense mode)."""

@@ -120,6 +120,22 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         shira.detach()
         report[order]["flags_restored"] = flags == {n: p.requires_grad for n, p in model.named_parameters()}
 
+    for mode in ("compact", "sparse"):  # the k values split across the ranks by the mask's rows
+        model = make_llama()
+        base = _full_weights(model)
+        _shard(model)
+        shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED, mode=mode)
+        values = [m.shira_values for m in model.modules() if "shira_values" in m._parameters]
+        _train(model, train)
+        adapter = shira.extract()
+        if rank == 0:
+            adapter.save(os.path.join(out, f"{mode}.safetensors"))
+        report[mode] = {
+            "verify": shira.verify(), "outside": _changed_outside(shira, base, model), "k": shira.num_trainable,
+            "values": type(values[0]).__name__, "local": sum(v.to_local().numel() for v in values),
+        }
+        shira.detach()
+
     # grad/snip scored on the shards: eager (attach after fully_shard) and lazy (the first backward passes)
     calibration = [_rows(b, rank, world) for b in _global_batches(2, seed=11)]
     model = make_llama()
@@ -158,12 +174,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     report["shard1_forward"] = _expect_error(lambda: model(**train[0]), r"placements \(Shard\(dim=1\),\)")
     shira.detach()
     model = make_llama()
-    _shard(model)
-    report["compact_attach"] = _expect_error(lambda: shira_hooks.attach(model, SPARSITY, "rand", seed=0, mode="compact"), "not supported under FSDP2")
-    model = make_llama()
     shira = shira_hooks.attach(model, SPARSITY, "rand", seed=0, mode="sparse")
     _shard(model)
-    report["sparse_forward"] = _expect_error(lambda: model(**train[0]), "not supported under FSDP2")
+    report["sparse_before"] = _expect_error(lambda: model(**train[0]), "attach with mode='sparse' after fully_shard")
     shira.detach()
 
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -188,6 +201,8 @@ def _logits_after(adapter: shira_hooks.SparseAdapter, batch: dict) -> torch.Tens
 def test_fsdp2_matches_one_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for mode in ("compact", "sparse"):  # each rank holds its rows' part of the values, padded to the largest part
+        assert r0[mode]["local"] == r1[mode]["local"] and r0[mode]["local"] + r1[mode]["local"] < 1.25 * r0[mode]["k"], r0[mode]
     assert r0 == r1  # every rank: the same masks, adapters, checks
     train = _global_batches(STEPS * ACCUMULATE, seed=7)
     probe = _global_batches(1, seed=99)[0]
@@ -204,6 +219,13 @@ def test_fsdp2_matches_one_process(tmp_path):
             assert torch.equal(delta.indices, reference.deltas[name].indices), name  # same masks as one process
             assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-6), name
         assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5, order
+    for mode in ("compact", "sparse"):  # the same training as the dense mode, with the k values split across ranks
+        assert r0[mode]["values"] == "DTensor" and r0[mode]["verify"] == [] and r0[mode]["outside"] == 0, mode
+        adapter = shira_hooks.SparseAdapter.load(tmp_path / f"{mode}.safetensors")
+        for name, delta in adapter.deltas.items():
+            assert torch.equal(delta.indices, reference.deltas[name].indices), name
+            assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-5), (mode, name, (delta.values - reference.deltas[name].values).abs().max())
+        assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5, mode
 
     # grad/snip on the shards: the masks one process chooses on the global batches
     calibration = _global_batches(2, seed=11)
@@ -220,7 +242,7 @@ def test_fsdp2_matches_one_process(tmp_path):
     assert (_logits_after(adapter, probe) - _logits_after(reference, probe)).abs().max() < 1e-5
 
     assert r0["shard1_attach"] == r0["shard1_forward"] == "ok"
-    assert r0["compact_attach"] == r0["sparse_forward"] == "ok"
+    assert r0["sparse_before"] == "ok"
 
 
 FSDP2_CONFIG = """\
@@ -352,3 +374,21 @@ def test_fsdp_recipe_with_torchrun(tmp_path):
     assert done.stdout.count("entries changed outside the masks: none") == 1  # rank 0 reports
     assert "accuracy after (fresh base + adapter): " in done.stdout
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["adapter.safetensors"]
+
+
+def test_fsdp_cost_quick(tmp_path):
+    pytest.importorskip("peft")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fsdp_cost.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--json", str(tmp_path / "f.json")], capture_output=True, text=True, check=True).stdout
+    rows = {(r["method"], r["wrapper"]): r for r in json.loads((tmp_path / "f.json").read_text())["rows"]}
+    assert set(rows) == {(m, w) for m in ("full", "shira_dense", "shira_sparse", "peft_lora") for w in ("fsdp2", "ddp")}
+    for r in rows.values():
+        assert r["step_min_s"] <= r["step_median_s"] <= r["step_max_s"] and r["peak_mb"] >= max(r["peak_mb_by_rank"].values()) > 0
+    # FSDP2 holds half of every weight and of the optimizer state on each rank
+    for method in ("full", "shira_dense", "shira_sparse"):
+        assert rows[method, "fsdp2"]["parameters_mb"] < 0.6 * rows[method, "ddp"]["parameters_mb"]
+        # the sparse mode's values: each rank's rows' part, padded to the largest part
+        share = 0.75 if method == "shira_sparse" else 0.6
+        assert rows[method, "fsdp2"]["optimizer_state_mb"] < share * rows[method, "ddp"]["optimizer_state_mb"], method
+    assert len({rows[m, w]["trainable"] for m in ("shira_dense", "shira_sparse") for w in ("fsdp2", "ddp")}) == 1
+    assert "- shira_hooks mode='sparse' under FSDP2: per-rank peak" in out and "(target for mode='sparse': <= 0.6x" in out
