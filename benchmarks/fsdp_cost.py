@@ -193,7 +193,8 @@ def run_all(args) -> list[dict]:
 
 
 def markdown(rows: list[dict], info: dict, command: str, args, load: tuple[str, str]) -> str:
-    lines = report_header("`benchmarks/fsdp_cost.py`: 2 ranks, FSDP2 vs DDP, per-rank live peak and step time", command, info)
+    title = f"`benchmarks/fsdp_cost.py`: 2 ranks, FSDP2 vs DDP, per-rank live peak and step time ({args.layers or 'all'} layers)"
+    lines = report_header(title, command, info)
     config = train_cost.CONFIGS[args.config]
     lines += [
         f"Model: `{args.config}` config of `train_cost.py` (hidden {config['hidden_size']}, intermediate {config['intermediate_size']}, "
@@ -253,6 +254,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="per rank")
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--section", default="fsdp_cost", help="the RESULTS.md section to write (another run of other sizes)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--results", metavar="RESULTS.md")
     parser.add_argument("--quick", action="store_true")
@@ -274,7 +276,7 @@ def main(argv=None) -> int:
     command = command_line("python benchmarks/fsdp_cost.py", argv)
     text = markdown(rows, info, command, args, (before, after))
     print(text)
-    publish("fsdp_cost", text, {"command": command, "machine": info, "load": [before, after], "rows": rows}, args.json, args.results)
+    publish(args.section, text, {"command": command, "machine": info, "load": [before, after], "rows": rows}, args.json, args.results)
     return 0
 
 

@@ -23,6 +23,7 @@ and ZeRO-3 parameters, and DTensor placements other than ``Shard(0)`` / ``Replic
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ SUPPORTED = (
 )
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
     if not torch.distributed.is_available():
         return None

@@ -172,7 +172,7 @@ class ShiraHandle:
         """Find the weights again after FSDP2's ``fully_shard`` put new ``DTensor`` parameters in their modules.
 
         Called before the model's forward passes until its first optimizer step (``_shard.watch``), at every
-        optimizer step (``at_step``), and by ``extract``/``verify``/``state_dict``. A new DTensor is adopted:
+        optimizer step (``at_step``), and by ``extract``/``verify``. A new DTensor is adopted:
         the gradient hook moves to it, and so do the ``requires_grad`` claims of every parameter this handle
         claimed (found by name). Before a forward pass, a replacement that is not a DTensor is left alone:
         it may be FSDP2's unsharded weight, put there by the pre-forward of an enclosing ``fully_shard``
@@ -180,8 +180,8 @@ class ShiraHandle:
         is refused: its gradient was not masked.
 
         Raises:
-            ShiraError: a placement other than Shard(0)/Replicate, mode != "dense" under FSDP2, or (at a
-                step) a target weight replaced by something the hooks could not follow.
+            ShiraError: a placement other than Shard(0)/Replicate, mode compact/sparse sharded after attach,
+                or (at a step) a target weight replaced by something the hooks could not follow.
         """
         if not self._attached:
             return
