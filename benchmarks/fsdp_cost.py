@@ -43,19 +43,37 @@ from shira_hooks._timing import command_line, machine, publish, report_header  #
 METHODS = ["full", "shira_dense", "shira_sparse", "peft_lora"]
 WRAPPERS = ["fsdp2", "ddp"]
 LABELS = {**train_cost.LABELS, "fsdp2": "FSDP2", "ddp": "DDP"}
+UNITS = {
+    "layers": "every decoder layer and the root (torch's defaults: the root's embedding and head stay gathered from forward to backward)",
+    "accelerate": "the embedding, every decoder layer, norm + head, and the root, all resharded after forward (Accelerate's layout)",
+}
 
 
 # ------------------------------------------------------------------------------ one rank
-def shard(model) -> None:
+def shard(model, layout: str = "layers") -> None:
+    """``fully_shard`` every decoder layer, then the root (which keeps the embedding and the output head).
+
+    ``layout="accelerate"``: as Accelerate's ``fsdp2_prepare_model`` does, the embedding and the final
+    norm + output head become units of their own, and every unit (the root too) reshards after forward.
+    """
     from torch.distributed.fsdp import fully_shard
 
+    reshard = True if layout == "accelerate" else None  # None: torch's default, the root keeps its weights gathered
     for module in model.modules():
         if type(module).__name__ == "LlamaDecoderLayer":
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, reshard_after_forward=reshard)
+    if layout == "accelerate":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model wraps it
+        embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+        if embed.weight is head.weight:  # tied: one unit
+            fully_shard([embed, base.model.norm, head], reshard_after_forward=True)
+        else:
+            fully_shard(embed, reshard_after_forward=True)
+            fully_shard([base.model.norm, head], reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=reshard)
 
 
-def prepare(method: str, wrapper: str, model, sparsity: float):
+def prepare(method: str, wrapper: str, model, sparsity: float, layout: str = "layers"):
     """(model to call, trainable entries) for ``method`` under ``wrapper``; SHiRA attaches after sharding."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -64,9 +82,9 @@ def prepare(method: str, wrapper: str, model, sparsity: float):
         return DistributedDataParallel(model), trainable
     if method.startswith("peft_"):
         model, trainable = train_cost.prepare(method, model, sparsity)
-        shard(model)
+        shard(model, layout)
         return model, trainable
-    shard(model)
+    shard(model, layout)
     return train_cost.prepare(method, model, sparsity)
 
 
@@ -90,7 +108,7 @@ def run_case(method: str, wrapper: str, args, rank: int) -> dict:
     model.train()
     case = {"method": method, "wrapper": wrapper, "rank": rank}
     try:
-        model, trainable = prepare(method, wrapper, model, args.sparsity)
+        model, trainable = prepare(method, wrapper, model, args.sparsity, args.layout)
     except ShiraError as error:
         return {**case, "refused": str(error)}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -145,7 +163,7 @@ def launch(args, cases: list[str]) -> list[dict]:
     base = {**os.environ, **train_cost.RETURNING_MALLOC, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     command = [sys.executable, __file__, "--worker", "--cases", *cases, "--config", args.config, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--length", str(args.length),
-               "--threads", str(args.threads), "--sparsity", str(args.sparsity)]
+               "--threads", str(args.threads), "--sparsity", str(args.sparsity), "--layout", args.layout]
     if args.layers:
         command += ["--layers", str(args.layers)]
     ranks = [subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -198,7 +216,8 @@ def markdown(rows: list[dict], info: dict, command: str, args, load: tuple[str, 
     config = train_cost.CONFIGS[args.config]
     lines += [
         f"Model: `{args.config}` config of `train_cost.py` (hidden {config['hidden_size']}, intermediate {config['intermediate_size']}, "
-        f"{args.layers or config['num_hidden_layers']} layers, vocab {config['vocab_size']}; built from the config), 2 gloo ranks on the CPU, "
+        f"{args.layers or config['num_hidden_layers']} layers, vocab {config['vocab_size']}; built from the config), FSDP2 units: "
+        f"{UNITS[args.layout]}, 2 gloo ranks on the CPU, "
         f"{args.threads} thread(s) each, batch {args.batch} x {args.length} per rank, AdamW. Peak: VmHWM of each rank after a reset "
         f"following {args.warmup} warm-up step(s), i.e. steady-state training; the larger of the two ranks, and the largest over "
         f"{args.rounds} round(s). Step: median (min-max) of rank 0's timed steps. Load average before / after: {load[0]} / {load[1]}.",
@@ -254,6 +273,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="per rank")
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--layout", default="layers", choices=["layers", "accelerate"],
+                        help="FSDP2 units: decoder layers + root (torch defaults), or also embedding and head apart, all resharded after forward (Accelerate)")
     parser.add_argument("--section", default="fsdp_cost", help="the RESULTS.md section to write (another run of other sizes)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--results", metavar="RESULTS.md")
