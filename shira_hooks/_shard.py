@@ -182,6 +182,9 @@ def unwatch(handle: "ShiraHandle") -> None:
 
 
 def _before_forward(module: nn.Module, args) -> None:
+    if not _WATCHED and _HOOK:  # every watched model was collected without detach(): the hook goes
+        _HOOK.pop().remove()  # safe here: torch calls the global hooks from a copy of their dict
+        return
     handles = _WATCHED.get(module)
     if handles:
         for handle in list(handles):

@@ -392,3 +392,28 @@ def test_fsdp_cost_quick(tmp_path):
         assert rows[method, "fsdp2"]["optimizer_state_mb"] < share * rows[method, "ddp"]["optimizer_state_mb"], method
     assert len({rows[m, w]["trainable"] for m in ("shira_dense", "shira_sparse") for w in ("fsdp2", "ddp")}) == 1
     assert "- shira_hooks mode='sparse' under FSDP2: per-rank peak" in out and "(target for mode='sparse': <= 0.6x" in out
+
+
+def test_the_watch_hook_goes_with_detach_and_with_the_model():
+    """The global forward pre-hook that follows fully_shard lives only while a handle watches a model."""
+    import gc
+
+    from conftest import make_mlp
+    from torch.nn.modules.module import _global_forward_pre_hooks
+
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+    assert len(_global_forward_pre_hooks) == 1
+    shira.detach()
+    assert len(_global_forward_pre_hooks) == 0
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()  # training started: from now on each step checks the weights instead
+    assert len(_global_forward_pre_hooks) == 0
+    shira.detach()
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+    del model, shira, optimizer
+    gc.collect()
+    make_mlp()(torch.randn(2, 16))  # the next forward of any module removes the orphaned hook
+    assert len(_global_forward_pre_hooks) == 0
