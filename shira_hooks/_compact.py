@@ -23,6 +23,13 @@ For each target ``nn.Linear`` (weight W of shape (out, in), mask ``index`` of k 
 
 Weight decay: the optimizer decays ``shira_values``, which are the weight's entries, so decay acts
 exactly as in the dense mode (on the masked entries of the weight, not on a delta).
+
+Under FSDP2 (a ``Shard(0)`` DTensor weight, attached after ``fully_shard``) ``shira_values`` is itself a
+``Shard(0)`` DTensor: each rank holds the masked entries in its own rows (``_shard.ValuesSplit``), so
+values and optimizer state are O(k) over all ranks. The tap computes this rank's gradient of all k
+entries (the layer ran on the all-gathered weight and this rank's batch), averages it over the ranks
+(an all-reduce of k entries per layer) and keeps its own slice. After each optimizer step every rank
+writes its values into its rows of the sharded weight, which FSDP2 all-gathers for the next forward.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import _shard
 from ._layout import storage_flat
 from .errors import ShiraError
 from .masks import index_dtype
@@ -56,6 +64,7 @@ class Plan:
     transposes: "InputTransposes | None" = None  # mode="sparse": shared by the layers of one handle
     synced: int = -1  # values._version last written into the weight
     seen: bool = False  # a gradient of the values was computed since attach
+    split: _shard.ValuesSplit | None = None  # FSDP2: which entries this rank's part of the values holds
 
     @property
     def sparse(self) -> bool:
@@ -78,8 +87,10 @@ class Plan:
         """
         if force or self.values._version != self.synced:
             weight = self.weight.detach()
-            values = self.values.detach().to(weight.device, weight.dtype)
-            storage_flat(weight).index_copy_(0, self.positions(weight), values)
+            values = _shard.local(self.values.detach())
+            if self.split is not None:  # FSDP2: this rank's values, into its rows of the sharded weight
+                values = values[: self.split.count]
+            storage_flat(_shard.local(weight)).index_copy_(0, self.positions(weight), values.to(weight.device, weight.dtype))
             self.synced = self.values._version
 
 
@@ -231,6 +242,8 @@ class _Tap(torch.autograd.Function):
                 grad = torch.sparse.sampled_addmm(plan.pattern, dy.t(), x, beta=0.0).values()  # (k,)
         else:
             grad = (dy.t() @ x).view(-1).index_select(0, plan.index)  # dense (out, in) product, gathered
+        if plan.split is not None:  # FSDP2: average over the ranks, keep this rank's slice (a DTensor)
+            return grad_output, _shard.values_grad(grad, plan.split, plan.values), None, None, None
         return grad_output, grad.to(plan.values.dtype), None, None, None
 
 
@@ -267,10 +280,12 @@ def install(
     None is "compact".
     """
     index = indices.to(weight.device, torch.int64)
-    values = nn.Parameter(storage_flat(weight.detach()).index_select(0, positions(weight)).clone())
+    values = storage_flat(_shard.local(weight.detach())).index_select(0, positions(weight)).clone()  # FSDP2: this rank's rows
+    split = _shard.split_values(indices, weight, f"weight of '{type(module).__name__}'") if _shard.is_sharded(weight) else None
+    values = nn.Parameter(values) if split is None else _shard.values_parameter(values, split, weight)
     module.register_parameter(VALUES, values)
     pattern = csr_pattern(index, tuple(weight.shape)) if transposes is not None else None
-    plan = Plan(weight, values, index, positions, pattern, transposes)
+    plan = Plan(weight, values, index, positions, pattern, transposes, split=split)
     plan.synced = values._version
 
     def before(mod, args):

@@ -60,6 +60,14 @@ def claim(handle, param: nn.Parameter, *, target: bool, wanted: bool) -> None:
     param.requires_grad_(record.resolve())
 
 
+def move(old: nn.Parameter, new: nn.Parameter) -> None:
+    """``new`` replaced ``old`` in the model (FSDP2's fully_shard): it takes over ``old``'s record and flag."""
+    record = _RECORDS.pop(old, None)
+    if record is not None:
+        _RECORDS[new] = record
+        new.requires_grad_(record.resolve())
+
+
 def release(handle, params: list[nn.Parameter]) -> None:
     """Drop ``handle``'s claims on ``params`` and set each to what the remaining claims resolve to."""
     for param in params:

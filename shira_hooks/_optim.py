@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from ._layout import storage_flat
 from .errors import ShiraError
 
 if TYPE_CHECKING:
@@ -192,13 +191,12 @@ def _prepare(optimizer, kwargs) -> None:
         sign = -1.0 if group.get("maximize", False) else 1.0
         for param in targets:
             target = stepped[id(param)]
-            flat, index = storage_flat(param), target.positions(param)
+            flat, index = target.storage(param)  # of a DTensor (FSDP2): this rank's rows
             if rule == "decoupled":
                 kept = flat.index_select(0, index)
                 flat.index_copy_(0, index, kept.mul_(1 - lr * decay))
             else:
-                grad = storage_flat(param.grad)
-                grad_index = target.positions(param.grad)
+                grad, grad_index = target.storage(param.grad)
                 kept = grad.index_select(0, grad_index)
                 decayed = kept.add(flat.index_select(0, index).to(grad.dtype), alpha=sign * decay * scale)
                 grad.index_copy_(0, grad_index, decayed)

@@ -98,6 +98,12 @@ def load_state_dict(self: "ShiraHandle", state: dict[str, Any]) -> None:
                 f"{param.dtype} of shape {tuple(entry['indices'].shape)}"
             )
         plan = ours[name].plan
+        if plan is not None and plan.split is not None:
+            raise ShiraError(
+                f"'{name}' trains with mode={self.mode!r} under FSDP2, where {_compact.VALUES} is split across the ranks by "
+                f"the mask's rows; a state with other masks cannot be loaded into it. Attach with the saved masks instead "
+                f"(mask=lambda name, weight: state['targets'][name]['indices']), or use mode='dense'"
+            )
         if plan is not None and plan.values.numel() != entry["indices"].numel():
             raise ShiraError(
                 f"state for '{name}' has {entry['indices'].numel()} entries, the handle's {_compact.VALUES} has "

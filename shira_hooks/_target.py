@@ -6,16 +6,21 @@ through ``positions(tensor)``, the int64 storage positions of the mask in that t
 device and layout (``_layout``), cached per layout. ``follow()`` makes the stored base values follow
 the weight after ``model.to(device)``, a dtype cast or a ``param.data = ...`` replacement, so no
 tensor of the handle is ever on the wrong device at use time.
+
+Under FSDP2 the weight, its gradient and its optimizer state are ``DTensor``s sharded by rows
+(``_shard``): ``storage(tensor)`` then addresses this rank's shard and the mask's indices in its
+rows, while ``current()`` and ``restored()`` gather the full weight (collectives).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import _compact
+from . import _compact, _shard
 from ._io import digest
 from ._layout import check_dense, is_dense, layout_key, storage_flat, storage_index
 from .errors import ShiraError
@@ -40,17 +45,27 @@ class Target:
     fresh: bool = False
     grad_seen: bool = False  # a gradient (dense, or of shira_values) arrived since attach
     plan: _compact.Plan | None = None  # mode="compact"/"sparse": the k-length parameter and its hooks
+    attr: str = "weight"  # the parameter's attribute name in ``module`` (FSDP2 puts a new object there)
+    grad_hook: Any = None  # the post-accumulate-grad hook handle on ``param`` (also in the handle's list)
     _positions: dict = field(default_factory=dict)  # layout_key -> (k,) int64 storage positions
 
     def positions(self, tensor: torch.Tensor) -> torch.Tensor:
-        """(k,) int64 positions of the mask in ``storage_flat(tensor)``, on ``tensor``'s device."""
-        key = layout_key(tensor)
+        """(k,) int64 positions of the mask in ``storage_flat(tensor)``, on ``tensor``'s device.
+
+        For a DTensor: the positions in this rank's shard (``storage``) of the masked entries in its rows.
+        """
+        shard = _shard.local(tensor)
+        key = layout_key(shard) + (_shard.row_range(tensor) if shard is not tensor else ())
         found = self._positions.get(key)
         if found is None:
             if len(self._positions) >= 2:  # the weight's and its gradient's layout; drop stale devices
                 self._positions.clear()
-            found = self._positions[key] = storage_index(self.indices, tensor)
+            found = self._positions[key] = storage_index(_shard.local_mask(self.indices, tensor), shard)
         return found
+
+    def storage(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat storage view, positions of the mask in it) of ``tensor``, or of this rank's shard of a DTensor."""
+        return storage_flat(_shard.local(tensor)), self.positions(tensor)
 
     def set_indices(self, indices: torch.Tensor, originals: torch.Tensor | None = None) -> None:
         """Adopt a mask (sorted logical indices) and the base values at it (by default: read them now)."""
@@ -61,8 +76,10 @@ class Target:
         self.originals = self.current() if originals is None else originals.to(self.param.device)
 
     def current(self) -> torch.Tensor:
-        """(k,) the weight's values at the mask now (a copy)."""
+        """(k,) the weight's values at the mask now (a copy; of a DTensor: gathered, a collective)."""
         weight = self.param.detach()
+        if _shard.is_sharded(weight):
+            return _shard.gather(weight).reshape(-1).index_select(0, self.indices.to(weight.device, torch.int64))
         return storage_flat(weight).index_select(0, self.positions(weight))
 
     @torch.no_grad()
@@ -75,7 +92,7 @@ class Target:
         outside the mask before the cast are then no longer detected: ``verify()`` before casting.
         """
         weight = self.param.detach()
-        check_dense(weight, f"target weight '{self.name}'")
+        check_dense(_shard.local(weight), f"target weight '{self.name}'")
         if self.originals is None:
             if self.scores is not None and self.scores.device != weight.device:
                 self.scores = self.scores.to(weight.device)
@@ -89,7 +106,13 @@ class Target:
                 self.base_digest, self.base_dtype = digest(self.restored(), 16), weight.dtype
 
     def restored(self) -> torch.Tensor:
-        """A copy of the weight with the originals put back at the mask (the base, if exact)."""
+        """A copy of the weight with the originals put back at the mask (the base, if exact).
+
+        Of a DTensor: the full weight, gathered (a collective).
+        """
+        if _shard.is_sharded(self.param):
+            weight = _shard.gather(self.param.detach()).clone().reshape(-1)  # (numel,) row-major
+            return weight.index_copy_(0, self.indices.to(weight.device, torch.int64), self.originals).view(self.param.shape)
         weight = self.param.detach().clone()  # keeps the layout
         storage_flat(weight).index_copy_(0, self.positions(weight), self.originals)
         return weight
@@ -101,8 +124,7 @@ class Target:
         never NaN. ``fill=-0.0`` for ``maximize`` optimizers, which negate the gradient: a -0.0
         weight then stays -0.0 (``-0.0 + 0.0`` would be ``+0.0``).
         """
-        flat = storage_flat(grad)  # (numel,) in memory order
-        index = self.positions(grad)  # (k,)
+        flat, index = self.storage(grad)  # (numel,) in memory order, (k,); of a DTensor: this rank's rows
         kept = flat.index_select(0, index)
         flat.fill_(fill)
         flat.index_copy_(0, index, kept)
@@ -124,18 +146,24 @@ class Target:
             return False
         if grad.is_sparse:
             raise ShiraError(f"'{self.name}' has a sparse gradient; shira_hooks masks dense gradients only")
-        if not is_dense(grad):
+        if not is_dense(_shard.local(grad)):
             self.param.grad = grad = grad.contiguous()
         self.mask_grad(grad, -0.0 if group.get("maximize", False) else 0.0)
         return True
 
     def state_outside_mask(self, state: dict) -> tuple[str, int] | None:
-        """(key, entries) of the first weight-shaped optimizer state tensor nonzero outside the mask, or None."""
+        """(key, entries) of the first weight-shaped optimizer state tensor nonzero outside the mask, or None.
+
+        For DTensor state (FSDP2) the count is summed over the ranks (a collective), so all raise alike.
+        """
         for key, value in state.items():
-            if not isinstance(value, torch.Tensor) or value.shape != self.param.shape or not is_dense(value):
+            if not isinstance(value, torch.Tensor) or value.shape != self.param.shape or not is_dense(_shard.local(value)):
                 continue
-            inside = int(torch.count_nonzero(storage_flat(value).index_select(0, self.positions(value))))
-            outside = int(torch.count_nonzero(value)) - inside
+            flat, index = self.storage(value)
+            outside = torch.count_nonzero(flat) - torch.count_nonzero(flat.index_select(0, index))
+            if _shard.is_sharded(value):
+                torch.distributed.all_reduce(outside)
+            outside = int(outside)
             if outside:
                 return key, outside
         return None

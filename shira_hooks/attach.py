@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from . import _compact, masks
+from . import _compact, _shard, masks
 from ._calibrate import LossFn, run_calibration
 from ._layout import check_dense
 from ._targets import TargetSpec, resolve_targets
@@ -141,6 +141,7 @@ def attach(
             f"mode={mode!r} needs the masks at attach time, and mask={mask!r} without calibration= would score them "
             f"lazily during training; pass calibration=batches, or use mode='dense'"
         )
+    _shard.check_model(model)  # FSDP1, DeepSpeed: refused
     seed = resolve_seed(seed, mask)
     names = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -156,8 +157,9 @@ def attach(
         name = names[id(weight)]
         if _attached_elsewhere(weight):
             raise ShiraError(f"weight '{name}' (module '{module_name}') already has a shira_hooks handle attached; call detach() on it first")
-        check_dense(weight, f"weight '{name}' (module '{module_name}')")
-        masks.check_block_fits(block, name, tuple(weight.shape))
+        _shard.check_placements(weight, f"weight '{name}' (module '{module_name}')")
+        check_dense(_shard.local(weight), f"weight '{name}' (module '{module_name}')")
+        masks.check_block_fits(block, name, tuple(weight.shape))  # the full (logical) shape, also under FSDP2
         if mode != "dense" and not isinstance(module, nn.Linear):
             raise ShiraError(
                 f"mode={mode!r} supports nn.Linear targets only; '{module_name}' is a {type(module).__name__}. "

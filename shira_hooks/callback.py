@@ -66,7 +66,8 @@ class ShiraCallback(TrainerCallback):
     of trainable entries and the result of ``verify()`` are logged and kept in ``callback.report``.
     At every checkpoint save, the adapter file and the handle's state (masks and base values at the
     masked entries) are written into the checkpoint folder, so
-    ``trainer.train(resume_from_checkpoint=...)`` continues with identical masks.
+    ``trainer.train(resume_from_checkpoint=...)`` continues with identical masks. Under FSDP2 every
+    rank extracts (the masked entries are gathered from the shards) and the main process writes.
     """
 
     def __init__(
@@ -150,14 +151,17 @@ class ShiraCallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------ saving
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero or self.handle is None:
+        if self.handle is None:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not self.handle.calibrated:
-            logger.warning("shira_hooks: masks are still calibrating at step %d; %s holds no SHiRA state", state.global_step, folder)
+            if state.is_world_process_zero:
+                logger.warning("shira_hooks: masks are still calibrating at step %d; %s holds no SHiRA state", state.global_step, folder)
             return
-        self.handle.extract().save(folder / ADAPTER_FILE, dtype=self.save_dtype)
-        self.handle.save_state(folder / STATE_FILE)
+        adapter = self.handle.extract()  # every rank: under FSDP2 it gathers the shards (a collective)
+        if state.is_world_process_zero:
+            adapter.save(folder / ADAPTER_FILE, dtype=self.save_dtype)
+            self.handle.save_state(folder / STATE_FILE)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.handle is None or not self.handle.calibrated:
@@ -171,8 +175,8 @@ class ShiraCallback(TrainerCallback):
             "adapter": str(path) if state.is_world_process_zero else None,
             "adapter_folder": str(folder) if state.is_world_process_zero else None,
         }
+        adapter = self.handle.extract()  # every rank: under FSDP2 it gathers the shards (a collective)
         if state.is_world_process_zero:
-            adapter = self.handle.extract()
             adapter.save(path, dtype=self.save_dtype)
             adapter.save_pretrained(folder, base_model_name_or_path=_base_model_id(self.handle.model), dtype=self.save_dtype)
         level = logging.ERROR if changed else logging.INFO

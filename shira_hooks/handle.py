@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _compact, _flags, _optim, _state, masks
+from . import _compact, _flags, _optim, _shard, _state, masks
 from ._io import digest
 from ._calibrate import mask_from_scores
-from ._layout import is_dense
+from ._layout import check_dense, is_dense
 from ._target import Target
 from ._version import __version__
 from .adapter import SparseAdapter, SparseDelta
@@ -99,6 +99,7 @@ class ShiraHandle:
         self.frozen: list[str] = []  # trainable parameters that freeze_others froze (not in the adapter)
         self._targets: list[Target] = []
         self._claimed: list[nn.Parameter] = []  # parameters whose requires_grad this handle claims (_flags)
+        self._claimed_names: list[str] = []  # their names, to find them again after fully_shard (_follow_parameters)
         self._hooks: list[Any] = []
         self._watch_hooks: list[Any] = []  # compact modes: the model's first-forward check (_compact.watch_first_forward)
         self._finalizer: weakref.finalize | None = None
@@ -112,16 +113,21 @@ class ShiraHandle:
         """Claim flags, register hooks and the optimizer guard. Partial work is undone by ``detach``."""
         self._attached = True
         self._finalizer = _optim.track(self)
+        _shard.watch(self)  # follows the weights through a later fully_shard (FSDP2)
         target_ids = {id(p) for _, _, p in targets}
         keep_alive = _KeepAlive(self)
         for name, module, param in targets:
-            target = Target(name, module, param, self._budget(param), digest(param, 16), param.dtype)
+            # A DTensor (FSDP2) is gathered for the digest: the same base digest as one process.
+            target = Target(name, module, param, self._budget(param), digest(_shard.gather(param.detach()), 16), param.dtype)
+            target.attr = next((key for key, value in module._parameters.items() if value is param), "weight")
             self._targets.append(target)
             module.__dict__[KEEP_ALIVE] = keep_alive
             _OWNERS[param] = weakref.ref(self)
             _flags.claim(self, param, target=True, wanted=True)
             self._claimed.append(param)
-            self._hooks.append(param.register_post_accumulate_grad_hook(self._make_hook(len(self._targets) - 1)))
+            self._claimed_names.append(name)
+            target.grad_hook = param.register_post_accumulate_grad_hook(self._make_hook(len(self._targets) - 1))
+            self._hooks.append(target.grad_hook)
         if freeze_others:
             for name, param in self.model.named_parameters():
                 if id(param) in target_ids:
@@ -129,6 +135,7 @@ class ShiraHandle:
                 trainable = param.requires_grad
                 _flags.claim(self, param, target=False, wanted=False)  # another handle's target keeps training
                 self._claimed.append(param)
+                self._claimed_names.append(name)
                 if trainable and not param.requires_grad:
                     self.frozen.append(name)
             self._report_frozen()
@@ -162,6 +169,68 @@ class ShiraHandle:
 
         return hook
 
+    def _follow_parameters(self, at_step: bool = False) -> None:
+        """Find the weights again after FSDP2's ``fully_shard`` put new ``DTensor`` parameters in their modules.
+
+        Called before the model's forward passes until its first optimizer step (``_shard.watch``), at every
+        optimizer step (``at_step``), and by ``extract``/``verify``. A new DTensor is adopted:
+        the gradient hook moves to it, and so do the ``requires_grad`` claims of every parameter this handle
+        claimed (found by name). Before a forward pass, a replacement that is not a DTensor is left alone:
+        it may be FSDP2's unsharded weight, put there by the pre-forward of an enclosing ``fully_shard``
+        module. At a step (sharded again) any replacement that was not followed before its backward pass
+        is refused: its gradient was not masked.
+
+        Raises:
+            ShiraError: a placement other than Shard(0)/Replicate, mode compact/sparse sharded after attach,
+                or (at a step) a target weight replaced by something the hooks could not follow.
+        """
+        if not self._attached:
+            return
+        moved = False
+        for position, t in enumerate(self._targets):
+            now = t.module._parameters.get(t.attr)
+            if now is t.param:
+                continue
+            if _shard.is_sharded(now) and not (at_step and now.grad is not None):
+                self._adopt(position, now)
+                moved = True
+            elif at_step and not (_shard.is_sharded(t.param) and isinstance(now, nn.Parameter)):  # else: unsharded by FSDP2
+                raise ShiraError(
+                    f"target weight '{t.name}' is no longer the parameter shira_hooks attached to (now: "
+                    f"{type(now).__name__}{'' if now is None else ' ' + str(tuple(now.shape))}), and its gradient reached the optimizer "
+                    f"without the mask. Something replaced it after attach (an FSDP1 or DeepSpeed wrapper, model.weight = "
+                    f"nn.Parameter(...), or fully_shard on a model whose forward pass did not start at the attached model). "
+                    f"{_shard.SUPPORTED}. Fix: attach after wrapping, to the model that is called"
+                )
+        if moved:  # the frozen parameters were replaced too: move their requires_grad claims by name
+            now_params = dict(self.model.named_parameters(remove_duplicate=False))
+            for i, (name, old) in enumerate(zip(self._claimed_names, self._claimed)):
+                new = now_params.get(name)
+                if new is not None and new is not old and _shard.is_sharded(new):
+                    _flags.move(old, new)
+                    self._claimed[i] = new
+
+    def _adopt(self, position: int, param: nn.Parameter) -> None:
+        """Make target ``position`` train ``param``, the DTensor that replaced its weight."""
+        t = self._targets[position]
+        _shard.check_placements(param, f"target weight '{t.name}'")
+        check_dense(_shard.local(param), f"target weight '{t.name}'")
+        if self.mode != "dense":
+            raise ShiraError(
+                f"target weight '{t.name}' was sharded by FSDP2 (fully_shard) after attach(mode={self.mode!r}): fully_shard "
+                f"also sharded its '{_compact.VALUES}' as an ordinary parameter, which the tap does not follow. With FSDP2, "
+                f"attach with mode={self.mode!r} after fully_shard, or use mode='dense' (which may attach before)"
+            )
+        t.grad_hook.remove()
+        t.grad_hook = param.register_post_accumulate_grad_hook(self._make_hook(position))
+        self._hooks.append(t.grad_hook)
+        if _OWNERS.get(t.param) is not None:
+            del _OWNERS[t.param]
+        _OWNERS[param] = weakref.ref(self)
+        t.param = param
+        t._positions.clear()
+        t.follow()
+
     # --------------------------------------------------------------------------- the hook
     @torch.no_grad()
     def _on_grad(self, target: Target, param: torch.Tensor) -> None:
@@ -177,11 +246,12 @@ class ShiraHandle:
             param.grad = None
             return
         target.fresh = False  # from here on .grad is masked training gradient
-        if not is_dense(grad):
+        if not is_dense(_shard.local(grad)):
             param.grad = grad = grad.contiguous()
         target.mask_grad(grad)
 
     def _accumulate(self, target: Target, grad: torch.Tensor) -> None:
+        grad = _shard.local(grad)  # FSDP2: this rank's rows of the gradient averaged over the ranks
         if target.scores is None:
             target.scores = torch.zeros(grad.numel(), dtype=torch.float32, device=grad.device)
         target.scores.add_(grad.reshape(-1).abs_())  # logical order; the gradient is dropped next, so abs_ in place
@@ -196,7 +266,8 @@ class ShiraHandle:
     def _fix_masks(self) -> None:
         """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""
         for target in self._targets:
-            target.set_indices(masks.fixed_mask(self.mask, target.name, target.param.detach(), target.budget, self.seed, self.block))
+            weight = _shard.gather(target.param.detach())  # FSDP2: the full weight, the same masks as one process
+            target.set_indices(masks.fixed_mask(self.mask, target.name, weight, target.budget, self.seed, self.block))
 
     def _make_compact(self) -> None:
         """mode="compact"/"sparse": move the trainable entries into k-length parameters (``_compact``)."""
@@ -205,8 +276,11 @@ class ShiraHandle:
             t.plan, hooks = _compact.install(t.module, t.param, t.indices, t.positions, transposes)
             self._hooks.extend(hooks)
             _flags.claim(self, t.param, target=True, wanted=False)  # no dense dL/dW; restored by detach()
-        layers = [(t.param, t.module, t.name.rpartition(".")[0] or type(t.module).__name__) for t in self._targets]
-        self._watch_hooks = _compact.watch_first_forward(self.model, layers, self.mode)
+        # Under FSDP2 the layer computes with the all-gathered weight and FSDP itself reads the sharded one
+        # outside the layer (its all-gather), so the read check cannot tell a functional use there.
+        layers = [(t.param, t.module, t.name.rpartition(".")[0] or type(t.module).__name__) for t in self._targets if not _shard.is_sharded(t.param)]
+        if layers:
+            self._watch_hooks = _compact.watch_first_forward(self.model, layers, self.mode)
 
     def _sync(self) -> None:
         """Make the weights hold the current compact values (a no-op in the dense mode)."""
@@ -224,9 +298,11 @@ class ShiraHandle:
         target gradient (``Target.prepare_step``). Returns the targets whose masked gradient the
         step uses, by id(param).
         """
+        self._follow_parameters(at_step=True)
         mine = [t for t in self._targets if id(t.param) in members or (t.plan is not None and id(t.plan.values) in members)]
         if not mine:
             return {}
+        _shard.unwatch(self)  # training has started: from now on every step checks the weights
         self._check_gradients(mine)
         self._check_optimizer_state(optimizer, [t for t in mine if t.plan is None])
         stepped = {}
@@ -376,7 +452,8 @@ class ShiraHandle:
     def extract(self) -> SparseAdapter:
         """The adapter S = W_new - W at the masked entries, in float32 from the stored originals.
 
-        Works before and after ``detach()``.
+        Works before and after ``detach()``. Under FSDP2 every rank must call it (it gathers the masked
+        entries of each weight); every rank gets the whole adapter, and one of them saves it.
 
         Returns:
             A ``SparseAdapter`` with one ``SparseDelta`` per target weight.
@@ -390,6 +467,7 @@ class ShiraHandle:
             >>> shira.extract().save("adapter.safetensors")
         """
         self._require_calibrated("extract an adapter")
+        self._follow_parameters()
         self._sync()
         deltas = {}
         for t in self._targets:
@@ -407,7 +485,10 @@ class ShiraHandle:
         Compares a digest of each weight, with its masked entries put back to the originals, against
         the digest taken at ``attach`` (no dense copy of the base is kept). An empty list means the
         exactness guarantee held.
+
+        Under FSDP2 every rank must call it (it gathers each weight); all get the same list.
         """
+        self._follow_parameters()
         self._sync()
         changed = []
         for t in self._targets:
@@ -432,11 +513,12 @@ class ShiraHandle:
         self._hooks, self._watch_hooks = [], []
         self._attached = False
         _optim.untrack(self)
+        _shard.unwatch(self)
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
         _flags.release(self, self._claimed)
-        self._claimed = []
+        self._claimed, self._claimed_names = [], []
         for t in self._targets:
             t.scores = None
             keep_alive = t.module.__dict__.get(KEEP_ALIVE)

@@ -1,0 +1,419 @@
+"""FSDP2 (``fully_shard``) in two real gloo processes, checked against one process on the same global batches.
+
+One spawned run does every multi-process check (process start-up dominates): dense training with
+attach before and after ``fully_shard``, grad/snip calibration on the shards (eager and lazy),
+resume from a saved state, and the refusals (Shard(1), compact mode). The parent process then trains
+the single-process references and compares.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import shira_hooks
+from shira_hooks._io import digest
+
+from conftest import llama_batches, make_llama
+
+SPARSITY, SEED, STEPS, ACCUMULATE, LR, CLIP = 0.05, 3, 2, 2, 1e-2, 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batches(n: int, seed: int) -> list[dict]:
+    """n global micro-batches of 4 rows; rank r of 2 takes rows [2r, 2r + 2) of each."""
+    return llama_batches(n, seed=seed, batch=4)
+
+
+def _rows(batch: dict, rank: int, world: int) -> dict:
+    size = batch["input_ids"].shape[0] // world
+    return {k: v[rank * size : (rank + 1) * size] for k, v in batch.items()}
+
+
+def _train(model, batches: list[dict]) -> None:
+    """AdamW(wd=0.1), ACCUMULATE micro-batches per step, clip_grad_norm_ over every trainable parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
+    for step in range(len(batches) // ACCUMULATE):
+        for batch in batches[step * ACCUMULATE : (step + 1) * ACCUMULATE]:
+            model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _shard(model, **kwargs) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def _full_weights(model) -> dict[str, torch.Tensor]:
+    from shira_hooks._shard import gather
+
+    return {n: gather(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def _changed_outside(shira, base: dict, model) -> int:
+    now = _full_weights(model)
+    total = 0
+    for name, indices in shira.masks.items():
+        changed = (now[name].reshape(-1) != base[name].reshape(-1)).nonzero().reshape(-1)
+        total += int((~torch.isin(changed, indices.long())).sum())
+    return total
+
+
+def _expect_error(fn, pattern: str) -> str:
+    try:
+        fn()
+    except shira_hooks.ShiraError as error:
+        import re
+
+        return "ok" if re.search(pattern, str(error)) else f"wrong message: {error}"
+    return "no error"
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from torch.distributed.tensor import Shard
+
+    report: dict = {}
+    train = [_rows(b, rank, world) for b in _global_batches(STEPS * ACCUMULATE, seed=7)]
+    for order in ("before", "after"):  # attach before / after fully_shard
+        model = make_llama()
+        base = _full_weights(model)
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        if order == "before":
+            shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED)
+            _shard(model)
+        else:
+            _shard(model)
+            shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED)
+        _train(model, train)
+        adapter = shira.extract()  # every rank: it gathers
+        if rank == 0:
+            adapter.save(os.path.join(out, f"{order}.safetensors"))
+        report[order] = {
+            "verify": shira.verify(),
+            "outside": _changed_outside(shira, base, model),
+            "adapter": digest(torch.cat([d.values for d in adapter.deltas.values()])),
+            "sharded": type(model.model.layers[0].self_attn.q_proj.weight).__name__,
+        }
+        shira.detach()
+        report[order]["flags_restored"] = flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+    for mode in ("compact", "sparse"):  # the k values split across the ranks by the mask's rows
+        model = make_llama()
+        base = _full_weights(model)
+        _shard(model)
+        shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED, mode=mode)
+        values = [m.shira_values for m in model.modules() if "shira_values" in m._parameters]
+        _train(model, train)
+        adapter = shira.extract()
+        if rank == 0:
+            adapter.save(os.path.join(out, f"{mode}.safetensors"))
+        report[mode] = {
+            "verify": shira.verify(), "outside": _changed_outside(shira, base, model), "k": shira.num_trainable,
+            "values": type(values[0]).__name__, "local": sum(v.to_local().numel() for v in values),
+        }
+        shira.detach()
+
+    # grad/snip scored on the shards: eager (attach after fully_shard) and lazy (the first backward passes)
+    calibration = [_rows(b, rank, world) for b in _global_batches(2, seed=11)]
+    model = make_llama()
+    _shard(model)
+    shira = shira_hooks.attach(model, SPARSITY, "snip", calibration=calibration, progress=False)
+    if rank == 0:
+        shira.save_state(os.path.join(out, "snip_state.safetensors"))
+    report["snip_masks"] = {n: i.tolist() for n, i in shira.masks.items()}
+    shira.detach()
+    model = make_llama()
+    _shard(model)
+    shira = shira_hooks.attach(model, SPARSITY, "grad", calibration_steps=2)
+    _train(model, calibration + train)  # the first step's two passes calibrate, then train
+    report["lazy"] = {"masks": {n: i.tolist() for n, i in shira.masks.items()}, "verify": shira.verify()}
+    adapter = shira.extract()
+    if rank == 0:
+        adapter.save(os.path.join(out, "lazy.safetensors"))
+    shira.detach()
+
+    # resume: another handle on another sharded model takes the saved masks
+    dist.barrier()
+    model = make_llama()
+    _shard(model)
+    shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED + 1)
+    shira.load_state(os.path.join(out, "snip_state.safetensors"))
+    report["resumed_masks"] = {n: i.tolist() for n, i in shira.masks.items()}
+    shira.detach()
+
+    # refusals
+    model = make_llama()
+    _shard(model, shard_placement_fn=lambda param: Shard(1) if param.dim() > 1 else Shard(0))
+    report["shard1_attach"] = _expect_error(lambda: shira_hooks.attach(model, SPARSITY, "rand", seed=0), r"Shard\(0\)")
+    model = make_llama()
+    shira = shira_hooks.attach(model, SPARSITY, "rand", seed=0)
+    _shard(model, shard_placement_fn=lambda param: Shard(1) if param.dim() > 1 else Shard(0))
+    report["shard1_forward"] = _expect_error(lambda: model(**train[0]), r"placements \(Shard\(dim=1\),\)")
+    shira.detach()
+    model = make_llama()
+    shira = shira_hooks.attach(model, SPARSITY, "rand", seed=0, mode="sparse")
+    _shard(model)
+    report["sparse_before"] = _expect_error(lambda: model(**train[0]), "attach with mode='sparse' after fully_shard")
+    shira.detach()
+
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+def _reference(mask: str, batches: list[dict], **kwargs):
+    """One process on the global batches; returns (model, handle)."""
+    model = make_llama()
+    shira = shira_hooks.attach(model, SPARSITY, mask, progress=False, **kwargs)
+    _train(model, batches)
+    return model, shira
+
+
+def _logits_after(adapter: shira_hooks.SparseAdapter, batch: dict) -> torch.Tensor:
+    model = make_llama()
+    with shira_hooks.apply(model, adapter), torch.no_grad():
+        return model(input_ids=batch["input_ids"]).logits
+
+
+def test_fsdp2_matches_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for mode in ("compact", "sparse"):  # each rank holds its rows' part of the values, padded to the largest part
+        assert r0[mode]["local"] == r1[mode]["local"] and r0[mode]["local"] + r1[mode]["local"] < 1.25 * r0[mode]["k"], r0[mode]
+    assert r0 == r1  # every rank: the same masks, adapters, checks
+    train = _global_batches(STEPS * ACCUMULATE, seed=7)
+    probe = _global_batches(1, seed=99)[0]
+    model, shira = _reference("rand", train, seed=SEED)
+    reference = shira.extract()
+    shira.detach()
+    expected = _logits_after(reference, probe)
+    for order in ("before", "after"):
+        assert r0[order]["sharded"] == "DTensor"
+        assert r0[order]["verify"] == [] and r0[order]["outside"] == 0 and r0[order]["flags_restored"], order
+        adapter = shira_hooks.SparseAdapter.load(tmp_path / f"{order}.safetensors")
+        assert adapter.deltas.keys() == reference.deltas.keys()
+        for name, delta in adapter.deltas.items():
+            assert torch.equal(delta.indices, reference.deltas[name].indices), name  # same masks as one process
+            assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-6), name
+        assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5, order
+    for mode in ("compact", "sparse"):  # the same training as the dense mode, with the k values split across ranks
+        assert r0[mode]["values"] == "DTensor" and r0[mode]["verify"] == [] and r0[mode]["outside"] == 0, mode
+        adapter = shira_hooks.SparseAdapter.load(tmp_path / f"{mode}.safetensors")
+        for name, delta in adapter.deltas.items():
+            assert torch.equal(delta.indices, reference.deltas[name].indices), name
+            assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-5), (mode, name, (delta.values - reference.deltas[name].values).abs().max())
+        assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5, mode
+
+    # grad/snip on the shards: the masks one process chooses on the global batches
+    calibration = _global_batches(2, seed=11)
+    model = make_llama()
+    snip = shira_hooks.attach(model, SPARSITY, "snip", calibration=calibration, progress=False)
+    assert r0["snip_masks"] == {n: i.tolist() for n, i in snip.masks.items()}
+    snip.detach()
+    assert r0["resumed_masks"] == r0["snip_masks"]
+    model, lazy = _reference("grad", calibration + train, calibration_steps=2)
+    assert r0["lazy"]["masks"] == {n: i.tolist() for n, i in lazy.masks.items()} and r0["lazy"]["verify"] == []
+    reference = lazy.extract()
+    lazy.detach()
+    adapter = shira_hooks.SparseAdapter.load(tmp_path / "lazy.safetensors")
+    assert (_logits_after(adapter, probe) - _logits_after(reference, probe)).abs().max() < 1e-5
+
+    assert r0["shard1_attach"] == r0["shard1_forward"] == "ok"
+    assert r0["sparse_before"] == "ok"
+
+
+FSDP2_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+mixed_precision: 'no'
+use_cpu: true
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+"""
+
+
+def test_hf_trainer_under_accelerate_fsdp2(tmp_path):
+    """attach, then the Trainer shards the model (Accelerate's fsdp2_prepare_model) and trains with ShiraCallback."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate is not installed")
+    (tmp_path / "fsdp2.yaml").write_text(FSDP2_CONFIG)
+    script = Path(__file__).parent / "fsdp_trainer_run.py"
+    command = [accelerate, "launch", "--config_file", str(tmp_path / "fsdp2.yaml"), "--main_process_port", str(_free_port()), str(script), str(tmp_path / "run")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1))
+    for report in (r0, r1):
+        assert report["fsdp"] and report["weight_type"] == "DTensor"  # really sharded, not DDP
+        assert report["verify"] == [] and report["outside"] == 0
+        assert report["changed"] == report["budget"] > 0  # rand masks of a tiny model: every masked entry moves
+    assert r0["masks"] == r1["masks"]
+    assert r0["logits_error"] < 1e-5  # the saved adapter on a fresh base reproduces the trained model
+    assert r0["checkpoint_masks_equal"] and r0["checkpoint_adapter"]
+
+
+class _FakeEngine(nn.Module):
+    """Stands in for deepspeed.DeepSpeedEngine (not installed): refused by its class and module name."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+_FakeEngine.__name__ = _FakeEngine.__qualname__ = "DeepSpeedEngine"
+_FakeEngine.__module__ = "deepspeed.runtime.engine"
+
+
+def test_deepspeed_engine_is_refused():
+    from conftest import make_mlp
+
+    model = make_mlp()
+    with pytest.raises(shira_hooks.ShiraError, match="DeepSpeed engine .*FSDP2"):
+        shira_hooks.attach(_FakeEngine(model), 0.1, "rand", seed=0)
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)  # attached, then wrapped: refused at its first forward
+    with pytest.raises(shira_hooks.ShiraError, match="was wrapped in a DeepSpeed engine"):
+        _FakeEngine(model)(torch.randn(2, 16))
+    shira.detach()
+
+
+def _fsdp1_stand_in(model: nn.Module) -> nn.Module:
+    """A FullyShardedDataParallel instance around ``model`` without its __init__ (which needs a GPU here)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(wrapper)
+    wrapper._fsdp_wrapped_module = model  # what FullyShardedDataParallel.module returns
+    return wrapper
+
+
+def test_fsdp1_is_refused():
+    from conftest import make_mlp
+
+    model = make_mlp()
+    with pytest.raises(shira_hooks.ShiraError, match="FSDP1 FullyShardedDataParallel wrapper.*fully_shard"):
+        shira_hooks.attach(_fsdp1_stand_in(model), 0.1, "rand", seed=0)
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+    with pytest.raises(shira_hooks.ShiraError, match="was wrapped in an FSDP1"):
+        _fsdp1_stand_in(model)(torch.randn(2, 16))
+    shira.detach()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FSDP1 does not run on CPU)")
+def test_real_fsdp1_is_refused(tmp_path):
+    from conftest import make_mlp
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        model = make_mlp().cuda()
+        shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+        wrapped = FullyShardedDataParallel(model, device_id=0)
+        with pytest.raises(shira_hooks.ShiraError, match="was wrapped in an FSDP1"):
+            wrapped(torch.randn(2, 16, device="cuda"))
+        shira.detach()
+        with pytest.raises(shira_hooks.ShiraError, match="FSDP1"):
+            shira_hooks.attach(wrapped, 0.1, "rand", seed=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_replaced_weight_is_refused_at_the_step():
+    from conftest import make_mlp
+
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+    model.layers[0].weight = nn.Parameter(model.layers[0].weight.detach().clone())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 16)).sum().backward()
+    with pytest.raises(shira_hooks.ShiraError, match="'layers.0.weight' is no longer the parameter"):
+        optimizer.step()
+    shira.detach()
+
+
+def test_fsdp_recipe_with_torchrun(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "fsdp.py"
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", str(recipe), "--tiny", "--output-dir", str(tmp_path / "run")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 ranks; q_proj.weight (64, 64) is a DTensor, (32, 64) on each rank" in done.stdout
+    assert done.stdout.count("entries changed outside the masks: none") == 1  # rank 0 reports
+    assert "accuracy after (fresh base + adapter): " in done.stdout
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["adapter.safetensors"]
+
+
+def test_fsdp_cost_quick(tmp_path):
+    pytest.importorskip("peft")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fsdp_cost.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--json", str(tmp_path / "f.json")], capture_output=True, text=True, check=True).stdout
+    rows = {(r["method"], r["wrapper"]): r for r in json.loads((tmp_path / "f.json").read_text())["rows"]}
+    assert set(rows) == {(m, w) for m in ("full", "shira_dense", "shira_sparse", "peft_lora") for w in ("fsdp2", "ddp")}
+    for r in rows.values():
+        assert r["step_min_s"] <= r["step_median_s"] <= r["step_max_s"] and r["peak_mb"] >= max(r["peak_mb_by_rank"].values()) > 0
+    # FSDP2 holds half of every weight and of the optimizer state on each rank
+    for method in ("full", "shira_dense", "shira_sparse"):
+        assert rows[method, "fsdp2"]["parameters_mb"] < 0.6 * rows[method, "ddp"]["parameters_mb"]
+        # the sparse mode's values: each rank's rows' part, padded to the largest part
+        share = 0.75 if method == "shira_sparse" else 0.6
+        assert rows[method, "fsdp2"]["optimizer_state_mb"] < share * rows[method, "ddp"]["optimizer_state_mb"], method
+    assert len({rows[m, w]["trainable"] for m in ("shira_dense", "shira_sparse") for w in ("fsdp2", "ddp")}) == 1
+    assert "- shira_hooks mode='sparse' under FSDP2: per-rank peak" in out and "(target for mode='sparse': <= 0.6x" in out
+
+
+def test_the_watch_hook_goes_with_detach_and_with_the_model():
+    """The global forward pre-hook that follows fully_shard lives only while a handle watches a model."""
+    import gc
+
+    from conftest import make_mlp
+    from torch.nn.modules.module import _global_forward_pre_hooks
+
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+    assert len(_global_forward_pre_hooks) == 1
+    shira.detach()
+    assert len(_global_forward_pre_hooks) == 0
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()  # training started: from now on each step checks the weights instead
+    assert len(_global_forward_pre_hooks) == 0
+    shira.detach()
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+    del model, shira, optimizer
+    gc.collect()
+    make_mlp()(torch.randn(2, 16))  # the next forward of any module removes the orphaned hook
+    assert len(_global_forward_pre_hooks) == 0
