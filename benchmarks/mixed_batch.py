@@ -25,14 +25,17 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import json
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
 import shira_hooks
 from shira_hooks import masks
-from shira_hooks._timing import command_line, machine, publish, report_header, time_interleaved
+from shira_hooks._timing import Stats, command_line, machine, publish, report_header, time_interleaved
 from switch_model import TARGETS, build_model, random_adapter, target_weights
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
@@ -148,6 +151,7 @@ def run(args) -> dict:
         "PEFT LoRA adapter_names= mixed forward": (lambda: lora(input_ids=ids, adapter_names=route), lambda: None),
     }, **fast)
     row["forward"] = {name: s[0] for name, s in forward.items()}
+    print("forward timed; generate next", file=sys.stderr, flush=True)
 
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
@@ -164,19 +168,39 @@ def run(args) -> dict:
         "PEFT LoRA adapter_names= mixed generate": (lambda: lora.generate(input_ids=ids, adapter_names=route, **options), lambda: None),
     }, **dict(fast, repeats=3 if args.quick else args.generate_repeats))
     row["generate"] = {name: s[0] for name, s in generate.items()}
+    print("generate timed; kernels next", file=sys.stderr, flush=True)
     row["kernel"] = kernel_choice(route, tokens, dict(fast, repeats=3 if args.quick else 30))
     mixed.close()
     return row
 
 
-def markdown(row: dict, info: dict, command: str, load: tuple[str, str]) -> str:
+def section_name(threads: int) -> str:
+    """The RESULTS.md section: the 2-thread protocol's, or one per other thread count."""
+    return "mixed_batch" if threads == 2 else f"mixed_batch_threads{threads}"
+
+
+def loaded_warning(load: list[list[str]], cores: int) -> list[str]:
+    """A paragraph when the 1-minute load average exceeded the cores: the timings then say little."""
+    worst = max((float(values[0]) for values in load if values and values[0] != "-"), default=0.0)
+    if worst <= cores:
+        return []
+    return [
+        f"**The machine was loaded (1-minute load average up to {worst:.1f} on {cores} cores): threads of every "
+        f"method were descheduled mid-kernel, the same call took several times longer from one round to the next "
+        f"(see min-max), and the ratios below do not measure the methods. Rerun this command on a quiet machine.**",
+        "",
+    ]
+
+
+def markdown(row: dict, info: dict, command: str, load: tuple[list[str], list[str]]) -> str:
     ms = lambda s: f"{s.median * 1e3:.1f}"
     rng = lambda s: f"{s.min * 1e3:.1f}-{s.max * 1e3:.1f}"
     fwd, gen, base = row["forward"], row["generate"], row["forward"]["base"].median
     new = row["rows"] * row["new_tokens"]
     lines = report_header("`benchmarks/mixed_batch.py`: mixed-adapter batches (MixedAdapters vs PEFT LoRA adapter_names=)", command, info) + [
-        f"Load average before / after: {load[0]} / {load[1]}.",
+        f"Load average before / after: {' '.join(load[0])} / {' '.join(load[1])}.",
         "",
+        *loaded_warning(list(load), int(info["cores"])),
         f"Model: Llama architecture from SmolLM2-135M's config (random weights), {row['layers']} layers, float32; "
         f"{row['targets']} target Linear weights. Batch {row['rows']} rows x {row['tokens']} tokens routed round-robin over 4 adapters. "
         f"Each adapter: shira_hooks {row['entries_per_adapter']:,} entries (sparsity {row['sparsity']:g}); PEFT LoRA r={row['rank']} "
@@ -212,15 +236,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=12, help="forward rounds")
     parser.add_argument("--generate-repeats", type=int, default=5)
-    parser.add_argument("--budget", type=float, default=30.0, help="seconds per method before rounds stop early")
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds per method before rounds stop early")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--results", metavar="RESULTS.md")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--report-from", metavar="JSON", help="rewrite the report of an earlier run's JSON (no timing)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.report_from:
+        payload = json.loads(Path(args.report_from).read_text())
+        row = payload["result"]
+        for group in ("forward", "generate", "kernel"):
+            row[group] = {name: Stats(**stats) for name, stats in row[group].items()}
+        text = markdown(row, payload["machine"], payload["command"], (payload["load_before"], payload["load_after"]))
+        print(text)
+        publish(section_name(int(payload["machine"]["torch_threads"])), text, payload, None, args.results)
+        return 0
 
     for name in ("peft", "transformers"):  # imported now so that their versions go into the machine line
         importlib.import_module(name)
@@ -232,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     row["seconds"] = time.perf_counter() - started
     info = machine()
     command = command_line("python benchmarks/mixed_batch.py", argv)
-    text = markdown(row, info, command, (" ".join(load_before), " ".join(load_after)))
+    text = markdown(row, info, command, (load_before, load_after))
     print(text)
-    publish("mixed_batch", text, {"command": command, "machine": info, "load_before": load_before, "load_after": load_after, "result": row}, args.json, args.results)
+    publish(section_name(args.threads), text, {"command": command, "machine": info, "load_before": load_before, "load_after": load_after, "result": row}, args.json, args.results)
     return 0
 
 

@@ -11,15 +11,16 @@ Rows routed to ``None`` (and rows of an adapter that does not adapt this layer) 
 so they are bit for bit what the layer computed. Nothing else changes: no weight, no parameter, no
 buffer; ``close()`` removes the hooks.
 
-Kernel (measured, 2 CPU threads, a 1536x576 weight at 1%, 7 rows x 64 tokens over 4 adapters; the
-layer's own product ~2.7 ms): per adapter, the rows' inputs are copied transposed into one
+Kernel (chosen by measurement; ``benchmarks/mixed_batch.py`` times the alternatives; fastest of 25
+interleaved rounds, 2 CPU threads, a 1536x576 weight at 1%, 7 rows x 64 tokens over 4 adapters,
+the layer's own product ~2.7 ms): per adapter, the rows' inputs are copied transposed into one
 contiguous (in, n*T) block (0.14 ms for the four; shared by layers that read the same input, as
 q/k/v and gate/up do), ``torch.sparse.mm(S_csr, x^T)`` gives (out, n*T) (0.28 ms for the four;
-MKL's CSR kernel wants a row-major dense operand: a transposed view costs 0.67 ms, and a dense
-left operand, ``x @ S^T`` with S^T as CSR, 3.6 ms or more), and the transposed result is added to
-each run of consecutive rows of the output (0.42 ms; ``index_add_`` with a transposed source 0.70
-ms, a column-major ``out=`` makes torch copy, 1.3 ms). A gather of the k entries with
-``index_add_`` took 12.6 ms, a dense delta product costs as much as the layer itself.
+MKL's CSR kernel wants a row-major dense operand: on a transposed view it took 0.67 ms, and a dense
+left operand, ``x @ S^T`` with S^T as CSR, 3.6 ms), and the transposed result is added to each run
+of consecutive rows of the output (0.42 ms; ``index_add_`` with a transposed source 0.70 ms; a
+column-major ``out=`` makes torch copy, 1.3 ms). A gather of the k input columns with ``index_add_``
+and a dense delta product are slower still.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .switch import verify
 
 __all__ = ["MixedAdapters"]
 
-_OPEN = WeakIdTable()  # model -> weakref to its open MixedAdapters (one per model)
+_OPEN = WeakIdTable()  # nn.Linear -> weakref to the open MixedAdapters that hooks it (one per layer)
 _OPEN_LOCK = threading.Lock()
 
 
@@ -119,7 +120,8 @@ class MixedAdapters:
 
     Threads: a route acts only on forward passes run by the thread that entered it; other threads
     using the model meanwhile get its plain output. One route at a time: entering a second one
-    (nested, or from another thread) raises ShiraError. One open ``MixedAdapters`` per model.
+    (nested, or from another thread) raises ShiraError. A layer is served by one open ``MixedAdapters``
+    at a time.
 
     Limits: ``nn.Linear`` targets only, float32 or float64 weights, inference only (a forward with
     gradients through a routed layer raises ShiraError: run it under ``torch.no_grad()``), the
@@ -155,8 +157,8 @@ class MixedAdapters:
             ShiraError: no adapters, a name that is not a string, an alpha that is not a finite
                 number or names no adapter, an adapter that does not fit the model (missing module,
                 shape, dtype, fingerprint: ``apply``'s checks), a target that is not an ``nn.Linear``
-                weight (or is tied to another module, or is not float32/float64), or a model that
-                already has an open ``MixedAdapters``. Nothing is installed then.
+                weight (or is tied to another module, or is not float32/float64), or a layer that
+                another open ``MixedAdapters`` serves. Nothing is installed then.
         """
         self.model = model
         self.names, self.alphas = _check_arguments(adapters, alpha)
@@ -164,6 +166,7 @@ class MixedAdapters:
         self._lock = threading.Lock()  # guards entering and leaving routes
         self._route: _Route | None = None
         self._hooks: list = []
+        self._closed = False
         self._switch_lock = model_state(model).lock
         for name, adapter in zip(self.names, self.adapters):
             try:
@@ -172,16 +175,19 @@ class MixedAdapters:
                 raise ShiraError(f"adapter {name!r}: {error}") from None
         layers = _target_layers(model, self.names, self.adapters, self.alphas)
         with _OPEN_LOCK:
-            other = _OPEN.get(model)
-            if other is not None and other() is not None and not other()._closed:
-                raise ShiraError(
-                    "this model already has an open MixedAdapters; close() it first, or give it all the adapters at once"
-                )
+            for layer in layers:  # a layer hooked twice would get the deltas twice
+                entry = _OPEN.get(layer.module)
+                owner = entry() if entry is not None else None
+                if owner is not None and not owner._closed:
+                    raise ShiraError(
+                        f"layer '{layer.name}' is already served by an open MixedAdapters; close() that one first, "
+                        f"or give one MixedAdapters all the adapters"
+                    )
             for layer in layers:
                 self._hooks.append(layer.module.register_forward_hook(self._hook(layer), with_kwargs=True))
-            _OPEN.set(model, weakref.ref(self))
-        self._closed = False
-        self.layers = [layer.name for layer in layers]
+                _OPEN.set(layer.module, weakref.ref(self))
+        self._layers = layers
+        self.layers = [layer.name for layer in layers]  # the hooked layers' names
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self.layers)} layers"
@@ -278,8 +284,9 @@ class MixedAdapters:
             self._hooks = []
             self._closed = True
         with _OPEN_LOCK:
-            if (entry := _OPEN.get(self.model)) is not None and entry() is self:
-                _OPEN.pop(self.model)
+            for layer in self._layers:
+                if (entry := _OPEN.get(layer.module)) is not None and entry() is self:
+                    _OPEN.pop(layer.module)
 
     @property
     def closed(self) -> bool:

@@ -140,30 +140,41 @@ def test_adapters_applied_in_place_act_as_the_new_base(setup):
 
 def test_the_route_is_per_thread_and_holds_the_switching_lock(setup):
     model, adapters, ids = setup
+    route = ["a", "b"]
     with torch.no_grad():
         base = model(input_ids=ids[:2]).logits
-    seen, order = {}, []
+        with MixedAdapters(model, adapters) as mixed, mixed.route(route):
+            routed = model(input_ids=ids[:2]).logits
+    seen, order = [], []
+    started = threading.Event()
 
     def other_thread():
+        started.set()
         with torch.no_grad():
-            seen["logits"] = model(input_ids=ids[:2]).logits  # no route in this thread: the base
+            for _ in range(4):  # while the main thread runs routed forward passes
+                seen.append(model(input_ids=ids[:2]).logits)
         handle = shira_hooks.apply(model, adapters["c"])  # waits for the route to end
         order.append("applied")
         handle.remove()
 
     with MixedAdapters(model, adapters) as mixed:
-        with mixed.route(["a", "b"]):
+        with mixed.route(route), torch.no_grad():
             worker = threading.Thread(target=other_thread)
             worker.start()
-            worker.join(timeout=1.0)
-            assert worker.is_alive() and order == []  # apply is blocked by the active route
+            started.wait()
+            mine = [model(input_ids=ids[:2]).logits for _ in range(4)]
+            while len(seen) < 4 and worker.is_alive():
+                worker.join(timeout=0.05)
+            worker.join(timeout=0.5)
+            assert worker.is_alive() and order == []  # its apply is blocked by the active route
             with pytest.raises(ShiraError, match=r"a route is already active \(entered in this thread\)"):
-                with mixed.route(["a", "b"]):
+                with mixed.route(route):
                     pass
             order.append("route left")
         worker.join(timeout=30)
     assert order == ["route left", "applied"]
-    assert torch.equal(seen["logits"], base)
+    assert len(seen) == 4 and all(torch.equal(logits, base) for logits in seen)  # the other thread: the base
+    assert all(torch.equal(logits, routed) for logits in mine)  # this thread: routed all along
 
 
 def test_a_route_from_another_thread_while_one_is_active_is_refused(setup):
@@ -207,7 +218,7 @@ def test_bad_input_is_refused_and_the_model_untouched(setup):
         with pytest.raises(ShiraError, match=r"unknown adapter name\(s\) 'd'; the known ones are \['a', 'b', 'c'\]"):
             with mixed.route(["a", "d"]):
                 pass
-        with pytest.raises(ShiraError, match="already has an open MixedAdapters"):
+        with pytest.raises(ShiraError, match=r"layer 'model.layers.0.self_attn.q_proj' is already served by an open MixedAdapters"):
             MixedAdapters(model, adapters)
         with pytest.raises(ShiraError, match=r"layer 'model.layers.0.self_attn.q_proj': its input has batch size 5 .*the route has 3 rows"):
             with torch.no_grad(), mixed.route(["a", None, "b"]):
@@ -235,17 +246,42 @@ def _embedding_delta(model) -> dict:
     return {"model.embed_tokens.weight": shira_hooks.SparseDelta(tuple(weight.shape), weight.dtype, indices, torch.ones(indices.numel()), digest(weight.detach().reshape(-1)[indices.long()]))}
 
 
-def test_two_dimensional_inputs_and_alpha_zero_on_an_mlp():
-    model = make_mlp().eval()
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_two_dimensional_inputs_and_alpha_zero_on_an_mlp(dtype, atol):
+    model = make_mlp().to(dtype).eval()
     adapters = {"p": random_adapter(model, 1, scale=0.2, names=None), "q": random_adapter(model, 2, scale=0.2, names=None)}
-    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad():
         base = model(x)
-        expected = {}
-        for name, adapter in adapters.items():
-            with shira_hooks.apply(model, adapter):
-                expected[name] = model(x)
+        with shira_hooks.apply(model, adapters["p"]):
+            expected = model(x)
         with MixedAdapters(model, adapters, alpha={"q": 0.0}) as mixed, mixed.route(["q", "p", "p", None]):
             out = model(x)
-    torch.testing.assert_close(out[1:3], expected["p"][1:3], atol=1e-5, rtol=0)
+    assert (out[1:3] - base[1:3]).abs().max() > 1e-2
+    torch.testing.assert_close(out[1:3], expected[1:3], atol=atol, rtol=0)
     assert torch.equal(out[0], base[0]) and torch.equal(out[3], base[3])  # alpha 0 and None: the base exactly
+
+
+def test_bfloat16_models_are_refused():
+    model = make_mlp().to(torch.bfloat16)
+    hooks = hook_state(model)
+    with pytest.raises(ShiraError, match=r"'layers.0.weight' is torch.bfloat16; MixedAdapters supports float32 and float64 models"):
+        MixedAdapters(model, {"p": random_adapter(model, 1, names=None)})
+    assert hook_state(model) == hooks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rows_equal_apply_on_cuda(setup):
+    _, adapters, ids = setup
+    model = make_llama(seed=0).eval().cuda()
+    route = ["a", None, "b", "c", "a"]
+    with torch.no_grad():
+        base = model(input_ids=ids.cuda()).logits
+        with MixedAdapters(model, adapters) as mixed, mixed.route(route):
+            logits = model(input_ids=ids.cuda()).logits
+        for row, name in enumerate(route):
+            if name is None:
+                assert torch.equal(logits[row], base[row])
+                continue
+            with shira_hooks.apply(model, adapters[name]):
+                torch.testing.assert_close(logits[row], model(input_ids=ids.cuda()).logits[row], atol=1e-4, rtol=0)
