@@ -11,8 +11,8 @@ Rows routed to ``None`` (and rows of an adapter that does not adapt this layer) 
 so they are bit for bit what the layer computed. Nothing else changes: no weight, no parameter, no
 buffer; ``close()`` removes the hooks.
 
-Kernel (chosen by measurement; ``benchmarks/mixed_batch.py`` times the alternatives; fastest of 25
-interleaved rounds, 2 CPU threads, a 1536x576 weight at 1%, 7 rows x 64 tokens over 4 adapters,
+Kernel (chosen by measurement; ``benchmarks/mixed_batch.py`` times the alternatives; fastest of 25 rounds on a busy machine,
+2 CPU threads, a 1536x576 weight at 1%, 7 rows x 64 tokens over 4 adapters,
 the layer's own product ~2.7 ms): per adapter, the rows' inputs are copied transposed into one
 contiguous (in, n*T) block (0.14 ms for the four; shared by layers that read the same input, as
 q/k/v and gate/up do), ``torch.sparse.mm(S_csr, x^T)`` gives (out, n*T) (0.28 ms for the four;

@@ -74,6 +74,6 @@ def test_serve_mixed_recipe_tiny(tmp_path):
     assert routed == ["intent", "letter", "caps", "base"] * 2
     assert "mixed generate equals generate with the row's adapter applied, on every row: True" in out
     assert "base rows equal the base model bit for bit: True; weights unchanged: True" in out
-    gap = float(out.split("mixed logits vs apply, largest difference: ")[1].split()[0])
-    assert gap <= 1e-4
+    gap = float(out.split("mixed logits vs apply, largest difference: ")[1].split(";")[0])
+    assert gap <= 1e-4  # a tiny model: within the tolerance as well
     assert "all exactness checks passed" in out
