@@ -1,6 +1,6 @@
 """Serve three SHiRA adapters in one batch: each row of a generate() batch gets its own adapter.
 
-    python recipes/serve_mixed.py                     # SmolLM2-135M-Instruct, BIG-bench intent_recognition, ~3 min on 2 cores
+    python recipes/serve_mixed.py                     # SmolLM2-135M-Instruct, BIG-bench intent_recognition, 2.5 min on 2 cores
     python recipes/serve_mixed.py --tiny              # a tiny Llama on a synthetic task, seconds
 
 Three adapters are trained quickly on the same task, each to answer in its own format: the intent's
