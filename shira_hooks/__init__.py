@@ -9,6 +9,10 @@
     with shira_hooks.apply(model, adapter, alpha=1.0):   # in place, ~1% of the entries
         ...
 
+    with shira_hooks.MixedAdapters(model, {"paint": a, "knight": b}) as mixed:   # one adapter per batch row
+        with torch.no_grad(), mixed.route(["paint", None, "knight"]):
+            ...
+
 Importing this package never imports transformers.
 """
 
@@ -19,6 +23,7 @@ from .handle import ShiraHandle
 from .bank import AdapterBank
 from .errors import ShiraError
 from .fusion import Overlap, fuse, overlap
+from .mixed import MixedAdapters
 from .switch import AppliedAdapter, apply, clear_cache
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
     "overlap",
     "Overlap",
     "AdapterBank",
+    "MixedAdapters",
     "ShiraError",
     "__version__",
 ]

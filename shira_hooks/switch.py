@@ -62,7 +62,7 @@ from ._switch_state import STATES, STATES_LOCK, KEEP_RECENT, AdapterCache, Appli
 from .adapter import SparseAdapter, dtype_name
 from .errors import ShiraError
 
-__all__ = ["apply", "AppliedAdapter", "applied", "clear_cache", "KEEP_RECENT"]
+__all__ = ["apply", "AppliedAdapter", "applied", "verify", "clear_cache", "KEEP_RECENT"]
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32, or float64 for float64 weights: never less precise than the weight."""
@@ -301,6 +301,25 @@ def apply(
             raise
         cache.active += 1
     return handle
+
+
+def verify(model: nn.Module, adapter: SparseAdapter, *, check_base: bool | Literal["always"] = True) -> None:
+    """Run ``apply``'s checks (strict) without writing anything: every module exists, with the
+    adapter's shape, dtype and base fingerprint (the base as it is with the applied adapters undone).
+
+    What the check computes is kept as ``apply`` keeps it, so a later ``apply`` of the adapter does
+    not hash the base again.
+
+    Raises:
+        ShiraError: as ``apply`` does, for the first module that does not match.
+    """
+    state = model_state(model)
+    with state.lock:
+        cache = state.cache(adapter)
+        try:
+            _check(model, adapter, state, cache, True, check_base)
+        finally:
+            state.settle(cache)
 
 
 def applied(model: nn.Module) -> list[AppliedAdapter]:

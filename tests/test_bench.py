@@ -85,3 +85,17 @@ def test_train_cost_quick(tmp_path):
     assert by["peft_lora_dropout"]["saved_activations_mb"] > by["peft_lora"]["saved_activations_mb"]
     assert "- shira_hooks mode='sparse':" in out and "the live peak of PEFT LoRA, dropout 0.05" in out
     assert "| method | 2 x 16 | 2 x 32 |" in out
+
+
+def test_mixed_batch_quick(tmp_path):
+    pytest.importorskip("peft")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mixed_batch.py"), "--quick", "--json", str(tmp_path / "m.json")],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    for method in ("MixedAdapters mixed forward", "PEFT LoRA adapter_names= mixed forward", "MixedAdapters mixed generate", "chosen: CSR sparse.mm"):
+        assert f"| {method}" in out
+    result = json.loads((tmp_path / "m.json").read_text())["result"]
+    assert result["targets"] == 14 and result["rows"] == 4
+    assert result["max_abs_logit_diff_vs_apply"] <= 1e-4  # every mixed row equals apply of its adapter
+    assert 0.8 <= result["lora_params_per_adapter"] / result["entries_per_adapter"] <= 1.2  # the same budget within 20%
