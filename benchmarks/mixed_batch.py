@@ -36,7 +36,21 @@ import torch
 import shira_hooks
 from shira_hooks import masks
 from shira_hooks._timing import Stats, command_line, machine, publish, report_header, time_interleaved
-from switch_model import TARGETS, build_model, random_adapter, target_weights
+from switch_model import HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, TARGETS, random_adapter, target_weights
+
+
+def build_model(quick: bool):
+    """A Llama with SmolLM2-135M's config (2 layers and a small vocabulary with ``quick``), random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1024 if quick else 49152, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+        num_hidden_layers=2 if quick else LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 
@@ -115,7 +129,7 @@ def run(args) -> dict:
     route = [ADAPTERS[r % len(ADAPTERS)] for r in range(rows)]
     model = build_model(args.quick)
     weights = target_weights(model)
-    adapters = {name: random_adapter(weights, args.sparsity, seed) for seed, name in enumerate(ADAPTERS, start=1)}
+    adapters = {name: random_adapter(weights, args.sparsity, seed, 1) for seed, name in enumerate(ADAPTERS, start=1)}
     rank = masks.lora_rank((w.shape for w in weights.values()), args.sparsity)
     ids = torch.randint(0, model.config.vocab_size, (rows, tokens), generator=torch.Generator().manual_seed(0))
 
