@@ -265,8 +265,11 @@ class ShiraHandle:
 
     def _fix_masks(self) -> None:
         """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""
+        reads_values = self.mask == "wm" or callable(self.mask)  # struct and rand need only the shape
         for target in self._targets:
-            weight = _shard.gather(target.param.detach())  # FSDP2: the full weight, the same masks as one process
+            weight = target.param.detach()  # under FSDP2 a DTensor: its shape and numel are the full weight's
+            if reads_values:
+                weight = _shard.gather(weight)  # FSDP2: the full weight (a collective), the same masks as one process
             target.set_indices(masks.fixed_mask(self.mask, target.name, weight, target.budget, self.seed, self.block))
 
     def _make_compact(self) -> None:
