@@ -232,3 +232,38 @@ def sample(model, tokenizer, example: dict, tokens: int = 6) -> str:
     ids = tokenizer(prompt(example), return_tensors="pt", add_special_tokens=False)["input_ids"]
     out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+# ------------------------------------------------------------- torchrun recipes (ddp.py, fsdp.py)
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join torchrun's process group (nccl on GPUs, gloo on the CPU): (rank, world size, this rank's device)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.set_num_threads(max(1, 2 // world))  # the ranks share the machine's cores
+    return rank, world, device
+
+
+def rank_data(model_name: str | None, tiny: bool, batch_size: int, rank: int, world: int, device: torch.device):
+    """The task, the model on ``device``, this rank's training rows and 4 calibration batches of them.
+
+    Returns (train, test, model, tokenizer, shard, calibration): ``shard`` holds the encoded rows
+    ``train[rank::world]``, ``calibration`` 4 collated batches of ``batch_size`` of them on ``device``.
+    """
+    import torch.distributed as dist
+
+    train, test = load_task(tiny)
+    if not tiny and rank == 0:
+        smollm2_folder()  # convert once, before the other ranks read it
+    dist.barrier()
+    model, tokenizer = load_model(model_name, tiny, texts_of(train + test))
+    model.to(device)
+    shard = [encode(tokenizer, e) for e in train[rank::world]]  # (N / world) rows per rank
+    calibration = [to_device(collate(shard[i : i + batch_size], tokenizer.pad_token_id), device) for i in range(0, 4 * batch_size, batch_size)]
+    return train, test, model, tokenizer, shard, calibration
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}

@@ -42,21 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/ddp"))
     args = parser.parse_args(argv)
     steps, lr = args.steps or (20 if args.tiny else 40), (1e-2 if args.tiny else args.lr)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
-    torch.set_num_threads(max(1, 2 // world))
+    rank, world, device = common.init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
-
-    train, test = common.load_task(args.tiny)
-    if not args.tiny and rank == 0:
-        common.smollm2_folder()  # convert once, before the other ranks read it
-    dist.barrier()
-    model, tokenizer = common.load_model(args.model, args.tiny, common.texts_of(train + test))
-    model.to(device)
-    shard = [common.encode(tokenizer, e) for e in train[rank::world]]  # (N / world) rows per rank
-    to_device = lambda batch: {k: v.to(device) for k, v in batch.items()}
-    calibration = [to_device(common.collate(shard[i : i + args.batch_size], tokenizer.pad_token_id)) for i in range(0, 4 * args.batch_size, args.batch_size)]
+    _, test, model, tokenizer, shard, calibration = common.rank_data(args.model, args.tiny, args.batch_size, rank, world, device)
 
     shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0)
     masks_equal = same_on_all_ranks(digest(torch.cat([i.long() for i in shira.masks.values()])))
@@ -66,7 +54,7 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     rng = random.Random(rank)
     for step in range(1, steps + 1):
-        loss = ddp(**to_device(common.collate(rng.sample(shard, args.batch_size), tokenizer.pad_token_id))).loss
+        loss = ddp(**common.to_device(common.collate(rng.sample(shard, args.batch_size), tokenizer.pad_token_id), device)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -43,21 +43,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/fsdp"))
     args = parser.parse_args(argv)
     steps, lr = args.steps or (15 if args.tiny else 40), (1e-2 if args.tiny else args.lr)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
-    torch.set_num_threads(max(1, 2 // world))
+    rank, world, device = common.init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
-
-    train, test = common.load_task(args.tiny)
-    if not args.tiny and rank == 0:
-        common.smollm2_folder()  # convert once, before the other ranks read it
-    dist.barrier()
-    model, tokenizer = common.load_model(args.model, args.tiny, common.texts_of(train + test))
-    model.to(device)
-    shard = [common.encode(tokenizer, e) for e in train[rank::world]]  # (N / world) rows per rank
-    to_device = lambda batch: {k: v.to(device) for k, v in batch.items()}
-    calibration = [to_device(common.collate(shard[i : i + args.batch_size], tokenizer.pad_token_id)) for i in range(0, 4 * args.batch_size, args.batch_size)]
+    train, test, model, tokenizer, shard, calibration = common.rank_data(args.model, args.tiny, args.batch_size, rank, world, device)
 
     def shard_model():
         for layer in model.model.layers:
@@ -79,7 +67,7 @@ def main(argv=None) -> int:
     rng = random.Random(rank)
     for step in range(1, steps + 1):
         for _ in range(2):  # two micro-batches accumulated per step
-            loss = model(**to_device(common.collate(rng.sample(shard, args.batch_size), tokenizer.pad_token_id))).loss
+            loss = model(**common.to_device(common.collate(rng.sample(shard, args.batch_size), tokenizer.pad_token_id), device)).loss
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
