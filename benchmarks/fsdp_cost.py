@@ -1,4 +1,4 @@
-"""Training cost at 2 ranks: per-rank live peak memory and step time, FSDP2 (``fully_shard``) vs DDP.
+"""Training cost over ranks: per-rank live peak memory and step time, FSDP2 (``fully_shard``) vs DDP.
 
     python benchmarks/fsdp_cost.py --results benchmarks/RESULTS.md --json benchmarks/fsdp_cost.json
     python benchmarks/fsdp_cost.py --quick     # tiny config, every case in one pair of processes (used by the tests)
@@ -6,16 +6,19 @@
 Methods (as in ``train_cost.py``, 1% of the q/k/v/o/gate/up/down weights or the LoRA rank with as
 many parameters): full fine-tuning, shira_hooks ``mode="dense"`` and ``mode="sparse"``, PEFT LoRA;
 each under FSDP2 (``fully_shard`` on every decoder layer, then the root; SHiRA attached after
-sharding, PEFT applied before) and under DDP. Model: the wide config of ``train_cost.py``
-(TinyLlama-1.1B's width, ``--layers`` of its 22 layers, built from the config), 2 gloo ranks on the
-CPU, batch 2 x 64 tokens per rank (the 4 x 64 of ``train_cost.py`` in all), AdamW, 1 thread per rank.
+sharding, or before with ``--attach before`` as the Trainer does; PEFT applied before) and under DDP.
+Model: the wide config of ``train_cost.py`` (TinyLlama-1.1B's width, ``--layers`` of its 22 layers,
+built from the config), ``--world`` gloo ranks on the CPU (default 2), batch 2 x 64 tokens per rank,
+AdamW, 1 thread per rank.
 
 Each case runs in its own pair of processes, started with ``MALLOC_MMAP_THRESHOLD_=65536
 MALLOC_TRIM_THRESHOLD_=0`` (freed memory goes back at once, so RSS follows the live tensors). Every
 rank builds the whole model before sharding; that transient is not what training costs, so after the
 warm-up steps each rank resets its peak RSS (``/proc/self/clear_refs``) and reports ``VmHWM`` after
 the timed steps: the per-rank live peak of steady-state training (weights, gradients, optimizer
-state, activations). Step time: median of rank 0's timed steps over all rounds; rounds alternate the
+state, activations, and the process itself). The process's own share (torch, transformers, peft, the
+process group), its RSS just before it builds the model, is also subtracted from that peak: the peak
+above the process, the CPU counterpart of ``torch.cuda.max_memory_allocated``. Step time: median of rank 0's timed steps over all rounds; rounds alternate the
 order of the cases. A case a method refuses (a ``ShiraError``) is reported as refused, with the reason.
 """
 
@@ -73,14 +76,15 @@ def shard(model, layout: str = "layers") -> None:
     fully_shard(model, reshard_after_forward=reshard)
 
 
-def prepare(method: str, wrapper: str, model, sparsity: float, layout: str = "layers"):
-    """(model to call, trainable entries) for ``method`` under ``wrapper``; SHiRA attaches after sharding."""
+def prepare(method: str, wrapper: str, model, sparsity: float, layout: str = "layers", attach: str = "after"):
+    """(model to call, trainable entries) for ``method`` under ``wrapper``; SHiRA attaches after sharding,
+    or before it with ``attach="before"``."""
     from torch.nn.parallel import DistributedDataParallel
 
     if wrapper == "ddp":
         model, trainable = train_cost.prepare(method, model, sparsity)
         return DistributedDataParallel(model), trainable
-    if method.startswith("peft_"):
+    if method.startswith("peft_") or (attach == "before" and method.startswith("shira_")):
         model, trainable = train_cost.prepare(method, model, sparsity)
         shard(model, layout)
         return model, trainable
@@ -94,21 +98,26 @@ def _local_mb(tensors) -> float:
     return sum(local(t).numel() * t.element_size() for t in tensors if torch.is_tensor(t)) / 2**20
 
 
-def _peak_mb() -> float:
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def run_case(method: str, wrapper: str, args, rank: int) -> dict:
     from shira_hooks import ShiraError
 
+    import peft  # noqa: F401  (imported before the baseline, as every method's process has it)
+    import transformers  # noqa: F401
+
+    gc.collect()
+    baseline = _status_mb("VmRSS")  # the process alone: libraries, the process group
     model, source = train_cost.build(args.config, args.layers)  # the same seed on every rank
     model.train()
     case = {"method": method, "wrapper": wrapper, "rank": rank}
     try:
-        model, trainable = prepare(method, wrapper, model, args.sparsity, args.layout)
+        model, trainable = prepare(method, wrapper, model, args.sparsity, args.layout, args.attach)
     except ShiraError as error:
         return {**case, "refused": str(error)}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -130,7 +139,7 @@ def run_case(method: str, wrapper: str, args, rank: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := RSS now; the model build is not training
     times = [step() for _ in range(args.steps)]
     return {
-        **case, "source": source, "trainable": trainable, "times": times, "peak_mb": _peak_mb(),
+        **case, "source": source, "trainable": trainable, "times": times, "peak_mb": _status_mb("VmHWM"), "baseline_mb": baseline,
         "parameters_mb": _local_mb(model.parameters()),
         "optimizer_state_mb": _local_mb(t for state in optimizer.state.values() for t in state.values()),
     }
@@ -159,15 +168,15 @@ def _free_port() -> int:
 
 
 def launch(args, cases: list[str]) -> list[dict]:
-    """Run ``cases`` in order in one pair of rank processes; every rank's result of every case."""
-    base = {**os.environ, **train_cost.RETURNING_MALLOC, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    """Run ``cases`` in order in one set of rank processes; every rank's result of every case."""
+    base = {**os.environ, **train_cost.RETURNING_MALLOC, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(args.world)}
     command = [sys.executable, __file__, "--worker", "--cases", *cases, "--config", args.config, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--length", str(args.length),
-               "--threads", str(args.threads), "--sparsity", str(args.sparsity), "--layout", args.layout]
+               "--threads", str(args.threads), "--sparsity", str(args.sparsity), "--layout", args.layout, "--attach", args.attach]
     if args.layers:
         command += ["--layers", str(args.layers)]
     ranks = [subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+             for r in range(args.world)]
     results = []
     for process in ranks:
         out, err = process.communicate()
@@ -199,39 +208,43 @@ def run_all(args) -> list[dict]:
             rows.append({"method": method, "wrapper": wrapper, "refused": refused[0]})
             continue
         times = [t for r in results if r["rank"] == 0 for t in r["times"]]
-        peaks = {str(rank): max(r["peak_mb"] for r in results if r["rank"] == rank) for rank in (0, 1)}
+        peaks = {str(rank): max(r["peak_mb"] for r in results if r["rank"] == rank) for rank in range(args.world)}
+        above = max(r["peak_mb"] - r["baseline_mb"] for r in results)
         first = results[0]
         rows.append({
             "method": method, "wrapper": wrapper, "trainable": first["trainable"], "source": first["source"],
             "step_median_s": statistics.median(times), "step_min_s": min(times), "step_max_s": max(times), "steps": len(times),
-            "peak_mb_by_rank": peaks, "peak_mb": max(peaks.values()),
+            "peak_mb_by_rank": peaks, "peak_mb": max(peaks.values()), "peak_above_process_mb": above,
+            "process_mb": max(r["baseline_mb"] for r in results),
             "parameters_mb": max(r["parameters_mb"] for r in results), "optimizer_state_mb": max(r["optimizer_state_mb"] for r in results),
         })
     return rows
 
 
 def markdown(rows: list[dict], info: dict, command: str, args, load: tuple[str, str]) -> str:
-    title = f"`benchmarks/fsdp_cost.py`: 2 ranks, FSDP2 vs DDP, per-rank live peak and step time ({args.layers or 'all'} layers)"
+    title = f"`benchmarks/fsdp_cost.py`: {args.world} ranks, FSDP2 vs DDP, per-rank live peak and step time ({args.layers or 'all'} layers)"
     lines = report_header(title, command, info)
     config = train_cost.CONFIGS[args.config]
     lines += [
         f"Model: `{args.config}` config of `train_cost.py` (hidden {config['hidden_size']}, intermediate {config['intermediate_size']}, "
         f"{args.layers or config['num_hidden_layers']} layers, vocab {config['vocab_size']}; built from the config), FSDP2 units: "
-        f"{UNITS[args.layout]}, 2 gloo ranks on the CPU, "
+        f"{UNITS[args.layout]}, SHiRA attached {args.attach} sharding, {args.world} gloo ranks on the CPU, "
         f"{args.threads} thread(s) each, batch {args.batch} x {args.length} per rank, AdamW. Peak: VmHWM of each rank after a reset "
-        f"following {args.warmup} warm-up step(s), i.e. steady-state training; the larger of the two ranks, and the largest over "
-        f"{args.rounds} round(s). Step: median (min-max) of rank 0's timed steps. Load average before / after: {load[0]} / {load[1]}.",
+        f"following {args.warmup} warm-up step(s), i.e. steady-state training; the largest over the ranks "
+        f"and {args.rounds} round(s); above the process: that peak less the rank's RSS before it built the model. Step: median (min-max) of rank 0's timed steps. Load average before / after: {load[0]} / {load[1]}.",
         "",
-        "| method | wrapper | trainable | peak MB per rank (rank 0 / 1) | weights MB per rank | optimizer state MB per rank | median step s (min-max) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| method | wrapper | trainable | peak MB per rank (rank {' / '.join(map(str, range(args.world)))}) | above the process MB "
+        f"(process MB) | weights MB per rank | optimizer state MB per rank | median step s (min-max) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "refused" in r:
-            lines.append(f"| {LABELS[r['method']]} | {LABELS[r['wrapper']]} | refused: {r['refused'].split('. ')[0]} | | | | |")
+            lines.append(f"| {LABELS[r['method']]} | {LABELS[r['wrapper']]} | refused: {r['refused'].split('. ')[0]} | | | | | |")
             continue
         lines.append(
-            f"| {LABELS[r['method']]} | {LABELS[r['wrapper']]} | {r['trainable']:,} | {r['peak_mb']:,.0f} ({r['peak_mb_by_rank']['0']:,.0f} / "
-            f"{r['peak_mb_by_rank']['1']:,.0f}) | {r['parameters_mb']:,.0f} | {r['optimizer_state_mb']:,.1f} | "
+            f"| {LABELS[r['method']]} | {LABELS[r['wrapper']]} | {r['trainable']:,} | {r['peak_mb']:,.0f} "
+            f"({' / '.join(f'{v:,.0f}' for v in r['peak_mb_by_rank'].values())}) | {r['peak_above_process_mb']:,.0f} ({r['process_mb']:,.0f}) | "
+            f"{r['parameters_mb']:,.0f} | {r['optimizer_state_mb']:,.1f} | "
             f"{r['step_median_s']:.3f} ({r['step_min_s']:.3f}-{r['step_max_s']:.3f}) |"
         )
     lines += ["", *targets(rows)]
@@ -254,10 +267,11 @@ def targets(rows: list[dict]) -> list[str]:
             if ref is None or "refused" in ref:
                 continue
             ratio = mine["peak_mb"] / ref["peak_mb"]
+            above = f"{mine['peak_above_process_mb'] / ref['peak_above_process_mb']:.2f}x" if ref["peak_above_process_mb"] >= 1 else "n/a"
             met = "met" if ratio <= goal else "missed"
             target = f" (target for mode='sparse': <= {goal}x, {met})" if mode == "shira_sparse" else ""
-            out.append(f"- {LABELS[mode]} under FSDP2: per-rank peak {ratio:.2f}x {LABELS[other[0]]} under {LABELS[other[1]]}{target}; "
-                       f"step time {mine['step_median_s'] / ref['step_median_s']:.2f}x.")
+            out.append(f"- {LABELS[mode]} under FSDP2: per-rank peak {ratio:.2f}x {LABELS[other[0]]} under {LABELS[other[1]]}{target}, "
+                       f"{above} above the process; step time {mine['step_median_s'] / ref['step_median_s']:.2f}x.")
     return out
 
 
@@ -273,6 +287,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="per rank")
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--world", type=int, default=2, help="ranks (processes)")
+    parser.add_argument("--attach", default="after", choices=["after", "before"], help="SHiRA attaches after or before fully_shard")
     parser.add_argument("--layout", default="layers", choices=["layers", "accelerate"],
                         help="FSDP2 units: decoder layers + root (torch defaults), or also embedding and head apart, all resharded after forward (Accelerate)")
     parser.add_argument("--section", default="fsdp_cost", help="the RESULTS.md section to write (another run of other sizes)")

@@ -3,12 +3,15 @@
     torchrun --nproc_per_node 2 recipes/fsdp.py          # SmolLM2-135M-Instruct, gloo on CPU (nccl on GPU)
     torchrun --nproc_per_node 2 recipes/fsdp.py --tiny   # a tiny Llama on a synthetic task, seconds
     torchrun --nproc_per_node 2 recipes/fsdp.py --tiny --attach before   # attach, then shard (what the Trainer does)
+    torchrun --nproc_per_node 2 recipes/fsdp.py --tiny --attach before --mode sparse   # k values split across ranks
 
 Each decoder layer and then the whole model is sharded with ``fully_shard`` (rows of every weight
 split across the ranks). By default ``attach`` comes after sharding, so the SNIP scores are computed
 on the shards from the gradient averaged over the ranks: every rank fixes the masks one process would
 fix on the global batch. With ``--attach before`` the masks are scored before sharding (each rank on
-its own batches, scores summed) and the handle follows ``fully_shard``'s new parameters. Training:
+its own batches, scores summed) and the handle follows ``fully_shard``'s new parameters. With
+``--mode sparse`` (or compact) the trainable entries are a (k,) parameter per layer, sharded across the
+ranks with its optimizer state. Training:
 AdamW, two micro-batches accumulated per step, ``clip_grad_norm_``. ``verify()`` and ``extract()``
 gather the shards, so every rank calls them; rank 0 saves the adapter, then loads it onto a fresh
 base model and measures accuracy there (the adapter alone reproduces the trained model).
@@ -37,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--mask", default="snip", choices=["struct", "rand", "wm", "grad", "snip"])
     parser.add_argument("--attach", default="after", choices=["after", "before"], help="attach after or before fully_shard")
+    parser.add_argument("--mode", default="dense", choices=["dense", "compact", "sparse"], help="attach's mode")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4, help="per rank and micro-batch")
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -53,14 +57,14 @@ def main(argv=None) -> int:
         fully_shard(model)
 
     if args.attach == "before":
-        shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0)
+        shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0, mode=args.mode)
         shard_model()
     else:
         shard_model()
-        shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0)
+        shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0, mode=args.mode)
     q_proj = model.model.layers[0].self_attn.q_proj.weight
     say(f"{world} ranks; q_proj.weight {tuple(q_proj.shape)} is a {type(q_proj).__name__}, {tuple(q_proj.to_local().shape)} on each rank")
-    say(f"trainable entries: {shira.num_trainable:,}; attached {args.attach} fully_shard")
+    say(f"trainable entries: {shira.num_trainable:,}; mode={args.mode!r}, attached {args.attach} fully_shard")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)

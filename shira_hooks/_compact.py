@@ -24,12 +24,20 @@ For each target ``nn.Linear`` (weight W of shape (out, in), mask ``index`` of k 
 Weight decay: the optimizer decays ``shira_values``, which are the weight's entries, so decay acts
 exactly as in the dense mode (on the masked entries of the weight, not on a delta).
 
-Under FSDP2 (a ``Shard(0)`` DTensor weight, attached after ``fully_shard``) ``shira_values`` is itself a
-``Shard(0)`` DTensor: each rank holds the masked entries in its own rows (``_shard.ValuesSplit``), so
-values and optimizer state are O(k) over all ranks. The tap computes this rank's gradient of all k
-entries (the layer ran on the all-gathered weight and this rank's batch), averages it over the ranks
-(an all-reduce of k entries per layer) and keeps its own slice. After each optimizer step every rank
-writes its values into its rows of the sharded weight, which FSDP2 all-gathers for the next forward.
+Under FSDP2 (a ``Shard(0)`` DTensor weight) ``shira_values`` is a (k,) ``Shard(0)`` DTensor: each rank
+holds a chunk of k/n entries and its optimizer state, O(k) over all ranks. Two ways to get there:
+
+* attached after ``fully_shard``: ``install`` makes the DTensor itself, outside FSDP2's parameter groups.
+  The tap computes this rank's gradient of all k entries (the layer ran on the all-gathered weight and
+  this rank's batch), averages it over the ranks (an all-reduce of k entries per layer) and keeps its chunk;
+* attached before (the Trainer's and Accelerate's order): ``fully_shard`` shards ``shira_values`` with the
+  weight, as one of the layer's parameters, and the handle adopts the new parameter (``Plan.adopt``).
+  FSDP2 then all-gathers it for each forward (the tap reads the module's current ``shira_values``)
+  and reduce-scatters its gradient, like any parameter.
+
+Either way, after each optimizer step the values are all-gathered (k entries per layer) and every rank
+writes the entries in its own rows (``_shard.RowSlice``) into its shard of the weight, which FSDP2
+all-gathers for the next forward.
 """
 
 from __future__ import annotations
@@ -64,7 +72,8 @@ class Plan:
     transposes: "InputTransposes | None" = None  # mode="sparse": shared by the layers of one handle
     synced: int = -1  # values._version last written into the weight
     seen: bool = False  # a gradient of the values was computed since attach
-    split: _shard.ValuesSplit | None = None  # FSDP2: which entries this rank's part of the values holds
+    rows: _shard.RowSlice | None = None  # FSDP2: the mask's entries in this rank's rows of the weight
+    managed: bool = False  # FSDP2: fully_shard sharded the values (it unshards them and reduces their gradient)
 
     @property
     def sparse(self) -> bool:
@@ -83,15 +92,43 @@ class Plan:
         """Write the values into the weight: always with ``force``, else when ``values._version`` moved.
 
         Fused optimizer kernels (``torch._fused_adamw_``, the Trainer's default) update the values
-        without bumping the version counter, so after an optimizer step the write is forced.
+        without bumping the version counter, so after an optimizer step the write is forced. Under
+        FSDP2 only forced writes happen (they all-gather the values: a collective that every rank
+        makes at the same step), and each rank writes the entries in its rows.
         """
-        if force or self.values._version != self.synced:
+        if force or (self.rows is None and self.values._version != self.synced):
             weight = self.weight.detach()
-            values = _shard.local(self.values.detach())
-            if self.split is not None:  # FSDP2: this rank's values, into its rows of the sharded weight
-                values = values[: self.split.count]
+            values = self.values.detach()
+            if self.rows is not None:
+                values = _shard.gather(values)[self.rows.start : self.rows.stop]
             storage_flat(_shard.local(weight)).index_copy_(0, self.positions(weight), values.to(weight.device, weight.dtype))
             self.synced = self.values._version
+
+    def adopt(self, weight: nn.Parameter, values: torch.Tensor, where: str) -> None:
+        """Train the DTensors that ``fully_shard`` put in place of the weight and of ``shira_values``.
+
+        Raises:
+            ShiraError: the values are not sharded as ``Shard(0)`` on the weight's 1-D mesh.
+        """
+        _shard.check_values(values, weight, where)
+        rows = _shard.row_slice(self.index.cpu(), weight, where)
+        self.weight, self.values, self.rows, self.managed = weight, values, rows, True
+        self.synced = values._version
+
+    @torch.no_grad()
+    def load(self, indices: torch.Tensor, full: torch.Tensor) -> None:
+        """Take another mask (sorted logical indices, k as before) and (k,) values for it, on every rank."""
+        self.index = indices.to(self.weight.device, torch.int64)
+        if self.sparse:
+            self.pattern = csr_pattern(self.index, tuple(self.weight.shape))
+        if self.rows is not None:
+            self.rows = _shard.row_slice(indices, self.weight, "the loaded mask")
+        if _shard.is_sharded(self.values):  # this rank's chunk of the k entries
+            start, stop = _shard.row_range(self.values)
+            _shard.local(self.values).copy_(full[start:stop])
+        else:
+            self.values.copy_(full)
+        self.synced = self.values._version
 
 
 def csr_pattern(index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -173,15 +210,15 @@ def watch_first_forward(model: nn.Module, layers: list[tuple[nn.Parameter, nn.Mo
         layers: ``(weight, its layer, the layer's name)`` of every compact target.
 
     Returns:
-        The two hook handles on ``model``; they remove themselves after that first pass (the caller
-        removes them on detach if it never comes). Skipped under ``torch.compile`` tracing.
+        The hook handles on ``model`` (and a canceller); they remove themselves after that first pass
+        (the caller removes them on detach if it never comes, or when ``fully_shard`` replaced the weights). Skipped under ``torch.compile`` tracing.
     """
     names = {id(weight): name for weight, _, name in layers}
     hooks: list = []
     watching: list = []  # [ReadWatch, layer hook handles] while the first forward runs
 
     def start(root, args):
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or watching:
+        if not names or not torch.is_grad_enabled() or torch.compiler.is_compiling() or watching:
             return
         watch = ReadWatch(names)
         watching.append(watch)
@@ -208,8 +245,18 @@ def watch_first_forward(model: nn.Module, layers: list[tuple[nn.Parameter, nn.Mo
                 f"Use mode='dense', or leave {found} out of target_modules"
             )
 
-    hooks += [model.register_forward_pre_hook(start), model.register_forward_hook(stop, always_call=True)]
+    hooks += [model.register_forward_pre_hook(start), model.register_forward_hook(stop, always_call=True), _Cancel(names)]
     return hooks
+
+
+class _Cancel:
+    """Removed with the hooks, it also stops a first pass whose pre-hooks torch has already listed."""
+
+    def __init__(self, names: dict):
+        self.names = names
+
+    def remove(self) -> None:
+        self.names.clear()
 
 
 class _Tap(torch.autograd.Function):
@@ -218,6 +265,8 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor, plan: Plan, transposed: bool) -> torch.Tensor:
         """``inputs``: the layer input X (..., in), or with ``transposed`` its transpose X^T (in, T).
+        ``values``: the layer's ``shira_values`` now (under FSDP2 attached before ``fully_shard``: the
+        all-gathered parameter, whose gradient FSDP2 reduce-scatters).
 
         The output is returned as itself, marked dirty, rather than as a view of it: autograd refuses
         in-place changes of a custom Function's view outputs, and layers are often followed by one
@@ -225,6 +274,7 @@ class _Tap(torch.autograd.Function):
         """
         ctx.save_for_backward(inputs)
         ctx.plan, ctx.transposed = plan, transposed
+        ctx.dtype, ctx.sharded = values.dtype, _shard.is_sharded(values)
         ctx.mark_dirty(output)
         return output
 
@@ -242,9 +292,9 @@ class _Tap(torch.autograd.Function):
                 grad = torch.sparse.sampled_addmm(plan.pattern, dy.t(), x, beta=0.0).values()  # (k,)
         else:
             grad = (dy.t() @ x).view(-1).index_select(0, plan.index)  # dense (out, in) product, gathered
-        if plan.split is not None:  # FSDP2: average over the ranks, keep this rank's slice (a DTensor)
-            return grad_output, _shard.values_grad(grad, plan.split, plan.values), None, None, None
-        return grad_output, grad.to(plan.values.dtype), None, None, None
+        if ctx.sharded:  # values sharded by install (FSDP2): average over the ranks, keep this rank's chunk
+            return grad_output, _shard.values_grad(grad, plan.values), None, None, None
+        return grad_output, grad.to(ctx.dtype), None, None, None
 
 
 def _whole_base(output: torch.Tensor) -> torch.Tensor:
@@ -281,11 +331,15 @@ def install(
     """
     index = indices.to(weight.device, torch.int64)
     values = storage_flat(_shard.local(weight.detach())).index_select(0, positions(weight)).clone()  # FSDP2: this rank's rows
-    split = _shard.split_values(indices, weight, f"weight of '{type(module).__name__}'") if _shard.is_sharded(weight) else None
-    values = nn.Parameter(values) if split is None else _shard.values_parameter(values, split, weight)
+    rows = None
+    if _shard.is_sharded(weight):  # FSDP2: every rank's rows' entries, then this rank's chunk of the k
+        rows = _shard.row_slice(indices, weight, f"weight of '{type(module).__name__}'")
+        values = _shard.shard_values(_shard.gather_slices(values, rows, weight.device_mesh), weight)
+    else:
+        values = nn.Parameter(values)
     module.register_parameter(VALUES, values)
     pattern = csr_pattern(index, tuple(weight.shape)) if transposes is not None else None
-    plan = Plan(weight, values, index, positions, pattern, transposes, split=split)
+    plan = Plan(weight, values, index, positions, pattern, transposes, rows=rows)
     plan.synced = values._version
 
     def before(mod, args):
@@ -293,13 +347,14 @@ def install(
         plan.sync()
 
     def after(mod, args, kwargs, output):
-        if torch.is_grad_enabled() and plan.values.requires_grad:
+        values = mod._parameters.get(VALUES, plan.values)  # under FSDP2: the all-gathered values, in the forward
+        if torch.is_grad_enabled() and values.requires_grad:
             x = args[0] if args else kwargs["input"]
             tapped = _whole_base(output)
             if plan.sparse and not _kept_by_producer(x):
-                tapped = _Tap.apply(tapped, plan.values, plan.transposes(x), plan, True)
+                tapped = _Tap.apply(tapped, values, plan.transposes(x), plan, True)
             else:
-                tapped = _Tap.apply(tapped, plan.values, x, plan, False)
+                tapped = _Tap.apply(tapped, values, x, plan, False)
             return tapped if tapped is output else tapped.view(output.shape)
         return None
 
@@ -307,6 +362,13 @@ def install(
 
 
 def uninstall(module: nn.Module, plan: Plan) -> None:
+    """Write the values into the weight and unregister them (under FSDP2 a collective).
+
+    Values that ``fully_shard`` sharded stay registered, frozen: FSDP2 keeps them in its parameter
+    group and would put them back on the module at its next all-gather.
+    """
     plan.sync(force=True)
-    if module._parameters.get(VALUES) is plan.values:
+    if plan.managed:
+        plan.values.requires_grad_(False)
+    elif module._parameters.get(VALUES) is plan.values:
         del module._parameters[VALUES]

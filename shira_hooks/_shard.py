@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 SUPPORTED = (
     "shira_hooks supports DistributedDataParallel and FSDP2 (torch.distributed.fsdp.fully_shard, with the default "
     "Shard(0) placement; in Accelerate: fsdp_version: 2; in the HF Trainer: fsdp='full_shard' with "
-    "fsdp_config={'fsdp_version': 2}); mode='compact'/'sparse' under FSDP2 when attached after fully_shard"
+    "fsdp_config={'fsdp_version': 2}), in every mode, attached before or after fully_shard"
 )
 
 
@@ -202,29 +202,24 @@ def _before_forward(module: nn.Module, args) -> None:
 
 # ------------------------------------------------------------- compact/sparse values under FSDP2
 @dataclass(frozen=True)
-class ValuesSplit:
-    """How ``shira_values`` (mode compact/sparse) is split across the ranks of a ``Shard(0)`` weight.
+class RowSlice:
+    """The masked entries in this rank's rows of a ``Shard(0)`` weight: ``[start, stop)`` of the sorted mask.
 
-    The mask is sorted and each rank holds a contiguous block of rows, so the entries in rank r's rows
-    are one slice ``[start, stop)`` of the sorted mask. ``shira_values`` is a ``Shard(0)`` DTensor of
-    ``world * width`` entries: rank r holds its slice, zero-padded to ``width`` (the largest slice),
-    so the values and their optimizer state are O(k) over all ranks, and each rank writes its values
-    into its own rows of the weight without communication. The padding has zero gradient, so it stays
-    zero under AdamW, its decay included.
+    The mask is sorted and each rank holds a contiguous block of rows (torch.chunk), so the entries
+    in rank r's rows are one slice of it. ``bounds`` holds every rank's slice start, and the end.
     """
 
     start: int
     stop: int
-    width: int
-    world: int
+    bounds: tuple[int, ...]
 
     @property
     def count(self) -> int:
         return self.stop - self.start
 
 
-def split_values(indices: torch.Tensor, weight: torch.Tensor, where: str) -> ValuesSplit:
-    """The ``ValuesSplit`` of a mask (sorted logical indices) over the ranks of a ``Shard(0)`` DTensor weight.
+def row_slice(indices: torch.Tensor, weight: torch.Tensor, where: str) -> RowSlice:
+    """The ``RowSlice`` of a mask (sorted logical indices) for this rank's shard of a ``Shard(0)`` DTensor weight.
 
     Raises:
         ShiraError: the weight is sharded on a mesh with more than one dimension (HSDP), or not as torch.chunk.
@@ -236,33 +231,55 @@ def split_values(indices: torch.Tensor, weight: torch.Tensor, where: str) -> Val
             f"1-D mesh only. Use mode='dense'"
         )
     world, rank, rows = mesh.size(), mesh.get_local_rank(), weight.shape[0]
-    width_rows = -(-rows // world)  # torch.chunk: ceil(rows / world) rows per rank, the last ones fewer or none
-    bounds = torch.tensor([min(r * width_rows, rows) * (weight.numel() // rows) for r in range(world + 1)], dtype=indices.dtype)
-    starts = torch.searchsorted(indices, bounds).tolist()
-    if row_range(weight) != (min(rank * width_rows, rows), min((rank + 1) * width_rows, rows)):
+    per_rank = -(-rows // world)  # torch.chunk: ceil(rows / world) rows per rank, the last ones fewer or none
+    if row_range(weight) != (min(rank * per_rank, rows), min((rank + 1) * per_rank, rows)):
         raise ShiraError(f"{where}: this rank's rows {row_range(weight)} are not the torch.chunk split that FSDP2 uses; use mode='dense'")
-    width = max(1, max(b - a for a, b in zip(starts, starts[1:])))
-    return ValuesSplit(starts[rank], starts[rank + 1], width, world)
+    ends = torch.tensor([min(r * per_rank, rows) * (weight.numel() // rows) for r in range(world + 1)], dtype=indices.dtype)
+    bounds = tuple(torch.searchsorted(indices.cpu(), ends).tolist())
+    return RowSlice(bounds[rank], bounds[rank + 1], bounds)
 
 
-def values_parameter(local_values: torch.Tensor, split: ValuesSplit, weight: torch.Tensor) -> nn.Parameter:
-    """``shira_values`` as a ``Shard(0)`` DTensor parameter on the weight's mesh: this rank's values, zero-padded."""
-    from torch.distributed.tensor import DTensor, Shard
+@torch.no_grad()
+def gather_slices(part: torch.Tensor, rows: RowSlice, mesh) -> torch.Tensor:
+    """(k,) every rank's ``part`` (its ``RowSlice`` of the masked values) in mask order (a collective, O(k))."""
+    counts = [b - a for a, b in zip(rows.bounds, rows.bounds[1:])]
+    width = max(1, max(counts))
+    padded = part.new_zeros(width)
+    padded[: part.numel()] = part
+    out = part.new_empty(width * len(counts))
+    torch.distributed.all_gather_single(out, padded, group=mesh.get_group())
+    return torch.cat([out[r * width : r * width + c] for r, c in enumerate(counts)])
 
-    padded = local_values.new_zeros(split.width)
-    padded[: split.count] = local_values
-    return nn.Parameter(DTensor.from_local(padded, weight.device_mesh, [Shard(0)], shape=(split.world * split.width,), stride=(1,)))
+
+def check_values(values: torch.Tensor, weight: torch.Tensor, where: str) -> None:
+    """``shira_values`` sharded by ``fully_shard`` must be a (k,) ``Shard(0)`` DTensor on the weight's 1-D mesh."""
+    from torch.distributed.tensor import Shard
+
+    if not (is_sharded(values) and values.device_mesh == weight.device_mesh and tuple(values.placements) == (Shard(0),)):
+        placements = tuple(values.placements) if is_sharded(values) else "not a DTensor"
+        raise ShiraError(
+            f"{where}: fully_shard sharded the weight but its values as {placements}; shira_hooks follows values "
+            f"sharded as Shard(0) on the weight's mesh (fully_shard's default, applied to the module that holds both). "
+            f"Use mode='dense'"
+        )
 
 
-def values_grad(grad: torch.Tensor, split: ValuesSplit, values: torch.Tensor) -> torch.Tensor:
-    """The DTensor gradient of ``shira_values`` from this rank's (k,) gradient of every mask entry (a collective).
+def shard_values(full: torch.Tensor, weight: torch.Tensor) -> nn.Parameter:
+    """``shira_values`` as a (k,) ``Shard(0)`` DTensor parameter on the weight's mesh (torch.chunk of the k
+    entries, as ``fully_shard`` would shard it), from the (k,) values that every rank holds."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    return nn.Parameter(distribute_tensor(full, weight.device_mesh, [Shard(0)], src_data_rank=None))
+
+
+def values_grad(grad: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The DTensor gradient of a ``shard_values`` parameter from this rank's (k,) gradient (a collective, O(k)).
 
     Averaged over the ranks, as FSDP2 averages the gradients it reduces: the gradient of the global batch.
     """
     from torch.distributed.tensor import DTensor
 
     torch.distributed.all_reduce(grad, group=values.device_mesh.get_group())
-    grad.div_(split.world)
-    padded = grad.new_zeros(split.width)
-    padded[: split.count] = grad[split.start : split.stop]
-    return DTensor.from_local(padded.to(values.dtype), values.device_mesh, values.placements, shape=values.shape, stride=values.stride())
+    grad.div_(values.device_mesh.size())
+    start, stop = row_range(values)
+    return DTensor.from_local(grad[start:stop].to(values.dtype), values.device_mesh, values.placements, shape=values.shape, stride=values.stride())

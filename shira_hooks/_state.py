@@ -35,7 +35,8 @@ def state_dict(self: "ShiraHandle") -> dict[str, Any]:
         States written before ``block`` existed have no "block" entry: they load as block 1.
     """
     self._require_calibrated("save the handle's state")
-    self._sync()
+    for t in self._targets:  # masks and originals only: no values to write (no collective under FSDP2)
+        t.follow()
     return {
         "format": STATE_FORMAT,
         "format_version": STATE_VERSION,
@@ -98,12 +99,6 @@ def load_state_dict(self: "ShiraHandle", state: dict[str, Any]) -> None:
                 f"{param.dtype} of shape {tuple(entry['indices'].shape)}"
             )
         plan = ours[name].plan
-        if plan is not None and plan.split is not None:
-            raise ShiraError(
-                f"'{name}' trains with mode={self.mode!r} under FSDP2, where {_compact.VALUES} is split across the ranks by "
-                f"the mask's rows; a state with other masks cannot be loaded into it. Attach with the saved masks instead "
-                f"(mask=lambda name, weight: state['targets'][name]['indices']), or use mode='dense'"
-            )
         if plan is not None and plan.values.numel() != entry["indices"].numel():
             raise ShiraError(
                 f"state for '{name}' has {entry['indices'].numel()} entries, the handle's {_compact.VALUES} has "
@@ -118,13 +113,8 @@ def load_state_dict(self: "ShiraHandle", state: dict[str, Any]) -> None:
         target = ours[name]
         target.set_indices(entry["indices"].clone(), entry["originals"].clone())
         target.base_digest, target.base_dtype = entry["base_digest"], target.param.dtype
-        if target.plan is not None:  # same parameter object, new entries: W holds the trained values
-            plan = target.plan
-            plan.index = target.indices.to(target.param.device, torch.int64)
-            if plan.sparse:
-                plan.pattern = _compact.csr_pattern(plan.index, tuple(target.param.shape))
-            plan.values.copy_(target.current())
-            plan.synced = plan.values._version
+        if target.plan is not None:  # same parameter objects, new entries: W holds the trained values
+            target.plan.load(target.indices, target.current())
     if isinstance(state.get("mask"), str) and state["mask"] != "custom":
         self.mask = state["mask"]
     if sparsity is not None:

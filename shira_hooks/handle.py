@@ -181,8 +181,8 @@ class ShiraHandle:
         is refused: its gradient was not masked.
 
         Raises:
-            ShiraError: a placement other than Shard(0)/Replicate, mode compact/sparse sharded after attach,
-                or (at a step) a target weight replaced by something the hooks could not follow.
+            ShiraError: a placement other than Shard(0)/Replicate, compact/sparse values sharded otherwise than
+                their weight, or (at a step) a target weight replaced by something the hooks could not follow.
         """
         if not self._attached:
             return
@@ -215,15 +215,15 @@ class ShiraHandle:
         t = self._targets[position]
         _shard.check_placements(param, f"target weight '{t.name}'")
         check_dense(_shard.local(param), f"target weight '{t.name}'")
-        if self.mode != "dense":
-            raise ShiraError(
-                f"target weight '{t.name}' was sharded by FSDP2 (fully_shard) after attach(mode={self.mode!r}): fully_shard "
-                f"also sharded its '{_compact.VALUES}' as an ordinary parameter, which the tap does not follow. With FSDP2, "
-                f"attach with mode={self.mode!r} after fully_shard, or use mode='dense' (which may attach before)"
-            )
+        if t.plan is not None:  # compact/sparse: fully_shard sharded the layer's values too
+            t.plan.adopt(param, t.module._parameters.get(_compact.VALUES), f"'{t.name.rpartition('.')[0]}.{_compact.VALUES}'")
+            for hook in self._watch_hooks:  # FSDP2 reads the sharded weights outside their layers (its all-gather)
+                hook.remove()
+            self._watch_hooks = []
         t.grad_hook.remove()
-        t.grad_hook = param.register_post_accumulate_grad_hook(self._make_hook(position))
-        self._hooks.append(t.grad_hook)
+        if param.requires_grad:  # compact/sparse: the weight itself gets no gradient
+            t.grad_hook = param.register_post_accumulate_grad_hook(self._make_hook(position))
+            self._hooks.append(t.grad_hook)
         if _OWNERS.get(t.param) is not None:
             del _OWNERS[t.param]
         _OWNERS[param] = weakref.ref(self)

@@ -1,6 +1,8 @@
 """The HF Trainer under FSDP2 with ShiraCallback, in processes started by ``accelerate launch`` (test_fsdp.py).
 
-    accelerate launch --config_file fsdp2.yaml tests/fsdp_trainer_run.py OUTPUT_DIR
+    accelerate launch --config_file fsdp2.yaml tests/fsdp_trainer_run.py OUTPUT_DIR [MODE]
+
+MODE is attach's mode (default dense); with compact/sparse ``fully_shard`` also shards ``shira_values``.
 
 Accelerate turns its FSDP plugin on only for accelerator devices: on CPU (``MULTI_CPU``) it silently
 falls back to DDP, which is why an earlier Trainer run "with FSDP2" on CPU trained exactly (its
@@ -35,6 +37,7 @@ def _fsdp_on_cpu() -> None:
 
 def main() -> None:
     out = Path(sys.argv[1])
+    mode = sys.argv[2] if len(sys.argv) > 2 else "dense"
     if not torch.cuda.is_available():
         _fsdp_on_cpu()
     from transformers import Trainer, TrainingArguments
@@ -52,7 +55,7 @@ def main() -> None:
     )  # the FSDP2 options come from the accelerate config file
     model = make_llama()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    shira = shira_hooks.attach(model, 0.05, "rand", seed=3)  # before the Trainer shards the model
+    shira = shira_hooks.attach(model, 0.05, "rand", seed=3, mode=mode)  # before the Trainer shards the model
     rows = [{k: v[i] for k, v in b.items()} for b in llama_batches(8, seed=1) for i in range(4)]
     callback = ShiraCallback(shira)
     trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback])
@@ -67,6 +70,7 @@ def main() -> None:
     report = {
         "fsdp": trainer.is_fsdp_enabled,
         "weight_type": type(model.model.layers[0].mlp.up_proj.weight).__name__,
+        "values_type": type(getattr(model.model.layers[0].mlp.up_proj, "shira_values", None)).__name__,
         "verify": callback.report["changed_outside_masks"],
         "changed": sum(c.numel() for c in changed.values()),
         "budget": shira.num_trainable,

@@ -2,16 +2,19 @@
 
 One spawned run does every multi-process check (process start-up dominates): dense training with
 attach before and after ``fully_shard``, grad/snip calibration on the shards (eager and lazy),
-resume from a saved state, and the refusals (Shard(1), compact mode). The parent process then trains
-the single-process references and compares.
+compact/sparse mode attached before and after ``fully_shard``, resume from a saved state (also into
+split compact values), and the refusals (Shard(1)). The parent process then trains the
+single-process references and compares.
 """
 
+import gc
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -101,13 +104,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         model = make_llama()
         base = _full_weights(model)
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        unsharded = []
         if order == "before":
             shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED)
+            unsharded = [weakref.ref(p) for p in model.parameters()]
             _shard(model)
         else:
             _shard(model)
             shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED)
         _train(model, train)
+        gc.collect()
         adapter = shira.extract()  # every rank: it gathers
         if rank == 0:
             adapter.save(os.path.join(out, f"{order}.safetensors"))
@@ -116,25 +122,36 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             "outside": _changed_outside(shira, base, model),
             "adapter": digest(torch.cat([d.values for d in adapter.deltas.values()])),
             "sharded": type(model.model.layers[0].self_attn.q_proj.weight).__name__,
+            "unsharded_alive": sum(r() is not None for r in unsharded),
         }
         shira.detach()
         report[order]["flags_restored"] = flags == {n: p.requires_grad for n, p in model.named_parameters()}
 
-    for mode in ("compact", "sparse"):  # the k values split across the ranks by the mask's rows
+    for mode, order in (("compact", "after"), ("sparse", "after"), ("sparse", "before")):  # the k values split across the ranks
         model = make_llama()
         base = _full_weights(model)
-        _shard(model)
-        shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED, mode=mode)
-        values = [m.shira_values for m in model.modules() if "shira_values" in m._parameters]
+        unsharded = []
+        if order == "before":  # fully_shard shards shira_values with the weight; the handle follows both
+            shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED, mode=mode)
+            unsharded = [weakref.ref(p) for p in model.parameters()]
+            _shard(model)
+        else:
+            _shard(model)
+            shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED, mode=mode)
         _train(model, train)
+        gc.collect()
+        values = [m.shira_values for m in model.modules() if "shira_values" in m._parameters]
         adapter = shira.extract()
         if rank == 0:
-            adapter.save(os.path.join(out, f"{mode}.safetensors"))
-        report[mode] = {
+            adapter.save(os.path.join(out, f"{mode}_{order}.safetensors"))
+        report[f"{mode}_{order}"] = {
             "verify": shira.verify(), "outside": _changed_outside(shira, base, model), "k": shira.num_trainable,
-            "values": type(values[0]).__name__, "local": sum(v.to_local().numel() for v in values),
+            "values": type(values[0]).__name__, "local": sum(v.to_local().numel() for v in values), "layers": len(values),
+            "unsharded_alive": sum(r() is not None for r in unsharded),  # the full weights before fully_shard
         }
         shira.detach()
+        left = [p.requires_grad for n, p in model.named_parameters() if n.endswith("shira_values")]
+        report[f"{mode}_{order}"]["left"] = [len(left), any(left)]  # shira_values still registered, trainable
 
     # grad/snip scored on the shards: eager (attach after fully_shard) and lazy (the first backward passes)
     calibration = [_rows(b, rank, world) for b in _global_batches(2, seed=11)]
@@ -163,6 +180,21 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     shira.load_state(os.path.join(out, "snip_state.safetensors"))
     report["resumed_masks"] = {n: i.tolist() for n, i in shira.masks.items()}
     shira.detach()
+    for order in ("before", "after"):  # resume into k values split across the ranks, then train
+        model = make_llama()
+        base = _full_weights(model)
+        if order == "after":
+            _shard(model)
+        shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED + 1, mode="sparse")
+        shira.load_state(os.path.join(out, "snip_state.safetensors"))
+        if order == "before":
+            _shard(model)
+        _train(model, train)
+        adapter = shira.extract()
+        if rank == 0:
+            adapter.save(os.path.join(out, f"resumed_{order}.safetensors"))
+        report[f"resumed_{order}"] = {"verify": shira.verify(), "outside": _changed_outside(shira, base, model)}
+        shira.detach()
 
     # refusals
     model = make_llama()
@@ -173,12 +205,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     _shard(model, shard_placement_fn=lambda param: Shard(1) if param.dim() > 1 else Shard(0))
     report["shard1_forward"] = _expect_error(lambda: model(**train[0]), r"placements \(Shard\(dim=1\),\)")
     shira.detach()
-    model = make_llama()
-    shira = shira_hooks.attach(model, SPARSITY, "rand", seed=0, mode="sparse")
-    _shard(model)
-    report["sparse_before"] = _expect_error(lambda: model(**train[0]), "attach with mode='sparse' after fully_shard")
-    shira.detach()
-
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
@@ -201,8 +227,9 @@ def _logits_after(adapter: shira_hooks.SparseAdapter, batch: dict) -> torch.Tens
 def test_fsdp2_matches_one_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    for mode in ("compact", "sparse"):  # each rank holds its rows' part of the values, padded to the largest part
-        assert r0[mode]["local"] == r1[mode]["local"] and r0[mode]["local"] + r1[mode]["local"] < 1.25 * r0[mode]["k"], r0[mode]
+    for case in ("compact_after", "sparse_after", "sparse_before"):  # each rank holds a chunk of the k values
+        assert r0[case]["local"] + r1[case]["local"] == r0[case]["k"] and 0 <= r0[case]["local"] - r1[case]["local"] <= r0[case]["layers"], r0[case]
+        del r0[case]["local"], r1[case]["local"]
     assert r0 == r1  # every rank: the same masks, adapters, checks
     train = _global_batches(STEPS * ACCUMULATE, seed=7)
     probe = _global_batches(1, seed=99)[0]
@@ -211,7 +238,7 @@ def test_fsdp2_matches_one_process(tmp_path):
     shira.detach()
     expected = _logits_after(reference, probe)
     for order in ("before", "after"):
-        assert r0[order]["sharded"] == "DTensor"
+        assert r0[order]["sharded"] == "DTensor" and r0[order]["unsharded_alive"] == 0
         assert r0[order]["verify"] == [] and r0[order]["outside"] == 0 and r0[order]["flags_restored"], order
         adapter = shira_hooks.SparseAdapter.load(tmp_path / f"{order}.safetensors")
         assert adapter.deltas.keys() == reference.deltas.keys()
@@ -219,13 +246,16 @@ def test_fsdp2_matches_one_process(tmp_path):
             assert torch.equal(delta.indices, reference.deltas[name].indices), name  # same masks as one process
             assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-6), name
         assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5, order
-    for mode in ("compact", "sparse"):  # the same training as the dense mode, with the k values split across ranks
-        assert r0[mode]["values"] == "DTensor" and r0[mode]["verify"] == [] and r0[mode]["outside"] == 0, mode
-        adapter = shira_hooks.SparseAdapter.load(tmp_path / f"{mode}.safetensors")
+    for case in ("compact_after", "sparse_after", "sparse_before"):  # the same training as the dense mode
+        assert r0[case]["values"] == "DTensor" and r0[case]["verify"] == [] and r0[case]["outside"] == 0, case
+        assert r0[case]["unsharded_alive"] == 0  # the handle kept no full weight alive: the memory FSDP2 saves
+        # detach restores every flag; shira_values that fully_shard sharded stay registered, frozen
+        assert r0[case]["left"] == ([0, False] if case.endswith("after") else [len(reference.deltas), False]), r0[case]["left"]
+        adapter = shira_hooks.SparseAdapter.load(tmp_path / f"{case}.safetensors")
         for name, delta in adapter.deltas.items():
             assert torch.equal(delta.indices, reference.deltas[name].indices), name
-            assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-5), (mode, name, (delta.values - reference.deltas[name].values).abs().max())
-        assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5, mode
+            assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-5), (case, name, (delta.values - reference.deltas[name].values).abs().max())
+        assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5, case
 
     # grad/snip on the shards: the masks one process chooses on the global batches
     calibration = _global_batches(2, seed=11)
@@ -234,6 +264,18 @@ def test_fsdp2_matches_one_process(tmp_path):
     assert r0["snip_masks"] == {n: i.tolist() for n, i in snip.masks.items()}
     snip.detach()
     assert r0["resumed_masks"] == r0["snip_masks"]
+    model = make_llama()  # dense, one process: the state loaded before training
+    resumed = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED + 1)
+    resumed.load_state(tmp_path / "snip_state.safetensors")
+    _train(model, train)
+    reference = resumed.extract()
+    resumed.detach()
+    for order in ("before", "after"):  # sparse mode, values split across the ranks, loaded with other masks
+        assert r0[f"resumed_{order}"] == {"verify": [], "outside": 0}, order
+        adapter = shira_hooks.SparseAdapter.load(tmp_path / f"resumed_{order}.safetensors")
+        for name, delta in adapter.deltas.items():
+            assert torch.equal(delta.indices, reference.deltas[name].indices), name
+            assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-5), (order, name)
     model, lazy = _reference("grad", calibration + train, calibration_steps=2)
     assert r0["lazy"]["masks"] == {n: i.tolist() for n, i in lazy.masks.items()} and r0["lazy"]["verify"] == []
     reference = lazy.extract()
@@ -242,7 +284,6 @@ def test_fsdp2_matches_one_process(tmp_path):
     assert (_logits_after(adapter, probe) - _logits_after(reference, probe)).abs().max() < 1e-5
 
     assert r0["shard1_attach"] == r0["shard1_forward"] == "ok"
-    assert r0["sparse_before"] == "ok"
 
 
 FSDP2_CONFIG = """\
@@ -262,19 +303,21 @@ fsdp_config:
 """
 
 
-def test_hf_trainer_under_accelerate_fsdp2(tmp_path):
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_hf_trainer_under_accelerate_fsdp2(tmp_path, mode):
     """attach, then the Trainer shards the model (Accelerate's fsdp2_prepare_model) and trains with ShiraCallback."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     if accelerate is None:
         pytest.skip("accelerate is not installed")
     (tmp_path / "fsdp2.yaml").write_text(FSDP2_CONFIG)
     script = Path(__file__).parent / "fsdp_trainer_run.py"
-    command = [accelerate, "launch", "--config_file", str(tmp_path / "fsdp2.yaml"), "--main_process_port", str(_free_port()), str(script), str(tmp_path / "run")]
+    command = [accelerate, "launch", "--config_file", str(tmp_path / "fsdp2.yaml"), "--main_process_port", str(_free_port()), str(script), str(tmp_path / "run"), mode]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1))
     for report in (r0, r1):
         assert report["fsdp"] and report["weight_type"] == "DTensor"  # really sharded, not DDP
+        assert report["values_type"] == ("DTensor" if mode == "sparse" else "NoneType")
         assert report["verify"] == [] and report["outside"] == 0
         assert report["changed"] == report["budget"] > 0  # rand masks of a tiny model: every masked entry moves
     assert r0["masks"] == r1["masks"]
@@ -367,31 +410,34 @@ def test_replaced_weight_is_refused_at_the_step():
 def test_fsdp_recipe_with_torchrun(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "fsdp.py"
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", str(recipe), "--tiny", "--output-dir", str(tmp_path / "run")]
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", str(recipe), "--tiny", "--attach", "before", "--mode", "sparse", "--output-dir", str(tmp_path / "run")]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 ranks; q_proj.weight (64, 64) is a DTensor, (32, 64) on each rank" in done.stdout
+    assert "mode='sparse', attached before fully_shard" in done.stdout
     assert done.stdout.count("entries changed outside the masks: none") == 1  # rank 0 reports
     assert "accuracy after (fresh base + adapter): " in done.stdout
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["adapter.safetensors"]
 
 
 def test_fsdp_cost_quick(tmp_path):
+    """The benchmark's smoke run, with SHiRA attached before fully_shard (the Trainer's order)."""
     pytest.importorskip("peft")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "fsdp_cost.py"
-    out = subprocess.run([sys.executable, str(script), "--quick", "--json", str(tmp_path / "f.json")], capture_output=True, text=True, check=True).stdout
+    command = [sys.executable, str(script), "--quick", "--attach", "before", "--json", str(tmp_path / "f.json")]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rows = {(r["method"], r["wrapper"]): r for r in json.loads((tmp_path / "f.json").read_text())["rows"]}
     assert set(rows) == {(m, w) for m in ("full", "shira_dense", "shira_sparse", "peft_lora") for w in ("fsdp2", "ddp")}
     for r in rows.values():
         assert r["step_min_s"] <= r["step_median_s"] <= r["step_max_s"] and r["peak_mb"] >= max(r["peak_mb_by_rank"].values()) > 0
-    # FSDP2 holds half of every weight and of the optimizer state on each rank
+        assert r["peak_above_process_mb"] < r["peak_mb"] and 0 < r["process_mb"] <= r["peak_mb"]
+    # FSDP2 holds half of every weight and of the optimizer state on each rank (the sparse mode's k values too)
     for method in ("full", "shira_dense", "shira_sparse"):
         assert rows[method, "fsdp2"]["parameters_mb"] < 0.6 * rows[method, "ddp"]["parameters_mb"]
-        # the sparse mode's values: each rank's rows' part, padded to the largest part
-        share = 0.75 if method == "shira_sparse" else 0.6
-        assert rows[method, "fsdp2"]["optimizer_state_mb"] < share * rows[method, "ddp"]["optimizer_state_mb"], method
+        assert rows[method, "fsdp2"]["optimizer_state_mb"] < 0.6 * rows[method, "ddp"]["optimizer_state_mb"], method
     assert len({rows[m, w]["trainable"] for m in ("shira_dense", "shira_sparse") for w in ("fsdp2", "ddp")}) == 1
     assert "- shira_hooks mode='sparse' under FSDP2: per-rank peak" in out and "(target for mode='sparse': <= 0.6x" in out
+    assert "SHiRA attached before sharding" in out
 
 
 def test_the_watch_hook_goes_with_detach_and_with_the_model():
