@@ -107,6 +107,7 @@ class ShiraHandle:
         self._attached = False
         self._warned_no_gradient = False
         self._checked_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> id(state) checked
+        self._before_values: dict[int, torch.Tensor] = {}  # compact: id(target) -> its values before the step
 
     # ------------------------------------------------------------------------------ install
     def _install(self, targets: list[tuple[str, nn.Module, nn.Parameter]], freeze_others: bool) -> None:
@@ -177,7 +178,10 @@ class ShiraHandle:
         the gradient hook moves to it, and so do the ``requires_grad`` claims of every parameter this handle
         claimed (found by name). Before a forward pass, a replacement that is not a DTensor is left alone:
         it may be FSDP2's unsharded weight, put there by the pre-forward of an enclosing ``fully_shard``
-        module. At a step (sharded again) any replacement that was not followed before its backward pass
+        module. A DTensor first seen at a step, with a gradient the hook did not see, is adopted too: the
+        step masks every gradient again (``Target.prepare_step``). That is the step
+        ``torch.distributed.checkpoint`` takes (zero gradients, lr 0) to build the optimizer state it loads
+        into when the Trainer resumes under FSDP2, before any forward pass. At a step any other replacement
         is refused: its gradient was not masked.
 
         Raises:
@@ -191,7 +195,7 @@ class ShiraHandle:
             now = t.module._parameters.get(t.attr)
             if now is t.param:
                 continue
-            if _shard.is_sharded(now) and not (at_step and now.grad is not None):
+            if _shard.is_sharded(now):
                 self._adopt(position, now)
                 moved = True
             elif at_step and not (_shard.is_sharded(t.param) and isinstance(now, nn.Parameter)):  # else: unsharded by FSDP2
@@ -309,6 +313,7 @@ class ShiraHandle:
         self._check_gradients(mine)
         self._check_optimizer_state(optimizer, [t for t in mine if t.plan is None])
         stepped = {}
+        self._before_values = {id(t): _shard.local(t.plan.values).detach().clone() for t in mine if t.plan is not None}
         for t in mine:
             if t.plan is None:
                 if t.prepare_step(members[id(t.param)]):
@@ -322,9 +327,25 @@ class ShiraHandle:
         return stepped
 
     def _after_step(self, members: set[int]) -> None:
-        """Called after every optimizer step: compact values stepped by it are written into the weights."""
-        for t in self._targets:
-            if t.plan is not None and id(t.plan.values) in members:
+        """Called after every optimizer step: compact values that it changed are written into the weights.
+
+        Values the step left as they were are not written: they equal the weight's entries, unless
+        something replaced them since (the Trainer resuming under FSDP2 loads the checkpoint's
+        ``shira_values``, made for the checkpoint's masks, then takes ``torch.distributed.checkpoint``'s
+        lr-0 step before ``ShiraCallback`` loads those masks). Under FSDP2 the ranks agree on which
+        layers changed (one all-reduce of a flag per layer), since writing them is a collective.
+        """
+        before, self._before_values = self._before_values, {}
+        stepped = [t for t in self._targets if t.plan is not None and id(t.plan.values) in members and id(t) in before]
+        if not stepped:
+            return
+        changed = torch.tensor([not torch.equal(_shard.local(t.plan.values).detach(), before[id(t)]) for t in stepped], dtype=torch.int32)
+        sharded = next((t.plan.values for t in stepped if _shard.is_sharded(t.plan.values)), None)
+        if sharded is not None:
+            changed = changed.to(sharded.device)
+            torch.distributed.all_reduce(changed, torch.distributed.ReduceOp.MAX, group=sharded.device_mesh.get_group())
+        for t, moved in zip(stepped, changed.tolist()):
+            if moved:
                 t.plan.follow()
                 t.plan.sync(force=True)
 

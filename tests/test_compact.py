@@ -283,3 +283,26 @@ def test_optimizer_built_before_attach_is_refused_in_compact_mode():
     with pytest.raises(ShiraError, match=r"AdamW holds target weight '.*' but not its 'shira_values'.*Build the optimizer after attach\(\)"):
         optimizer.step()
     shira.detach()
+
+
+def test_a_step_that_leaves_the_values_writes_nothing():
+    """The Trainer resuming under FSDP2 loads another mask's values, then torch.distributed.checkpoint steps at
+    lr 0 before ShiraCallback loads that mask: the weights must not take the values at the handle's mask."""
+    model = make_llama()
+    shira = shira_hooks.attach(model, 0.05, "rand", seed=0, mode="sparse")
+    values = [m.shira_values for m in model.modules() if "shira_values" in m._parameters]
+    optimizer = torch.optim.AdamW(values, lr=0.0, weight_decay=0.1)
+    before = snapshot(model)
+    with torch.no_grad():
+        for v in values:
+            v.copy_(torch.randn_like(v))  # values loaded for other masks
+            v.grad = torch.zeros_like(v)
+    optimizer.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if not n.endswith("shira_values"))
+    optimizer.param_groups[0]["lr"] = 1e-2  # a real step writes what it changed
+    for v in values:
+        v.grad = torch.ones_like(v)
+    optimizer.step()
+    assert shira.verify() == [] and all(torch.equal(m.weight.view(-1)[shira.masks[f"{n}.weight"].long()], m.shira_values.detach())
+                                        for n, m in model.named_modules() if "shira_values" in m._parameters)
+    shira.detach()
