@@ -153,6 +153,22 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         left = [p.requires_grad for n, p in model.named_parameters() if n.endswith("shira_values")]
         report[f"{mode}_{order}"]["left"] = [len(left), any(left)]  # shira_values still registered, trainable
 
+    # bfloat16 compute (MixedPrecisionPolicy, as Accelerate's mixed_precision: bf16) and gradient checkpointing
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    for mode in ("dense", "sparse"):
+        model = make_llama()
+        model.gradient_checkpointing_enable()
+        base = _full_weights(model)
+        shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED, mode=mode)
+        _shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        _train(model, train)
+        adapter = shira.extract()
+        if rank == 0:
+            adapter.save(os.path.join(out, f"bf16_{mode}.safetensors"))
+        report[f"bf16_{mode}"] = {"verify": shira.verify(), "outside": _changed_outside(shira, base, model)}
+        shira.detach()
+
     # grad/snip scored on the shards: eager (attach after fully_shard) and lazy (the first backward passes)
     calibration = [_rows(b, rank, world) for b in _global_batches(2, seed=11)]
     model = make_llama()
@@ -256,6 +272,14 @@ def test_fsdp2_matches_one_process(tmp_path):
             assert torch.equal(delta.indices, reference.deltas[name].indices), name
             assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-5), (case, name, (delta.values - reference.deltas[name].values).abs().max())
         assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5, case
+
+    # bfloat16 compute with checkpointing: exact in both modes, and the two modes train alike
+    assert r0["bf16_dense"] == r0["bf16_sparse"] == {"verify": [], "outside": 0}
+    dense, sparse = (shira_hooks.SparseAdapter.load(tmp_path / f"bf16_{mode}.safetensors") for mode in ("dense", "sparse"))
+    for name, delta in dense.deltas.items():
+        assert torch.equal(delta.indices, sparse.deltas[name].indices)
+        assert torch.allclose(delta.values, sparse.deltas[name].values, atol=1e-5), name
+    assert not all(torch.allclose(d.values, reference.deltas[n].values, atol=1e-6) for n, d in dense.deltas.items())  # bf16 did compute
 
     # grad/snip on the shards: the masks one process chooses on the global batches
     calibration = _global_batches(2, seed=11)
