@@ -79,3 +79,27 @@ def release(handle, params: list[nn.Parameter]) -> None:
         if not record.claims:
             del _RECORDS[param]
 
+
+
+# ------------------------------------------------------------------------------ owners
+# parameter -> weakref to the attached handle that trains it; a weight takes one handle at a time.
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def own(param: nn.Parameter, handle) -> None:
+    """Record ``handle`` as the one that trains ``param``."""
+    _OWNERS[param] = weakref.ref(handle)
+
+
+def disown(param: nn.Parameter, handle=None) -> None:
+    """Forget the handle that trains ``param`` (only if it is ``handle``, when given)."""
+    ref = _OWNERS.get(param)
+    if ref is not None and (handle is None or ref() is handle):
+        del _OWNERS[param]
+
+
+def owned(param: nn.Parameter) -> bool:
+    """Whether an attached handle trains ``param``."""
+    ref = _OWNERS.get(param)
+    handle = ref() if ref is not None else None
+    return handle is not None and handle.attached

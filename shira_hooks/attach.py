@@ -15,12 +15,12 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from . import _compact, _shard, masks
+from . import _compact, _flags, _shard, masks
 from ._calibrate import LossFn, run_calibration
 from ._layout import check_dense
 from ._targets import TargetSpec, resolve_targets
 from .errors import ShiraError
-from .handle import ShiraHandle, _attached_elsewhere
+from .handle import ShiraHandle
 
 DEFAULT_CALIBRATION_STEPS = 8
 
@@ -155,7 +155,7 @@ def attach(
     targets = []
     for module_name, module, weight in resolve_targets(model, target_modules):
         name = names[id(weight)]
-        if _attached_elsewhere(weight):
+        if _flags.owned(weight):
             raise ShiraError(f"weight '{name}' (module '{module_name}') already has a shira_hooks handle attached; call detach() on it first")
         _shard.check_placements(weight, f"weight '{name}' (module '{module_name}')")
         check_dense(_shard.local(weight), f"weight '{name}' (module '{module_name}')")

@@ -12,25 +12,28 @@ carry it). Everything else refers to handles weakly: the gradient hooks (torch k
 from C++, where the garbage collector cannot see a cycle back to the tensor), the step hooks' ``WeakSet``,
 and the tables keyed weakly by parameter that say which handle trains a parameter and what every
 attached handle wants of its ``requires_grad`` flag (``_flags``).
+
+Two concerns of the handle live in their own modules, mixed into the class: its work around optimizer
+steps (``_steps.StepHooks``) and following FSDP2's ``fully_shard`` (``_follow.FollowSharding``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _compact, _flags, _optim, _shard, _state, masks
 from ._io import digest
 from ._calibrate import mask_from_scores
-from ._layout import check_dense, is_dense
+from ._follow import FollowSharding
+from ._layout import is_dense
+from ._steps import StepHooks
 from ._target import Target
 from ._version import __version__
 from .adapter import SparseAdapter, SparseDelta
@@ -39,9 +42,6 @@ from .errors import ShiraError
 logger = logging.getLogger("shira_hooks")
 
 KEEP_ALIVE = "_shira_handle"  # the attribute of each target module that keeps its handle alive
-
-# parameter -> weakref to the attached handle that trains it; a weight takes one handle at a time.
-_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 # Names of task heads that Hugging Face (classifier, score, qa_outputs) and timm (head) models create
 # freshly initialised: freezing one of these is worth a warning, not only a log line.
@@ -70,18 +70,12 @@ def _none() -> None:
     return None
 
 
-def _attached_elsewhere(param: nn.Parameter) -> bool:
-    ref = _OWNERS.get(param)
-    handle = ref() if ref is not None else None
-    return handle is not None and handle.attached
-
-
 def attached_handles() -> list["ShiraHandle"]:
     """Every handle attached now, in no particular order (the step hooks' weak set)."""
     return _optim._attached()
 
 
-class ShiraHandle:
+class ShiraHandle(FollowSharding, StepHooks):
     """The handle ``attach`` returns: masks, originals at the masked entries, and the hooks.
 
     Use ``extract()`` after training, ``detach()`` (or a ``with`` block) to make the model an
@@ -123,7 +117,7 @@ class ShiraHandle:
             target.attr = next((key for key, value in module._parameters.items() if value is param), "weight")
             self._targets.append(target)
             module.__dict__[KEEP_ALIVE] = keep_alive
-            _OWNERS[param] = weakref.ref(self)
+            _flags.own(param, self)
             _flags.claim(self, param, target=True, wanted=True)
             self._claimed.append(param)
             self._claimed_names.append(name)
@@ -169,71 +163,6 @@ class ShiraHandle:
                 handle._on_grad(handle._targets[position], param)
 
         return hook
-
-    def _follow_parameters(self, at_step: bool = False) -> None:
-        """Find the weights again after FSDP2's ``fully_shard`` put new ``DTensor`` parameters in their modules.
-
-        Called before the model's forward passes until its first optimizer step (``_shard.watch``), at every
-        optimizer step (``at_step``), and by ``extract``/``verify``. A new DTensor is adopted:
-        the gradient hook moves to it, and so do the ``requires_grad`` claims of every parameter this handle
-        claimed (found by name). Before a forward pass, a replacement that is not a DTensor is left alone:
-        it may be FSDP2's unsharded weight, put there by the pre-forward of an enclosing ``fully_shard``
-        module. A DTensor first seen at a step, with a gradient the hook did not see, is adopted too: the
-        step masks every gradient again (``Target.prepare_step``). That is the step
-        ``torch.distributed.checkpoint`` takes (zero gradients, lr 0) to build the optimizer state it loads
-        into when the Trainer resumes under FSDP2, before any forward pass. At a step any other replacement
-        is refused: its gradient was not masked.
-
-        Raises:
-            ShiraError: a placement other than Shard(0)/Replicate, compact/sparse values sharded otherwise than
-                their weight, or (at a step) a target weight replaced by something the hooks could not follow.
-        """
-        if not self._attached:
-            return
-        moved = False
-        for position, t in enumerate(self._targets):
-            now = t.module._parameters.get(t.attr)
-            if now is t.param:
-                continue
-            if _shard.is_sharded(now):
-                self._adopt(position, now)
-                moved = True
-            elif at_step and not (_shard.is_sharded(t.param) and isinstance(now, nn.Parameter)):  # else: unsharded by FSDP2
-                raise ShiraError(
-                    f"target weight '{t.name}' is no longer the parameter shira_hooks attached to (now: "
-                    f"{type(now).__name__}{'' if now is None else ' ' + str(tuple(now.shape))}), and its gradient reached the optimizer "
-                    f"without the mask. Something replaced it after attach (an FSDP1 or DeepSpeed wrapper, model.weight = "
-                    f"nn.Parameter(...), or fully_shard on a model whose forward pass did not start at the attached model). "
-                    f"{_shard.SUPPORTED}. Fix: attach after wrapping, to the model that is called"
-                )
-        if moved:  # the frozen parameters were replaced too: move their requires_grad claims by name
-            now_params = dict(self.model.named_parameters(remove_duplicate=False))
-            for i, (name, old) in enumerate(zip(self._claimed_names, self._claimed)):
-                new = now_params.get(name)
-                if new is not None and new is not old and _shard.is_sharded(new):
-                    _flags.move(old, new)
-                    self._claimed[i] = new
-
-    def _adopt(self, position: int, param: nn.Parameter) -> None:
-        """Make target ``position`` train ``param``, the DTensor that replaced its weight."""
-        t = self._targets[position]
-        _shard.check_placements(param, f"target weight '{t.name}'")
-        check_dense(_shard.local(param), f"target weight '{t.name}'")
-        if t.plan is not None:  # compact/sparse: fully_shard sharded the layer's values too
-            t.plan.adopt(param, t.module._parameters.get(_compact.VALUES), f"'{t.name.rpartition('.')[0]}.{_compact.VALUES}'")
-            for hook in self._watch_hooks:  # FSDP2 reads the sharded weights outside their layers (its all-gather)
-                hook.remove()
-            self._watch_hooks = []
-        t.grad_hook.remove()
-        if param.requires_grad:  # compact/sparse: the weight itself gets no gradient
-            t.grad_hook = param.register_post_accumulate_grad_hook(self._make_hook(position))
-            self._hooks.append(t.grad_hook)
-        if _OWNERS.get(t.param) is not None:
-            del _OWNERS[t.param]
-        _OWNERS[param] = weakref.ref(self)
-        t.param = param
-        t._positions.clear()
-        t.follow()
 
     # --------------------------------------------------------------------------- the hook
     @torch.no_grad()
@@ -296,107 +225,6 @@ class ShiraHandle:
             if t.plan is not None:
                 t.plan.follow()
                 t.plan.sync(force=True)
-
-    # ------------------------------------------------------------------ optimizer steps (_optim)
-    def _before_step(self, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> dict[int, Target]:
-        """Called by the step pre-hook once the gradients exist; ``members`` maps id(param) -> its group.
-
-        Reports targets that get no gradient, checks the optimizer's state once, and prepares every
-        target gradient (``Target.prepare_step``). Returns the targets whose masked gradient the
-        step uses, by id(param).
-        """
-        self._follow_parameters(at_step=True)
-        mine = [t for t in self._targets if id(t.param) in members or (t.plan is not None and id(t.plan.values) in members)]
-        if not mine:
-            return {}
-        _shard.unwatch(self)  # training has started: from now on every step checks the weights
-        self._check_gradients(mine)
-        self._check_optimizer_state(optimizer, [t for t in mine if t.plan is None])
-        stepped = {}
-        self._before_values = {id(t): _shard.local(t.plan.values).detach().clone() for t in mine if t.plan is not None}
-        for t in mine:
-            if t.plan is None:
-                if t.prepare_step(members[id(t.param)]):
-                    stepped[id(t.param)] = t
-            elif id(t.plan.values) not in members:
-                raise ShiraError(
-                    f"{type(optimizer).__name__} holds target weight '{t.name}' but not its "
-                    f"'{_compact.VALUES}' (mode={self.mode!r} trains those k entries instead of the weight): it "
-                    f"was built before attach() and would train nothing. Build the optimizer after attach()"
-                )
-        return stepped
-
-    def _after_step(self, members: set[int]) -> None:
-        """Called after every optimizer step: compact values that it changed are written into the weights.
-
-        Values the step left as they were are not written: they equal the weight's entries, unless
-        something replaced them since (the Trainer resuming under FSDP2 loads the checkpoint's
-        ``shira_values``, made for the checkpoint's masks, then takes ``torch.distributed.checkpoint``'s
-        lr-0 step before ``ShiraCallback`` loads those masks). Under FSDP2 the ranks agree on which
-        layers changed (one all-reduce of a flag per layer), since writing them is a collective.
-        """
-        before, self._before_values = self._before_values, {}
-        stepped = [t for t in self._targets if t.plan is not None and id(t.plan.values) in members and id(t) in before]
-        if not stepped:
-            return
-        changed = torch.tensor([not torch.equal(_shard.local(t.plan.values).detach(), before[id(t)]) for t in stepped], dtype=torch.int32)
-        sharded = next((t.plan.values for t in stepped if _shard.is_sharded(t.plan.values)), None)
-        if sharded is not None:
-            changed = changed.to(sharded.device)
-            torch.distributed.all_reduce(changed, torch.distributed.ReduceOp.MAX, group=sharded.device_mesh.get_group())
-        for t, moved in zip(stepped, changed.tolist()):
-            if moved:
-                t.plan.follow()
-                t.plan.sync(force=True)
-
-    def _check_gradients(self, mine: list[Target]) -> None:
-        """Targets that got no gradient while others did: a warning, or an error if calibration cannot finish."""
-        seen = [t.grad_seen or (t.plan is not None and t.plan.seen) for t in mine]
-        if all(seen) or not any(seen):
-            return
-        missing = [t for t, s in zip(mine, seen) if not s]
-        names = ", ".join(f"'{t.name}'" for t in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-        stuck = [t for t in missing if t.indices is None]
-        if stuck and all(t.indices is not None for t in mine if t not in stuck):
-            raise ShiraError(
-                f"mask={self.mask!r} is scored on the gradients of the first {self.calibration_steps} backward passes, "
-                f"and {len(stuck)} target weight(s) have received none while every other target's mask is fixed: "
-                f"{names}. The loss does not depend on them (e.g. an unused pooler), so their masks can never be "
-                f"scored. Exclude them with target_modules, or pass calibration= batches whose loss uses them"
-            )
-        if self._warned_no_gradient:
-            return
-        self._warned_no_gradient = True
-        why = "the loss does not depend on them (e.g. an unused pooler or head)"
-        if self.mode != "dense":
-            why += f", or their module's weight is read without calling the module, which mode={self.mode!r} cannot see"
-        warnings.warn(
-            f"shira_hooks: {len(missing)} of {len(mine)} target weights received no gradient in the backward passes so "
-            f"far while the others did: {names}. They do not train: {why}. Exclude them with target_modules"
-            + (", or use mode='dense'" if self.mode != "dense" else ""),
-            stacklevel=4,
-        )
-
-    def _check_optimizer_state(self, optimizer: torch.optim.Optimizer, targets: list[Target]) -> None:
-        """Refuse optimizer state that is nonzero outside a mask (built before attach): it would move those entries.
-
-        Checked once per optimizer state (``load_state_dict`` makes a new one), when every target's
-        mask is fixed. State built by steps under the hooks is zero outside the masks.
-        """
-        state = optimizer.state
-        if self._checked_state.get(optimizer) == id(state):
-            return
-        for t in targets:
-            found = t.state_outside_mask(state.get(t.param) or {}) if t.indices is not None else None
-            if found:
-                raise ShiraError(
-                    f"{type(optimizer).__name__} has state '{found[0]}' for target weight '{t.name}' that is nonzero at "
-                    f"{found[1]} entries outside the mask (state from steps before attach()); the optimizer would keep "
-                    f"moving those entries. Build the optimizer after attach(), or drop its state for the target "
-                    f"weights first (optimizer.state.pop(param) for each, or optimizer.state.clear())"
-                )
-        if all(t.indices is not None for t in targets):
-            self._checked_state[optimizer] = id(state)
 
     # ------------------------------------------------------------------------- public API
     @property
@@ -548,9 +376,7 @@ class ShiraHandle:
             keep_alive = t.module.__dict__.get(KEEP_ALIVE)
             if isinstance(keep_alive, _KeepAlive) and keep_alive.handle is self:
                 del t.module.__dict__[KEEP_ALIVE]
-            ref = _OWNERS.get(t.param)
-            if ref is not None and ref() is self:
-                del _OWNERS[t.param]
+            _flags.disown(t.param, self)
 
     def __enter__(self) -> "ShiraHandle":
         return self

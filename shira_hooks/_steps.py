@@ -1,0 +1,135 @@
+"""The part of ``ShiraHandle`` that runs around optimizer steps.
+
+``_optim`` registers one global optimizer step pre-hook and post-hook while any handle is attached;
+for each optimizer step over a handle's weights they call ``_before_step`` (once the gradients exist:
+follow FSDP2's parameters, check gradients and optimizer state, prepare each target's gradient) and
+``_after_step`` (write compact values the step changed into the weights).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from . import _compact, _shard
+from ._target import Target
+from .errors import ShiraError
+
+if TYPE_CHECKING:
+    import weakref
+
+
+class StepHooks:
+    """Mixed into ``ShiraHandle``: its work around every optimizer step that holds its weights."""
+
+    _targets: list[Target]
+    _before_values: dict[int, torch.Tensor]
+    _checked_state: "weakref.WeakKeyDictionary"
+    _warned_no_gradient: bool
+    mask: object
+    mode: str
+    calibration_steps: int
+    model: nn.Module
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> dict[int, Target]:
+        """Called by the step pre-hook once the gradients exist; ``members`` maps id(param) -> its group.
+
+        Reports targets that get no gradient, checks the optimizer's state once, and prepares every
+        target gradient (``Target.prepare_step``). Returns the targets whose masked gradient the
+        step uses, by id(param).
+        """
+        self._follow_parameters(at_step=True)
+        mine = [t for t in self._targets if id(t.param) in members or (t.plan is not None and id(t.plan.values) in members)]
+        if not mine:
+            return {}
+        _shard.unwatch(self)  # training has started: from now on every step checks the weights
+        self._check_gradients(mine)
+        self._check_optimizer_state(optimizer, [t for t in mine if t.plan is None])
+        stepped = {}
+        self._before_values = {id(t): _shard.local(t.plan.values).detach().clone() for t in mine if t.plan is not None}
+        for t in mine:
+            if t.plan is None:
+                if t.prepare_step(members[id(t.param)]):
+                    stepped[id(t.param)] = t
+            elif id(t.plan.values) not in members:
+                raise ShiraError(
+                    f"{type(optimizer).__name__} holds target weight '{t.name}' but not its "
+                    f"'{_compact.VALUES}' (mode={self.mode!r} trains those k entries instead of the weight): it "
+                    f"was built before attach() and would train nothing. Build the optimizer after attach()"
+                )
+        return stepped
+
+    def _after_step(self, members: set[int]) -> None:
+        """Called after every optimizer step: compact values that it changed are written into the weights.
+
+        Values the step left as they were are not written: they equal the weight's entries, unless
+        something replaced them since (the Trainer resuming under FSDP2 loads the checkpoint's
+        ``shira_values``, made for the checkpoint's masks, then takes ``torch.distributed.checkpoint``'s
+        lr-0 step before ``ShiraCallback`` loads those masks). Under FSDP2 the ranks agree on which
+        layers changed (one all-reduce of a flag per layer), since writing them is a collective.
+        """
+        before, self._before_values = self._before_values, {}
+        stepped = [t for t in self._targets if t.plan is not None and id(t.plan.values) in members and id(t) in before]
+        if not stepped:
+            return
+        changed = torch.tensor([not torch.equal(_shard.local(t.plan.values).detach(), before[id(t)]) for t in stepped], dtype=torch.int32)
+        sharded = next((t.plan.values for t in stepped if _shard.is_sharded(t.plan.values)), None)
+        if sharded is not None:
+            changed = changed.to(sharded.device)
+            torch.distributed.all_reduce(changed, torch.distributed.ReduceOp.MAX, group=sharded.device_mesh.get_group())
+        for t, moved in zip(stepped, changed.tolist()):
+            if moved:
+                t.plan.follow()
+                t.plan.sync(force=True)
+
+    def _check_gradients(self, mine: list[Target]) -> None:
+        """Targets that got no gradient while others did: a warning, or an error if calibration cannot finish."""
+        seen = [t.grad_seen or (t.plan is not None and t.plan.seen) for t in mine]
+        if all(seen) or not any(seen):
+            return
+        missing = [t for t, s in zip(mine, seen) if not s]
+        names = ", ".join(f"'{t.name}'" for t in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        stuck = [t for t in missing if t.indices is None]
+        if stuck and all(t.indices is not None for t in mine if t not in stuck):
+            raise ShiraError(
+                f"mask={self.mask!r} is scored on the gradients of the first {self.calibration_steps} backward passes, "
+                f"and {len(stuck)} target weight(s) have received none while every other target's mask is fixed: "
+                f"{names}. The loss does not depend on them (e.g. an unused pooler), so their masks can never be "
+                f"scored. Exclude them with target_modules, or pass calibration= batches whose loss uses them"
+            )
+        if self._warned_no_gradient:
+            return
+        self._warned_no_gradient = True
+        why = "the loss does not depend on them (e.g. an unused pooler or head)"
+        if self.mode != "dense":
+            why += f", or their module's weight is read without calling the module, which mode={self.mode!r} cannot see"
+        warnings.warn(
+            f"shira_hooks: {len(missing)} of {len(mine)} target weights received no gradient in the backward passes so "
+            f"far while the others did: {names}. They do not train: {why}. Exclude them with target_modules"
+            + (", or use mode='dense'" if self.mode != "dense" else ""),
+            stacklevel=4,
+        )
+
+    def _check_optimizer_state(self, optimizer: torch.optim.Optimizer, targets: list[Target]) -> None:
+        """Refuse optimizer state that is nonzero outside a mask (built before attach): it would move those entries.
+
+        Checked once per optimizer state (``load_state_dict`` makes a new one), when every target's
+        mask is fixed. State built by steps under the hooks is zero outside the masks.
+        """
+        state = optimizer.state
+        if self._checked_state.get(optimizer) == id(state):
+            return
+        for t in targets:
+            found = t.state_outside_mask(state.get(t.param) or {}) if t.indices is not None else None
+            if found:
+                raise ShiraError(
+                    f"{type(optimizer).__name__} has state '{found[0]}' for target weight '{t.name}' that is nonzero at "
+                    f"{found[1]} entries outside the mask (state from steps before attach()); the optimizer would keep "
+                    f"moving those entries. Build the optimizer after attach(), or drop its state for the target "
+                    f"weights first (optimizer.state.pop(param) for each, or optimizer.state.clear())"
+                )
+        if all(t.indices is not None for t in targets):
+            self._checked_state[optimizer] = id(state)
