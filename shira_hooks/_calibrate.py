@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -26,14 +26,13 @@ _RESOURCE_ERRORS = tuple(
 )
 
 
-def _progress(batches: Iterable, enabled: bool) -> Iterable:
+def _progress(batches: Iterable, enabled: bool, total: int | None) -> Iterable:
     if not enabled:
         return batches
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a dependency, but a missing progress bar must not stop training
         return batches
-    total = len(batches) if hasattr(batches, "__len__") else None
     return tqdm(batches, total=total, desc="shira_hooks calibration", unit="batch")
 
 
@@ -107,8 +106,9 @@ def run_calibration(
         param.requires_grad_(False)
     model.eval()  # deterministic scores: no dropout
     count = 0
+    world, device = _shard.world_size(), next(iter(model.parameters())).device
     try:
-        for position, batch in enumerate(_progress(batches, progress)):
+        for position, batch in enumerate(_progress(_agreed(batches, world, device), progress, len(batches) if hasattr(batches, "__len__") else None)):
             compute_loss(model, batch, loss_fn, position).backward()
             count += 1
     finally:
@@ -124,15 +124,42 @@ def run_calibration(
     return count
 
 
-def mask_from_scores(mask: str, name: str, scores: torch.Tensor | None, weight: torch.Tensor, k: int, block: int = 1) -> torch.Tensor:
+def _agreed(batches: Iterable, world: int, device: torch.device) -> Iterator:
+    """``batches``, but under ``torch.distributed`` only as many as every rank has: each backward pass of
+    eager calibration averages gradients over the ranks (collectives), so all ranks must take the same
+    number of passes. Before each one the ranks agree (an all-reduce of one flag) that all have a batch."""
+    if world <= 1:
+        yield from batches
+        return
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, _END)
+        more = torch.tensor([batch is not _END], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(more, torch.distributed.ReduceOp.MIN)
+        if not more.item():
+            return
+        yield batch
+
+
+_END = object()
+
+
+def mask_from_scores(
+    mask: str, name: str, scores: torch.Tensor | None, weight: torch.Tensor, k: int, block: int = 1, averaged: bool = False,
+) -> torch.Tensor:
     """The top-k mask of a grad/snip weight from its accumulated ``sum_b |g_b|`` (logical order, float32).
 
     With ``block`` > 1, the k/B aligned blocks whose entries' scores sum highest (``masks.topk_mask``).
 
-    Under ``torch.distributed`` the scores are summed across ranks first, so that every rank, each
-    scoring its own batches, chooses the same mask. Under FSDP2 (``weight`` a DTensor) each rank
-    scored its own rows of the gradient already averaged over the ranks, i.e. of the global batch:
-    the rows are gathered instead (a collective), which gives the mask one process would choose.
+    Under ``torch.distributed`` every rank must choose the same mask:
+
+    * ``averaged`` (eager calibration of a replicated model): each pass's gradient was averaged over the
+      ranks before scoring, i.e. it is the global batch's, and every rank holds the same scores;
+    * under FSDP2 (``weight`` a DTensor) each rank scored its own rows of the gradient FSDP2 already
+      averaged over the ranks: the rows are gathered (a collective).
+
+    Both give the mask one process would choose on the global batches. Otherwise (lazy calibration
+    under DDP, whose hooks see each rank's own gradient) the ranks' scores are summed.
 
     Raises:
         ShiraError: the weight got no gradient at all, or its scores are not finite.
@@ -146,9 +173,8 @@ def mask_from_scores(mask: str, name: str, scores: torch.Tensor | None, weight: 
         scores.mul_(_shard.local(weight).reshape(-1)).abs_()
     if _shard.is_sharded(weight):
         scores = _shard.gather_rows(scores, weight)
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(scores)
+    elif not averaged and _shard.world_size() > 1:
+        torch.distributed.all_reduce(scores)
     if not bool(torch.isfinite(scores).all()):
         raise ShiraError(
             f"calibration scores of '{name}' contain NaN/inf (the loss or its gradients "

@@ -81,7 +81,7 @@ class FollowSharding:
         _shard.check_placements(param, f"target weight '{t.name}'")
         check_dense(_shard.local(param), f"target weight '{t.name}'")
         if t.plan is not None:  # compact/sparse: fully_shard sharded the layer's values too
-            t.plan.adopt(param, t.module._parameters.get(_compact.VALUES), f"'{t.name.rpartition('.')[0]}.{_compact.VALUES}'")
+            t.plan.adopt(param, t.module._parameters.get(_compact.VALUES), t.indices, f"'{t.name.rpartition('.')[0]}.{_compact.VALUES}'")
             for hook in self._watch_hooks:  # FSDP2 reads the sharded weights outside their layers (its all-gather)
                 hook.remove()
             self._watch_hooks = []

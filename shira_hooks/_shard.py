@@ -52,6 +52,13 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+def world_size() -> int:
+    """Processes in the default ``torch.distributed`` group; 1 when it is not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def is_sharded(tensor: torch.Tensor | None) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (an FSDP2 parameter or gradient)."""
     dtensor = _dtensor_type()

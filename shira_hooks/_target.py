@@ -39,6 +39,7 @@ class Target:
     indices: torch.Tensor | None = None  # (k,) sorted logical flat indices on the CPU; None while calibrating
     originals: torch.Tensor | None = None  # (k,) base values at indices, the weight's dtype and device
     scores: torch.Tensor | None = None  # (numel,) float32 calibration buffer, logical order
+    scores_global: bool = False  # the scores are of gradients already averaged over the ranks (eager calibration)
     backward_passes: int = 0
     # The mask was fixed in the last backward pass and no masked gradient has arrived since: whatever
     # .grad holds (a DDP reducer writes the averaged dense gradient back after our hook) is calibration.
@@ -72,7 +73,7 @@ class Target:
         self.indices = indices.cpu()
         self._positions.clear()
         self.budget = indices.numel()
-        self.scores = None
+        self.scores, self.scores_global = None, False
         self.originals = self.current() if originals is None else originals.to(self.param.device)
 
     def current(self) -> torch.Tensor:

@@ -184,6 +184,13 @@ class ShiraHandle(FollowSharding, StepHooks):
         target.mask_grad(grad)
 
     def _accumulate(self, target: Target, grad: torch.Tensor) -> None:
+        world = _shard.world_size()
+        if not self._lazy and world > 1 and not _shard.is_sharded(grad):
+            # Eager calibration of a replicated model (before DDP or fully_shard wraps it), each rank on its
+            # own batch: the mean of the ranks' gradients is the global batch's, which one process would score.
+            torch.distributed.all_reduce(grad)
+            grad.div_(world)
+            target.scores_global = True
         grad = _shard.local(grad)  # FSDP2: this rank's rows of the gradient averaged over the ranks
         if target.scores is None:
             target.scores = torch.zeros(grad.numel(), dtype=torch.float32, device=grad.device)
@@ -194,7 +201,7 @@ class ShiraHandle(FollowSharding, StepHooks):
             target.fresh = True
 
     def _mask_from_scores(self, target: Target) -> None:
-        target.set_indices(mask_from_scores(self.mask, target.name, target.scores, target.param.detach(), target.budget, self.block))
+        target.set_indices(mask_from_scores(self.mask, target.name, target.scores, target.param.detach(), target.budget, self.block, target.scores_global))
 
     def _fix_masks(self) -> None:
         """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""

@@ -31,8 +31,9 @@ def _worker(rank: int, world: int, port: int, out: str, lazy: bool, mode: str = 
     shard = llama_batches(2, seed=10 + rank)  # each rank scores its own data
     if lazy:
         shira = shira_hooks.attach(model, 0.02, "snip", calibration_steps=2)
-    else:
-        shira = shira_hooks.attach(model, 0.02, "snip", calibration=shard, progress=False, mode=mode)
+    else:  # rank 0 has one batch more: every rank uses as many as all have
+        extra = llama_batches(1, seed=99) if rank == 0 else []
+        shira = shira_hooks.attach(model, 0.02, "snip", calibration=shard + extra, progress=False, mode=mode)
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     for batch in (shard if lazy else []) + llama_batches(3, seed=20 + rank):
@@ -66,6 +67,14 @@ def test_two_process_ddp(tmp_path, lazy, mode):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), lazy, mode), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["masks"] == r1["masks"]  # scores summed across ranks before top-k
+    if not lazy:  # eager: each pass's gradient averaged over the ranks, so the masks one process chooses
+        from conftest import llama_batches, make_llama
+
+        model = make_llama()
+        both = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(llama_batches(2, seed=10), llama_batches(2, seed=11))]
+        one = shira_hooks.attach(model, 0.02, "snip", calibration=both, progress=False)
+        assert r0["masks"] == {n: digest(i) for n, i in one.masks.items()}
+        one.detach()
     assert r0["weights"] == r1["weights"]  # replicas equal
     assert r0["changed_outside"] == r1["changed_outside"] == []
     assert r0["verify"] == r1["verify"] == [] and r0["trained"] > 0

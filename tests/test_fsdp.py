@@ -178,6 +178,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         shira.save_state(os.path.join(out, "snip_state.safetensors"))
     report["snip_masks"] = {n: i.tolist() for n, i in shira.masks.items()}
     shira.detach()
+    model = make_llama()  # scored before fully_shard (the Trainer's order), each pass averaged over the ranks
+    shira = shira_hooks.attach(model, SPARSITY, "snip", calibration=calibration, progress=False)
+    _shard(model)
+    report["snip_before_masks"] = {n: i.tolist() for n, i in shira.masks.items()}
+    shira.detach()
     model = make_llama()
     _shard(model)
     shira = shira_hooks.attach(model, SPARSITY, "grad", calibration_steps=2)
@@ -285,7 +290,7 @@ def test_fsdp2_matches_one_process(tmp_path):
     calibration = _global_batches(2, seed=11)
     model = make_llama()
     snip = shira_hooks.attach(model, SPARSITY, "snip", calibration=calibration, progress=False)
-    assert r0["snip_masks"] == {n: i.tolist() for n, i in snip.masks.items()}
+    assert r0["snip_masks"] == r0["snip_before_masks"] == {n: i.tolist() for n, i in snip.masks.items()}
     snip.detach()
     assert r0["resumed_masks"] == r0["snip_masks"]
     model = make_llama()  # dense, one process: the state loaded before training
