@@ -9,7 +9,8 @@ Each decoder layer and then the whole model is sharded with ``fully_shard`` (row
 split across the ranks). By default ``attach`` comes after sharding, so the SNIP scores are computed
 on the shards from the gradient averaged over the ranks: every rank fixes the masks one process would
 fix on the global batch. With ``--attach before`` the masks are scored before sharding (each rank on
-its own batches, scores summed) and the handle follows ``fully_shard``'s new parameters. With
+its own batches, each pass's gradient averaged over the ranks: the same masks) and the handle follows
+``fully_shard``'s new parameters. With
 ``--mode sparse`` (or compact) the trainable entries are a (k,) parameter per layer, sharded across the
 ranks with its optimizer state. Training:
 AdamW, two micro-batches accumulated per step, ``clip_grad_norm_``. ``verify()`` and ``extract()``
