@@ -230,7 +230,8 @@ def watch_first_forward(model: nn.Module, layers: list[tuple[nn.Parameter, nn.Mo
 
     Returns:
         The hook handles on ``model`` (and a canceller); they remove themselves after that first pass
-        (the caller removes them on detach if it never comes, or when ``fully_shard`` replaced the weights). Skipped under ``torch.compile`` tracing.
+        (the caller removes them on detach if it never comes, or when ``fully_shard`` replaced the
+        weights). Skipped under ``torch.compile`` tracing.
     """
     names = {id(weight): name for weight, _, name in layers}
     hooks: list = []
