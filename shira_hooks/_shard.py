@@ -65,6 +65,15 @@ def is_sharded(tensor: torch.Tensor | None) -> bool:
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
+def is_row_sharded(tensor: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` is a DTensor split by rows over a 1-D mesh (``Shard(0)``, FSDP2's default)."""
+    if not is_sharded(tensor) or tensor.device_mesh.ndim != 1:
+        return False
+    from torch.distributed.tensor import Shard
+
+    return tuple(tensor.placements) == (Shard(0),)
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a ``DTensor`` (writes go to it), or the tensor itself."""
     if not is_sharded(tensor):

@@ -77,8 +77,16 @@ class Target:
         self.originals = self.current() if originals is None else originals.to(self.param.device)
 
     def current(self) -> torch.Tensor:
-        """(k,) the weight's values at the mask now (a copy; of a DTensor: gathered, a collective)."""
+        """(k,) the weight's values at the mask now (a copy; of a DTensor: gathered, a collective).
+
+        Of a ``Shard(0)`` DTensor on a 1-D mesh (FSDP2) only the masked entries travel: each rank reads those in its rows and
+        they are all-gathered (O(k), not the whole weight, at every ``extract`` and checkpoint).
+        """
         weight = self.param.detach()
+        if _shard.is_row_sharded(weight):
+            rows = _shard.row_slice(self.indices, weight, f"target weight '{self.name}'")
+            part = storage_flat(_shard.local(weight)).index_select(0, self.positions(weight))
+            return _shard.gather_slices(part, rows, weight.device_mesh)
         if _shard.is_sharded(weight):
             return _shard.gather(weight).reshape(-1).index_select(0, self.indices.to(weight.device, torch.int64))
         return storage_flat(weight).index_select(0, self.positions(weight))
