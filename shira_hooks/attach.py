@@ -108,7 +108,9 @@ def attach(
             optimizer keeps state for k entries; the dense ``dY^T X`` is formed one layer at a time
             and gathered; "sparse": the same, but only the k masked entries of ``dY^T X`` are
             computed (``sampled_addmm``). Masks must be known at attach (grad/snip need ``calibration=``);
-            build the optimizer (and DDP) after attach, so they see ``shira_values``.
+            build the optimizer (and DDP) after attach, so they see ``shira_values``. Under FSDP2
+            ``fully_shard`` may come before or after attach; either way ``shira_values`` is split across
+            the ranks with its optimizer state.
         block: every mask is made of aligned runs of ``block`` consecutive entries of a row
             (``[j * block, (j + 1) * block)``), never straddling rows: ``block`` must divide the row
             length of each target's ``(shape[0], -1)`` view. k is rounded to the nearest multiple of
