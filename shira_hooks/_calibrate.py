@@ -90,8 +90,11 @@ def run_calibration(
     loss_fn: LossFn | None,
     target_ids: set[int],
     progress: bool,
+    after_pass: Callable[[], None] | None = None,
 ) -> int:
     """Run one backward pass per batch; the handle's hooks accumulate scores and drop the gradients.
+
+    ``after_pass`` runs after each backward pass (the handle averages the pass's gradients over the ranks).
 
     The model is left as it was found: every module's train/eval mode and every parameter's
     ``requires_grad`` are restored, and no ``.grad`` is left behind (non-target parameters are
@@ -110,6 +113,8 @@ def run_calibration(
     try:
         for position, batch in enumerate(_progress(_agreed(batches, world, device), progress, len(batches) if hasattr(batches, "__len__") else None)):
             compute_loss(model, batch, loss_fn, position).backward()
+            if after_pass is not None:
+                after_pass()
             count += 1
     finally:
         for module, training in modes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from . import _compact, _flags, _shard
@@ -39,11 +40,13 @@ class FollowSharding:
         the gradient hook moves to it, and so do the ``requires_grad`` claims of every parameter this handle
         claimed (found by name). Before a forward pass, a replacement that is not a DTensor is left alone:
         it may be FSDP2's unsharded weight, put there by the pre-forward of an enclosing ``fully_shard``
-        module. A DTensor first seen at a step, with a gradient the hook did not see, is adopted too: the
-        step masks every gradient again (``Target.prepare_step``). That is the step
+        module. A dense-mode DTensor first seen at a step is adopted if its gradient is zero on every rank
+        and its mask is fixed: the step masks it again, which changes nothing. That is the step
         ``torch.distributed.checkpoint`` takes (zero gradients, lr 0) to build the optimizer state it loads
-        into when the Trainer resumes under FSDP2, before any forward pass. At a step any other replacement
-        is refused: its gradient was not masked.
+        into when the Trainer resumes under FSDP2, before any forward pass. Any other gradient went through
+        backward without the hooks (clipping and scalers saw it unmasked), and a calibrating mask would
+        drop it and leave the optimizer without state for the weight: both are refused. Compact modes
+        adopt at a step always (their tap reads the module's current values, so gradients are right).
 
         Raises:
             ShiraError: a placement other than Shard(0)/Replicate, compact/sparse values sharded otherwise than
@@ -56,9 +59,23 @@ class FollowSharding:
             now = t.module._parameters.get(t.attr)
             if now is t.param:
                 continue
-            if _shard.is_sharded(now):
+            refused = at_step and t.plan is None and _shard.is_sharded(now) and (
+                _unseen_gradient(now) or (t.indices is None and now.grad is not None)
+            )
+            if _shard.is_sharded(now) and not refused:
                 self._adopt(position, now)
                 moved = True
+            elif refused:
+                raise ShiraError(
+                    f"target weight '{t.name}' was sharded by fully_shard and reached an optimizer step with a gradient "
+                    f"the hooks did not see: "
+                    + ("its mask is still calibrating. When the Trainer resumes under FSDP2, torch.distributed.checkpoint "
+                       "takes an lr-0 step before any forward pass: fix the masks first, with "
+                       "shira.load_state('<checkpoint>/shira_state.safetensors') before trainer.train(...)"
+                       if t.indices is None else
+                       "clip_grad_norm_ and gradient scalers saw it unmasked. Fix: run the forward pass through the "
+                       "attached model (its start follows fully_shard), or attach after fully_shard")
+                )
             elif at_step and not (_shard.is_sharded(t.param) and isinstance(now, nn.Parameter)):  # else: unsharded by FSDP2
                 raise ShiraError(
                     f"target weight '{t.name}' is no longer the parameter shira_hooks attached to (now: "
@@ -94,3 +111,16 @@ class FollowSharding:
         t.param = param
         t._positions.clear()
         t.follow()
+
+
+def _unseen_gradient(param: nn.Parameter) -> bool:
+    """Whether a sharded parameter first seen at a step carries a gradient that matters, on any rank.
+
+    An all-zero gradient (``torch.distributed.checkpoint``'s lr-0 step that builds optimizer state before
+    a resume) can be adopted, if the mask is fixed: the step masks it again, and masking zeros changes
+    nothing. Any other gradient went through backward without the hooks. The ranks agree (an all-reduce).
+    """
+    grad = param.grad
+    nonzero = torch.tensor([grad is not None and bool(_shard.local(grad).any())], dtype=torch.int32, device=param.device)
+    torch.distributed.all_reduce(nonzero, torch.distributed.ReduceOp.MAX, group=param.device_mesh.get_group())
+    return bool(nonzero.item())

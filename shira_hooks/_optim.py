@@ -116,7 +116,9 @@ _PENDING: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _PendingStep]" = wea
 
 
 def _attached() -> list["ShiraHandle"]:
-    return [handle for handle in _LIVE if handle.attached]
+    """The attached handles in attach order (a WeakSet's order is not the same in every process, and under
+    FSDP2 the handles' step work includes collectives, which every rank must make in one order)."""
+    return sorted((handle for handle in _LIVE if handle.attached), key=lambda handle: handle._serial)
 
 
 def track(handle: "ShiraHandle") -> weakref.finalize:
@@ -219,7 +221,7 @@ def _after_step(optimizer, args, kwargs) -> None:
     if handles:
         members = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for handle in handles:
-            handle._after_step(members)
+            handle._after_step(optimizer, members)
 
 
 @torch.no_grad()

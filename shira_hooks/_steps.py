@@ -26,7 +26,7 @@ class StepHooks:
     """Mixed into ``ShiraHandle``: its work around every optimizer step that holds its weights."""
 
     _targets: list[Target]
-    _before_values: dict[int, torch.Tensor]
+    _before_values: "weakref.WeakKeyDictionary"  # optimizer -> {id(target): its compact values before the step}
     _checked_state: "weakref.WeakKeyDictionary"
     _warned_no_gradient: bool
     mask: object
@@ -49,7 +49,8 @@ class StepHooks:
         self._check_gradients(mine)
         self._check_optimizer_state(optimizer, [t for t in mine if t.plan is None])
         stepped = {}
-        self._before_values = {id(t): _shard.local(t.plan.values).detach().clone() for t in mine if t.plan is not None}
+        # per optimizer: one optimizer's step may run another's inside it (ZeroRedundancyOptimizer)
+        self._before_values[optimizer] = {id(t): _shard.local(t.plan.values).detach().clone() for t in mine if t.plan is not None}
         for t in mine:
             if t.plan is None:
                 if t.prepare_step(members[id(t.param)]):
@@ -62,7 +63,7 @@ class StepHooks:
                 )
         return stepped
 
-    def _after_step(self, members: set[int]) -> None:
+    def _after_step(self, optimizer: torch.optim.Optimizer, members: set[int]) -> None:
         """Called after every optimizer step: compact values that it changed are written into the weights.
 
         Values the step left as they were are not written: they equal the weight's entries, unless
@@ -71,11 +72,11 @@ class StepHooks:
         lr-0 step before ``ShiraCallback`` loads those masks). Under FSDP2 the ranks agree on which
         layers changed (one all-reduce of a flag per layer), since writing them is a collective.
         """
-        before, self._before_values = self._before_values, {}
+        before = self._before_values.pop(optimizer, {})
         stepped = [t for t in self._targets if t.plan is not None and id(t.plan.values) in members and id(t) in before]
         if not stepped:
             return
-        changed = torch.tensor([not torch.equal(_shard.local(t.plan.values).detach(), before[id(t)]) for t in stepped], dtype=torch.int32)
+        changed = torch.tensor([not _same_bits(_shard.local(t.plan.values).detach(), before[id(t)]) for t in stepped], dtype=torch.int32)
         sharded = next((t.plan.values for t in stepped if _shard.is_sharded(t.plan.values)), None)
         if sharded is not None:
             changed = changed.to(sharded.device)
@@ -133,3 +134,8 @@ class StepHooks:
                 )
         if all(t.indices is not None for t in targets):
             self._checked_state[optimizer] = id(state)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (-0.0 is not 0.0, NaN equals the same NaN); both contiguous, of one dtype and shape."""
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

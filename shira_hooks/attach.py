@@ -189,7 +189,7 @@ def attach(
             handle._fix_masks()
         elif calibration is not None:
             handle._lazy = False
-            run_calibration(model, calibration, loss_fn, {id(p) for _, _, p in targets}, progress)
+            run_calibration(model, calibration, loss_fn, {id(p) for _, _, p in targets}, progress, handle._end_pass)
             for target in handle._targets:
                 handle._mask_from_scores(target)
             handle._lazy = True

@@ -19,6 +19,7 @@ steps (``_steps.StepHooks``) and following FSDP2's ``fully_shard`` (``_follow.Fo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import weakref
@@ -70,6 +71,9 @@ def _none() -> None:
     return None
 
 
+_SERIALS = itertools.count()
+
+
 def attached_handles() -> list["ShiraHandle"]:
     """Every handle attached now, in no particular order (the step hooks' weak set)."""
     return _optim._attached()
@@ -101,7 +105,8 @@ class ShiraHandle(FollowSharding, StepHooks):
         self._attached = False
         self._warned_no_gradient = False
         self._checked_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> id(state) checked
-        self._before_values: dict[int, torch.Tensor] = {}  # compact: id(target) -> its values before the step
+        self._before_values: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # compact: optimizer -> values before its step
+        self._serial = next(_SERIALS)  # attach order: every rank walks its handles in it (their collectives match)
 
     # ------------------------------------------------------------------------------ install
     def _install(self, targets: list[tuple[str, nn.Module, nn.Parameter]], freeze_others: bool) -> None:
@@ -184,13 +189,14 @@ class ShiraHandle(FollowSharding, StepHooks):
         target.mask_grad(grad)
 
     def _accumulate(self, target: Target, grad: torch.Tensor) -> None:
-        world = _shard.world_size()
-        if not self._lazy and world > 1 and not _shard.is_sharded(grad):
-            # Eager calibration of a replicated model (before DDP or fully_shard wraps it), each rank on its
-            # own batch: the mean of the ranks' gradients is the global batch's, which one process would score.
-            torch.distributed.all_reduce(grad)
-            grad.div_(world)
-            target.scores_global = True
+        if not self._lazy and _shard.world_size() > 1 and not _shard.is_sharded(grad):
+            # Eager calibration of a replicated model (before DDP or fully_shard wraps it): kept until the
+            # pass ends, when every rank's gradient of it is averaged (_end_pass)
+            target.pass_grad = grad if target.pass_grad is None else target.pass_grad.add_(grad)
+            return
+        self._score(target, grad)
+
+    def _score(self, target: Target, grad: torch.Tensor) -> None:
         grad = _shard.local(grad)  # FSDP2: this rank's rows of the gradient averaged over the ranks
         if target.scores is None:
             target.scores = torch.zeros(grad.numel(), dtype=torch.float32, device=grad.device)
@@ -199,6 +205,27 @@ class ShiraHandle(FollowSharding, StepHooks):
         if self._lazy and target.backward_passes >= self.calibration_steps:
             self._mask_from_scores(target)
             target.fresh = True
+
+    @torch.no_grad()
+    def _end_pass(self) -> None:
+        """After each backward pass of eager calibration under ``torch.distributed``: score the mean over the
+        ranks of each replicated target's gradient, i.e. the global batch's gradient, which one process
+        would score. Walked in target order, with zeros where this rank got none, so that every rank makes
+        the same collectives even when layers get gradients on some ranks only (routing, unused layers)."""
+        world = _shard.world_size()
+        targets = [t for t in self._targets if t.indices is None and not _shard.is_sharded(t.param)]
+        if world <= 1 or not targets:
+            return
+        got = torch.tensor([t.pass_grad is not None for t in targets], dtype=torch.int32, device=targets[0].param.device)
+        torch.distributed.all_reduce(got)  # how many ranks have a gradient of each target
+        for t, ranks in zip(targets, got.tolist()):
+            grad, t.pass_grad = t.pass_grad, None
+            if ranks == 0:  # no rank's loss used it in this pass
+                continue
+            grad = torch.zeros(t.param.shape, dtype=t.param.dtype, device=t.param.device) if grad is None else grad.contiguous()
+            torch.distributed.all_reduce(grad)
+            t.scores_global = True
+            self._score(t, grad.div_(world))
 
     def _mask_from_scores(self, target: Target) -> None:
         target.set_indices(mask_from_scores(self.mask, target.name, target.scores, target.param.detach(), target.budget, self.block, target.scores_global))

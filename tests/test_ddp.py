@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import shira_hooks
@@ -133,3 +134,59 @@ def test_ddp_comm_hooks_bucket_views_and_no_sync_stay_exact(tmp_path):
         assert r0[variant]["weights"] == r1[variant]["weights"], variant
         assert r0[variant]["verify"] == r1[variant]["verify"] == [], variant
     assert len({r0[v]["seed"] for v in r0}) == 3  # a fresh seed per attach
+
+
+class _TwoExperts(nn.Module):
+    """Two same-shape experts; each batch picks which run (routing), so ranks get gradients of different layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+
+    def forward(self, x, route):
+        return sum(getattr(self, name)(x) for name in route).pow(2).sum()
+
+
+def _routed_batches(rank: int) -> list:
+    g = torch.Generator().manual_seed(100 + rank)
+    xs = [torch.randn(4, 8, generator=g) for _ in range(2)]
+    routes = [["a"], ["b"]] if rank == 0 else [["b", "a"], ["a"]]  # other orders, and no b in rank 1's second pass
+    return list(zip(xs, routes))
+
+
+def _routing_and_zero_worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    shira = shira_hooks.attach(_TwoExperts(), 0.25, "grad", calibration=_routed_batches(rank), loss_fn=lambda m, b: m(*b), progress=False)
+    report = {"routed_masks": {n: i.tolist() for n, i in shira.masks.items()}}
+    shira.detach()
+    # compact values stepped by ZeroRedundancyOptimizer, whose step runs an inner optimizer's step
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    shira = shira_hooks.attach(model, 0.25, "rand", seed=1, mode="compact")
+    optimizer = ZeroRedundancyOptimizer([p for p in model.parameters() if p.requires_grad], optimizer_class=torch.optim.SGD, lr=0.1)
+    model(torch.randn(4, 8)).pow(2).sum().backward()
+    optimizer.step()
+    report["zero_stale"] = [float((layer.weight.detach().reshape(-1)[t.indices] - layer.shira_values.detach()).abs().max())
+                            for layer, t in zip(model, shira._targets)]
+    shira.detach()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+def test_eager_calibration_with_routing_and_zero_redundancy_optimizer(tmp_path):
+    """Layers that get gradients on some ranks only, in other orders: the same masks as one process on the
+    global batches (each pass's gradient averaged over the ranks); ZeRO's nested step writes the values."""
+    mp.spawn(_routing_and_zero_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["routed_masks"] == r1["routed_masks"]
+    passes = list(zip(_routed_batches(0), _routed_batches(1)))  # one process: pass p's loss is the ranks' mean
+    one = shira_hooks.attach(_TwoExperts(), 0.25, "grad", calibration=passes, progress=False,
+                             loss_fn=lambda m, pair: (m(*pair[0]) + m(*pair[1])) / 2)
+    assert r0["routed_masks"] == {n: i.tolist() for n, i in one.masks.items()}
+    one.detach()
+    assert r0["zero_stale"] == r1["zero_stale"] == [0.0, 0.0]
