@@ -1,5 +1,7 @@
 """The handle: symmetric attach/detach, bad input, calibration hygiene, and resumable state."""
 
+import secrets
+
 import pytest
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
@@ -209,11 +211,15 @@ def test_several_handles_keep_flags_right_in_any_detach_order(order):
 
 
 # ------------------------------------------------------------------------------------ seeds
-def test_default_seed_gives_each_attach_its_own_rand_and_struct_masks():
+def test_default_seed_gives_each_attach_its_own_rand_and_struct_masks(monkeypatch):
+    # Fixed draws stand in for the system's random bits: with real ones, struct's few whole rows of these
+    # tiny weights coincide by chance often enough (25% shared once in CI) to make the test flaky.
+    draws = [2**40 + 11 * i for i in range(1, 64)]
+    monkeypatch.setattr(secrets, "randbits", lambda bits: draws.pop(0))
     for mask in ("rand", "struct"):
         first, second = make_llama(), make_llama()
         with shira_hooks.attach(first, 0.05, mask) as a, shira_hooks.attach(second, 0.05, mask) as b:
-            assert a.seed != b.seed
+            assert a.seed != b.seed and 2**40 < a.seed < 2**41 and 2**40 < b.seed < 2**41  # each attach draws its own
             shared = entries = 0
             for name, indices in a.masks.items():
                 rows, cols = dict(first.named_parameters())[name].shape
