@@ -39,7 +39,6 @@ class Target:
     indices: torch.Tensor | None = None  # (k,) sorted logical flat indices on the CPU; None while calibrating
     originals: torch.Tensor | None = None  # (k,) base values at indices, the weight's dtype and device
     scores: torch.Tensor | None = None  # (numel,) float32 calibration buffer, logical order
-    scores_global: bool = False  # the scores are of gradients already averaged over the ranks (eager calibration)
     pass_grad: torch.Tensor | None = None  # eager calibration under torch.distributed: this pass's gradient, until averaged
     backward_passes: int = 0
     # The mask was fixed in the last backward pass and no masked gradient has arrived since: whatever
@@ -74,7 +73,7 @@ class Target:
         self.indices = indices.cpu()
         self._positions.clear()
         self.budget = indices.numel()
-        self.scores, self.scores_global, self.pass_grad = None, False, None
+        self.scores, self.pass_grad = None, None
         self.originals = self.current() if originals is None else originals.to(self.param.device)
 
     def current(self) -> torch.Tensor:

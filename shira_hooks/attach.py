@@ -48,8 +48,7 @@ def resolve_seed(seed: Any, mask: Any) -> int:
             raise ShiraError(f"seed={seed!r}; it must be a non-negative int, or None for a fresh random seed")
         return seed
     seed = secrets.randbits(62)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:
+    if _shard.world_size() > 1:
         device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
         agreed = torch.tensor([seed], dtype=torch.int64, device=device)
         torch.distributed.broadcast(agreed, src=0)  # every rank draws the same masks

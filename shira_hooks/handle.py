@@ -224,11 +224,12 @@ class ShiraHandle(FollowSharding, StepHooks):
                 continue
             grad = torch.zeros(t.param.shape, dtype=t.param.dtype, device=t.param.device) if grad is None else grad.contiguous()
             torch.distributed.all_reduce(grad)
-            t.scores_global = True
             self._score(t, grad.div_(world))
 
     def _mask_from_scores(self, target: Target) -> None:
-        target.set_indices(mask_from_scores(self.mask, target.name, target.scores, target.param.detach(), target.budget, self.block, target.scores_global))
+        # eager (not lazy): under torch.distributed every pass was averaged over the ranks already (_end_pass)
+        averaged = not self._lazy
+        target.set_indices(mask_from_scores(self.mask, target.name, target.scores, target.param.detach(), target.budget, self.block, averaged))
 
     def _fix_masks(self) -> None:
         """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""

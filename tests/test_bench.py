@@ -11,6 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _quick(script: str, json_path: Path) -> str:
+    """stdout of ``benchmarks/<script>.py --quick --json <json_path>``."""
+    command = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--json", str(json_path)]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
 def test_bench_quick_prints_the_table_and_writes_json(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "shira_hooks.bench", "--quick", "--json", str(tmp_path / "b.json"), "--results", str(tmp_path / "R.md")],
@@ -45,10 +51,7 @@ def test_bench_plot(tmp_path):
 
 def test_switch_model_quick(tmp_path):
     pytest.importorskip("peft")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "switch_model.py"), "--quick", "--json", str(tmp_path / "s.json")],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    out = _quick("switch_model", tmp_path / "s.json")
     for method in ("shira_hooks switch, block=16", "raw bound: 2 index_copy_ per weight, block=16", "packed: 2 index_copy_ for all weights",
                    "in-place LoRA bound: addmm_", "PEFT LoRA merge + unmerge, cold pages"):
         assert f"| {method}" in out
@@ -63,10 +66,7 @@ def test_switch_model_quick(tmp_path):
 
 def test_train_cost_quick(tmp_path):
     pytest.importorskip("peft")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_cost.py"), "--quick", "--json", str(tmp_path / "t.json")],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    out = _quick("train_cost", tmp_path / "t.json")
     rows = json.loads((tmp_path / "t.json").read_text())["groups"]["tiny"]
     assert [r["method"] for r in rows] == ["full", "shira_dense", "shira_compact", "shira_sparse", "peft_lora", "peft_lora_dropout", "peft_shira", "peft_dora"]
     shira = [r["trainable"] for r in rows if r["method"].startswith("shira_")]
@@ -89,10 +89,7 @@ def test_train_cost_quick(tmp_path):
 
 def test_mixed_batch_quick(tmp_path):
     pytest.importorskip("peft")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "mixed_batch.py"), "--quick", "--json", str(tmp_path / "m.json")],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    out = _quick("mixed_batch", tmp_path / "m.json")
     for method in ("MixedAdapters mixed forward", "PEFT LoRA adapter_names= mixed forward", "MixedAdapters mixed generate", "chosen: CSR sparse.mm"):
         assert f"| {method}" in out
     result = json.loads((tmp_path / "m.json").read_text())["result"]

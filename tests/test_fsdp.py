@@ -92,6 +92,32 @@ def _expect_error(fn, pattern: str) -> str:
     return "no error"
 
 
+def _attach_and_shard(model, order: str, *args, state: str | None = None, shard: dict | None = None, **kwargs):
+    """``attach(model, SPARSITY, *args, **kwargs)`` before or after ``fully_shard`` (``order``), loading ``state``
+    right after attach. Returns the handle and weak references to the parameters that fully_shard replaced
+    (attached before: the full weights, which nothing may keep alive; attached after: none)."""
+    if order == "after":
+        _shard(model, **(shard or {}))
+    shira = shira_hooks.attach(model, SPARSITY, *args, **kwargs)
+    if state is not None:
+        shira.load_state(state)
+    if order == "after":
+        return shira, []
+    unsharded = [weakref.ref(p) for p in model.parameters()]
+    _shard(model, **(shard or {}))
+    return shira, unsharded
+
+
+def _train_and_save(shira, model, base: dict, train: list[dict], path: str, rank: int):
+    """Train, extract (every rank: it gathers), rank 0 saves; returns the adapter and the exactness checks."""
+    _train(model, train)
+    gc.collect()
+    adapter = shira.extract()
+    if rank == 0:
+        adapter.save(path)
+    return adapter, {"verify": shira.verify(), "outside": _changed_outside(shira, base, model)}
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -104,51 +130,27 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         model = make_llama()
         base = _full_weights(model)
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        unsharded = []
-        if order == "before":
-            shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED)
-            unsharded = [weakref.ref(p) for p in model.parameters()]
-            _shard(model)
-        else:
-            _shard(model)
-            shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED)
-        _train(model, train)
-        gc.collect()
-        adapter = shira.extract()  # every rank: it gathers
-        if rank == 0:
-            adapter.save(os.path.join(out, f"{order}.safetensors"))
-        report[order] = {
-            "verify": shira.verify(),
-            "outside": _changed_outside(shira, base, model),
+        shira, unsharded = _attach_and_shard(model, order, "rand", seed=SEED)
+        adapter, report[order] = _train_and_save(shira, model, base, train, os.path.join(out, f"{order}.safetensors"), rank)
+        report[order].update({
             "adapter": digest(torch.cat([d.values for d in adapter.deltas.values()])),
             "sharded": type(model.model.layers[0].self_attn.q_proj.weight).__name__,
             "unsharded_alive": sum(r() is not None for r in unsharded),
-        }
+        })
         shira.detach()
         report[order]["flags_restored"] = flags == {n: p.requires_grad for n, p in model.named_parameters()}
 
     for mode, order in (("compact", "after"), ("sparse", "after"), ("sparse", "before")):  # the k values split across the ranks
         model = make_llama()
         base = _full_weights(model)
-        unsharded = []
-        if order == "before":  # fully_shard shards shira_values with the weight; the handle follows both
-            shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED, mode=mode)
-            unsharded = [weakref.ref(p) for p in model.parameters()]
-            _shard(model)
-        else:
-            _shard(model)
-            shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED, mode=mode)
-        _train(model, train)
-        gc.collect()
+        # attached before: fully_shard shards shira_values with the weight; the handle follows both
+        shira, unsharded = _attach_and_shard(model, order, "rand", seed=SEED, mode=mode)
+        _, report[f"{mode}_{order}"] = _train_and_save(shira, model, base, train, os.path.join(out, f"{mode}_{order}.safetensors"), rank)
         values = [m.shira_values for m in model.modules() if "shira_values" in m._parameters]
-        adapter = shira.extract()
-        if rank == 0:
-            adapter.save(os.path.join(out, f"{mode}_{order}.safetensors"))
-        report[f"{mode}_{order}"] = {
-            "verify": shira.verify(), "outside": _changed_outside(shira, base, model), "k": shira.num_trainable,
-            "values": type(values[0]).__name__, "local": sum(v.to_local().numel() for v in values), "layers": len(values),
-            "unsharded_alive": sum(r() is not None for r in unsharded),  # the full weights before fully_shard
-        }
+        report[f"{mode}_{order}"].update({
+            "k": shira.num_trainable, "values": type(values[0]).__name__, "local": sum(v.to_local().numel() for v in values),
+            "layers": len(values), "unsharded_alive": sum(r() is not None for r in unsharded),  # the full weights before fully_shard
+        })
         shira.detach()
         left = [p.requires_grad for n, p in model.named_parameters() if n.endswith("shira_values")]
         report[f"{mode}_{order}"]["left"] = [len(left), any(left)]  # shira_values still registered, trainable
@@ -160,13 +162,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         model = make_llama()
         model.gradient_checkpointing_enable()
         base = _full_weights(model)
-        shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED, mode=mode)
-        _shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
-        _train(model, train)
-        adapter = shira.extract()
-        if rank == 0:
-            adapter.save(os.path.join(out, f"bf16_{mode}.safetensors"))
-        report[f"bf16_{mode}"] = {"verify": shira.verify(), "outside": _changed_outside(shira, base, model)}
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        shira, _ = _attach_and_shard(model, "before", "rand", seed=SEED, mode=mode, shard={"mp_policy": policy})
+        _, report[f"bf16_{mode}"] = _train_and_save(shira, model, base, train, os.path.join(out, f"bf16_{mode}.safetensors"), rank)
         shira.detach()
 
     # grad/snip scored on the shards: eager (attach after fully_shard) and lazy (the first backward passes)
@@ -204,17 +202,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     for order in ("before", "after"):  # resume into k values split across the ranks, then train
         model = make_llama()
         base = _full_weights(model)
-        if order == "after":
-            _shard(model)
-        shira = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED + 1, mode="sparse")
-        shira.load_state(os.path.join(out, "snip_state.safetensors"))
-        if order == "before":
-            _shard(model)
-        _train(model, train)
-        adapter = shira.extract()
-        if rank == 0:
-            adapter.save(os.path.join(out, f"resumed_{order}.safetensors"))
-        report[f"resumed_{order}"] = {"verify": shira.verify(), "outside": _changed_outside(shira, base, model)}
+        state = os.path.join(out, "snip_state.safetensors")
+        shira, _ = _attach_and_shard(model, order, "rand", seed=SEED + 1, mode="sparse", state=state)
+        _, report[f"resumed_{order}"] = _train_and_save(shira, model, base, train, os.path.join(out, f"resumed_{order}.safetensors"), rank)
         shira.detach()
 
     # refusals
