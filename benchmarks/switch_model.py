@@ -1,6 +1,7 @@
 """Whole-model adapter switching: shira_hooks against PEFT and the bounds, each method in its own processes.
 
     python benchmarks/switch_model.py --results benchmarks/RESULTS.md --json benchmarks/switch_model.json
+    python benchmarks/switch_model.py --llama --results benchmarks/RESULTS.md --json benchmarks/switch_model_llama.json
     python benchmarks/switch_model.py --quick          # 2 layers, 1 round (used by the tests)
 
 The 210 target Linear weights of SmolLM2-135M-Instruct (its config: 30 layers of q/k/v/o/gate/up/down
@@ -9,7 +10,9 @@ nothing is downloaded), in a plain module tree with the model's names, so that t
 do not import transformers. One switch is:
 
 * shira_hooks: ``remove()`` adapter A, ``apply()`` adapter B (rand masks at 1% of each weight),
-  unstructured (block 1) and with ``block=16`` (float32; one 64-byte line) or ``block=32`` (bfloat16);
+  unstructured (block 1) and with ``block=16`` (float32; one 64-byte line) or ``block=32`` (bfloat16),
+  on the weights as they are (one write per weight) and after ``shira_hooks.pack(model)`` (one write per
+  arena); ``--blocks`` adds both at other block sizes (float32; the block-size trade-off);
 * raw bounds: the same writes as bare ``index_copy_`` calls on precomputed tensors (2 per weight; for
   blocks on the weight's ``(numel // B, B)`` view), and "packed": the weights made views of one
   buffer, so that a switch is 2 ``index_copy_`` calls for the whole model (one write for all weights);
@@ -22,6 +25,11 @@ do not import transformers. One switch is:
   dynamic threshold: what a user gets, warm or cold depending on the process's history);
 * with ``--extras``: PEFT SHiRA merge + unmerge and PEFT LoRA hot-swap (unfused), float32, unset
   allocator, and PEFT LoRA in bfloat16 with cold pages.
+
+``--llama`` builds the weights as a real ``transformers`` ``LlamaForCausalLM`` from the same config
+(embedding, norms and head included; random values) instead of the plain module tree. The memory of
+``pack`` itself is measured in a process of its own: resident memory before, and the peak while packing
+(``VmHWM`` after resetting it through ``/proc/self/clear_refs``) with ``--chunk-mb`` arenas.
 
 Every method runs in its own processes, ``--rounds`` times, the methods alternating (forward order on
 even rounds, reverse on odd ones); a process warms up, then times up to ``--repeats`` switches.
@@ -100,15 +108,24 @@ class Model(nn.Module):
         return x
 
 
-def build_model(layers: int, dtype: torch.dtype) -> Model:
+def build_model(layers: int, dtype: torch.dtype, llama: bool = False) -> nn.Module:
+    """The plain module tree, or (``llama``) transformers' LlamaForCausalLM with SmolLM2-135M's config."""
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = Model(layers)
+        model = llama_model(layers) if llama else Model(layers)
     model = model.to_empty(device="cpu").to(dtype).requires_grad_(False)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     return model
+
+
+def llama_model(layers: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
 
 
 def target_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -245,12 +262,19 @@ def worker(case: dict, args) -> dict:
     """Time one case in this process: warm-up, then up to ``repeats`` switches; the samples in seconds."""
     torch.set_num_threads(args.threads)
     dtype, block, method = DTYPES[case["dtype"]], case.get("block", 1), case["method"]
-    model = build_model(args.layers, dtype)
+    if method == "pack_memory":
+        return pack_memory(args)
+    model = build_model(args.layers, dtype, args.llama)
     weights = target_weights(model)
     rank = masks.lora_rank((w.shape for w in weights.values()), args.sparsity)
-    if method in ("shira", "raw", "packed"):
+    if method in ("shira", "shira_packed", "raw", "packed"):
         adapters = [random_adapter(weights, args.sparsity, seed, block) for seed in (1, 2)]
-        first, second = shira_switch(model, adapters) if method == "shira" else raw_switch(weights, adapters, block, method == "packed")
+        if method == "shira_packed":
+            shira_hooks.pack(model, TARGETS)
+        if method.startswith("shira"):
+            first, second = shira_switch(model, adapters)
+        else:
+            first, second = raw_switch(weights, adapters, block, method == "packed")
     elif method == "addmm":
         first, second = addmm_bound(weights, rank)
     else:
@@ -266,20 +290,53 @@ def worker(case: dict, args) -> dict:
     return {"samples": samples, "rank": rank}
 
 
+def _status_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def pack_memory(args) -> dict:
+    """Resident memory before packing and its peak while packing and while unpacking, in MB."""
+    model = build_model(args.layers, torch.float32, args.llama)
+    weights = target_weights(model)
+    target_mb = sum(w.numel() * w.element_size() for w in weights.values()) / 2**20
+    peaks = {}
+    before = _status_kb("VmRSS") / 1024
+    for phase in ("pack", "unpack"):
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (the peak) to the current resident size
+            f.write("5")
+        start = _status_kb("VmRSS") / 1024
+        if phase == "pack":
+            packed = shira_hooks.pack(model, TARGETS, chunk_mb=args.chunk_mb)
+        else:
+            packed.unpack()
+        peaks[phase] = {"start_mb": start, "peak_mb": _status_kb("VmHWM") / 1024, "end_mb": _status_kb("VmRSS") / 1024}
+    return {"samples": [0.0], "rank": None, "target_mb": target_mb, "before_mb": before, "chunk_mb": args.chunk_mb, "phases": peaks}
+
+
 # --------------------------------------------------------------------------------------- parent
-def cases(quick: bool, extras: bool) -> list[dict]:
-    """What is timed: label, dtype, method, block, allocator. ``extras``: PEFT SHiRA, PEFT hot-swap and bfloat16 cold pages too."""
+def cases(quick: bool, extras: bool, blocks: list[int] = ()) -> list[dict]:
+    """What is timed: label, dtype, method, block, allocator. ``extras``: PEFT SHiRA, PEFT hot-swap and bfloat16
+    cold pages too; ``blocks``: the packed and per-weight switches at these float32 block sizes too."""
     rows = []
     for dtype, block in (("float32", 16), ("bfloat16", 32)):
         rows += [
             dict(dtype=dtype, method="shira", block=1, label="shira_hooks switch, unstructured"),
             dict(dtype=dtype, method="shira", block=block, label=f"shira_hooks switch, block={block}"),
+            dict(dtype=dtype, method="shira_packed", block=block, label=f"shira_hooks switch on packed weights, block={block}"),
             dict(dtype=dtype, method="raw", block=1, label="raw bound: 2 index_copy_ per weight, unstructured"),
             dict(dtype=dtype, method="raw", block=block, label=f"raw bound: 2 index_copy_ per weight, block={block}"),
-            dict(dtype=dtype, method="packed", block=block, label=f"packed: 2 index_copy_ for all weights, block={block}"),
+            dict(dtype=dtype, method="packed", block=block, label=f"packed raw bound: 2 index_copy_ for all weights, block={block}"),
             dict(dtype=dtype, method="addmm", label="in-place LoRA bound: addmm_ fuse + unfuse"),
             dict(dtype=dtype, method="lora", allocator="warm", label="PEFT LoRA merge + unmerge, warm allocator"),
         ]
+        if dtype == "float32":
+            rows += [
+                dict(dtype=dtype, method="shira_packed", block=1, label="shira_hooks switch on packed weights, unstructured"),
+                dict(dtype=dtype, method="packed", block=1, label="packed raw bound: 2 index_copy_ for all weights, unstructured"),
+            ]
         if dtype == "float32" or extras:
             rows.append(dict(dtype=dtype, method="lora", allocator="cold", label="PEFT LoRA merge + unmerge, cold pages"))
         if dtype == "float32":
@@ -289,6 +346,12 @@ def cases(quick: bool, extras: bool) -> list[dict]:
                 dict(dtype=dtype, method="peft_shira", label="PEFT SHiRA merge + unmerge"),
                 dict(dtype=dtype, method="lora_hotswap", label="PEFT LoRA hot-swap (unfused)"),
             ]
+    have = {(r["dtype"], r["method"], r.get("block", 1)) for r in rows}
+    for block in blocks:
+        for method, label in (("shira_packed", "shira_hooks switch on packed weights"), ("shira", "shira_hooks switch"),
+                              ("packed", "packed raw bound: 2 index_copy_ for all weights")):
+            if ("float32", method, block) not in have:
+                rows.append(dict(dtype="float32", method=method, block=block, label=f"{label}, block={block}"))
     if quick:  # one of each kind of worker, float32
         rows = [r for r in rows if r["dtype"] == "float32" and (r.get("block", 1) > 1 or r["method"] == "addmm" or r.get("allocator") == "cold")]
     for row in rows:
@@ -300,7 +363,8 @@ def run_case(case: dict, args) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(ALLOCATOR[case.get("allocator", "unset")])
     command = [sys.executable, __file__, "--worker", json.dumps(case), "--layers", str(args.layers), "--sparsity", str(args.sparsity),
-               "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--budget", str(args.budget)]
+               "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--budget", str(args.budget),
+               "--chunk-mb", str(args.chunk_mb)] + (["--llama"] if args.llama else [])
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"worker {case['key']} failed:\n{done.stderr[-3000:]}")
@@ -359,7 +423,8 @@ def summarize(samples: list[list[float]]) -> dict:
 def markdown(rows: list[dict], results: dict, moved: dict, info: dict, command: str, extra: dict) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"
     lines = report_header("`benchmarks/switch_model.py`: one adapter switch, whole model", command, info) + [
-        f"Weights: the {extra['targets']} target Linear weights of SmolLM2-135M's config ({extra['layers']} layers), sparsity "
+        f"Weights: the {extra['targets']} target Linear weights of SmolLM2-135M's config ({extra['layers']} layers"
+        + (", a transformers `LlamaForCausalLM`" if extra.get("llama") else ", a plain module tree") + f"), sparsity "
         f"{extra['sparsity']:g} (rand masks; block masks round k to whole blocks), LoRA rank {extra['rank']} (parameter count "
         f"matched to the SHiRA budget). Each method ran in its own processes, {extra['rounds']} rounds alternating the methods' "
         f"order; times are over all timed switches of all rounds; `per-round medians` shows how much a method moved "
@@ -380,26 +445,52 @@ def markdown(rows: list[dict], results: dict, moved: dict, info: dict, command: 
             continue
         block = 16 if dtype == "float32" else 32
         by = {r["key"]: results[r["key"]] for r in mine}
-        switch = by.get(f"{dtype}/shira/b{block}/unset")
-        lines += [f"### {dtype}", "", f"| method | median ms | min-max ms | per-round medians ms | x block={block} switch |", "|---|---:|---:|---:|---:|"]
+        headline = by.get(f"{dtype}/shira_packed/b{block}/unset")
+        lines += [f"### {dtype}", "", f"| method | median ms | min-max ms | per-round medians ms | x packed block={block} switch |",
+                  "|---|---:|---:|---:|---:|"]
         for r in mine:
             s = by[r["key"]]
-            ratio = f"{s['median'] / switch['median']:.1f}x" if switch else "-"
+            x = s["median"] / headline["median"] if headline else None
+            ratio = "-" if x is None else f"{x:.2f}x" if x < 1 else f"{x:.1f}x"
             lines.append(f"| {r['label']} | {ms(s['median'])} | {ms(s['min'])}-{ms(s['max'])} | {' / '.join(ms(m) for m in s['round_medians'])} | {ratio} |")
         m = moved.get(dtype)
         if m:
             lines += ["", f"Bytes of weight memory per switch: unstructured {m['lines_b1'] / 1e6:.1f} MB (64-byte lines holding an entry, read "
                       f"and written), block={block} {m[f'lines_b{block}'] / 1e6:.1f} MB, the entries themselves {m['entries_b1'] / 1e6:.1f} MB; "
                       f"a dense fuse + unfuse {m['dense'] / 1e6:.0f} MB (every entry read and written twice, before PEFT's temporaries)."]
-        if switch:
-            get = lambda key: by.get(f"{dtype}/{key}")
-            ratio = lambda key: get(key)["median"] / switch["median"] if get(key) else float("nan")
-            cold = f"; {ratio('lora/b1/cold'):.1f}x against cold pages" if get("lora/b1/cold") else ""
-            lines += ["", f"block={block} switch (medians; PEFT at steady state = warm allocator): {ratio('addmm/b1/unset'):.1f}x faster than "
-                      f"in-place `addmm_` fuse + unfuse (target 8x), {ratio('lora/b1/warm'):.1f}x faster than PEFT LoRA merge + unmerge "
-                      f"(target 20x{cold}), {ratio('shira/b1/unset'):.1f}x faster than the unstructured switch (target 3x), "
-                      f"{1 / ratio(f'raw/b{block}/unset'):.2f}x the time of its raw bound (target 1.3x or less), "
-                      f"{1 / ratio(f'packed/b{block}/unset'):.2f}x the time of the packed bound (one write for all weights).", ""]
+        get = lambda key: by.get(f"{dtype}/{key}")
+        times = lambda key, of: get(key)["median"] / get(of)["median"] if get(key) and get(of) else float("nan")
+        if headline:
+            cold = f"; {times('lora/b1/cold', f'shira_packed/b{block}/unset'):.0f}x against cold pages" if get("lora/b1/cold") else ""
+            lines += ["", f"**Packed block={block} switch** (medians; PEFT at steady state = warm allocator): "
+                      f"{times('addmm/b1/unset', f'shira_packed/b{block}/unset'):.1f}x faster than in-place `addmm_` fuse + unfuse (target 20x), "
+                      f"{times('lora/b1/warm', f'shira_packed/b{block}/unset'):.0f}x faster than PEFT LoRA merge + unmerge (target 100x{cold}), "
+                      f"{times(f'shira_packed/b{block}/unset', f'packed/b{block}/unset'):.2f}x the time of the packed raw bound (target 1.3x or less), "
+                      f"{times(f'shira/b{block}/unset', f'shira_packed/b{block}/unset'):.1f}x faster than the same switch unpacked."]
+        if get(f"shira/b{block}/unset"):
+            lines += ["", f"Unpacked (one write per weight): block={block} switch {times(f'shira/b{block}/unset', f'raw/b{block}/unset'):.2f}x "
+                      f"and unstructured switch {times('shira/b1/unset', 'raw/b1/unset'):.2f}x the time of their per-weight raw bounds "
+                      f"(target 1.3x or less); block={block} {times('addmm/b1/unset', f'shira/b{block}/unset'):.1f}x faster than `addmm_`."]
+        if get("shira_packed/b1/unset"):
+            lines += ["", f"Unstructured on packed weights: {times('shira_packed/b1/unset', 'packed/b1/unset'):.2f}x its packed raw bound, "
+                      f"{times('addmm/b1/unset', 'shira_packed/b1/unset'):.1f}x faster than `addmm_`, "
+                      f"{times('shira/b1/unset', 'shira_packed/b1/unset'):.2f}x faster than unpacked (scattered entries are bound by memory "
+                      f"latency, not by calls)."]
+        lines.append("")
+    sizes = sorted({r.get("block", 1) for r in rows if r["dtype"] == "float32" and r["method"] == "shira_packed"})
+    if len(sizes) > 2:
+        lines += ["### Block size (float32): switch time", "", "| block | packed switch ms | per-weight switch ms | packed raw bound ms |", "|---:|---:|---:|---:|"]
+        for size in sizes:
+            cell = lambda method: ms(results[key]["median"]) if (key := f"float32/{method}/b{size}/unset") in results else "-"
+            lines.append(f"| {size} | {cell('shira_packed')} | {cell('shira')} | {cell('packed')} |")
+        lines.append("")
+    memory = extra.get("pack_memory")
+    if memory:
+        p, u = memory["phases"]["pack"], memory["phases"]["unpack"]
+        lines += ["### Memory of `pack`", "", f"Target weights {memory['target_mb']:.0f} MB (float32), arenas of at most {memory['chunk_mb']:g} MB. "
+                  f"Resident before packing {p['start_mb']:.0f} MB; peak while packing {p['peak_mb']:.0f} MB "
+                  f"(**{p['peak_mb'] - p['start_mb']:.0f} MB above**, target: at most one chunk), after {p['end_mb']:.0f} MB; "
+                  f"peak while unpacking {u['peak_mb'] - u['start_mb']:.0f} MB above its start, after {u['end_mb']:.0f} MB.", ""]
     return "\n".join(lines)
 
 
@@ -417,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 layers, 1 round, a few workers")
     parser.add_argument("--extras", action="store_true", help="also PEFT SHiRA merge + unmerge, PEFT LoRA hot-swap, and bfloat16 cold pages")
     parser.add_argument("--render", metavar="JSON", help="write the report of an earlier run's JSON again (no timing)")
+    parser.add_argument("--llama", action="store_true", help="the weights of a transformers LlamaForCausalLM with the same config")
+    parser.add_argument("--blocks", type=int, nargs="*", default=[], help="also time the packed and per-weight switches at these float32 block sizes")
+    parser.add_argument("--chunk-mb", type=float, default=256, help="arena size for pack (and for the memory measurement)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -431,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.layers, args.rounds, args.repeats, args.warmup, args.budget = 2, 1, 3, 1, 0.2
     torch.set_num_threads(args.threads)
-    rows = cases(args.quick, args.extras)
+    rows = cases(args.quick, args.extras, args.blocks)
     load_before = open("/proc/loadavg").read().split()[:3]
     reference_before = reference_ms()
     samples: dict[str, list[list[float]]] = {r["key"]: [] for r in rows}
@@ -446,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({len(out['samples'])} switches, process {time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
     load_after = open("/proc/loadavg").read().split()[:3]
     reference_after = reference_ms()
+    pack_mem = run_case({"method": "pack_memory", "dtype": "float32", "key": "pack_memory"}, args)
     results = {key: summarize(s) for key, s in samples.items()}
     moved = bytes_moved(args.layers, args.sparsity)
     import peft  # noqa: F401  (its version goes into the machine line)
@@ -454,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line("python benchmarks/switch_model.py", argv)
     extra = {"layers": args.layers, "targets": args.layers * len(TARGETS), "sparsity": args.sparsity, "rank": rank, "rounds": args.rounds,
              "load_before": " ".join(load_before), "load_after": " ".join(load_after),
-             "reference_ms": [round(reference_before, 3), round(reference_after, 3)]}
+             "reference_ms": [round(reference_before, 3), round(reference_after, 3)], "llama": args.llama,
+             "pack_memory": {k: v for k, v in pack_mem.items() if k not in ("samples", "rank")}}
     text = markdown(rows, results, moved, info, command, extra)
     print(text)
     payload = {"command": command, "machine": info, **extra, "cases": rows, "results": results, "bytes": moved}

@@ -24,6 +24,7 @@ from .bank import AdapterBank
 from .errors import ShiraError
 from .fusion import Overlap, fuse, overlap
 from .mixed import MixedAdapters
+from .packing import PackedWeights, pack
 from .switch import AppliedAdapter, apply, clear_cache
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "overlap",
     "Overlap",
     "AdapterBank",
+    "pack",
+    "PackedWeights",
     "MixedAdapters",
     "ShiraError",
     "__version__",

@@ -12,17 +12,14 @@ import itertools
 import threading
 import weakref
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ._layout import check_dense, layout_key, storage_flat, storage_index
 from .adapter import SparseAdapter, SparseDelta
 from .errors import ShiraError
-
-if TYPE_CHECKING:
-    from .switch import AppliedAdapter
 
 KEEP_RECENT = 4  # removed adapters per model whose precomputation is kept (least recently used dropped first)
 
@@ -130,8 +127,10 @@ class AdapterCache:
     def __init__(self) -> None:
         self.prepared: dict[str, Prepared] = {}
         self.active = 0  # applications of the adapter currently in the model
+        self.plan = None  # the SwitchPlan of a whole-model switch (``_switch_plan``), built on first use
 
     def evict(self) -> None:
+        self.plan = None
         for prep in self.prepared.values():
             prep.evict()
 
@@ -158,9 +157,21 @@ class WeightState:
         self.reset(param)
 
     def reset(self, param: nn.Parameter) -> None:
-        self.ptr, self.strides, self.shape = param.data_ptr(), param.stride(), tuple(param.shape)
+        self.ptr, self.strides, self.shape, self.dtype = param.data_ptr(), param.stride(), tuple(param.shape), param.dtype
+        # The storage itself, weakly: a new storage that the allocator put at the old address (after
+        # ``param.data = ...`` or a re-pack) has the same data_ptr, but this reference has expired.
+        self.storage_ref = StorageWeakRef(param.untyped_storage())
         self.layout = layout_key(param)
         self.token, self.version, self.flat = next(_tokens), param._version, None
+
+    def same_storage(self, param: nn.Parameter) -> bool:
+        """Whether ``param`` still has the storage, position, strides and dtype seen at ``reset``."""
+        return (
+            param.data_ptr() == self.ptr
+            and param.stride() == self.strides
+            and param.dtype == self.dtype
+            and not self.storage_ref.expired()
+        )
 
     def storage(self, param: nn.Parameter) -> torch.Tensor:
         if self.flat is None:
@@ -174,9 +185,10 @@ class ModelState:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.weights = WeakIdTable()  # param -> WeightState
-        self.stack: list["AppliedAdapter"] = []  # active applications, oldest first
+        self.stack: list = []  # active applications (``switch.AppliedAdapter``), oldest first
         self.caches = WeakIdTable()  # adapter -> AdapterCache
         self.recent: OrderedDict[int, weakref.ref] = OrderedDict()  # removed adapters' caches, oldest first
+        self.epoch = 0  # counts new weight tokens: a switch plan built at another epoch is stale
 
     def weight(self, name: str, param: nn.Parameter) -> WeightState:
         """The state of ``param``, synced with what others did to it (``sync``)."""
@@ -195,9 +207,10 @@ class ModelState:
         Raises ShiraError (changing nothing) if the new storage has gaps, or a new shape while
         adapters are applied to it.
         """
-        if param.data_ptr() == weight.ptr and param.stride() == weight.strides:
+        if weight.same_storage(param):
             if param._version != weight.version:
                 weight.token, weight.version = next(_tokens), param._version
+                self.epoch += 1
             return
         check_dense(param, f"model weight '{weight.name}'")
         if weight.stack and tuple(param.shape) != weight.shape:
@@ -206,12 +219,15 @@ class ModelState:
                 f"an adapter was applied to it; give it back its shape before applying or removing adapters"
             )
         weight.reset(param)
+        self.epoch += 1
         for entry in weight.stack:  # `.to()` moves exactly and casts as the model's own conversion did
             entry.originals = entry.originals.to(param.device, param.dtype)
             entry.prepared.follow(weight.layout, param)
         for ref in self.recent.values():  # removed adapters: no tensors left on the old device or dtype
             cache = ref()
             prep = cache.prepared.get(weight.name) if cache is not None else None
+            if prep is not None:
+                cache.plan = None  # its tensors are on the old device, its tokens are gone
             if prep is not None and prep.layout != weight.layout:
                 prep.evict()
             elif prep is not None:

@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import Mapping, Sequence
 
 from torch import nn
 
 from .adapter import SparseAdapter
 from .errors import ShiraError
-from .switch import AppliedAdapter, apply
+from .packing import PackedWeights, owner_of, pack_parameters
+from .switch import AppliedAdapter, _find_module, apply
 
 
 class AdapterBank:
     """Keeps adapters by name and switches the model between them.
 
-    Each adapter is verified and precomputed the first time it is activated; after that a switch
-    costs one ``index_copy_`` per weight to restore the previous adapter's entries and one to write
-    the next one's. The precomputation is kept for the active adapters and the
+    Each adapter is verified and precomputed the first time it is activated. With ``pack=True`` (the
+    default) the bank packs the weights its adapters write (``shira_hooks.pack``) when it is built and
+    when ``add`` brings new ones, so that a switch is one ``index_copy_`` per arena and direction
+    (restore the previous adapter's entries, write the next one's); with ``pack=False`` it is one per
+    weight and direction. The precomputation is kept for the active adapters and the
     ``shira_hooks.switch.KEEP_RECENT`` (4) most recently deactivated ones; switching back to an
     older one reads its base values again (no re-hash). Raise ``KEEP_RECENT`` to keep more.
+
+    ``close()`` (or leaving a ``with`` block) deactivates every adapter and unpacks what the bank packed:
+    the model's weights are then the base again, each in storage of its own.
 
     Threads: ``add``, ``activate`` and ``deactivate`` hold the bank's lock, so each is atomic and
     the bank's record of what is active stays true. The lock does not keep the model in a given
@@ -34,18 +41,49 @@ class AdapterBank:
         >>> bank.deactivate()                                    # the base model again
     """
 
-    def __init__(self, model: nn.Module, adapters: Mapping[str, SparseAdapter | str | os.PathLike] | None = None):
+    def __init__(self, model: nn.Module, adapters: Mapping[str, SparseAdapter | str | os.PathLike] | None = None, *, pack: bool = True, chunk_mb: float = 256):
         self.model = model
-        self.lock = threading.RLock()  # held by add, activate and deactivate
+        self.lock = threading.RLock()  # held by add, activate, deactivate and close
         self.adapters: dict[str, SparseAdapter] = {}
+        self.pack, self.chunk_mb = pack, chunk_mb
+        self.packed: list[PackedWeights] = []  # what this bank packed (``close`` unpacks it)
         self._handles: list[tuple[str, AppliedAdapter]] = []
-        for name, adapter in (adapters or {}).items():
-            self.add(name, adapter)
+        loaded = {name: self._load(adapter) for name, adapter in (adapters or {}).items()}
+        self._pack(loaded.values())
+        for name, adapter in loaded.items():
+            self.adapters[name] = adapter
+
+    @staticmethod
+    def _load(adapter: SparseAdapter | str | os.PathLike) -> SparseAdapter:
+        return adapter if isinstance(adapter, SparseAdapter) else SparseAdapter.load(adapter)
+
+    def _pack(self, adapters) -> None:
+        """Pack the weights these adapters write that nothing has packed yet (all in one ``pack``)."""
+        if not self.pack:
+            return
+        targets, seen = [], set()
+        for adapter in adapters:
+            for name in adapter.deltas:
+                module = _find_module(self.model, name)
+                attr = name.rsplit(".", 1)[-1]
+                param = module._parameters.get(attr) if module is not None else None
+                if param is None or name in seen or owner_of(module) is not None:
+                    continue  # missing weights are apply's to report; packed ones stay where they are
+                seen.add(name)
+                targets.append((name, module, attr, param))
+        if not targets:
+            return
+        try:
+            self.packed.append(pack_parameters(self.model, targets, self.chunk_mb))
+        except ShiraError as error:  # the bank still switches, one write per weight
+            warnings.warn(f"AdapterBank: the weights were not packed ({error}); switching writes each weight on its own. "
+                          f"Pass pack=False to switch unpacked without this warning", UserWarning, stacklevel=3)
 
     def add(self, name: str, adapter: SparseAdapter | str | os.PathLike) -> None:
-        """Register an adapter object, or load one from a file."""
-        loaded = adapter if isinstance(adapter, SparseAdapter) else SparseAdapter.load(adapter)
+        """Register an adapter object, or load one from a file (and pack its weights, with ``pack=True``)."""
+        loaded = self._load(adapter)
         with self.lock:
+            self._pack([loaded])
             self.adapters[name] = loaded
 
     @property
@@ -85,3 +123,16 @@ class AdapterBank:
         with self.lock:
             while self._handles:
                 self._handles.pop()[1].remove()
+
+    def close(self) -> None:
+        """Deactivate every adapter and unpack the weights the bank packed (each its own storage again)."""
+        with self.lock:
+            self.deactivate()
+            while self.packed:
+                self.packed.pop().unpack()
+
+    def __enter__(self) -> "AdapterBank":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

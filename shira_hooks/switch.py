@@ -58,24 +58,13 @@ import torch
 from torch import nn
 
 from ._io import digest
+from . import packing as _pack
+from ._switch_plan import SwitchPlan, written_values
 from ._switch_state import STATES, STATES_LOCK, KEEP_RECENT, AdapterCache, Applied, ModelState, Prepared, WeightState, model_state
 from .adapter import SparseAdapter, dtype_name
 from .errors import ShiraError
 
 __all__ = ["apply", "AppliedAdapter", "applied", "verify", "clear_cache", "KEEP_RECENT"]
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32, or float64 for float64 weights: never less precise than the weight."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _written(originals: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-    """cast(originals + alpha * S); exactly the originals for alpha == 0 (-0.0 stays -0.0)."""
-    if alpha == 0:
-        return originals.clone()
-    compute = _compute_dtype(originals.dtype)
-    return (originals.to(compute) + alpha * delta.to(compute)).to(originals.dtype)
-
 
 def _base_values(weight: WeightState, param: nn.Parameter, prep: Prepared) -> torch.Tensor:
     """Base values of ``param`` at the adapter's entries: current values with active writes undone."""
@@ -105,7 +94,8 @@ class AppliedAdapter:
         self._state = state
         self._cache = cache
         self._targets: list[tuple[WeightState, Prepared]] = targets
-        self._entries: list[Applied] = []  # the writes currently in the model
+        self._entries: list[Applied] = []  # the writes currently in the model, per weight
+        self._plan: SwitchPlan | None = None  # applied through this plan instead (nothing else applied below it)
 
     @property
     def model(self) -> nn.Module | None:
@@ -114,7 +104,7 @@ class AppliedAdapter:
 
     @property
     def active(self) -> bool:
-        return bool(self._entries)
+        return bool(self._entries) or self._plan is not None
 
     def __repr__(self) -> str:
         return f"AppliedAdapter({self.adapter!r}, alpha={self.alpha:g}, active={self.active})"
@@ -124,6 +114,24 @@ class AppliedAdapter:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+    def _write_planned(self, plan: SwitchPlan, params: list[nn.Parameter]) -> None:
+        """Write through ``plan`` (the model has nothing applied); undo everything if a write fails."""
+        try:
+            plan.apply(params, self.alpha)
+        except BaseException:
+            plan.restore(params)  # where nothing was written yet this writes the base over itself
+            raise
+        self._plan = plan
+        self._state.stack.append(self)
+
+    def _materialize(self) -> None:
+        """Record a planned application as per-weight writes (what stacking and out-of-order removal use)."""
+        plan, self._plan = self._plan, None
+        for weight, prep in plan.targets:
+            entry = Applied(weight, prep, prep.base)  # the plan wrote over the base it holds
+            weight.stack.append(entry)
+            self._entries.append(entry)
 
     @torch.no_grad()
     def _write(self) -> None:
@@ -137,11 +145,11 @@ class AppliedAdapter:
                 if not weight.stack and prep.base_token == weight.token:
                     originals = prep.base  # fast path: the base read (and verified) at this token is what is there
                     if prep.alpha != self.alpha:
-                        prep.written, prep.alpha = _written(prep.base, prep.delta, self.alpha), self.alpha
+                        prep.written, prep.alpha = written_values(prep.base, prep.delta, self.alpha), self.alpha
                     values = prep.written
                 else:  # stacked on another adapter: read what is there
                     originals = prep.read(flat)
-                    values = _written(originals, prep.delta, self.alpha)
+                    values = written_values(originals, prep.delta, self.alpha)
                 prep.write(flat, values)
                 weight.version = param._version
                 entry = Applied(weight, prep, originals)
@@ -178,13 +186,23 @@ class AppliedAdapter:
         """
         state = self._state
         with state.lock:
+            if self._plan is not None:
+                params = self._plan.current() if state.stack == [self] else None
+                if params is not None:  # the serving switch: one write per storage
+                    self._plan.restore(params)
+                    self._plan = None
+                    state.stack.remove(self)
+                    self._cache.active -= 1
+                    state.settle(self._cache)
+                    return
+                self._materialize()  # something changed: per weight, following moved storage
             if not self._entries:
                 return
             above = state.stack[state.stack.index(self) + 1 :]
             for handle in (self, *above):  # everything that will be written, checked before the first write
                 for entry in handle._entries:
                     weight, param = entry.weight, entry.weight.param()
-                    if param is not None and (param._version != weight.version or param.data_ptr() != weight.ptr or param.stride() != weight.strides):
+                    if param is not None and (param._version != weight.version or not weight.same_storage(param)):
                         state.sync(weight, param)
             for other in reversed(above):
                 other._restore()
@@ -195,19 +213,44 @@ class AppliedAdapter:
                 other._write()
 
 
-def _find_parameter(model: nn.Module, name: str) -> nn.Parameter | None:
-    """``model.get_parameter(name)`` or None, through the module dicts (several times faster)."""
-    *path, leaf = name.split(".")
+def _find_module(model: nn.Module, name: str) -> nn.Module | None:
+    """The module holding parameter ``name`` (``model.get_submodule``), or None."""
     module = model
-    for part in path:
+    for part in name.split(".")[:-1]:
         module = module._modules.get(part)
         if module is None:
             return None
-    return module._parameters.get(leaf)
+    return module
+
+
+def _find_parameter(model: nn.Module, name: str) -> nn.Parameter | None:
+    """``model.get_parameter(name)`` or None, through the module dicts (several times faster)."""
+    module = _find_module(model, name)
+    return None if module is None else module._parameters.get(name.rsplit(".", 1)[-1])
+
+
+def _materialize_all(state: ModelState) -> None:
+    """Planned applications become per-weight entries before anything reads or stacks on the weights."""
+    for handle in state.stack:
+        if handle._plan is not None:
+            handle._materialize()
+
+
+def _repack_moved(model: nn.Module, adapter: SparseAdapter) -> None:
+    """Weights packed by ``shira_hooks.pack`` that left their arenas (a move, a cast, new storage) are packed again."""
+    owners = []
+    for name in adapter.deltas:
+        module = _find_module(model, name)
+        owner = _pack.owner_of(module) if module is not None else None
+        if owner is not None and owner not in owners:
+            owners.append(owner)
+    for owner in owners:
+        owner.repack()
 
 
 def _check(model: nn.Module, adapter: SparseAdapter, state: ModelState, cache: AdapterCache, strict: bool, check_base: bool | str):
-    """Validate every module before anything is written; returns (targets, skipped names)."""
+    """Validate every module before anything is written; returns ([(name, weight, prep)], skipped names)."""
+    _materialize_all(state)
     targets, skipped = [], []
     for name, delta in adapter.deltas.items():
         param = _find_parameter(model, name)
@@ -247,7 +290,7 @@ def _check(model: nn.Module, adapter: SparseAdapter, state: ModelState, cache: A
             prep.base, prep.base_token, prep.alpha = base, weight.token, None
         elif prep.base_token != weight.token:  # verified earlier, or unverified: read the base as it is
             prep.base, prep.base_token, prep.alpha = _base_values(weight, param, prep), weight.token, None
-        targets.append((weight, prep))
+        targets.append((name, weight, prep))
     if not targets:
         raise ShiraError(f"none of the adapter's {len(adapter.deltas)} modules is a parameter of the model (e.g. '{next(iter(adapter.deltas))}')")
     return targets, skipped
@@ -289,18 +332,41 @@ def apply(
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ShiraError(f"alpha={alpha!r}; it must be a finite number (the adapter's strength, 1.0 = as trained)")
+    alpha = float(alpha)
     state = model_state(model)
     with state.lock:
         cache = state.cache(adapter)
         try:
-            targets, skipped = _check(model, adapter, state, cache, strict, check_base)
-            handle = AppliedAdapter(model, adapter, float(alpha), skipped, state, cache, targets)
-            handle._write()
+            planned = not state.stack and check_base != "always"  # the serving switch: nothing applied below
+            plan = cache.plan if planned else None
+            params = plan.live(model, adapter, state.epoch) if plan is not None and _plan_fits(plan, model, strict, check_base) else None
+            if params is None:
+                if _pack.any_packed():
+                    _repack_moved(model, adapter)
+                checked, skipped = _check(model, adapter, state, cache, strict, check_base)
+                targets = [(weight, prep) for _, weight, prep in checked]
+                if planned:
+                    plan = cache.plan = SwitchPlan(model, adapter, checked, skipped, verified=bool(check_base), epoch=state.epoch)
+                    params = [weight.param() for weight, _ in targets]
+            else:
+                targets, skipped = plan.targets, list(plan.skipped)
+            handle = AppliedAdapter(model, adapter, alpha, skipped, state, cache, targets)
+            if planned:
+                handle._write_planned(plan, params)
+            else:
+                handle._write()
         except BaseException:
             state.settle(cache)
             raise
         cache.active += 1
     return handle
+
+
+def _plan_fits(plan: SwitchPlan, model: nn.Module, strict: bool, check_base: bool | str) -> bool:
+    """Whether a plan built earlier answers this call's options (its checks, its skipped modules)."""
+    if check_base and not plan.verified:
+        return False
+    return not plan.skipped or (not strict and all(_find_parameter(model, name) is None for name in plan.skipped))
 
 
 def verify(model: nn.Module, adapter: SparseAdapter, *, check_base: bool | Literal["always"] = True) -> None:
@@ -359,5 +425,7 @@ def _cached_bytes(model: nn.Module) -> int:
     if state is None:
         return 0
     with state.lock:
-        tensors = {id(t): t for _, cache in state.caches.items() for prep in cache.prepared.values() for t in prep.tensors()}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+        tensors = [t for _, cache in state.caches.items() for prep in cache.prepared.values() for t in prep.tensors()]
+        tensors += [t for _, cache in state.caches.items() if cache.plan is not None for t in cache.plan.tensors()]
+    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}  # views counted once
+    return sum(storages.values())

@@ -52,8 +52,8 @@ def test_bench_plot(tmp_path):
 def test_switch_model_quick(tmp_path):
     pytest.importorskip("peft")
     out = _quick("switch_model", tmp_path / "s.json")
-    for method in ("shira_hooks switch, block=16", "raw bound: 2 index_copy_ per weight, block=16", "packed: 2 index_copy_ for all weights",
-                   "in-place LoRA bound: addmm_", "PEFT LoRA merge + unmerge, cold pages"):
+    for method in ("shira_hooks switch, block=16", "shira_hooks switch on packed weights, block=16", "raw bound: 2 index_copy_ per weight, block=16",
+                   "packed raw bound: 2 index_copy_ for all weights", "in-place LoRA bound: addmm_", "PEFT LoRA merge + unmerge, cold pages"):
         assert f"| {method}" in out
     result = json.loads((tmp_path / "s.json").read_text())
     assert result["targets"] == 14 and result["rank"] >= 1 and result["rounds"] == 1
@@ -62,6 +62,8 @@ def test_switch_model_quick(tmp_path):
     moved = result["bytes"]["float32"]
     # block=16 float32 runs are whole 64-byte lines: the lines touched are the entries' own bytes
     assert moved["lines_b16"] == moved["entries_b16"] < moved["lines_b1"] < moved["dense"]
+    memory = result["pack_memory"]  # measured in a process of its own: the peak is at least the start
+    assert memory["phases"]["pack"]["peak_mb"] >= memory["phases"]["pack"]["start_mb"] > 0 and memory["target_mb"] > 0
 
 
 def test_train_cost_quick(tmp_path):
