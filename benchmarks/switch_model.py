@@ -511,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llama", action="store_true", help="the weights of a transformers LlamaForCausalLM with the same config")
     parser.add_argument("--blocks", type=int, nargs="*", default=[], help="also time the packed and per-weight switches at these float32 block sizes")
     parser.add_argument("--chunk-mb", type=float, default=256, help="arena size for pack (and for the memory measurement)")
+    parser.add_argument("--section", default="switch_model", help="the RESULTS.md section (and JSON name) this run writes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(open(args.render).read())
         text = markdown(saved["cases"], saved["results"], saved["bytes"], saved["machine"], saved["command"], saved)
         print(text)
-        publish("switch_model", text, saved, None, args.results)
+        publish(saved.get("section", "switch_model"), text, saved, None, args.results)
         return 0
     if args.quick:
         args.layers, args.rounds, args.repeats, args.warmup, args.budget = 2, 1, 3, 1, 0.2
@@ -553,8 +554,8 @@ def main(argv: list[str] | None = None) -> int:
              "pack_memory": {k: v for k, v in pack_mem.items() if k not in ("samples", "rank")}}
     text = markdown(rows, results, moved, info, command, extra)
     print(text)
-    payload = {"command": command, "machine": info, **extra, "cases": rows, "results": results, "bytes": moved}
-    publish("switch_model", text, payload, args.json, args.results)
+    payload = {"command": command, "machine": info, "section": args.section, **extra, "cases": rows, "results": results, "bytes": moved}
+    publish(args.section, text, payload, args.json, args.results)
     return 0
 
 

@@ -26,8 +26,15 @@ import torch
 from torch import nn
 
 from . import packing
+from ._layout import storage_flat
 from ._switch_state import Prepared, WeightState
 
+# Called through map() over all targets: one C-level pass each, no Python frame per weight.
+_expired = torch.Storage._expired  # (weak storage reference) -> whether the storage was freed
+_data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
+_version = operator.attrgetter("_version")
+_call = weakref.ref.__call__
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32, or float64 for float64 weights: never less precise than the weight."""
@@ -43,30 +50,50 @@ def written_values(originals: torch.Tensor, delta: torch.Tensor, alpha: float) -
 
 
 class _Single:
-    """One weight's write (its own storage, or a layout that cannot share a write)."""
+    """One weight's write (its own storage, or a layout that cannot share a write).
 
-    __slots__ = ("position", "weight", "prep")
+    The positions and the values are kept in the shape of the write: (k/B,) run numbers with (k/B, B)
+    values on the weight's (numel / B, B) view for a block adapter on a row-major weight, else (k,)
+    storage positions with (k,) values. The view of the weight itself is made at each write (holding
+    it between switches would keep an old storage alive after a move).
+    """
 
-    def __init__(self, position: int, weight: WeightState, prep: Prepared):
+    __slots__ = ("position", "weight", "prep", "unit", "index", "contiguous", "base", "written", "written_of")
+
+    def __init__(self, position: int, weight: WeightState, prep: Prepared, param: nn.Parameter):
         self.position, self.weight, self.prep = position, weight, prep
+        self.unit = prep.source.block if prep.runs is not None else 1
+        self.index = prep.runs if self.unit > 1 else prep.index
+        self.contiguous = param.is_contiguous()  # else storage positions through storage_flat
+        self.base = self._shaped(prep.base)
+        self.written, self.written_of = None, None
+
+    def _shaped(self, values: torch.Tensor) -> torch.Tensor:
+        return values.view(-1, self.unit) if self.unit > 1 else values
+
+    def _target(self, param: nn.Parameter) -> torch.Tensor:
+        if not self.contiguous:
+            return storage_flat(param.detach())
+        return param.view(-1, self.unit) if self.unit > 1 else param.view(-1)  # (under no_grad)
 
     def apply(self, params: list[nn.Parameter], alpha: float) -> None:
         weight, prep, param = self.weight, self.prep, params[self.position]
         if prep.alpha != alpha:
             prep.written, prep.alpha = written_values(prep.base, prep.delta, alpha), alpha
-        prep.write(weight.storage(param), prep.written)
+        if self.written_of is not prep.written:
+            self.written, self.written_of = self._shaped(prep.written), prep.written
+        self._target(param).index_copy_(0, self.index, self.written)
         weight.version = param._version
 
     def restore(self, params: list[nn.Parameter]) -> None:
         weight, param = self.weight, params[self.position]
         clean = param._version == weight.version  # else someone else wrote too: the next apply must see it
-        self.prep.write(weight.storage(param), self.prep.base)
+        self._target(param).index_copy_(0, self.index, self.base)
         if clean:
             weight.version = param._version
-        weight.flat = None  # holds no storage while nothing is applied
 
     def tensors(self) -> list[torch.Tensor]:
-        return []  # the Prepared's own (counted with the cache)
+        return []  # views of the Prepared's own (counted with the cache)
 
 
 class _Shared:
@@ -130,7 +157,7 @@ def _groups(targets: list[tuple[WeightState, Prepared]], params: list[nn.Paramet
         owner = packing.owner_of(module)
         found = owner.locate(module, attr, param) if owner is not None else None
         if found is None:
-            groups.append(_Single(position, weight, prep))
+            groups.append(_Single(position, weight, prep, param))
             continue
         arena, offset = found
         by_arena.setdefault(id(arena), (arena, []))[1].append((position, weight, prep, offset))
@@ -140,7 +167,7 @@ def _groups(targets: list[tuple[WeightState, Prepared]], params: list[nn.Paramet
         for member in members:
             by_unit.setdefault(_unit(member[2], member[3]), []).append(member)
         for unit, same in by_unit.items():
-            groups.append(_Shared(arena, same, unit) if len(same) > 1 else _Single(*same[0][:3]))
+            groups.append(_Shared(arena, same, unit) if len(same) > 1 else _Single(*same[0][:3], params[same[0][0]]))
     return groups
 
 
@@ -165,7 +192,12 @@ class SwitchPlan:
         # Per module on the way: the ids of all its children, in order. A child replaced by another object
         # changes them; an id reused by a new object at a freed one's address is caught by the weak
         # reference to the freed module (a parent here, or a holder).
-        self.edges = [(ref, tuple(map(id, ref()._modules.values()))) for ref in parents.values()]
+        # The children dicts themselves are held (not the modules): a dict holds what its module holds
+        # now, so a replaced child or parameter is not kept alive; a module taken out of the model keeps
+        # its dicts alive only until the next apply (live() fails on its parent's dict, and the model's
+        # plans are dropped).
+        self.edges = [(d := ref()._modules, tuple(map(id, d.values()))) for ref in parents.values()]
+        self.getters = [(ref()._parameters.get, leaf) for ref, leaf in self.holders]
         self.weights = [weight for weight, _ in self.targets]
         self.refs = [weight.param for weight in self.weights]  # weak references to the parameters
         self.ptrs = [weight.ptr for weight in self.weights]
@@ -174,26 +206,33 @@ class SwitchPlan:
         self.deltas = tuple(adapter.deltas.values())
         self.sources = tuple(map(id, self.deltas))
         # Row-major weights: is_contiguous() (a flag) stands for the full stride comparison.
-        self.contiguous = [i for i, param in enumerate(params) if param.is_contiguous()]
         self.strided = [(i, param.stride()) for i, param in enumerate(params) if not param.is_contiguous()]
         self.groups = _groups(self.targets, params, [(ref(), leaf) for ref, leaf in self.holders])
+        # Packed writes leave Tensor._version alone, so a plan without per-weight writes compares the
+        # versions with those it was built at; per-weight writes (also another plan's) bump and record them.
+        self.singles = any(isinstance(group, _Single) for group in self.groups)
+        self.versions = [weight.version for weight in self.weights]
         # A storage freed and replaced by another at the same address (same data_ptr) is noticed through
         # a weak reference to each single weight's storage and to each arena (whose members' addresses
         # are checked: while the arena lives, nothing else can be there).
         self.storages = [group.weight.storage_ref for group in self.groups if isinstance(group, _Single)]
+        self.storage_ids = [ref.cdata for ref in self.storages]  # for torch.Storage._expired, without a call per weight
         self.arenas = [group.arena for group in self.groups if isinstance(group, _Shared)]
         self.epoch = epoch  # ModelState.epoch: any new WeightState token of the model makes the plan stale
+        self.restructured = False
 
     def _unchanged(self, params: list) -> bool:
         """Same storage, layout and Tensor._version as when last written or checked (nobody else wrote)."""
-        return (
-            [param.data_ptr() for param in params] == self.ptrs
-            and [param._version for param in params] == [weight.version for weight in self.weights]
-            and all(params[i].is_contiguous() for i in self.contiguous)
-            and all(params[i].stride() == strides for i, strides in self.strided)
-            and not any(ref.expired() for ref in self.storages)
-            and not any(ref() is None for ref in self.arenas)
-        )
+        versions = [weight.version for weight in self.weights] if self.singles else self.versions
+        if list(map(_data_ptr, params)) != self.ptrs or list(map(_version, params)) != versions:
+            return False
+        if self.strided:
+            others = {i for i, _ in self.strided}
+            layouts = all(params[i].stride() == strides for i, strides in self.strided)
+            layouts = layouts and all(param.is_contiguous() for i, param in enumerate(params) if i not in others)
+        else:
+            layouts = all(map(_is_contiguous, params))
+        return layouts and not any(map(_expired, self.storage_ids)) and not any(ref() is None for ref in self.arenas)
 
     def live(self, model: nn.Module, adapter, epoch: int) -> list[nn.Parameter] | None:
         """The target parameters, if nothing the plan was built on has changed; else None.
@@ -204,15 +243,13 @@ class SwitchPlan:
         """
         if epoch != self.epoch:
             return None
-        try:
-            if not all(tuple(map(id, parent()._modules.values())) == children for parent, children in self.edges):
-                return None  # the module tree changed on the way to a target
-            params = [module()._parameters.get(leaf) for module, leaf in self.holders]
-        except AttributeError:  # a module of the plan was freed: it is not in the model any more
+        if not all(tuple(map(id, children.values())) == ids for children, ids in self.edges):
+            self.restructured = True  # the module tree changed on the way to a target: every plan of the model is stale
             return None
+        params = [get(leaf) for get, leaf in self.getters]
         if tuple(map(id, adapter.deltas.values())) != self.sources:  # a delta replaced, added or removed
             return None
-        same = all(map(operator.is_, params, [ref() for ref in self.refs]))  # the same Parameter objects
+        same = all(map(operator.is_, params, map(_call, self.refs)))  # the same Parameter objects
         return params if same and self._unchanged(params) else None
 
     def current(self) -> list[nn.Parameter] | None:
@@ -223,10 +260,10 @@ class SwitchPlan:
         next ``apply`` through ``Tensor._version``. A weight given new storage needs ``remove``'s full path,
         which follows it.
         """
-        params = [ref() for ref in self.refs]
-        if any(param is None for param in params) or [param.data_ptr() for param in params] != self.ptrs:
+        params = list(map(_call, self.refs))
+        if any(param is None for param in params) or list(map(_data_ptr, params)) != self.ptrs:
             return None
-        if any(ref.expired() for ref in self.storages) or any(ref() is None for ref in self.arenas):
+        if any(map(_expired, self.storage_ids)) or any(ref() is None for ref in self.arenas):
             return None
         return params
 

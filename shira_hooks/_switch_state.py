@@ -255,6 +255,11 @@ class ModelState:
             if evicted is not None:
                 evicted.evict()
 
+    def drop_plans(self) -> None:
+        """Forget every switch plan of the model (they are rebuilt on next use)."""
+        for _, cache in self.caches.items():
+            cache.plan = None
+
     def clear(self) -> None:
         for adapter, cache in self.caches.items():
             if not cache.active:

@@ -93,6 +93,7 @@ class PackedWeights:
     def __init__(self, model: nn.Module, slots: list[_Slot], chunk_mb: float):
         self._model = weakref.ref(model)
         self._slots = slots
+        self._by_module = {(id(slot.module()), slot.attr): slot for slot in slots}  # (module id, attribute) -> slot
         self._arenas: list[_Arena] = []
         self.chunk_mb = chunk_mb
         self.closed = False
@@ -229,12 +230,10 @@ class PackedWeights:
 
     def locate(self, module: nn.Module, attr: str, param: torch.Tensor) -> tuple[torch.Tensor, int] | None:
         """(arena, element offset) of ``module.<attr>`` if it is ``param`` and still lives in its arena."""
-        for slot in self._slots:
-            if slot.module() is module and slot.attr == attr:
-                if self._holds(slot, param):
-                    return self._arenas[slot.arena].tensor(), slot.offset
-                return None
-        return None
+        slot = self._by_module.get((id(module), attr))
+        if slot is None or slot.module() is not module or not self._holds(slot, param):
+            return None
+        return self._arenas[slot.arena].tensor(), slot.offset
 
 
 def _alias(arena: torch.Tensor, offset: int, numel: int) -> torch.UntypedStorage:

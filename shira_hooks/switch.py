@@ -340,6 +340,8 @@ def apply(
             planned = not state.stack and check_base != "always"  # the serving switch: nothing applied below
             plan = cache.plan if planned else None
             params = plan.live(model, adapter, state.epoch) if plan is not None and _plan_fits(plan, model, strict, check_base) else None
+            if plan is not None and plan.restructured:
+                state.drop_plans()  # they hold the children dicts of modules that may have left the model
             if params is None:
                 if _pack.any_packed():
                     _repack_moved(model, adapter)

@@ -423,3 +423,38 @@ def test_the_cached_switch_plan_notices_every_change_to_the_model(packed):
     weight.data = torch.from_numpy(halves[: weight.numel()]).view(weight.shape)  # same data_ptr, a new storage
     with pytest.raises(ShiraError, match=r"was trained on a float32 weight, the model's is float16"):
         apply(plain, mlp_adapter)
+
+
+def test_mixed_adapters_and_generate_on_a_packed_model_equal_the_unpacked_model():
+    from shira_hooks.mixed import MixedAdapters
+
+    plain, packed_model = make_llama().eval(), make_llama().eval()
+    shira_hooks.pack(packed_model)
+    adapters = {"a": _block_adapter(plain, 1, 8), "b": _block_adapter(plain, 2, 1)}
+    ids = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(7))
+    outputs = []
+    for model in (plain, packed_model):
+        with torch.no_grad(), MixedAdapters(model, adapters) as mixed, mixed.route(["a", None, "b"]):
+            mixed_logits = model(input_ids=ids).logits
+        with torch.no_grad(), apply(model, adapters["a"]):
+            generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        outputs.append((mixed_logits, generated))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+
+def test_a_module_taken_out_of_the_model_is_freed_at_the_next_apply():
+    """Switch plans hold the children dicts of the model's modules, never for longer than the next apply."""
+    import weakref
+
+    model = make_llama()
+    a, b = _block_adapter(model, 1, 8), _block_adapter(model, 2, 8)
+    for adapter in (a, b):
+        apply(model, adapter).remove()  # two plans, built on the same module tree
+    old = model.model.layers[0].mlp
+    ref = weakref.ref(old)
+    model.model.layers[0].mlp = copy.deepcopy(old)
+    del old
+    with apply(model, a):  # notices the new module: every plan of the model is dropped
+        pass
+    gc.collect()
+    assert ref() is None
