@@ -458,3 +458,22 @@ def test_a_module_taken_out_of_the_model_is_freed_at_the_next_apply():
         pass
     gc.collect()
     assert ref() is None
+
+
+def _sharded_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = make_mlp()
+    fully_shard(model)
+    try:
+        shira_hooks.pack(model)
+    except ShiraError as error:
+        open(f"{out}/error.txt", "w").write(str(error))
+    dist.destroy_process_group()
+
+
+def test_sharded_weights_are_refused(tmp_path):
+    mp.spawn(_sharded_worker, args=(1, _free_port(), str(tmp_path)), nprocs=1, join=True)
+    assert "model weight 'layers.0.weight' is sharded (a DTensor" in (tmp_path / "error.txt").read_text()
