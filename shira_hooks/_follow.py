@@ -152,7 +152,7 @@ class FollowSharding:
             for hook in self._watch_hooks:  # FSDP2 reads the sharded weights outside their layers (its all-gather)
                 hook.remove()
             self._watch_hooks = []
-        t.grad_hook.remove()
+        self._drop_grad_hook(t)
         if param.requires_grad:  # compact/sparse: the weight itself gets no gradient
             t.grad_hook = param.register_post_accumulate_grad_hook(self._make_hook(position))
             self._hooks.append(t.grad_hook)
@@ -161,6 +161,12 @@ class FollowSharding:
         t.param = param
         t._positions.clear()
         t.follow()
+
+    def _drop_grad_hook(self, t: "Target") -> None:
+        """Remove the gradient hook from the parameter ``t`` leaves (and from the handle's list: a copy of the
+        handle must not carry a handle of a hook dict that holds a closure)."""
+        t.grad_hook.remove()
+        self._hooks = [hook for hook in self._hooks if hook is not t.grad_hook]
 
     # ------------------------------------------------------------------ replaced by user code
     @torch.no_grad()
@@ -188,7 +194,7 @@ class FollowSharding:
         base outside the mask (its masked entries are trained values, as after an in-place load)."""
         t = self._targets[position]
         old = t.param
-        t.grad_hook.remove()
+        self._drop_grad_hook(t)
         _flags.disown(old)
         _flags.own(param, self)
         t.param = param

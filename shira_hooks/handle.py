@@ -128,8 +128,8 @@ class ShiraHandle(FollowSharding, StepHooks):
         self._lazy = True  # lazy calibration fixes each mask after `calibration_steps` backward passes
         self._attached = False
         self._warned_no_gradient = False
-        self._warned_frozen = False  # every target lost requires_grad, or receives no gradient (_steps)
-        self._gradient_checked = False
+        self._warned_frozen = False  # targets whose requires_grad other code set to False were reported (_steps)
+        self._gradient_checked = False  # a target got a gradient, or it was reported that none does (_steps)
         self._checked_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> id(state) checked
         self._before_values: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # compact: optimizer -> values before its step
         self._serial = next(_SERIALS)  # attach order: every rank walks its handles in it (their collectives match)
@@ -488,7 +488,7 @@ class ShiraHandle(FollowSharding, StepHooks):
         Raises:
             ShiraError: a target weight is sharded by FSDP2 (a copy cannot take part in the original's collectives).
         """
-        sharded = [t.name for t in self._targets if _shard.is_sharded(t.param)]
+        sharded = [t.name for t in self._targets if _shard.is_sharded(t.param) or _shard.is_sharded(t.module._parameters.get(t.attr))]
         if sharded and self._attached:
             raise ShiraError(
                 f"cannot copy or pickle a model whose shira_hooks targets are sharded by fully_shard (FSDP2), such as "
@@ -525,6 +525,10 @@ class ShiraHandle(FollowSharding, StepHooks):
         for param, original in zip(self._claimed, originals):
             t = targets.get(id(param))
             _flags.claim(self, param, target=t is not None, wanted=t is not None and t.plan is None, original=original)
+
+    def __copy__(self) -> "ShiraHandle":
+        """Refused: a shallow copy would be a second handle on the same parameters."""
+        raise ShiraError("a shira_hooks handle cannot be copied on its own; copy.deepcopy the model that attach() got")
 
     def __deepcopy__(self, memo: dict) -> "ShiraHandle":
         """Part of ``copy.deepcopy(model)``; refused for the handle alone or a part of the model (the copy
