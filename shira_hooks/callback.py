@@ -63,8 +63,8 @@ class ShiraCallback(TrainerCallback):
     At train end the main process writes the adapter twice into the run's folder (``<output_dir>``; under
     ``hyperparameter_search``, the trial's folder: ``<output_dir>/<trial name>`` when the Trainer names
     trials (``hp_name``), else the folder of the trial's checkpoints, else ``<output_dir>/trial-<n>``): the
-    single file ``<output_dir>/shira_adapter.safetensors`` (``SparseAdapter.save``, read with ``load``), and the
-    Hub-style folder ``<output_dir>/shira_adapter/`` (``SparseAdapter.save_pretrained``: the same
+    single file ``shira_adapter.safetensors`` (``SparseAdapter.save``, read with ``load``), and the
+    Hub-style folder ``shira_adapter/`` (``SparseAdapter.save_pretrained``: the same
     file, a config and a model card, naming the base model ``model.config._name_or_path`` when the
     model was loaded from the Hub or a path; read with ``SparseAdapter.from_pretrained``). The number
     of trainable entries and the result of ``verify()`` are logged and kept in ``callback.report``.
