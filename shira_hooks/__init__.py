@@ -19,7 +19,7 @@ Importing this package never imports transformers.
 from ._version import __version__
 from .adapter import SparseAdapter, SparseDelta
 from .attach import attach
-from .handle import ShiraHandle
+from .handle import ShiraHandle, handles
 from .bank import AdapterBank
 from .errors import ShiraError
 from .fusion import Overlap, fuse, overlap
@@ -30,6 +30,7 @@ from .switch import AppliedAdapter, apply, clear_cache
 __all__ = [
     "attach",
     "ShiraHandle",
+    "handles",
     "SparseAdapter",
     "SparseDelta",
     "apply",

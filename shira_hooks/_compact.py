@@ -79,6 +79,38 @@ class Plan:
     def sparse(self) -> bool:
         return self.transposes is not None
 
+    def __getstate__(self) -> dict:
+        """For a copy or a pickle of the model (``ShiraHandle.__getstate__``): a CSR tensor has no storage
+        that ``copy.deepcopy`` could copy, so the pattern travels as its row pointers and columns."""
+        state = dict(self.__dict__)
+        if self.pattern is not None:
+            state["pattern"] = (self.pattern.crow_indices(), self.pattern.col_indices(), tuple(self.pattern.shape))
+        state["synced"] = -1  # the copy's weight is written from the copy's values at its first forward
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if state["pattern"] is not None:
+            state["pattern"] = _csr(*state["pattern"])
+        self.__dict__.update(state)
+
+    def pre_forward(self, module: nn.Module, args) -> None:
+        """The layer's forward pre-hook: the weight holds the current values."""
+        self.follow()
+        self.sync()
+
+    def post_forward(self, module: nn.Module, args, kwargs, output):
+        """The layer's forward hook: taps the output so that its backward gives the values' gradient."""
+        values = module._parameters.get(VALUES, self.values)  # under FSDP2: the all-gathered values, in the forward
+        if torch.is_grad_enabled() and values.requires_grad:
+            x = args[0] if args else kwargs["input"]
+            tapped = _whole_base(output)
+            if self.sparse and not _kept_by_producer(x):
+                tapped = _Tap.apply(tapped, values, self.transposes(x), self, True)
+            else:
+                tapped = _Tap.apply(tapped, values, x, self, False)
+            return tapped if tapped is output else tapped.view(output.shape)
+        return None
+
     def follow(self) -> None:
         """Keep the index and the CSR pattern on the weight's device (``model.to(...)`` moves only parameters)."""
         device = self.weight.device
@@ -177,6 +209,9 @@ class InputTransposes:
     def __init__(self) -> None:
         self._last: tuple[weakref.ref, int, weakref.ref] | None = None
 
+    def __getstate__(self) -> dict:
+        return {"_last": None}  # weak references do not pickle, and a copy starts with no input
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._last is not None:
             source, version, copy = self._last
@@ -221,62 +256,61 @@ class ReadWatch(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def watch_first_forward(model: nn.Module, layers: list[tuple[nn.Parameter, nn.Module, str]], mode: str) -> list:
-    """Refuse, in the model's first forward pass with gradients, a target weight read without calling its
+class FirstForwardCheck:
+    """Refuses, in the model's first forward pass with gradients, a target weight read without calling its
     layer (``ReadWatch``): the tap would never see that use, so the weight would silently not train.
+
+    Registers a forward pre-hook and a forward hook on ``model``; they remove themselves after that first
+    pass (``remove()`` removes them on detach if it never comes, or when ``fully_shard`` replaced the
+    weights). Skipped under ``torch.compile`` tracing. An object rather than closures, so that a deep copy
+    or a pickle of the model carries a check of its own, on the copy's weights (the ids of the weights are
+    taken when the pass starts, never stored).
 
     Args:
         layers: ``(weight, its layer, the layer's name)`` of every compact target.
-
-    Returns:
-        The hook handles on ``model`` (and a canceller); they remove themselves after that first pass
-        (the caller removes them on detach if it never comes, or when ``fully_shard`` replaced the
-        weights). Skipped under ``torch.compile`` tracing.
     """
-    names = {id(weight): name for weight, _, name in layers}
-    hooks: list = []
-    watching: list = []  # [ReadWatch, layer hook handles] while the first forward runs
 
-    def start(root, args):
-        if not names or not torch.is_grad_enabled() or torch.compiler.is_compiling() or watching:
+    def __init__(self, model: nn.Module, layers: list[tuple[nn.Parameter, nn.Module, str]], mode: str):
+        self.layers, self.mode = layers, mode
+        self.watching: list = []  # [ReadWatch, layer hook handles] while the first forward runs
+        self.hooks = [model.register_forward_pre_hook(self.start), model.register_forward_hook(self.stop, always_call=True)]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "watching": []}  # a copy taken during the first forward starts afresh
+
+    def start(self, root: nn.Module, args) -> None:
+        if not self.layers or not torch.is_grad_enabled() or torch.compiler.is_compiling() or self.watching:
             return
-        watch = ReadWatch(names)
-        watching.append(watch)
-        for weight, layer, _ in layers:  # prepend: before the plan's own pre-hook reads the weight
+        watch = ReadWatch({id(weight): name for weight, _, name in self.layers})
+        self.watching.append(watch)
+        for weight, layer, _ in self.layers:  # prepend: before the plan's own pre-hook reads the weight
             if layer is root:  # the model is itself a target layer, and already running
                 watch.enter_layer(weight)
-            watching.append(layer.register_forward_pre_hook(lambda mod, a, w=weight: watch.enter_layer(w), prepend=True))
-            watching.append(layer.register_forward_hook(lambda mod, a, out, w=weight: watch.leave_layer(w), always_call=True))
+            self.watching.append(layer.register_forward_pre_hook(lambda mod, a, w=weight: watch.enter_layer(w), prepend=True))
+            self.watching.append(layer.register_forward_hook(lambda mod, a, out, w=weight: watch.leave_layer(w), always_call=True))
         watch.__enter__()
 
-    def stop(root, args, output):
-        if not watching:
+    def stop(self, root: nn.Module, args, output) -> None:
+        if not self.watching:
             return
-        watch, layer_hooks = watching[0], watching[1:]
+        watch = self.watching[0]
         watch.__exit__(None, None, None)
-        for hook in layer_hooks + hooks:
-            hook.remove()
-        watching.clear()
+        self.remove()
+        self.watching.clear()
         if watch.found:
             found = ", ".join(f"'{n}'" for n in watch.found)
             raise ShiraError(
                 f"the weight of {found} is read without calling its module (a functional use such as "
-                f"F.linear(x, layer.weight)); mode={mode!r} taps the module's output, so it would never train. "
+                f"F.linear(x, layer.weight)); mode={self.mode!r} taps the module's output, so it would never train. "
                 f"Use mode='dense', or leave {found} out of target_modules"
             )
 
-    hooks += [model.register_forward_pre_hook(start), model.register_forward_hook(stop, always_call=True), _Cancel(names)]
-    return hooks
-
-
-class _Cancel:
-    """Removed with the hooks, it also stops a first pass whose pre-hooks torch has already listed."""
-
-    def __init__(self, names: dict):
-        self.names = names
-
     def remove(self) -> None:
-        self.names.clear()
+        """Remove the hooks on the model (and on the layers, during the first pass); also stops a first pass
+        whose pre-hooks torch has already listed."""
+        for hook in self.hooks + self.watching[1:]:
+            hook.remove()
+        self.hooks, self.layers = [], []
 
 
 class _Tap(torch.autograd.Function):
@@ -361,24 +395,9 @@ def install(
     pattern = csr_pattern(index, tuple(weight.shape)) if transposes is not None else None
     plan = Plan(weight, values, index if pattern is None else None, positions, pattern, transposes, rows=rows)
     plan.synced = values._version
-
-    def before(mod, args):
-        plan.follow()
-        plan.sync()
-
-    def after(mod, args, kwargs, output):
-        values = mod._parameters.get(VALUES, plan.values)  # under FSDP2: the all-gathered values, in the forward
-        if torch.is_grad_enabled() and values.requires_grad:
-            x = args[0] if args else kwargs["input"]
-            tapped = _whole_base(output)
-            if plan.sparse and not _kept_by_producer(x):
-                tapped = _Tap.apply(tapped, values, plan.transposes(x), plan, True)
-            else:
-                tapped = _Tap.apply(tapped, values, x, plan, False)
-            return tapped if tapped is output else tapped.view(output.shape)
-        return None
-
-    return plan, [module.register_forward_pre_hook(before), module.register_forward_hook(after, with_kwargs=True)]
+    # Bound methods of the plan, not closures: a deep copy or a pickle of the module carries them with a
+    # copy of the plan, so a copied layer's hooks act on the copy's values and weight, never the original's.
+    return plan, [module.register_forward_pre_hook(plan.pre_forward), module.register_forward_hook(plan.post_forward, with_kwargs=True)]
 
 
 def uninstall(module: nn.Module, plan: Plan) -> None:
@@ -390,5 +409,5 @@ def uninstall(module: nn.Module, plan: Plan) -> None:
     plan.sync(force=True)
     if plan.managed:
         plan.values.requires_grad_(False)
-    elif module._parameters.get(VALUES) is plan.values:
+    elif VALUES in module._parameters:  # also values that replaced the plan's (load_state_dict(assign=True))
         del module._parameters[VALUES]

@@ -25,11 +25,14 @@ after it ran. A ``GradScaler`` hands fused optimizers ``grad_scale`` and ``found
 of the optimizer (older code passed them to ``step()``): the L2 term is scaled like the gradient,
 and nothing is decayed on a step the scaler skips.
 
-The step hooks are torch's global optimizer hooks, registered while at least one handle is attached
-and removed when the last one is detached or garbage collected. Handles are held in a ``WeakSet``:
-the hooks keep no model alive, and once no handle is attached no shira_hooks code runs in any
-optimizer's ``step()``. While one is, an optimizer without target weights costs the hook one pass
-over its parameter ids.
+The step hooks are torch's global optimizer hooks (torch offers no other way to learn which optimizers
+exist), registered while at least one handle is attached and removed when the last one is detached or
+garbage collected. Handles are held in a ``WeakSet``: the hooks keep no model alive, and once no handle
+is attached no shira_hooks code runs in any optimizer's ``step()``. While one is, a handle's step work
+runs only for optimizers that hold a parameter of its model (``related``); for any other optimizer each
+hook does two weak-dictionary lookups and builds a tuple of its param groups' sizes, and returns. That
+verdict is computed once per optimizer (one pass over its parameter ids) and again only when a handle
+is attached or detached or the optimizer's param groups change in number or size.
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ class _PendingStep:
 _LIVE: "weakref.WeakSet[ShiraHandle]" = weakref.WeakSet()  # handles attached now
 _HOOKS: list = []  # the global step pre/post hook handles, while a handle is attached
 _PENDING: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _PendingStep]" = weakref.WeakKeyDictionary()
+# optimizer -> (key, weak references to the handles whose model it trains): the verdict of ``related``
+_RELATED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[tuple, list]]" = weakref.WeakKeyDictionary()
+_generation = 0  # bumped at every attach and detach: cached verdicts are then taken again
 
 
 def _attached() -> list["ShiraHandle"]:
@@ -121,8 +127,27 @@ def _attached() -> list["ShiraHandle"]:
     return sorted((handle for handle in _LIVE if handle.attached), key=lambda handle: handle._serial)
 
 
+def related(optimizer: torch.optim.Optimizer) -> list["ShiraHandle"]:
+    """The attached handles that train (a model holding) a parameter of ``optimizer``, in attach order.
+
+    Cached per optimizer, with a key of the attach/detach generation and its param groups' sizes: for an
+    optimizer over other models the step hooks do only this lookup.
+    """
+    groups = optimizer.param_groups
+    key = (_generation, *(len(group["params"]) for group in groups))
+    cached = _RELATED.get(optimizer)
+    if cached is not None and cached[0] == key:
+        return [handle for handle in (ref() for ref in cached[1]) if handle is not None and handle.attached]
+    ids = {id(p) for group in groups for p in group["params"]}
+    found = [handle for handle in _attached() if handle._holds_any(ids)]
+    _RELATED[optimizer] = (key, [weakref.ref(handle) for handle in found])
+    return found
+
+
 def track(handle: "ShiraHandle") -> weakref.finalize:
     """Start guarding optimizer steps for ``handle``; the returned finalizer untracks it when collected."""
+    global _generation
+    _generation += 1
     _LIVE.add(handle)
     if not _HOOKS:
         _HOOKS[:] = [register_optimizer_step_pre_hook(_before_step), register_optimizer_step_post_hook(_after_step)]
@@ -130,6 +155,8 @@ def track(handle: "ShiraHandle") -> weakref.finalize:
 
 
 def untrack(handle: "ShiraHandle") -> None:
+    global _generation
+    _generation += 1
     _LIVE.discard(handle)
     _prune()
 
@@ -146,16 +173,20 @@ def _prune() -> None:
 
 
 def _before_step(optimizer, args, kwargs):
-    _restore(optimizer)  # a previous step that raised never reached the post hook
+    if optimizer in _PENDING:
+        _restore(optimizer)  # a previous step that raised never reached the post hook
+    handles = related(optimizer)
+    if not handles:  # an optimizer over other models: nothing else runs
+        return None
     closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args = (optimizer, closure?)
     if closure is None:
-        _prepare(optimizer, kwargs)
+        _prepare(optimizer, kwargs, handles)
         return None
 
     def guarded():  # the gradients exist only once the closure has run, inside step()
         loss = closure()
         _restore(optimizer)  # LBFGS calls the closure several times
-        _prepare(optimizer, kwargs)
+        _prepare(optimizer, kwargs, handles)
         return loss
 
     if "closure" in kwargs:
@@ -164,10 +195,7 @@ def _before_step(optimizer, args, kwargs):
 
 
 @torch.no_grad()
-def _prepare(optimizer, kwargs) -> None:
-    handles = _attached()
-    if not handles:
-        return
+def _prepare(optimizer, kwargs, handles: list["ShiraHandle"]) -> None:
     members = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     stepped: dict[int, Target] = {}  # id(param) -> target with a fixed mask and a masked gradient
     for handle in handles:
@@ -216,8 +244,9 @@ def _prepare(optimizer, kwargs) -> None:
 
 
 def _after_step(optimizer, args, kwargs) -> None:
-    _restore(optimizer)
-    handles = _attached()
+    if optimizer in _PENDING:
+        _restore(optimizer)
+    handles = related(optimizer)
     if handles:
         members = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for handle in handles:

@@ -35,6 +35,7 @@ def state_dict(self: "ShiraHandle") -> dict[str, Any]:
         States written before ``block`` existed have no "block" entry: they load as block 1.
     """
     self._require_calibrated("save the handle's state")
+    self._follow_parameters(verb="save the handle's state")
     for t in self._targets:  # masks and originals only: no values to write (no collective under FSDP2)
         t.follow()
     return {
@@ -64,6 +65,7 @@ def load_state_dict(self: "ShiraHandle", state: dict[str, Any]) -> None:
     Raises:
         ShiraError: the state is for other weights, shapes or dtypes, or its indices are invalid.
     """
+    self._follow_parameters(verb="load a handle state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ShiraError(f"not a shira_hooks handle state (format={state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {STATE_FORMAT!r})")
     if state.get("format_version") != STATE_VERSION:

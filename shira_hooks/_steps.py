@@ -1,9 +1,10 @@
 """The part of ``ShiraHandle`` that runs around optimizer steps.
 
 ``_optim`` registers one global optimizer step pre-hook and post-hook while any handle is attached;
-for each optimizer step over a handle's weights they call ``_before_step`` (once the gradients exist:
-follow FSDP2's parameters, check gradients and optimizer state, prepare each target's gradient) and
-``_after_step`` (write compact values the step changed into the weights).
+for each step of an optimizer over the handle's model (``_holds_any``) they call ``_before_step`` (once
+the gradients exist: follow replaced parameters, say when no target can train, check gradients and
+optimizer state, prepare each target's gradient) and ``_after_step`` (write compact values the step
+changed into the weights).
 """
 
 from __future__ import annotations
@@ -29,23 +30,40 @@ class StepHooks:
     _before_values: "weakref.WeakKeyDictionary"  # optimizer -> {id(target): its compact values before the step}
     _checked_state: "weakref.WeakKeyDictionary"
     _warned_no_gradient: bool
+    _warned_frozen: bool
+    _gradient_checked: bool  # a target got a gradient, or it was said that none does
+    _watched: bool
     mask: object
     mode: str
     calibration_steps: int
     model: nn.Module
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> dict[int, Target]:
-        """Called by the step pre-hook once the gradients exist; ``members`` maps id(param) -> its group.
+    def _holds_any(self, ids: set[int]) -> bool:
+        """Whether any of ``ids`` (an optimizer's parameters) is a parameter of the handle's model or one
+        of its targets, present or replaced: the handle's step work runs only for such optimizers."""
+        for t in self._targets:
+            if id(t.param) in ids or (t.plan is not None and id(t.plan.values) in ids):
+                return True
+            if any(old() is not None and id(old()) in ids for old in t.replaced):
+                return True
+        return any(id(p) in ids for p in self.model.parameters())
 
-        Reports targets that get no gradient, checks the optimizer's state once, and prepares every
-        target gradient (``Target.prepare_step``). Returns the targets whose masked gradient the
-        step uses, by id(param).
+    def _before_step(self, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> dict[int, Target]:
+        """Called by the step pre-hook once the gradients exist, for an optimizer over the handle's model;
+        ``members`` maps id(param) -> its group.
+
+        Follows replaced parameters, says (once) when the targets cannot train, reports targets that get no
+        gradient, checks the optimizer's state once, and prepares every target gradient
+        (``Target.prepare_step``). Returns the targets whose masked gradient the step uses, by id(param).
         """
         self._follow_parameters(at_step=True)
+        self._check_replaced(optimizer, members)
+        self._check_trainable(optimizer)
         mine = [t for t in self._targets if id(t.param) in members or (t.plan is not None and id(t.plan.values) in members)]
         if not mine:
             return {}
         _shard.unwatch(self)  # training has started: from now on every step checks the weights
+        self._watched = False
         self._check_gradients(mine)
         self._check_optimizer_state(optimizer, [t for t in mine if t.plan is None])
         stepped = {}
@@ -85,6 +103,62 @@ class StepHooks:
             if moved:
                 t.plan.follow()
                 t.plan.sync(force=True)
+
+    def _check_replaced(self, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> None:
+        """Refuse an optimizer that holds a parameter the handle followed away from (``_follow``): it is no
+        longer in the model, so the optimizer would train nothing in its place."""
+        for t in self._targets:
+            if any(old() is not None and id(old()) in members for old in t.replaced):
+                raise ShiraError(
+                    f"{type(optimizer).__name__} holds a parameter that '{t.name}' (or its '{_compact.VALUES}') had "
+                    f"before it was replaced (load_state_dict(..., assign=True), module.weight = nn.Parameter(...)): it "
+                    f"is no longer in the model, so the optimizer would not train the weight. Build the optimizer after "
+                    f"replacing parameters, or load into them in place (load_state_dict without assign=True)"
+                )
+
+    def _check_trainable(self, optimizer: torch.optim.Optimizer) -> None:
+        """Say once, at the first steps of an optimizer over the model, when targets cannot train.
+
+        Targets whose flag other code set to False since ``attach`` (``peft.get_peft_model`` freezes every
+        parameter but its adapter's; in the compact modes the flag of ``shira_values``): a warning naming
+        them. Every target trainable, but none has received a gradient since ``attach`` and none holds one
+        at a step where other parameters of the optimizer do (a model whose loss reaches none of them): a
+        warning too. (``torch.distributed.checkpoint``'s lr-0 step before a resume gives every parameter,
+        the targets included, a zero gradient: not reported.)
+        """
+        if not self._warned_frozen:
+            frozen = [t for t in self._targets if not (t.plan.values if t.plan is not None else t.param).requires_grad]
+            if frozen:
+                self._warned_frozen = True
+                names = ", ".join(f"'{t.name}'" for t in frozen[:6]) + (f" and {len(frozen) - 6} more" if len(frozen) > 6 else "")
+                which = f"their '{_compact.VALUES}'" if self.mode != "dense" else "they"
+                warnings.warn(
+                    f"shira_hooks: {len(frozen)} of {len(self._targets)} target weights cannot train: {which} have "
+                    f"requires_grad=False, set after attach() by other code (peft.get_peft_model, for one, freezes every "
+                    f"parameter but its adapter's): {names}. "
+                    + ("No SHiRA entry trains: the adapter stays zero. " if len(frozen) == len(self._targets) else "")
+                    + f"To train them, set requires_grad=True on {'them' if which == 'they' else which} again; if they are "
+                    f"not meant to train, detach() the handle",
+                    stacklevel=4,
+                )
+                if len(frozen) == len(self._targets):
+                    self._gradient_checked = True  # that is why none gets a gradient: said once
+        if self._gradient_checked:
+            return
+        if any(t.grad_seen or (t.plan is not None and t.plan.seen) for t in self._targets):
+            self._gradient_checked = True
+            return
+        if any((t.plan.values if t.plan is not None else t.param).grad is not None for t in self._targets):
+            return
+        if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+            self._gradient_checked = True
+            warnings.warn(
+                f"shira_hooks: none of the {len(self._targets)} target weights of the handle attached to "
+                f"{type(self.model).__name__} has received a gradient, while other parameters of "
+                f"{type(optimizer).__name__} have: the loss does not reach them (is the model that computes it the one "
+                f"attach() got?), so no SHiRA entry trains",
+                stacklevel=4,
+            )
 
     def _check_gradients(self, mine: list[Target]) -> None:
         """Targets that got no gradient while others did: a warning, or an error if calibration cannot finish."""

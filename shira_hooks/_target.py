@@ -48,7 +48,24 @@ class Target:
     plan: _compact.Plan | None = None  # mode="compact"/"sparse": the k-length parameter and its hooks
     attr: str = "weight"  # the parameter's attribute name in ``module`` (FSDP2 puts a new object there)
     grad_hook: Any = None  # the post-accumulate-grad hook handle on ``param`` (also in the handle's list)
+    replaced: list = field(default_factory=list)  # weak references to parameters this target followed away from
     _positions: dict = field(default_factory=dict)  # layout_key -> (k,) int64 storage positions
+
+    def __getstate__(self) -> dict:
+        """For a copy or a pickle of the model: the gradient hook is registered again on the copy's parameter
+        (``ShiraHandle.__setstate__``); weak references and per-device caches are not carried."""
+        return {**self.__dict__, "grad_hook": None, "pass_grad": None, "replaced": [], "_positions": {}}
+
+    def hook_gradient(self, hook: Any) -> Any:
+        """Register ``hook`` as ``param``'s post-accumulate-grad hook (also when its ``requires_grad`` is False
+        now: torch refuses that, but a hook registered while it was True keeps firing after it is set back)."""
+        flag = self.param.requires_grad
+        self.param.requires_grad_(True)
+        try:
+            self.grad_hook = self.param.register_post_accumulate_grad_hook(hook)
+        finally:
+            self.param.requires_grad_(flag)
+        return self.grad_hook
 
     def positions(self, tensor: torch.Tensor) -> torch.Tensor:
         """(k,) int64 positions of the mask in ``storage_flat(tensor)``, on ``tensor``'s device.
@@ -114,16 +131,18 @@ class Target:
             if recast:
                 self.base_digest, self.base_dtype = digest(self.restored(), 16), weight.dtype
 
-    def restored(self) -> torch.Tensor:
-        """A copy of the weight with the originals put back at the mask (the base, if exact).
+    def restored(self, param: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of the weight (or of ``param``, a tensor of its shape and dtype) with the originals put back
+        at the mask (the base, if exact).
 
         Of a DTensor: the full weight, gathered (a collective).
         """
-        if _shard.is_sharded(self.param):
-            weight = _shard.gather(self.param.detach()).clone().reshape(-1)  # (numel,) row-major
-            return weight.index_copy_(0, self.indices.to(weight.device, torch.int64), self.originals).view(self.param.shape)
-        weight = self.param.detach().clone()  # keeps the layout
-        storage_flat(weight).index_copy_(0, self.positions(weight), self.originals)
+        param = self.param if param is None else param
+        if _shard.is_sharded(param):
+            weight = _shard.gather(param.detach()).clone().reshape(-1)  # (numel,) row-major
+            return weight.index_copy_(0, self.indices.to(weight.device, torch.int64), self.originals).view(param.shape)
+        weight = param.detach().clone()  # keeps the layout
+        storage_flat(weight).index_copy_(0, self.positions(weight), self.originals.to(weight.device))
         return weight
 
     def mask_grad(self, grad: torch.Tensor, fill: float = 0.0) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from typing import Any, Iterable
 
 import torch
@@ -35,6 +36,31 @@ def _check_arguments(model: Any, sparsity: Any, mask: Any, calibration: Any, cal
         raise ShiraError(f"calibration= is only used by mask='grad' or 'snip', not mask={mask!r}; drop calibration= or change the mask")
     if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 1:
         raise ShiraError(f"calibration_steps={calibration_steps!r}; it must be a positive int (backward passes used to score)")
+
+
+def _check_not_peft(model: nn.Module) -> None:
+    """Refuse a PEFT model (a ``PeftModel``, or a model with PEFT adapter layers injected), without importing peft.
+
+    PEFT's layers wrap the Linear layers shira_hooks would train (``lora.Linear.weight`` is a property of the
+    wrapped ``base_layer``, which two modules then claim), its default targets would include LoRA's own A/B
+    matrices, and merging writes into the base weights: SHiRA there cannot be kept exact, so it is refused.
+    """
+    if "peft" not in sys.modules:
+        return
+
+    def from_peft(cls: type, name: str) -> bool:
+        return any(c.__name__ == name and c.__module__.split(".")[0] == "peft" for c in cls.__mro__)
+
+    layer = next(((name, m) for name, m in model.named_modules() if from_peft(type(m), "BaseTunerLayer")), None)
+    if from_peft(type(model), "PeftModel") or layer is not None:
+        inside = f", whose '{layer[0]}' is a PEFT {type(layer[1]).__name__}" if layer is not None else ""
+        raise ShiraError(
+            f"attach() got a PEFT model ({type(model).__name__}{inside}); shira_hooks does not train weights that PEFT "
+            f"layers wrap (their weight is a property of the wrapped layer, and merging writes into it). Attach to the "
+            f"model without PEFT layers: before peft.get_peft_model (which would then freeze the SHiRA targets), or to "
+            f"peft_model.merge_and_unload() to train SHiRA on the merged weights. PEFT's own SHiRA is peft.ShiraConfig "
+            f"(adapter.to_peft(folder) exports a shira_hooks adapter to it)"
+        )
 
 
 def resolve_seed(seed: Any, mask: Any) -> int:
@@ -143,6 +169,7 @@ def attach(
             f"lazily during training; pass calibration=batches, or use mode='dense'"
         )
     _shard.check_model(model)  # FSDP1, DeepSpeed: refused
+    _check_not_peft(model)
     seed = resolve_seed(seed, mask)
     names = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -157,7 +184,15 @@ def attach(
     for module_name, module, weight in resolve_targets(model, target_modules):
         name = names[id(weight)]
         if _flags.owned(weight):
-            raise ShiraError(f"weight '{name}' (module '{module_name}') already has a shira_hooks handle attached; call detach() on it first")
+            raise ShiraError(
+                f"weight '{name}' (module '{module_name}') already has a shira_hooks handle attached; call detach() on it "
+                f"first (shira_hooks.handles(model) finds it, also in a copy of an attached model)"
+            )
+        if weight.device.type == "meta":
+            raise ShiraError(
+                f"weight '{name}' (module '{module_name}') is on the meta device: it has no values to mask or to measure "
+                f"the adapter from. Attach after loading the weights (load_state_dict(..., assign=True), to_empty() and a load)"
+            )
         _shard.check_placements(weight, f"weight '{name}' (module '{module_name}')")
         check_dense(_shard.local(weight), f"weight '{name}' (module '{module_name}')")
         masks.check_block_fits(block, name, tuple(weight.shape))  # the full (logical) shape, also under FSDP2
@@ -178,7 +213,10 @@ def attach(
                 f"the others' gradient would be lost. Use mode='dense' for tied weights"
             )
         if mode != "dense" and _compact.VALUES in module._parameters:
-            raise ShiraError(f"module '{module_name}' already has a parameter '{_compact.VALUES}'; detach the handle that added it first")
+            raise ShiraError(
+                f"module '{module_name}' already has a parameter '{_compact.VALUES}'; detach the handle that added it "
+                f"first (shira_hooks.handles(model) finds it)"
+            )
         targets.append((name, module, weight))
 
     handle = ShiraHandle(model, mask, float(sparsity), seed, calibration_steps, mode, block)

@@ -51,16 +51,20 @@ class ShiraCallback(TrainerCallback):
     Args:
         handle: what ``shira_hooks.attach`` returned for the Trainer's model. Leave it out and pass
             ``attach`` arguments instead (``sparsity=``, ``mask=``, ``target_modules=``, ...) to
-            attach at ``on_train_begin``; grad/snip masks are then scored on the first
-            ``calibration_batches`` batches of the Trainer's own dataloader.
+            attach at ``on_train_begin`` of every ``train()`` and detach at its end: each run's model
+            gets a handle of its own, so a Trainer with ``model_init=`` (a new model per ``train()``, as
+            ``hyperparameter_search`` does) trains SHiRA in every trial. grad/snip masks are then scored
+            on the first ``calibration_batches`` batches of the Trainer's own dataloader.
         save_dtype: dtype of the adapter values on disk (float32, or bfloat16 for 6 bytes per entry).
         resume_from: a checkpoint folder to take the masks from. By default, when the Trainer
             resumes (``state.global_step > 0`` at train begin), ``<output_dir>/checkpoint-<step>``.
         calibration_batches: batches scored when attaching at train begin with a grad/snip mask.
 
-    At train end the main process writes the adapter twice: the single file
-    ``<output_dir>/shira_adapter.safetensors`` (``SparseAdapter.save``, read with ``load``), and the
-    Hub-style folder ``<output_dir>/shira_adapter/`` (``SparseAdapter.save_pretrained``: the same
+    At train end the main process writes the adapter twice into the run's folder (``<output_dir>``; under
+    ``hyperparameter_search``, the trial's folder: ``<output_dir>/<trial name>`` when the Trainer names
+    trials (``hp_name``), else the folder of the trial's checkpoints, else ``<output_dir>/trial-<n>``): the
+    single file ``shira_adapter.safetensors`` (``SparseAdapter.save``, read with ``load``), and the
+    Hub-style folder ``shira_adapter/`` (``SparseAdapter.save_pretrained``: the same
     file, a config and a model card, naming the base model ``model.config._name_or_path`` when the
     model was loaded from the Hub or a path; read with ``SparseAdapter.from_pretrained``). The number
     of trainable entries and the result of ``verify()`` are logged and kept in ``callback.report``.
@@ -89,12 +93,14 @@ class ShiraCallback(TrainerCallback):
         self.calibration_batches = calibration_batches
         self.attach_kwargs = attach_kwargs
         self.report: dict[str, Any] = {}
+        self._runs = 0  # train() runs begun: names the folder of a search trial that has no other
+        self._trial_dir: Path | None = None  # a search trial's folder, found where the Trainer saved its checkpoint
 
     # ------------------------------------------------------------------------------ checks
     def _check_model(self, model: Any) -> None:
+        if self.attach_kwargs and (self.handle is None or self.handle.model is not model):
+            return  # attaches at train begin
         if self.handle is None:
-            if self.attach_kwargs:
-                return  # attaches at train begin
             raise ShiraError(
                 "ShiraCallback has no handle: the Trainer's model was not attached. Call "
                 "shira = shira_hooks.attach(model, sparsity=0.01, mask=...) before building the Trainer and pass "
@@ -105,7 +111,9 @@ class ShiraCallback(TrainerCallback):
         if model is not None and model is not self.handle.model:
             raise ShiraError(
                 f"the Trainer's model ({type(model).__name__} at {id(model):#x}) is not the model the handle was attached "
-                f"to ({type(self.handle.model).__name__} at {id(self.handle.model):#x}); attach to the model you pass to the Trainer"
+                f"to ({type(self.handle.model).__name__} at {id(self.handle.model):#x}); attach to the model you pass to the Trainer. "
+                f"With model_init= (a new model for every train(), as hyperparameter_search does), pass attach arguments "
+                f"instead of a handle: ShiraCallback(sparsity=..., mask=...) attaches to each run's model"
             )
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -113,12 +121,17 @@ class ShiraCallback(TrainerCallback):
 
     # ------------------------------------------------------------------------- train begin
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        if self.handle is None:
-            self.handle = self._attach(model, train_dataloader)
+        self._runs += 1
+        self._trial_dir = None
+        if self.attach_kwargs:  # a handle of its own for this run's model
+            if self.handle is not None and self.handle.attached and self.handle.model is not model:
+                self.handle.detach()  # the last run ended without on_train_end (it raised)
+            if self.handle is None or not self.handle.attached:
+                self.handle = self._attach(model, train_dataloader)
         self._check_model(model)
         checkpoint = self.resume_from
         if checkpoint is None and state.global_step > 0:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            checkpoint = self._run_dir(args, state) / f"checkpoint-{state.global_step}"
         if checkpoint is not None:
             path = Path(checkpoint) / STATE_FILE
             if not path.exists():
@@ -150,10 +163,29 @@ class ShiraCallback(TrainerCallback):
         return attach(model, **kwargs)
 
     # ------------------------------------------------------------------------------ saving
+    def _run_dir(self, args, state) -> Path:
+        """The folder of this ``train()`` run: ``output_dir``, or a ``hyperparameter_search`` trial's own folder."""
+        root = Path(args.output_dir)
+        if state.trial_name:  # the Trainer's own folder for a trial it names (hp_name)
+            return root / state.trial_name
+        if state.trial_params is not None:  # a trial named by its search backend (optuna: run-<trial number>)
+            return self._trial_dir or root / f"trial-{self._runs}"
+        return root
+
+    def _checkpoint_dir(self, args, state) -> Path:
+        """The checkpoint folder the Trainer has just written (``on_save`` comes after it)."""
+        name = f"checkpoint-{state.global_step}"
+        if state.trial_params is not None and not state.trial_name and self._trial_dir is None:
+            # The backend names the trial's folder; the Trainer wrote <output_dir>/<run>/<name> just now.
+            written = sorted(Path(args.output_dir).glob(f"*/{name}"), key=lambda path: path.stat().st_mtime)
+            if written:
+                self._trial_dir = written[-1].parent
+        return self._run_dir(args, state) / name
+
     def on_save(self, args, state, control, **kwargs):
         if self.handle is None:
             return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = self._checkpoint_dir(args, state)
         if not self.handle.calibrated:
             if state.is_world_process_zero:
                 logger.warning("shira_hooks: masks are still calibrating at step %d; %s holds no SHiRA state", state.global_step, folder)
@@ -164,11 +196,19 @@ class ShiraCallback(TrainerCallback):
             self.handle.save_state(folder / STATE_FILE)
 
     def on_train_end(self, args, state, control, **kwargs):
+        try:
+            self._write_adapter(args, state)
+        finally:
+            if self.attach_kwargs and self.handle is not None:  # it attached at train begin: the model leaves plain
+                self.handle.detach()
+
+    def _write_adapter(self, args, state) -> None:
         if self.handle is None or not self.handle.calibrated:
             logger.warning("shira_hooks: training ended before the masks were fixed; no adapter written")
             return
         changed = self.handle.verify()
-        path, folder = Path(args.output_dir) / ADAPTER_FILE, Path(args.output_dir) / ADAPTER_FOLDER
+        run = self._run_dir(args, state)
+        path, folder = run / ADAPTER_FILE, run / ADAPTER_FOLDER
         self.report = {
             "trainable_entries": self.handle.num_trainable,
             "changed_outside_masks": changed,

@@ -7,11 +7,18 @@ parameter object changes; ``detach()`` removes every hook and restores every ``r
 
 Where the state lives: an attached handle is kept alive by the modules it trains, through an
 attribute ``_shira_handle`` on each target module (a plain Python reference, so a model and its
-handle, dropped without ``detach()``, are collected together; copies and pickles of a module do not
-carry it). Everything else refers to handles weakly: the gradient hooks (torch keeps a tensor's hooks
-from C++, where the garbage collector cannot see a cycle back to the tensor), the step hooks' ``WeakSet``,
-and the tables keyed weakly by parameter that say which handle trains a parameter and what every
-attached handle wants of its ``requires_grad`` flag (``_flags``).
+handle, dropped without ``detach()``, are collected together). Everything else refers to handles
+weakly: the gradient hooks (torch keeps a tensor's hooks from C++, where the garbage collector cannot
+see a cycle back to the tensor), the step hooks' ``WeakSet``, and the tables keyed weakly by parameter
+that say which handle trains a parameter and what every attached handle wants of its ``requires_grad``
+flag (``_flags``).
+
+Copies: ``copy.deepcopy(model)``, ``pickle`` and ``torch.save(model)`` / ``torch.load`` give an
+independent, working SHiRA model. The handle travels with the model (through ``_shira_handle`` and the
+layers' hooks, which are bound methods of plain objects, never closures) and ``__setstate__`` registers
+what lives outside the objects again for the copy: its gradient hooks, its ``requires_grad`` claims
+(with the flags from before ``attach``) and its place among the attached handles. Nothing of a copy
+refers to the original's objects. ``handles(model)`` finds a copy's handle.
 
 Two concerns of the handle live in their own modules, mixed into the class: its work around optimizer
 steps (``_steps.StepHooks``) and following FSDP2's ``fully_shard`` (``_follow.FollowSharding``).
@@ -19,6 +26,7 @@ steps (``_steps.StepHooks``) and following FSDP2's ``fully_shard`` (``_follow.Fo
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
@@ -52,7 +60,7 @@ _HEAD_PARTS = ("classifier", "score", "qa_outputs", "head")
 class _KeepAlive:
     """The value of ``module._shira_handle``: keeps an attached handle alive as long as a module it trains.
 
-    A deep copy or a pickle of the module gets None instead: the copy's parameters carry no hooks.
+    A deep copy or a pickle of the module carries a copy of the handle (``ShiraHandle.__setstate__``).
     """
 
     __slots__ = ("handle",)
@@ -60,23 +68,38 @@ class _KeepAlive:
     def __init__(self, handle: "ShiraHandle"):
         self.handle = handle
 
-    def __deepcopy__(self, memo: dict) -> None:
-        return None
-
-    def __reduce__(self):
-        return (_none, ())
-
-
-def _none() -> None:
-    return None
-
 
 _SERIALS = itertools.count()
 
 
 def attached_handles() -> list["ShiraHandle"]:
-    """Every handle attached now, in no particular order (the step hooks' weak set)."""
+    """Every handle attached now, in attach order (the step hooks' weak set)."""
     return _optim._attached()
+
+
+def handles(model: nn.Module) -> list["ShiraHandle"]:
+    """The handles attached to ``model``'s weights, in attach order.
+
+    The way to a copy's handle: ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load`` of an
+    attached model give an independent SHiRA model with a handle of its own.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        The attached ``ShiraHandle`` objects that train a weight of ``model`` (empty if none).
+
+    Example:
+        >>> ema = copy.deepcopy(model)  # an attached model
+        >>> (ema_shira,) = shira_hooks.handles(ema)
+        >>> ema_shira.extract()  # the copy's adapter; ema_shira.detach() makes the copy a plain model
+    """
+    found = {}
+    for module in model.modules():
+        keep_alive = module.__dict__.get(KEEP_ALIVE)
+        if isinstance(keep_alive, _KeepAlive) and keep_alive.handle.attached:
+            found[id(keep_alive.handle)] = keep_alive.handle
+    return sorted(found.values(), key=lambda handle: handle._serial)
 
 
 class ShiraHandle(FollowSharding, StepHooks):
@@ -99,11 +122,14 @@ class ShiraHandle(FollowSharding, StepHooks):
         self._claimed: list[nn.Parameter] = []  # parameters whose requires_grad this handle claims (_flags)
         self._claimed_names: list[str] = []  # their names, to find them again after fully_shard (_follow_parameters)
         self._hooks: list[Any] = []
-        self._watch_hooks: list[Any] = []  # compact modes: the model's first-forward check (_compact.watch_first_forward)
+        self._watch_hooks: list[Any] = []  # compact modes: the model's first-forward check (_compact.FirstForwardCheck)
+        self._watched = False  # _shard follows fully_shard before forward passes (until the first step)
         self._finalizer: weakref.finalize | None = None
         self._lazy = True  # lazy calibration fixes each mask after `calibration_steps` backward passes
         self._attached = False
         self._warned_no_gradient = False
+        self._warned_frozen = False  # targets whose requires_grad other code set to False were reported (_steps)
+        self._gradient_checked = False  # a target got a gradient, or it was reported that none does (_steps)
         self._checked_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> id(state) checked
         self._before_values: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # compact: optimizer -> values before its step
         self._serial = next(_SERIALS)  # attach order: every rank walks its handles in it (their collectives match)
@@ -114,6 +140,7 @@ class ShiraHandle(FollowSharding, StepHooks):
         self._attached = True
         self._finalizer = _optim.track(self)
         _shard.watch(self)  # follows the weights through a later fully_shard (FSDP2)
+        self._watched = True
         target_ids = {id(p) for _, _, p in targets}
         keep_alive = _KeepAlive(self)
         for name, module, param in targets:
@@ -251,7 +278,7 @@ class ShiraHandle(FollowSharding, StepHooks):
         # outside the layer (its all-gather), so the read check cannot tell a functional use there.
         layers = [(t.param, t.module, t.name.rpartition(".")[0] or type(t.module).__name__) for t in self._targets if not _shard.is_sharded(t.param)]
         if layers:
-            self._watch_hooks = _compact.watch_first_forward(self.model, layers, self.mode)
+            self._watch_hooks = [_compact.FirstForwardCheck(self.model, layers, self.mode)]
 
     def _sync(self) -> None:
         """Make the weights hold the current compact values (a no-op in the dense mode)."""
@@ -288,7 +315,12 @@ class ShiraHandle(FollowSharding, StepHooks):
         return {t.name: t.indices for t in self._targets if t.indices is not None}
 
     def summary(self) -> str:
-        """A table: target weight, shape, k and the share of the weight that trains."""
+        """A table: target weight, shape, k and the share of the weight that trains.
+
+        Raises:
+            ShiraError: a target weight was replaced by a parameter the handle cannot follow (``_follow``).
+        """
+        self._follow_parameters(verb="summarise the handle")
         total = sum(t.param.numel() for t in self._targets)
         state = "calibrated" if self.calibrated else (
             f"calibrating: {sum(t.indices is not None for t in self._targets)}/{len(self._targets)} masks fixed, "
@@ -319,8 +351,10 @@ class ShiraHandle(FollowSharding, StepHooks):
         """Raise ``ShiraError`` now, not at its first step, if ``optimizer`` cannot train the targets exactly.
 
         That is: a weight-decay rule shira_hooks does not know on a target weight (or ASGD's ``lambd``),
-        or state nonzero outside a mask (built before ``attach``). ``ShiraCallback`` calls it at train begin.
+        or state nonzero outside a mask (built before ``attach``), or a target weight replaced by a parameter
+        the handle cannot follow. ``ShiraCallback`` calls it at train begin.
         """
+        self._follow_parameters(verb="check the optimizer")
         problem = _optim.unknown_decay(optimizer, {id(t.param): t.name for t in self._targets})
         if problem:
             raise ShiraError(problem)
@@ -346,7 +380,9 @@ class ShiraHandle(FollowSharding, StepHooks):
             A ``SparseAdapter`` with one ``SparseDelta`` per target weight.
 
         Raises:
-            ShiraError: masks are not fixed yet (lazy calibration still running), or a delta is NaN/inf.
+            ShiraError: masks are not fixed yet (lazy calibration still running), a delta is NaN/inf, or a
+                target weight was replaced by a parameter the handle cannot follow (``load_state_dict(...,
+                assign=True)`` with other values, ``model.to("meta")``).
 
         Example:
             >>> shira = shira_hooks.attach(model, sparsity=0.01, mask="wm")
@@ -354,7 +390,7 @@ class ShiraHandle(FollowSharding, StepHooks):
             >>> shira.extract().save("adapter.safetensors")
         """
         self._require_calibrated("extract an adapter")
-        self._follow_parameters()
+        self._follow_parameters(verb="extract an adapter")
         self._sync()
         deltas = {}
         for t in self._targets:
@@ -374,8 +410,12 @@ class ShiraHandle(FollowSharding, StepHooks):
         exactness guarantee held.
 
         Under FSDP2 every rank must call it (it gathers each weight); all get the same list.
+
+        Raises:
+            ShiraError: a target weight was replaced by a parameter the handle cannot follow: a replaced weight
+                is never reported as unchanged.
         """
-        self._follow_parameters()
+        self._follow_parameters(verb="verify")
         self._sync()
         changed = []
         for t in self._targets:
@@ -385,12 +425,17 @@ class ShiraHandle(FollowSharding, StepHooks):
         return changed
 
     def detach(self) -> None:
-        """Remove every hook, restore every ``requires_grad`` flag. Safe to call twice.
+        """Remove every hook, restore the ``requires_grad`` flags it set. Safe to call twice.
 
-        Masks and originals are kept, so ``extract()`` still works afterwards.
+        A flag is restored only where it still holds the value the handle set: one that other code set
+        since is left alone. When every target's flag was changed (``peft.get_peft_model`` after ``attach``
+        freezes every parameter but its adapter's), the model's flags are managed elsewhere and none is
+        restored. Masks and originals are kept, so ``extract()`` still works afterwards.
         """
         if not self._attached:
             return
+        self._move_claims_by_name()
+        managed_elsewhere = bool(self._targets) and all(self._flag_changed(t) for t in self._targets)
         for t in self._targets:
             if t.plan is not None:
                 _compact.uninstall(t.module, t.plan)
@@ -404,7 +449,13 @@ class ShiraHandle(FollowSharding, StepHooks):
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        _flags.release(self, self._claimed)
+        _flags.release(self, self._claimed, restore=not managed_elsewhere)
+        if managed_elsewhere:
+            logger.warning(
+                "shira_hooks: detach() left every requires_grad flag as it is: the flags of all %d target weights were "
+                "changed after attach (peft.get_peft_model, for one, freezes every parameter but its adapter's), so "
+                "the model's flags are managed by other code now", len(self._targets),
+            )
         self._claimed, self._claimed_names = [], []
         for t in self._targets:
             t.scores = None
@@ -412,6 +463,87 @@ class ShiraHandle(FollowSharding, StepHooks):
             if isinstance(keep_alive, _KeepAlive) and keep_alive.handle is self:
                 del t.module.__dict__[KEEP_ALIVE]
             _flags.disown(t.param, self)
+
+    def _flag_changed(self, t: Target) -> bool:
+        """Whether other code changed the flag that makes target ``t`` train since the handle set it."""
+        if t.plan is not None:  # the values train; the handle registered them trainable
+            return not t.plan.values.requires_grad
+        return _flags.changed(t.param)
+
+    def _move_claims_by_name(self) -> None:
+        """Claimed parameters that user code replaced (``load_state_dict(assign=True)`` copies the flag): the
+        claim moves to the parameter now at that name if it holds the flag the handle set, so ``detach``
+        restores the flags of the model's parameters, not of objects no longer in it."""
+        now = dict(self.model.named_parameters(remove_duplicate=False))
+        for i, (name, old) in enumerate(zip(self._claimed_names, self._claimed)):
+            new = now.get(name)
+            if new is not None and new is not old and not _shard.is_sharded(old):
+                _flags.move(old, new, only_unchanged=True)
+                self._claimed[i] = new
+
+    # ------------------------------------------------------------------- copies and pickles
+    def __getstate__(self) -> dict[str, Any]:
+        """The handle's state for ``copy.deepcopy`` / ``pickle`` of the model it trains (see the module docstring).
+
+        Raises:
+            ShiraError: a target weight is sharded by FSDP2 (a copy cannot take part in the original's collectives).
+        """
+        sharded = [t.name for t in self._targets if _shard.is_sharded(t.param) or _shard.is_sharded(t.module._parameters.get(t.attr))]
+        if sharded and self._attached:
+            raise ShiraError(
+                f"cannot copy or pickle a model whose shira_hooks targets are sharded by fully_shard (FSDP2), such as "
+                f"'{sharded[0]}'; save the adapter (handle.extract().save(...)) and the handle's state "
+                f"(handle.save_state(...)) instead, or detach() first"
+            )
+        grad_hooks = {id(t.grad_hook) for t in self._targets}
+        return {
+            **self.__dict__,
+            "mask": self.mask if isinstance(self.mask, str) else "custom",  # a mask function may not pickle; masks are fixed
+            "_finalizer": None,
+            "_checked_state": None,
+            "_before_values": None,
+            "_hooks": [hook for hook in self._hooks if id(hook) not in grad_hooks],  # registered again on the copy
+            "_flag_originals": [_flags.original(param) for param in self._claimed],
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Make a copied or unpickled handle an attached handle of the copy: gradient hooks on the copy's
+        weights, ``requires_grad`` claims (with the flags from before ``attach``), the step hooks."""
+        originals = state.pop("_flag_originals")
+        self.__dict__.update(state)
+        self._checked_state, self._before_values = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+        self._serial = next(_SERIALS)
+        if not self._attached:
+            return
+        self._finalizer = _optim.track(self)
+        if self._watched:
+            _shard.watch(self)
+        targets = {id(t.param): t for t in self._targets}
+        for position, t in enumerate(self._targets):
+            _flags.own(t.param, self)
+            self._hooks.append(t.hook_gradient(self._make_hook(position)))
+        for param, original in zip(self._claimed, originals):
+            t = targets.get(id(param))
+            _flags.claim(self, param, target=t is not None, wanted=t is not None and t.plan is None, original=original)
+
+    def __copy__(self) -> "ShiraHandle":
+        """Refused: a shallow copy would be a second handle on the same parameters."""
+        raise ShiraError("a shira_hooks handle cannot be copied on its own; copy.deepcopy the model that attach() got")
+
+    def __deepcopy__(self, memo: dict) -> "ShiraHandle":
+        """Part of ``copy.deepcopy(model)``; refused for the handle alone or a part of the model (the copy
+        would bring a second copy of the whole model with it)."""
+        if self._attached and id(self.model) not in memo:
+            raise ShiraError(
+                f"copy.deepcopy reached a shira_hooks handle (attached to a {type(self.model).__name__}) without copying "
+                f"the model it is attached to: a copy of a handle, or of a part of an attached model, would carry a copy "
+                f"of the whole model. Copy the model that attach() got (the copy has a handle of its own: "
+                f"shira_hooks.handles(copy)), or detach() first"
+            )
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
 
     def __enter__(self) -> "ShiraHandle":
         return self

@@ -36,6 +36,18 @@ class ConvNet(nn.Module):
         return self.head(torch.cat([seq, img], 1))
 
 
+class FunctionalUse(nn.Module):
+    """``proj`` is a Linear whose weight is read with F.linear, never by calling ``proj``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.proj = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):  # (B, 8) -> (B, 4)
+        return nn.functional.linear(torch.relu(self.first(x)), self.proj.weight, self.proj.bias)
+
+
 def make_mlp(seed: int = 0) -> MLP:
     torch.manual_seed(seed)
     return MLP()

@@ -212,3 +212,54 @@ def test_trainer_writes_the_hub_style_folder(tmp_path):
     single = SparseAdapter.load(tmp_path / ADAPTER_FILE)  # the single file, as before
     assert single.num_entries == shira.num_trainable and single.metadata == expected.metadata
     shira.detach()
+
+
+def test_model_init_gives_each_train_run_its_own_handle(tmp_path):
+    """hyperparameter_search's pattern: one Trainer, a new model from model_init at every train()."""
+    models = []
+
+    def model_init():
+        models.append(make_llama(seed=len(models)))
+        return models[-1]
+
+    callback = ShiraCallback(sparsity=0.02, mask="rand", progress=False)
+    trainer = Trainer(model_init=model_init, args=_args(tmp_path / "a", max_steps=2), train_dataset=Tokens(), callbacks=[callback])
+    runs = []
+    for folder in ("a", "b"):
+        trainer.args.output_dir = str(tmp_path / folder)  # each trial's own output, as a search gives it
+        trainer.train()
+        model, shira = trainer.model, callback.handle
+        assert shira.model is model and not shira.attached  # attached at train begin, detached at train end
+        assert all(p.requires_grad for p in model.parameters()) and not any("shira_values" in n for n, _ in model.named_parameters())
+        runs.append((models.index(model), model, shira, SparseAdapter.load(tmp_path / folder / ADAPTER_FILE)))
+    assert runs[0][1] is not runs[1][1] and runs[0][2] is not runs[1][2]
+    for seed, model, shira, adapter in runs:
+        assert adapter.num_entries == shira.num_trainable and shira.verify() == []
+        expected = shira.extract()
+        assert all(torch.equal(adapter.deltas[n].values, d.values) for n, d in expected.deltas.items())
+        fresh = make_llama(seed=seed)  # the base of that run's model
+        with apply(fresh, adapter):
+            assert (_logits(fresh) - _logits(model)).abs().max() <= 1e-5
+
+
+def test_a_search_trial_writes_into_its_own_folder(tmp_path):
+    """Under hyperparameter_search the Trainer saves a trial's checkpoints in <output_dir>/<trial name>, or a folder its
+    search backend names: the callback writes the trial's files there (its hooks called as the Trainer calls them)."""
+    from transformers import TrainerControl, TrainerState
+
+    model = make_llama()
+    shira = shira_hooks.attach(model, 0.02, "rand", seed=0)
+    callback, args = ShiraCallback(shira), _args(tmp_path)
+    named = TrainerState(global_step=2, trial_name="lr-0.01")
+    callback.on_save(args, named, TrainerControl())
+    callback.on_train_end(args, named, TrainerControl())
+    assert (tmp_path / "lr-0.01" / "checkpoint-2" / STATE_FILE).exists() and (tmp_path / "lr-0.01" / ADAPTER_FILE).exists()
+    unnamed = TrainerState(trial_params={"learning_rate": 0.01})  # optuna: the Trainer's run-<number>
+    callback.on_train_begin(args, unnamed, TrainerControl(), model=model)
+    unnamed.global_step = 4
+    (tmp_path / "run-3" / "checkpoint-4").mkdir(parents=True)  # what the Trainer has just written
+    callback.on_save(args, unnamed, TrainerControl())
+    callback.on_train_end(args, unnamed, TrainerControl())
+    assert (tmp_path / "run-3" / "checkpoint-4" / STATE_FILE).exists() and (tmp_path / "run-3" / ADAPTER_FILE).exists()
+    assert not (tmp_path / ADAPTER_FILE).exists() and not (tmp_path / "checkpoint-2").exists()
+    shira.detach()

@@ -6,7 +6,7 @@ from torch import nn
 
 import shira_hooks
 from shira_hooks import ShiraError
-from conftest import assert_changes_within_masks, llama_batches, make_convnet, make_llama, snapshot
+from conftest import FunctionalUse, assert_changes_within_masks, llama_batches, make_convnet, make_llama, snapshot
 
 MODES = ["compact", "sparse"]
 
@@ -215,18 +215,6 @@ def test_an_in_place_op_after_a_target_trains_as_in_the_dense_mode(mode, shape):
     dense.detach()
 
 
-class _FunctionalUse(nn.Module):
-    """``proj`` is a Linear whose weight is read with F.linear, never by calling ``proj``."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.first, self.proj = nn.Linear(8, 8), nn.Linear(8, 4)
-
-    def forward(self, x):
-        return nn.functional.linear(torch.relu(self.first(x)), self.proj.weight, self.proj.bias)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_a_weight_read_without_calling_its_module_is_refused(mode):
     """nn.MultiheadAttention reads out_proj.weight directly: refused at attach. Any other functional
@@ -236,7 +224,7 @@ def test_a_weight_read_without_calling_its_module_is_refused(mode):
         shira_hooks.attach(attention, 0.1, "rand", target_modules=[nn.Linear], mode=mode)
     assert all(p.requires_grad for p in attention.parameters()) and not hasattr(attention.out_proj, "shira_values")
 
-    model = _FunctionalUse()
+    model = FunctionalUse()
     before = snapshot(model)
     shira = shira_hooks.attach(model, 0.25, "rand", mode=mode)
     with torch.no_grad():
@@ -252,7 +240,7 @@ def test_a_weight_read_without_calling_its_module_is_refused(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_target_without_gradient_is_named_at_the_first_step(mode):
-    model = _FunctionalUse()
+    model = FunctionalUse()
     model.forward = lambda x: model.proj(torch.relu(x))  # model.first is never called
     shira = shira_hooks.attach(model, 0.25, "rand", mode=mode)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

@@ -417,14 +417,19 @@ def test_real_fsdp1_is_refused(tmp_path):
 
 
 def test_replaced_weight_is_refused_at_the_step():
+    """Replaced once training runs (forward passes are no longer watched): the new weight's gradient was not
+    masked in the backward pass, so the step refuses it. (Replaced before, it is followed: test_lifecycle.)"""
     from conftest import make_mlp
 
     model = make_mlp()
     shira = shira_hooks.attach(model, 0.1, "rand", seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()
     model.layers[0].weight = nn.Parameter(model.layers[0].weight.detach().clone())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randn(2, 16)).sum().backward()
-    with pytest.raises(shira_hooks.ShiraError, match="'layers.0.weight' is no longer the parameter"):
+    with pytest.raises(shira_hooks.ShiraError, match="'layers.0.weight' is no longer the parameter.*received a gradient without the mask"):
         optimizer.step()
     shira.detach()
 
