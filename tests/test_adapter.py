@@ -170,6 +170,75 @@ def test_load_accepts_the_valid_fixture(tmp_path):
     assert adapter.num_entries == 3 and adapter.deltas["lin.weight"].shape == (3, 4)
 
 
+def _header(modules, version="2", tensors=None):
+    """A one-module adapter file's (tensors, metadata) with the given 'modules' header."""
+    tensors = tensors or {"w.indices": torch.tensor([0], dtype=torch.int64), "w.values": torch.tensor([0.5])}
+    return tensors, {"format": "shira_hooks.adapter", "format_version": version, "modules": json.dumps(modules)}
+
+
+_W = {"dtype": "float32", "fingerprint": "00" * 8}
+
+
+@pytest.mark.parametrize(
+    "tensors_meta, pattern",
+    [
+        # the product overflows int64: it used to be reported as a weight of a negative number of entries
+        (_header({"w": {**_W, "shape": [2**40, 2**40]}}, "1"), r"module 'w': shape \[1099511627776, 1099511627776\] has 1,208,925,819,614,629,174,706,176 entries, more than an int64 index"),
+        (_header({"w": {**_W, "shape": ["a", "b"]}}, "1"), r"module 'w': shape \['a', 'b'\] is not a non-empty list of positive ints"),
+        (_header({"w": {**_W, "shape": [4, 0]}}, "1"), r"module 'w': shape \[4, 0\] is not a non-empty list of positive ints"),
+        # "block": true was read as block 1, then reported as a count mismatch
+        (_header({"w": {**_W, "shape": [1, 16], "block": True}}), r"tensor 'w.indices': block=True is not a positive int dividing the row length 16"),
+        # a version-1 file with block fields was read as version 2
+        (_header({"w": {**_W, "shape": [1, 16], "block": 16}}, "1", {"w.indices": torch.tensor([0], dtype=torch.int32), "w.values": torch.ones(16)}),
+         r"module 'w': has a 'block' entry, which format_version 1 files do not have"),
+        (_header(["w"], "1"), r"metadata entry 'modules' is a JSON list"),
+        (_header({"w": {**_W, "shape": [1, 16], "dtype": ["float32"]}}, "1"), r"module 'w': unknown dtype \['float32'\]"),
+    ],
+    ids=["overflowing-shape", "string-shape", "zero-dim", "block-true", "v1-with-block", "modules-list", "dtype-list"],
+)
+def test_load_refuses_malformed_headers_with_what_is_wrong(tmp_path, tensors_meta, pattern):
+    path = _write(tmp_path, *tensors_meta)
+    with pytest.raises(ShiraError, match=pattern):
+        SparseAdapter.load(path)
+
+
+def _oversized_block_file(tmp_path):
+    """A 348-byte version-2 file whose header claims one block of 2**31 entries (16 GB of int64 indices)."""
+    return _write(tmp_path, *_header({"w": {**_W, "shape": [1, 2**31], "block": 2**31}}), name="huge.safetensors")
+
+
+def test_a_header_claiming_2_31_entries_is_refused_before_the_runs_are_expanded(tmp_path, monkeypatch):
+    path = _oversized_block_file(tmp_path)
+    assert path.stat().st_size < 400
+
+    def expand(blocks, block):  # the old reader got here and allocated 16 GB: fail instead of allocating
+        raise AssertionError(f"expanding {blocks.numel()} runs of {block} before checking the value count")
+
+    monkeypatch.setattr(shira_hooks.adapter, "expand_blocks", expand)
+    with pytest.raises(ShiraError, match=r"huge.safetensors: tensor 'w.indices': \(1,\) block numbers of 2147483648 entries each need 2,147,483,648 values, the file holds \(1,\)"):
+        SparseAdapter.load(path)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the address space size from Linux /proc")
+def test_inspect_of_the_oversized_file_under_a_memory_limit_prints_the_error_and_exits_2(tmp_path):
+    """The work before refusing is bounded by the file's size: the CLI runs with 1 GB of address space to spare."""
+    import subprocess
+    import sys
+
+    path = _oversized_block_file(tmp_path)
+    code = (
+        "import resource, sys\n"
+        "from shira_hooks.cli import main\n"  # imports torch: the limit is set above what the process already holds
+        "size = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmSize:'))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY))\n"
+        "sys.exit(main(['inspect', sys.argv[1]]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("python -m shira_hooks inspect: error: ") and "Traceback" not in done.stderr
+    assert "block numbers of 2147483648 entries each need 2,147,483,648 values" in done.stderr
+
+
 def test_load_rejects_non_safetensors_and_truncated(tmp_path):
     text = tmp_path / "notes.safetensors"
     text.write_text("hello, this is not a tensor file at all")
