@@ -200,6 +200,11 @@ class SparseAdapter:
         """
         return math.gcd(*(d.block for d in self.deltas.values()))
 
+    @property
+    def format_version(self) -> str:
+        """The file format version ``save`` writes: "2" when a weight stores runs (block > 1), else "1"."""
+        return BLOCK_FORMAT_VERSION if max(d.block for d in self.deltas.values()) > 1 else FORMAT_VERSION
+
     def __repr__(self) -> str:
         mask = self.metadata.get("mask", "?")
         block = f", block={self.block}" if self.block > 1 else ""
@@ -221,8 +226,7 @@ class SparseAdapter:
                 tensors[f"{name}.indices"] = delta.indices.contiguous()
             tensors[f"{name}.values"] = delta.values.to(dtype).contiguous()
         metadata = dict(self.metadata)
-        version = BLOCK_FORMAT_VERSION if self.deltas and max(d.block for d in self.deltas.values()) > 1 else FORMAT_VERSION
-        metadata.update(format=FORMAT, format_version=version, modules=json.dumps(modules))
+        metadata.update(format=FORMAT, format_version=self.format_version, modules=json.dumps(modules))
         return save_safetensors(tensors, metadata=metadata)
 
     def save(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
@@ -414,6 +418,7 @@ class SparseAdapter:
         base_model_name_or_path: str | os.PathLike | None = None,
         revision: str | None = None,
         dtype: torch.dtype = torch.float32,
+        license: str | None = None,
     ) -> Path:
         """Write a Hub-style folder: the adapter file, ``shira_config.json`` and a model card ``README.md``.
 
@@ -432,6 +437,10 @@ class SparseAdapter:
                 ``metadata["base_model_name_or_path"]`` (set by ``from_pretrained``), if any.
             revision: the base model's branch, tag or commit (needs ``base_model_name_or_path``).
             dtype: how to store the values: torch.float32, torch.bfloat16 or torch.float16.
+            license: the adapter's license as a Hub license id (``"apache-2.0"``, ``"llama3.1"``,
+                ``"other"``; usually the base model's), written to the card's front matter and the
+                config. ``None``: the adapter's ``metadata["license"]`` (set by ``from_pretrained``), if
+                any; otherwise the card says that no license was recorded.
 
         Returns:
             ``folder``, as a Path.
@@ -439,7 +448,8 @@ class SparseAdapter:
         Raises:
             ShiraError: ``folder`` is a file or holds other entries (they would be lost), a
                 ``dtype`` that cannot be stored, an empty or non-string base model id or revision,
-                or a revision without a base model. Raised before anything is written.
+                a revision without a base model, or a license that is not a Hub license id. Raised
+                before anything is written.
 
         Example:
             >>> adapter.save_pretrained("paint", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
@@ -449,14 +459,14 @@ class SparseAdapter:
         """
         from ._hub import save_pretrained
 
-        return save_pretrained(self, folder, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype)
+        return save_pretrained(self, folder, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype, license=license)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> "SparseAdapter":
         """Read a folder written by ``save_pretrained``.
 
-        The config's base model id and revision, when recorded, are kept in
-        ``adapter.metadata["base_model_name_or_path"]`` and ``adapter.metadata["revision"]``.
+        The config's base model id, revision and license, when recorded, are kept in
+        ``adapter.metadata["base_model_name_or_path"]``, ``["revision"]`` and ``["license"]``.
 
         Args:
             folder: the folder (a local path; download a Hub copy first with
@@ -489,6 +499,7 @@ class SparseAdapter:
         base_model_name_or_path: str | os.PathLike | None = None,
         revision: str | None = None,
         dtype: torch.dtype = torch.float32,
+        license: str | None = None,
         private: bool | None = None,
         token: str | None = None,
         commit_message: str = "Upload SHiRA adapter",
@@ -501,8 +512,8 @@ class SparseAdapter:
 
         Args:
             repo_id: ``"user/name"`` of a model repository.
-            base_model_name_or_path, revision, dtype: as in ``save_pretrained`` (``revision`` is the
-                base model's, not a branch of ``repo_id``).
+            base_model_name_or_path, revision, dtype, license: as in ``save_pretrained`` (``revision``
+                is the base model's, not a branch of ``repo_id``).
             private: passed to ``HfApi.create_repo`` when the repository is created.
             token: a Hub token; ``None`` uses the one ``huggingface-cli login`` stored.
             commit_message: the commit's message.
@@ -520,7 +531,7 @@ class SparseAdapter:
         from ._hub import push_to_hub
 
         return push_to_hub(
-            self, repo_id, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype,
+            self, repo_id, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype, license=license,
             private=private, token=token, commit_message=commit_message,
         )
 

@@ -127,6 +127,49 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     shira.detach()
 
 
+KILLED_SAVE = """
+import os, signal, sys
+import shira_hooks
+adapter = shira_hooks.SparseAdapter.load(sys.argv[1])
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed mid-save: the bytes are written, not yet renamed
+getattr(adapter, sys.argv[2])(sys.argv[3])
+"""
+
+
+def killed_save(source, method: str, destination) -> None:
+    """Run ``SparseAdapter.load(source).<method>(destination)`` in a process that is killed (SIGKILL) mid-save."""
+    import signal
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(source), method, str(destination)], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="kills a process with SIGKILL")
+def test_the_next_save_deletes_the_temporary_files_of_killed_saves_and_nothing_else(tmp_path):
+    adapter = SparseAdapter.load(_write(tmp_path, *_valid(), name="source.safetensors"))
+    folder = tmp_path / "out"
+    path = folder / "adapter.safetensors"
+    for _ in range(3):
+        killed_save(tmp_path / "source.safetensors", "save", path)
+    stale = sorted(p.name for p in folder.iterdir())  # each killed save deleted the one before it
+    assert len(stale) == 1 and all(name.startswith(".adapter.safetensors.") and name.endswith(".tmp") for name in stale)
+    from shira_hooks._io import _host_tag
+
+    keep = [
+        f".adapter.safetensors.{_host_tag()}-{os.getppid()}-abcd1234.tmp",  # a process that still runs
+        ".adapter.safetensors.0123abcd-999999-abcd1234.tmp" if _host_tag() != "0123abcd" else ".adapter.safetensors.0123abce-999999-abcd1234.tmp",
+        ".adapter.safetensors.abcd1234.tmp",  # not named by this scheme: not provably ours
+        f".other.safetensors.{_host_tag()}-{stale[0].split('-')[1]}-abcd1234.tmp",  # a killed save to another file
+    ]
+    for name in keep:
+        (folder / name).write_bytes(b"x")
+    adapter.save(path)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(keep + ["adapter.safetensors"])
+    assert SparseAdapter.load(path).num_entries == 3
+
+
 def _write(tmp_path, tensors, metadata, name="bad.safetensors"):
     path = tmp_path / name
     path.write_bytes(save_safetensors(tensors, metadata=metadata))
