@@ -408,3 +408,30 @@ def test_load_memory_maps_instead_of_reading_the_file(tmp_path, monkeypatch):
         SparseAdapter.load(paths["f32"], device="gpu:x")
     with pytest.raises(FileNotFoundError):
         SparseAdapter.load(tmp_path / "absent.safetensors")
+
+
+def test_apply_fuse_and_overlap_take_a_path_or_a_folder(tmp_path):
+    """apply(model, "adapter.safetensors") used to raise TypeError: cannot create weak reference to 'str' object."""
+    _, base, shira = _trained()
+    adapter = shira.extract()
+    shira.detach()
+    fresh = make_llama()
+    with shira_hooks.apply(fresh, adapter):
+        trained = snapshot(fresh)  # what applying the object writes
+    file = adapter.save(tmp_path / "adapter.safetensors")
+    adapter.save_pretrained(tmp_path / "hub")
+    adapter.to_peft(tmp_path / "peft")
+    for source in (str(file), file, tmp_path / "hub", str(tmp_path / "peft")):
+        with shira_hooks.apply(fresh, source, check_base=source != str(tmp_path / "peft")):  # PEFT folders have no fingerprints
+            assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
+        assert all(torch.equal(p, base[n]) for n, p in fresh.named_parameters())
+    fused = shira_hooks.fuse([str(file), tmp_path / "hub"], weights=[0.5, 0.5])
+    assert all(torch.equal(fused.deltas[n].indices, d.indices) for n, d in adapter.deltas.items())
+    assert shira_hooks.overlap(file, adapter).shared_fraction == 1.0
+    with pytest.raises(ShiraError, match=r"apply\(\): got a int, not a SparseAdapter or a path; pass SparseAdapter.load\(path\)"):
+        shira_hooks.apply(fresh, 3)
+    with pytest.raises(ShiraError, match=r"fuse\(\): got a dict, not a SparseAdapter or a path"):
+        shira_hooks.fuse([adapter, adapter.deltas])
+    with pytest.raises(FileNotFoundError, match="missing.safetensors: no such adapter file or folder"):
+        shira_hooks.apply(fresh, tmp_path / "missing.safetensors")
+    assert all(torch.equal(p, base[n]) for n, p in fresh.named_parameters())
