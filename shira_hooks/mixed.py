@@ -227,8 +227,8 @@ class MixedAdapters:
         """Route batch row ``r`` to adapter ``names[r]`` (None: no adapter) inside the block.
 
         Every routed layer's input must have ``len(names)`` rows along ``batch_dim`` (dim 0 of a
-        (B, T, in) or (B, in) input by default). Holds the model's switching lock for the whole block (``apply``/``remove`` from
-        other threads wait).
+        (B, T, in) or (B, in) input by default). Holds the model's switching lock for the whole
+        block (``apply``/``remove`` from other threads wait).
 
         Raises:
             ShiraError: ``names`` is not a non-empty sequence, names an unknown adapter, this
@@ -376,21 +376,29 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     return low, low + (1 + sum(abs(r) for r in reach)) * tensor.element_size()
 
 
-def _sharing(weight: torch.Tensor, model: nn.Module) -> str | None:
-    """The name of another parameter or buffer of ``model`` whose memory overlaps ``weight``'s, or None.
+def _memory(model: nn.Module) -> list[tuple[int, int, str, int, torch.device]]:
+    """(first byte, end byte, name, id, device) of every parameter and buffer of the model (dense, not on meta)."""
+    spans = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.numel() and tensor.layout == torch.strided and tensor.device.type != "meta":
+            spans.append((*_span(tensor), name, id(tensor), tensor.device))
+    return spans
 
-    Compares byte ranges, not storages: weights packed side by side into one buffer do not overlap.
+
+def _sharing(weight: torch.Tensor, memory: list[tuple[int, int, str, int, torch.device]]) -> str | None:
+    """The name of another parameter or buffer whose memory overlaps ``weight``'s, or None.
+
+    Compares byte ranges on the same device, not storages: weights packed side by side into one
+    buffer do not overlap.
     """
     if weight.numel() == 0 or weight.device.type == "meta":
         return None
     low, high = _span(weight)
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor is weight or tensor.numel() == 0 or tensor.layout != torch.strided or tensor.device != weight.device:
-            continue
-        other_low, other_high = _span(tensor)
-        if other_low < high and low < other_high:
-            return name
-    return None
+    return next(
+        (name for other_low, other_high, name, other, device in memory
+         if other != id(weight) and device == weight.device and other_low < high and low < other_high),
+        None,
+    )
 
 
 def _target_layers(model: nn.Module, names: list[str], adapters: list[SparseAdapter], alphas: list[float]) -> list[_Layer]:
@@ -402,6 +410,7 @@ def _target_layers(model: nn.Module, names: list[str], adapters: list[SparseAdap
                 holders[id(param)] = holders.get(id(param), 0) + 1
     # Layers their parent reads without calling them: a forward hook never sees their use.
     read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    memory = _memory(model)
     layers: dict[str, _Layer] = {}
     for position, (name, adapter, alpha) in enumerate(zip(names, adapters, alphas)):
         for weight_name, delta in adapter.deltas.items():
@@ -422,7 +431,7 @@ def _target_layers(model: nn.Module, names: list[str], adapters: list[SparseAdap
                     f"adapter {name!r} adapts '{weight_name}', the out_proj of an nn.MultiheadAttention, which reads the "
                     f"weight directly without calling the layer, so no hook sees it. Use shira_hooks.apply for this adapter"
                 )
-            if (other := _sharing(module.weight, model)) is not None:
+            if module_name not in layers and (other := _sharing(module.weight, memory)) is not None:
                 raise ShiraError(
                     f"adapter {name!r} adapts '{weight_name}', whose memory is shared with '{other}' (e.g. a weight tied by "
                     f"nn.Parameter(other.weight.data)); apply would change both, a hook on this layer only its own output. "
