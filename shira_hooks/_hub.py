@@ -229,7 +229,7 @@ def model_card(adapter: SparseAdapter, config: dict[str, Any]) -> str:
     """The folder's README.md: Hub front matter, what the adapter is, its targets, and how to load it."""
     base, revision, license = config["base_model_name_or_path"], config["revision"], config["license"]
     front = ["---", "library_name: shira_hooks", "tags:", "- shira", "- sparse-adapter"]
-    if base is not None and _REPO_ID.fullmatch(base):  # the Hub rejects a local path as base_model
+    if hub_id(base) is not None:  # the Hub rejects a local path as base_model
         front.append(f"base_model: {json.dumps(base)}")
     if license is not None:
         front.append(f"license: {license}")

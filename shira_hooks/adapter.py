@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,13 +84,14 @@ def check_shape(shape: object, where: str) -> tuple[int, ...]:
     """``shape`` as a tuple of positive ints whose product fits an int64 index; ShiraError otherwise.
 
     Checked before anything is sized from it: a product that overflows would wrap to a negative
-    entry count (and a huge one would size allocations).
+    entry count (and a huge one would size allocations). ``()`` is a scalar weight (one entry).
     """
-    if not isinstance(shape, (list, tuple)) or not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
-        raise ShiraError(f"{where}: shape {shape!r} is not a non-empty list of positive ints")
-    if math.prod(shape) >= 2**63:
-        raise ShiraError(f"{where}: shape {list(shape)} has {math.prod(shape):,} entries, more than an int64 index can address (2**63 - 1)")
-    return tuple(shape)
+    if not isinstance(shape, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape):
+        raise ShiraError(f"{where}: shape {shape!r} is not a list of positive ints")
+    dims = tuple(int(s) for s in shape)  # Python ints: their product cannot wrap around
+    if math.prod(dims) >= 2**63:
+        raise ShiraError(f"{where}: shape {list(dims)} has {math.prod(dims):,} entries, more than an int64 index can address (2**63 - 1)")
+    return dims
 
 
 def _block_indices(blocks: torch.Tensor, values: torch.Tensor, block: object, shape: tuple[int, ...], where: str) -> torch.Tensor:
@@ -137,7 +139,7 @@ class SparseDelta:
 
     @property
     def numel(self) -> int:
-        return math.prod(self.shape)  # a Python int: torch.Size.numel() wraps around past 2**63
+        return math.prod(int(s) for s in self.shape)  # a Python int: torch.Size.numel() wraps around past 2**63
 
     def validate(self, name: str, context: str = "") -> None:
         """Raise ShiraError, naming ``context`` and the tensor key, unless this delta is well formed."""

@@ -151,9 +151,8 @@ def test_the_next_save_deletes_the_temporary_files_of_killed_saves_and_nothing_e
     adapter = SparseAdapter.load(_write(tmp_path, *_valid(), name="source.safetensors"))
     folder = tmp_path / "out"
     path = folder / "adapter.safetensors"
-    for _ in range(3):
-        killed_save(tmp_path / "source.safetensors", "save", path)
-    stale = sorted(p.name for p in folder.iterdir())  # each killed save deleted the one before it
+    killed_save(tmp_path / "source.safetensors", "save", path)
+    stale = sorted(p.name for p in folder.iterdir())
     assert len(stale) == 1 and all(name.startswith(".adapter.safetensors.") and name.endswith(".tmp") for name in stale)
     from shira_hooks._io import _host_tag
 
@@ -227,8 +226,8 @@ _W = {"dtype": "float32", "fingerprint": "00" * 8}
     [
         # the product overflows int64: it used to be reported as a weight of a negative number of entries
         (_header({"w": {**_W, "shape": [2**40, 2**40]}}, "1"), r"module 'w': shape \[1099511627776, 1099511627776\] has 1,208,925,819,614,629,174,706,176 entries, more than an int64 index"),
-        (_header({"w": {**_W, "shape": ["a", "b"]}}, "1"), r"module 'w': shape \['a', 'b'\] is not a non-empty list of positive ints"),
-        (_header({"w": {**_W, "shape": [4, 0]}}, "1"), r"module 'w': shape \[4, 0\] is not a non-empty list of positive ints"),
+        (_header({"w": {**_W, "shape": ["a", "b"]}}, "1"), r"module 'w': shape \['a', 'b'\] is not a list of positive ints"),
+        (_header({"w": {**_W, "shape": [4, 0]}}, "1"), r"module 'w': shape \[4, 0\] is not a list of positive ints"),
         # "block": true was read as block 1, then reported as a count mismatch
         (_header({"w": {**_W, "shape": [1, 16], "block": True}}), r"tensor 'w.indices': block=True is not a positive int dividing the row length 16"),
         # a version-1 file with block fields was read as version 2
