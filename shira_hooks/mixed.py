@@ -282,20 +282,23 @@ class MixedAdapters:
                 f"layer '{layer.name}': a routed forward pass needs gradients; MixedAdapters is for inference, "
                 f"run it under torch.no_grad() or torch.inference_mode()"
             )
-        out = y.shape[-1]
         rows = y.movedim(batch_dim, 0)  # (B, ..., out), a view of the output
-        inner = rows.shape[1:-1]  # (T,), or () for a (B, out) output
         # float32 compute whatever the output's dtype (CSR has no bfloat16/float16 kernel); add_ rounds once
         dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+        with torch.autocast(y.device.type, enabled=False):  # autocast would cast the product to bfloat16
+            self._add_groups(layer, route, x, rows, dtype)
+
+    def _add_groups(self, layer: _Layer, route: _Route, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> None:
+        """rows[rows of adapter i] += the delta computed in ``dtype``; ``rows`` is the output viewed (B, ..., out)."""
+        inner, out = rows.shape[1:-1], rows.shape[-1]
         blocks = None
         for block_index, (position, runs) in enumerate(route.groups):
-            csr = layer.delta(position, y.device, dtype)
+            csr = layer.delta(position, rows.device, dtype)
             if csr is None:  # this adapter does not adapt this layer
                 continue
             if blocks is None:
-                blocks = route.transposed_inputs(x, batch_dim, dtype)
-            with torch.autocast(y.device.type, enabled=False):  # autocast would cast the product to bfloat16
-                delta = torch.sparse.mm(csr, blocks[block_index])  # (out, n*T)
+                blocks = route.transposed_inputs(x, self.batch_dim, dtype)
+            delta = torch.sparse.mm(csr, blocks[block_index])  # (out, n*T)
             column = 0
             for start, count in runs:
                 width = count * math.prod(inner)
