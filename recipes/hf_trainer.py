@@ -26,14 +26,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true", help="tiny Llama + synthetic task, a few steps")
-    parser.add_argument("--sparsity", type=float, default=0.01)
+    parser.add_argument("--sparsity", type=float, default=None, help=f"share of each target weight that trains (default: {common.SPARSITY}; --tiny: {common.TINY_SPARSITY})")
     parser.add_argument("--mask", default="snip", choices=["struct", "rand", "wm", "grad", "snip"])
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=5e-4)  # the paper's SHiRA learning rate for LLMs
+    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {common.LR}; --tiny: {common.TINY_LR})")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/hf_trainer"))
     args = parser.parse_args(argv)
     steps = args.steps or (30 if args.tiny else 40)
-    lr = args.lr if not args.tiny else 1e-2
+    sparsity, lr = common.settings(args.tiny, args.sparsity, args.lr)
     torch.set_num_threads(2)
 
     train, test = common.load_task(args.tiny)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     # The one line: score the weights on a few training batches, train 1% of them.
     calibration = [common.collate(rows[i : i + 8], tokenizer.pad_token_id) for i in range(0, 32, 8)]
-    shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration)
+    shira = shira_hooks.attach(model, sparsity, args.mask, calibration=calibration)
     print(f"trainable entries: {shira.num_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters")
 
     callback = ShiraCallback(shira)

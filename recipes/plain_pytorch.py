@@ -24,14 +24,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--sparsity", type=float, default=0.01)
+    parser.add_argument("--sparsity", type=float, default=None, help=f"share of each target weight that trains (default: {common.SPARSITY}; --tiny: {common.TINY_SPARSITY})")
     parser.add_argument("--mask", default="wm", choices=["struct", "rand", "wm", "grad", "snip"])
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {common.LR}; --tiny: {common.TINY_LR})")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/plain_pytorch"))
     args = parser.parse_args(argv)
-    steps, lr = args.steps or (30 if args.tiny else 40), (1e-2 if args.tiny else args.lr)
+    steps = args.steps or (30 if args.tiny else 40)
+    sparsity, lr = common.settings(args.tiny, args.sparsity, args.lr)
     torch.set_num_threads(2)
     torch.manual_seed(0)
 
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     base = {name: p.detach().clone() for name, p in model.state_dict().items()}
     print(f"accuracy before: {common.accuracy(model, tokenizer, test):.3f}")
 
-    shira = shira_hooks.attach(model, args.sparsity, args.mask)  # no calibration data needed for wm
+    shira = shira_hooks.attach(model, sparsity, args.mask)  # no calibration data needed for wm
     print(shira.summary().splitlines()[0])
     print(f"trainable entries: {shira.num_trainable:,}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)

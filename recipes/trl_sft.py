@@ -25,13 +25,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--sparsity", type=float, default=0.01)
+    parser.add_argument("--sparsity", type=float, default=None, help=f"share of each target weight that trains (default: {common.SPARSITY}; --tiny: {common.TINY_SPARSITY})")
     parser.add_argument("--mask", default="snip", choices=["struct", "rand", "wm", "grad", "snip"])
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {common.LR}; --tiny: {common.TINY_LR})")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/trl_sft"))
     args = parser.parse_args(argv)
-    steps, lr = args.steps or (30 if args.tiny else 40), (1e-2 if args.tiny else args.lr)
+    steps = args.steps or (30 if args.tiny else 40)
+    sparsity, lr = common.settings(args.tiny, args.sparsity, args.lr)
     torch.set_num_threads(2)
 
     train, test = common.load_task(args.tiny)
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     data = Dataset.from_list([{"prompt": common.prompt(e), "completion": common.completion(e)} for e in train])
 
     # The literal one-liner: no calibration data, the first 8 backward passes score the SNIP mask.
-    shira = shira_hooks.attach(model, args.sparsity, args.mask)
+    shira = shira_hooks.attach(model, sparsity, args.mask)
     print(f"trainable entries: {shira.num_trainable:,} (masks fixed after {shira.calibration_steps} backward passes)")
 
     config = SFTConfig(
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
         learning_rate=lr, weight_decay=0.01, lr_scheduler_type="linear", logging_steps=max(1, steps // 6),
         save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False, seed=0,
         disable_tqdm=True, max_length=96,
+        # TRL turns gradient checkpointing on by default under its old name, which transformers 5 warns about
+        **({"activation_checkpointing": True} if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else {}),
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[ShiraCallback(shira)])
     trainer.train()

@@ -18,6 +18,8 @@
                              every weight's entries are aligned runs of B (the file then stores one
                              index per run: adapter format version 2)
     values_dtype             how the values are stored: "float32", "bfloat16" or "float16"
+    license                  the adapter's Hub license id (e.g. "apache-2.0"), or null when not given
+                             (folders written before it existed have no entry: read as null)
     created_by               the shira_hooks version that wrote the folder
 
 The adapter file and ``SparseAdapter.load`` are the source of truth; ``from_pretrained`` checks the
@@ -39,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._io import _sync_folder, _umask, atomic_write
+from ._io import _sync_folder, _umask, atomic_write, remove_stale_temporaries, temporary_prefix
 from ._version import __version__
 from .adapter import dtype_name
 from .errors import ShiraError
@@ -53,10 +55,24 @@ ADAPTER_FILE = "shira_adapter.safetensors"
 CONFIG_FILE = "shira_config.json"
 CARD_FILE = "README.md"
 FOLDER_FILES = (ADAPTER_FILE, CONFIG_FILE, CARD_FILE)
-BASE_KEYS = ("base_model_name_or_path", "revision")  # kept in the config and in adapter.metadata
+BASE_KEYS = ("base_model_name_or_path", "revision", "license")  # kept in the config and in adapter.metadata
 
 # "org/name" or "name" as the Hub spells a repository id; a card names a base_model only in this form
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# a Hub license id, as the Hub lists them: "apache-2.0", "cc-by-nc-4.0", "llama3.1", "other"
+_LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+
+
+def hub_id(name: str | os.PathLike | None) -> str | None:
+    """``name`` if it reads as a Hub repository id and is not a local path that exists, else None.
+
+    ``config._name_or_path`` holds whatever the model was loaded from: a local folder is of no use
+    to anyone else reading the card (and the Hub rejects it as ``base_model``).
+    """
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    name = os.fspath(name)
+    return name if _REPO_ID.fullmatch(name) and not os.path.exists(name) else None
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -67,18 +83,20 @@ def save_pretrained(
     base_model_name_or_path: str | os.PathLike | None = None,
     revision: str | None = None,
     dtype: torch.dtype = torch.float32,
+    license: str | None = None,
 ) -> Path:
     """``SparseAdapter.save_pretrained``: build the three files in memory, then swap the folder in."""
     # A symlink or "." is written through: the rename below needs the real folder's own name.
     target = Path(os.path.realpath(folder))
     base, revision = _base_model(adapter, base_model_name_or_path, revision)
+    license = _license(adapter, license)
     _check_destination(target)
     # Everything that can fail on bad input is computed before anything touches the disk.
     metadata = {k: v for k, v in adapter.metadata.items() if k not in BASE_KEYS}
-    metadata.update({k: v for k, v in zip(BASE_KEYS, (base, revision)) if v is not None})
+    metadata.update({k: v for k, v in zip(BASE_KEYS, (base, revision, license)) if v is not None})
     tagged = type(adapter)(adapter.deltas, metadata)  # the same deltas, tagged with the base model
     payload = tagged.to_bytes(dtype=dtype)  # ShiraError for a dtype it cannot store
-    config = folder_config(tagged, base, revision, dtype)
+    config = folder_config(tagged, base, revision, dtype, license)
     files = {
         ADAPTER_FILE: payload,
         CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode(),
@@ -104,6 +122,22 @@ def _base_model(adapter: SparseAdapter, base: str | os.PathLike | None, revision
     return base, revision
 
 
+def check_license(license: Any) -> None:
+    """ShiraError unless ``license`` is None or reads as a Hub license id (it goes into the card's YAML front matter)."""
+    if license is not None and (not isinstance(license, str) or not _LICENSE.fullmatch(license)):
+        raise ShiraError(
+            f"license={license!r} is not a Hub license id; pass one such as 'apache-2.0', 'mit', 'llama3.1' or 'other' "
+            f"(usually the base model's), or None"
+        )
+
+
+def _license(adapter: SparseAdapter, license: str | None) -> str | None:
+    """The license id to record: the argument, else the adapter's metadata."""
+    license = adapter.metadata.get("license") if license is None else license
+    check_license(license)
+    return license
+
+
 def _check_destination(folder: Path) -> None:
     """Refuse a destination whose replacement would lose something: a file, or a folder with other content."""
     if not folder.exists():
@@ -125,11 +159,14 @@ def _write_folder(folder: Path, files: dict[str, bytes]) -> None:
     A new folder appears complete or not at all (one rename). An existing one is first renamed to a
     hidden sibling ``.<name>.old-<hex>``, the new one renamed into place, and the old one deleted:
     between those two renames ``folder`` does not exist, and a crash there leaves the old folder
-    under the sibling name. A failure before the second rename puts the old folder back.
+    under the sibling name (kept: it may be the only copy). A failure before the second rename puts
+    the old folder back. A staging folder left by a killed save is deleted by the next save to
+    ``folder`` once its process no longer runs (``remove_stale_temporaries``).
     """
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    remove_stale_temporaries(folder)  # staging folders of earlier saves that were killed
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=temporary_prefix(folder), suffix=".tmp"))
     try:
         os.chmod(staging, _folder_mode(folder))  # mkdtemp's 0o700 would survive the rename
         for name, payload in files.items():
@@ -159,7 +196,7 @@ def _folder_mode(folder: Path) -> int:
         return 0o777 & ~_umask()
 
 
-def folder_config(adapter: SparseAdapter, base: str | None, revision: str | None, dtype: torch.dtype) -> dict[str, Any]:
+def folder_config(adapter: SparseAdapter, base: str | None, revision: str | None, dtype: torch.dtype, license: str | None = None) -> dict[str, Any]:
     """The content of ``shira_config.json`` (see the module docstring)."""
     metadata = adapter.metadata
     return {
@@ -174,6 +211,7 @@ def folder_config(adapter: SparseAdapter, base: str | None, revision: str | None
         "seed": _number(metadata.get("seed"), int),
         "block": adapter.block,
         "values_dtype": dtype_name(dtype),
+        "license": license,
         "created_by": f"shira_hooks {__version__}",
     }
 
@@ -189,11 +227,18 @@ def _number(text: str | None, kind: type) -> int | float | None:
 # ---------------------------------------------------------------------------------- the card
 def model_card(adapter: SparseAdapter, config: dict[str, Any]) -> str:
     """The folder's README.md: Hub front matter, what the adapter is, its targets, and how to load it."""
-    base, revision = config["base_model_name_or_path"], config["revision"]
+    base, revision, license = config["base_model_name_or_path"], config["revision"], config["license"]
     front = ["---", "library_name: shira_hooks", "tags:", "- shira", "- sparse-adapter"]
-    if base is not None and _REPO_ID.fullmatch(base):  # the Hub rejects a local path as base_model
+    if hub_id(base) is not None:  # the Hub rejects a local path as base_model
         front.append(f"base_model: {json.dumps(base)}")
+    if license is not None:
+        front.append(f"license: {license}")
     front.append("---")
+    license_text = (f"License: `{license}`." if license is not None else
+                    "License: not recorded (pass `license=` to `save_pretrained`; an adapter is usually bound by its base model's license).")
+    version = adapter.format_version
+    layout = ("flat row-major indices" if version == "1" else
+              "flat row-major indices, or for weights marked `block` B in the header the numbers of aligned runs of B entries")
 
     base_text = f"`{base}`" + (f" (revision `{revision}`)" if revision else "") if base else "its base model (not recorded)"
     numel = sum(delta.numel for delta in adapter.deltas.values())
@@ -220,14 +265,16 @@ def model_card(adapter: SparseAdapter, config: dict[str, Any]) -> str:
         "",
         f"Mask settings: {settings}. Values are stored as {config['values_dtype']}.",
         "",
+        license_text,
+        "",
         "| target weight | shape | k | % of the weight |",
         "|---|---|---|---|",
         *rows,
         "",
         "## Files",
         "",
-        f"- `{ADAPTER_FILE}`: the adapter (safetensors; for every weight `<name>.indices`, flat row-major "
-        "indices, and `<name>.values`, the deltas at them; shira_hooks adapter format version 1).",
+        f"- `{ADAPTER_FILE}`: the adapter (safetensors; for every weight `<name>.indices`, {layout}, "
+        f"and `<name>.values`, the deltas at them; shira_hooks adapter format version {version}).",
         f"- `{CONFIG_FILE}`: the base model, the targets, the mask settings and the entry count.",
         "",
         "## Load it with shira_hooks",
@@ -310,9 +357,11 @@ def read_config(folder: Path) -> dict[str, Any]:
     checks = {
         "base_model_name_or_path": (lambda v: v is None or (isinstance(v, str) and v != ""), "a non-empty string or null"),
         "revision": (lambda v: v is None or isinstance(v, str), "a string or null"),
+        "license": (lambda v: v is None or (isinstance(v, str) and _LICENSE.fullmatch(v) is not None), "a Hub license id or null"),
         "target_weights": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(n, str) for n in v), "a non-empty list of parameter names"),
         "num_entries": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
     }
+    config.setdefault("license", None)  # folders written before the entry existed
     for key, (valid, allowed) in checks.items():
         if key not in config or not valid(config[key]):
             got = repr(config[key]) if key in config else "missing"
@@ -328,6 +377,7 @@ def push_to_hub(
     base_model_name_or_path: str | os.PathLike | None = None,
     revision: str | None = None,
     dtype: torch.dtype = torch.float32,
+    license: str | None = None,
     private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload SHiRA adapter",
@@ -339,7 +389,8 @@ def push_to_hub(
         raise ImportError("SparseAdapter.push_to_hub needs huggingface_hub: pip install huggingface_hub") from None
     with tempfile.TemporaryDirectory(prefix="shira_hub_") as scratch:
         folder = save_pretrained(
-            adapter, Path(scratch) / "adapter", base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype
+            adapter, Path(scratch) / "adapter", base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype,
+            license=license,
         )
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
+import re
+import shutil
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -51,6 +55,71 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
+def _host_tag() -> str:
+    """8 hex characters naming this machine and pid namespace: whose process ids a temporary's name holds.
+
+    A folder may be shared (NFS, a volume mounted in several containers): a process id means
+    something only on the host, and in the pid namespace, that wrote it.
+    """
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.blake2b(f"{socket.gethostname()}:{namespace}".encode(), digest_size=4).hexdigest()
+
+
+def temporary_prefix(path: Path) -> str:
+    """The name prefix of a temporary written for ``path``: ``.<name>.<host>-<pid>-`` (a random part and ``.tmp`` follow)."""
+    return f".{path.name}.{_host_tag()}-{os.getpid()}-"
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a zombie counts: it is not reaped yet)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, run by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporaries that earlier saves to ``path`` left behind when they were killed.
+
+    Only those provably stale are deleted: named by ``temporary_prefix`` for this very ``path`` on this
+    host and pid namespace, by a process that no longer runs (not this one: another thread of it may
+    be saving). Anything else, older-style names included, is left alone. Not on Windows, where
+    ``os.kill`` cannot test a process without ending it.
+
+    Returns:
+        The paths deleted.
+    """
+    if os.name == "nt":
+        return []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{_host_tag()}-(\d+)-[a-z0-9_]+\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or int(match[1]) == os.getpid() or _running(int(match[1])):
+            continue
+        stale = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        except FileNotFoundError:  # another save removed it first
+            continue
+        removed.append(stale)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, payload: bytes) -> Path:
     """Write ``payload`` to ``path`` so that a crash or error mid-write leaves any old file intact.
 
@@ -58,11 +127,14 @@ def atomic_write(path: str | os.PathLike, payload: bytes) -> Path:
     ``path`` in one ``os.replace`` (atomic on POSIX and Windows); the folder is then synced so the
     rename itself is durable. Permissions are those ``open(path, "w")`` gives: an existing file
     keeps its mode, a new one gets 0o666 minus the umask (``mkstemp``'s 0o600 would survive the rename).
+    A process killed mid-write cannot delete its temporary (``.<name>.<host>-<pid>-<random>.tmp``):
+    the next write to ``path`` deletes those whose process no longer runs (``remove_stale_temporaries``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     mode = _new_file_mode(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             os.chmod(tmp, mode)

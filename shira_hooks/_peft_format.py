@@ -56,21 +56,38 @@ def module_path(name: str) -> str:
     return path
 
 
+_LISTED = 10  # unsupported weights named in to_peft's error; the filter it gives covers them all
+
+
 def _check_exportable(adapter: SparseAdapter, base: nn.Module | None) -> None:
-    """Raise ShiraError, naming the weight, unless every delta is the weight of an nn.Linear."""
+    """Raise ShiraError unless every delta is the weight of an nn.Linear; it names the weights that are not.
+
+    The message lists them (the first ``_LISTED``, and how many more) with a one-line filter that
+    leaves out every one of them, so a UNet adapter with dozens of convs is fixed in one go.
+    """
+    unsupported = {}  # weight name -> why it cannot be exported
     for name, delta in adapter.deltas.items():
-        path = module_path(name)
-        fix = f"leave it out: SparseAdapter({{n: d for n, d in adapter.deltas.items() if n != '{name}'}}, adapter.metadata).to_peft(...)"
-        if len(delta.shape) != 2:
-            raise ShiraError(
-                f"adapter weight '{name}' has shape {list(delta.shape)}: PEFT SHiRA supports only nn.Linear "
-                f"(2-D weights), so it cannot be exported; {fix}"
-            )
-        if base is None:
-            continue
-        module = _base_module(base, path, "to_peft")
-        if not isinstance(module, torch.nn.Linear):
-            raise ShiraError(f"adapter weight '{name}' belongs to a {type(module).__name__} in the base: PEFT SHiRA supports only nn.Linear; {fix}")
+        path, _, leaf = name.rpartition(".")
+        if leaf != "weight" or not path:
+            unsupported[name] = "not a module's weight"
+        elif len(delta.shape) != 2:
+            unsupported[name] = f"shape {list(delta.shape)}"
+        elif base is not None and not isinstance(module := _base_module(base, path, "to_peft"), torch.nn.Linear):
+            unsupported[name] = f"a {type(module).__name__} in the base"
+    if unsupported:
+        listed = ", ".join(f"'{name}' ({why})" for name, why in list(unsupported.items())[:_LISTED])
+        more = f" and {len(unsupported) - _LISTED} more" if len(unsupported) > _LISTED else ""
+        keep = ("isinstance(base.get_submodule(n.rpartition('.')[0]), torch.nn.Linear)" if base is not None
+                else "n.endswith('.weight') and len(d.shape) == 2")
+        raise ShiraError(
+            f"to_peft: PEFT SHiRA adapts only the weights of nn.Linear modules, and {len(unsupported)} of the adapter's "
+            f"{len(adapter.deltas)} weights are not: {listed}{more}. Export the others with "
+            f"SparseAdapter({{n: d for n, d in adapter.deltas.items() if {keep}}}, adapter.metadata).to_peft(...)"
+        )
+    if base is None:
+        return
+    for name, delta in adapter.deltas.items():
+        module = _base_module(base, module_path(name), "to_peft")
         if tuple(module.weight.shape) != tuple(delta.shape):
             raise ShiraError(
                 f"adapter weight '{name}' has shape {list(delta.shape)}, the base's is {list(module.weight.shape)}; "
@@ -202,6 +219,8 @@ def _folder_layers(where: str, tensors: dict[str, torch.Tensor]) -> dict[str, tu
         if indices is None or indices.dim() != 2 or indices.shape[0] != 2 or values.dim() != 1 or indices.shape[1] != values.numel():
             got = None if indices is None else list(indices.shape)
             raise ShiraError(f"{where}: module '{path}': shira_indices {got} and shira_weight {list(values.shape)}; expected (2, K) and (K,)")
+        if values.numel() == 0:
+            raise ShiraError(f"{where}: module '{path}': K=0 entries; PEFT SHiRA keeps r*(m+n) >= 1 entries per module, the file is corrupt. Save the adapter again")
         layers[path] = (indices.to(torch.int64), values.float())  # float indices: PEFT's Windows files
     missing = sorted(k for k in tensors if k.endswith(".shira_indices") and k.removesuffix("_indices") + "_weight" not in tensors)
     if missing:
@@ -250,20 +269,52 @@ def _base_weight(base: nn.Module, path: str, where: str) -> torch.Tensor:
 
 
 def _recorded(where: str, header: dict[str, str], layers: dict[str, tuple]) -> tuple[dict[str, dict], dict[str, str]]:
-    """What to_peft wrote in the header: ({module path: {shape, dtype, fingerprint, entries}}, metadata); empty if not."""
+    """What to_peft wrote in the header: ({module path: {shape, dtype, fingerprint, entries}}, metadata); empty if not.
+
+    Each field is checked for its type and range before it is used: a header edited by hand or written
+    by something else gives a ShiraError naming the entry, never a raw TypeError.
+    """
+    fix = "the header was not written by to_peft or was edited; write the folder again with to_peft"
     try:
         modules, metadata = json.loads(header.get(MODULES_KEY, "{}")), json.loads(header.get(METADATA_KEY, "{}"))
-        recorded = {module_path(name): info for name, info in modules.items()}
-        for path, info in recorded.items():
-            ok = (path in layers and len(info["shape"]) == 2 and isinstance(info["fingerprint"], str)
-                  and 1 <= info["entries"] <= layers[path][1].numel())
-            if not ok:
-                raise ValueError(f"module '{path}': {info}")
-    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as error:
-        if isinstance(error, ShiraError):
-            raise
-        raise ShiraError(f"{where}: header entry {MODULES_KEY!r} or {METADATA_KEY!r} is malformed ({error}); write the folder again with to_peft") from None
+    except json.JSONDecodeError as error:
+        raise ShiraError(f"{where}: header entry {MODULES_KEY!r} or {METADATA_KEY!r} is not JSON ({error}); {fix}") from None
+    for key, value in ((MODULES_KEY, modules), (METADATA_KEY, metadata)):
+        if not isinstance(value, dict):
+            raise ShiraError(f"{where}: header entry {key!r} is a JSON {type(value).__name__}, expected an object; {fix}")
+    recorded = {}
+    for name, info in modules.items():
+        path = name.removesuffix(".weight")
+        problem = _recorded_problem(name, info, layers.get(path))
+        if problem:
+            raise ShiraError(f"{where}: header entry {MODULES_KEY!r}, weight '{name}': {problem}; {fix}")
+        recorded[path] = info
     return recorded, metadata
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _recorded_problem(name: str, info: Any, layer: tuple | None) -> str | None:
+    """What is wrong with one module's entry of the to_peft header, or None."""
+    if not name.endswith(".weight") or layer is None:
+        return "names no SHiRA module of the file"
+    if not isinstance(info, dict):
+        return f"{info!r:.80} is not an object"
+    shape = info.get("shape")
+    if not isinstance(shape, list) or len(shape) != 2 or not all(_is_count(s) and s >= 1 for s in shape):
+        return f"shape {shape!r} is not two positive ints"
+    try:
+        parse_dtype(info.get("dtype"), "")
+    except ShiraError as error:
+        return str(error).removeprefix(": ")
+    if not isinstance(info.get("fingerprint"), str):
+        return f"fingerprint {info.get('fingerprint')!r} is not a string"
+    entries, stored = info.get("entries"), layer[1].numel()
+    if not _is_count(entries) or not 1 <= entries <= stored:
+        return f"entries={entries!r} is not an int in [1, {stored}] (the module stores {stored})"
+    return None
 
 
 def _infer_shape(where: str, path: str, r: int, indices: torch.Tensor) -> tuple[int, int]:
@@ -316,14 +367,21 @@ def from_peft(source: str | os.PathLike | nn.Module, base: nn.Module | None, ada
             m, n = info["shape"]
         else:
             m, n = _infer_shape(where, path, r, indices)
-        if int(indices.min()) < 0 or int(indices[0].max()) >= m or int(indices[1].max()) >= n:
+        low = indices.min(dim=1).values  # (2,): the smallest row and column
+        if int(low.min()) < 0:
+            raise ShiraError(
+                f"{where}: module '{path}': negative indices (smallest row {int(low[0])}, column {int(low[1])}); rows and "
+                f"columns start at 0, the file is corrupt. Save the adapter again"
+            )
+        if int(indices[0].max()) >= m or int(indices[1].max()) >= n:
             raise ShiraError(f"{where}: module '{path}': indices reach row {int(indices[0].max())}, column {int(indices[1].max())}, outside its {m}x{n} weight")
         # to_peft's padding (after the first `entries` values) is dropped while it is still zero.
         keep = torch.ones(values.numel(), dtype=torch.bool)
         if info:
             keep[info["entries"]:] = values[info["entries"]:] != 0
         flat = indices[0, keep] * n + indices[1, keep]
-        coo = torch.sparse_coo_tensor(flat.unsqueeze(0), values[keep], (m * n,)).coalesce()  # sorted; duplicates add, as in PEFT
+        # sorted; duplicates add, as in PEFT. check_invariants is explicit: left implicit, torch warns that it skips it
+        coo = torch.sparse_coo_tensor(flat.unsqueeze(0), values[keep], (m * n,), check_invariants=True).coalesce()
         flat = coo.indices()[0].to(torch.int32 if m * n < 2**31 else torch.int64)
         exact = info is not None and bool(keep.sum() == info["entries"])  # the index set to_peft recorded
         if weight is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,8 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def parse_dtype(name: str, where: str) -> torch.dtype:
-    if name not in _BASE_DTYPES:
+def parse_dtype(name: object, where: str) -> torch.dtype:
+    if not isinstance(name, str) or name not in _BASE_DTYPES:
         raise ShiraError(f"{where}: unknown dtype {name!r}; expected one of {sorted(_BASE_DTYPES)}")
     return _BASE_DTYPES[name]
 
@@ -79,11 +80,37 @@ def check_indices(indices: torch.Tensor, numel: int, where: str) -> None:
         raise ShiraError(f"{where}: indices are not sorted (position {at + 1}: {int(indices[at + 1])} after {int(indices[at])}); sort them ascending")
 
 
-def _block_indices(blocks: torch.Tensor, block: object, shape: tuple[int, ...], where: str) -> torch.Tensor:
-    """The flat indices of the runs a version-2 file stores by block number, validated first."""
+def check_shape(shape: object, where: str) -> tuple[int, ...]:
+    """``shape`` as a tuple of positive ints whose product fits an int64 index; ShiraError otherwise.
+
+    Checked before anything is sized from it: a product that overflows would wrap to a negative
+    entry count (and a huge one would size allocations). ``()`` is a scalar weight (one entry).
+    """
+    if not isinstance(shape, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape):
+        raise ShiraError(f"{where}: shape {shape!r} is not a list of positive ints")
+    dims = tuple(int(s) for s in shape)  # Python ints: their product cannot wrap around
+    if math.prod(dims) >= 2**63:
+        raise ShiraError(f"{where}: shape {list(dims)} has {math.prod(dims):,} entries, more than an int64 index can address (2**63 - 1)")
+    return dims
+
+
+def _block_indices(blocks: torch.Tensor, values: torch.Tensor, block: object, shape: tuple[int, ...], where: str) -> torch.Tensor:
+    """The flat indices of the runs a version-2 file stores by block number, validated first.
+
+    Every size is checked against the tensors read from the file before the runs are expanded, so the
+    expansion (k = len(values) entries) is bounded by the file's size whatever its header claims.
+    """
     if isinstance(block, bool) or not isinstance(block, int) or block < 1 or row_length(shape) % block:
-        raise ShiraError(f"{where}: block={block!r} is not a positive int dividing the row length of a {list(shape)} weight")
-    numel = int(torch.Size(shape).numel())
+        raise ShiraError(
+            f"{where}: block={block!r} is not a positive int dividing the row length {row_length(shape)} of a {list(shape)} "
+            f"weight; the header is corrupt, save the adapter again"
+        )
+    if blocks.dim() != 1 or values.dim() != 1 or blocks.numel() * block != values.numel():
+        raise ShiraError(
+            f"{where}: {tuple(blocks.shape)} block numbers of {block} entries each need {blocks.numel() * block:,} values, the "
+            f"file holds {tuple(values.shape)}; the file is corrupt, save the adapter again"
+        )
+    numel = math.prod(shape)
     check_indices(blocks, numel // block, f"{where} (block numbers, block={block})")
     return expand_blocks(blocks, block).to(index_dtype(numel))
 
@@ -112,10 +139,11 @@ class SparseDelta:
 
     @property
     def numel(self) -> int:
-        return int(torch.Size(self.shape).numel())
+        return math.prod(int(s) for s in self.shape)  # a Python int: torch.Size.numel() wraps around past 2**63
 
     def validate(self, name: str, context: str = "") -> None:
         """Raise ShiraError, naming ``context`` and the tensor key, unless this delta is well formed."""
+        check_shape(self.shape, f"{context}'{name}'")
         check_indices(self.indices, self.numel, f"{context}'{name}.indices'")
         if self.block != 1:
             check_block(self.block)
@@ -174,6 +202,11 @@ class SparseAdapter:
         """
         return math.gcd(*(d.block for d in self.deltas.values()))
 
+    @property
+    def format_version(self) -> str:
+        """The file format version ``save`` writes: "2" when a weight stores runs (block > 1), else "1"."""
+        return BLOCK_FORMAT_VERSION if max(d.block for d in self.deltas.values()) > 1 else FORMAT_VERSION
+
     def __repr__(self) -> str:
         mask = self.metadata.get("mask", "?")
         block = f", block={self.block}" if self.block > 1 else ""
@@ -195,8 +228,7 @@ class SparseAdapter:
                 tensors[f"{name}.indices"] = delta.indices.contiguous()
             tensors[f"{name}.values"] = delta.values.to(dtype).contiguous()
         metadata = dict(self.metadata)
-        version = BLOCK_FORMAT_VERSION if self.deltas and max(d.block for d in self.deltas.values()) > 1 else FORMAT_VERSION
-        metadata.update(format=FORMAT, format_version=version, modules=json.dumps(modules))
+        metadata.update(format=FORMAT, format_version=self.format_version, modules=json.dumps(modules))
         return save_safetensors(tensors, metadata=metadata)
 
     def save(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
@@ -244,10 +276,13 @@ class SparseAdapter:
                 f"{path}: unknown adapter format_version {metadata.get('format_version')!r}; this shira_hooks "
                 f"reads versions {', '.join(_READABLE)}. Upgrade shira_hooks to read newer files"
             )
+        version = metadata["format_version"]
         try:
             modules = json.loads(metadata.pop("modules"))
         except (KeyError, json.JSONDecodeError) as error:
             raise ShiraError(f"{path}: metadata entry 'modules' is missing or not JSON ({error})") from None
+        if not isinstance(modules, dict) or not modules:
+            raise ShiraError(f"{path}: metadata entry 'modules' is a JSON {type(modules).__name__} {str(modules)[:80]}; expected a non-empty object {{name: {{shape, dtype, fingerprint}}}}")
         expected = {f"{name}.{part}" for name in modules for part in ("indices", "values")}
         missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
         if missing:
@@ -256,18 +291,21 @@ class SparseAdapter:
             raise ShiraError(f"{path}: unexpected tensor key(s) {extra[:5]} not described in the metadata 'modules'")
         deltas = {}
         for name, info in modules.items():
-            try:
-                shape, fingerprint = tuple(int(s) for s in info["shape"]), str(info["fingerprint"])
-                dtype = parse_dtype(info["dtype"], f"{path}: module '{name}'")
-                block = info.get("block", 1)
-            except (KeyError, TypeError, ValueError, AttributeError) as error:
-                if isinstance(error, ShiraError):
-                    raise
-                raise ShiraError(f"{path}: metadata for module '{name}' is malformed ({error!r}); expected shape, dtype, fingerprint") from None
-            indices = tensors[f"{name}.indices"]
-            if block != 1:
-                indices = _block_indices(indices, block, shape, f"{path}: tensor '{name}.indices'")
-            deltas[name] = SparseDelta(shape, dtype, indices, tensors[f"{name}.values"], fingerprint, block)
+            where = f"{path}: module '{name}'"
+            if not isinstance(info, dict) or not {"shape", "dtype", "fingerprint"} <= info.keys() or not isinstance(info["fingerprint"], str):
+                raise ShiraError(f"{where}: metadata {str(info)[:120]} is malformed; expected {{\"shape\": [...], \"dtype\": ..., \"fingerprint\": \"<hex>\"}}")
+            shape = check_shape(info["shape"], where)
+            dtype = parse_dtype(info["dtype"], where)
+            indices, values = tensors[f"{name}.indices"], tensors[f"{name}.values"]
+            block = info.get("block", 1)
+            if "block" in info and version == FORMAT_VERSION:  # a version-1 reader would take block numbers for indices
+                raise ShiraError(
+                    f"{where}: has a 'block' entry, which format_version {FORMAT_VERSION} files do not have (block adapters are "
+                    f"version {BLOCK_FORMAT_VERSION}); the header is corrupt or was edited, save the adapter again"
+                )
+            if "block" in info:
+                indices = _block_indices(indices, values, block, shape, f"{path}: tensor '{name}.indices'")
+            deltas[name] = SparseDelta(shape, dtype, indices, values, info["fingerprint"], block)
         metadata.pop("format"), metadata.pop("format_version")
         return cls(deltas, metadata, context=f"{path}: tensor ")
 
@@ -382,6 +420,7 @@ class SparseAdapter:
         base_model_name_or_path: str | os.PathLike | None = None,
         revision: str | None = None,
         dtype: torch.dtype = torch.float32,
+        license: str | None = None,
     ) -> Path:
         """Write a Hub-style folder: the adapter file, ``shira_config.json`` and a model card ``README.md``.
 
@@ -400,6 +439,10 @@ class SparseAdapter:
                 ``metadata["base_model_name_or_path"]`` (set by ``from_pretrained``), if any.
             revision: the base model's branch, tag or commit (needs ``base_model_name_or_path``).
             dtype: how to store the values: torch.float32, torch.bfloat16 or torch.float16.
+            license: the adapter's license as a Hub license id (``"apache-2.0"``, ``"llama3.1"``,
+                ``"other"``; usually the base model's), written to the card's front matter and the
+                config. ``None``: the adapter's ``metadata["license"]`` (set by ``from_pretrained``), if
+                any; otherwise the card says that no license was recorded.
 
         Returns:
             ``folder``, as a Path.
@@ -407,7 +450,8 @@ class SparseAdapter:
         Raises:
             ShiraError: ``folder`` is a file or holds other entries (they would be lost), a
                 ``dtype`` that cannot be stored, an empty or non-string base model id or revision,
-                or a revision without a base model. Raised before anything is written.
+                a revision without a base model, or a license that is not a Hub license id. Raised
+                before anything is written.
 
         Example:
             >>> adapter.save_pretrained("paint", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
@@ -417,14 +461,14 @@ class SparseAdapter:
         """
         from ._hub import save_pretrained
 
-        return save_pretrained(self, folder, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype)
+        return save_pretrained(self, folder, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype, license=license)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> "SparseAdapter":
         """Read a folder written by ``save_pretrained``.
 
-        The config's base model id and revision, when recorded, are kept in
-        ``adapter.metadata["base_model_name_or_path"]`` and ``adapter.metadata["revision"]``.
+        The config's base model id, revision and license, when recorded, are kept in
+        ``adapter.metadata["base_model_name_or_path"]``, ``["revision"]`` and ``["license"]``.
 
         Args:
             folder: the folder (a local path; download a Hub copy first with
@@ -457,6 +501,7 @@ class SparseAdapter:
         base_model_name_or_path: str | os.PathLike | None = None,
         revision: str | None = None,
         dtype: torch.dtype = torch.float32,
+        license: str | None = None,
         private: bool | None = None,
         token: str | None = None,
         commit_message: str = "Upload SHiRA adapter",
@@ -469,8 +514,8 @@ class SparseAdapter:
 
         Args:
             repo_id: ``"user/name"`` of a model repository.
-            base_model_name_or_path, revision, dtype: as in ``save_pretrained`` (``revision`` is the
-                base model's, not a branch of ``repo_id``).
+            base_model_name_or_path, revision, dtype, license: as in ``save_pretrained`` (``revision``
+                is the base model's, not a branch of ``repo_id``).
             private: passed to ``HfApi.create_repo`` when the repository is created.
             token: a Hub token; ``None`` uses the one ``huggingface-cli login`` stored.
             commit_message: the commit's message.
@@ -488,6 +533,44 @@ class SparseAdapter:
         from ._hub import push_to_hub
 
         return push_to_hub(
-            self, repo_id, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype,
+            self, repo_id, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype, license=license,
             private=private, token=token, commit_message=commit_message,
         )
+
+
+def as_adapter(source: SparseAdapter | str | os.PathLike, *, where: str = "") -> SparseAdapter:
+    """``source`` as a ``SparseAdapter``: an adapter as it is, or one read from a path.
+
+    A path may be an adapter file (``SparseAdapter.load``), a folder written by ``save_pretrained``
+    (``from_pretrained``) or a PEFT SHiRA folder holding ``adapter_config.json`` (``from_peft``, no
+    base: shapes from the folder, no fingerprints). ``apply``, ``fuse``, ``overlap`` and
+    ``MixedAdapters`` take their adapters through it.
+
+    Args:
+        source: a ``SparseAdapter``, or a ``str`` / ``os.PathLike`` path.
+        where: what the adapter is for, to start an error message (e.g. ``"apply()"``).
+
+    Returns:
+        The adapter.
+
+    Raises:
+        FileNotFoundError: no file or folder at the path.
+        ShiraError: ``source`` is neither an adapter nor a path, or the file or folder is not a
+            valid adapter (see ``SparseAdapter.load``).
+
+    Example:
+        >>> adapter = as_adapter("adapter.safetensors")   # = SparseAdapter.load("adapter.safetensors")
+    """
+    if isinstance(source, SparseAdapter):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise ShiraError(
+            f"{where + ': ' if where else ''}got a {type(source).__name__}, not a SparseAdapter or a path; pass "
+            f"SparseAdapter.load(path) (a file or a save_pretrained folder), SparseAdapter.from_peft(folder), or the path itself"
+        )
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such adapter file or folder")
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        return SparseAdapter.from_peft(path)
+    return SparseAdapter.load(path)  # a file, or a save_pretrained folder

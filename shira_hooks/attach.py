@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -30,6 +31,11 @@ def _check_arguments(model: Any, sparsity: Any, mask: Any, calibration: Any, cal
     if not isinstance(model, nn.Module):
         raise ShiraError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
     masks.check_sparsity(sparsity)
+    if sparsity > 0.5:  # sparsity=1 meaning 1% would silently train every entry
+        warnings.warn(
+            f"attach(sparsity={sparsity!r}) trains {sparsity:.0%} of every target weight; sparsity is a fraction, so 1% "
+            f"is sparsity=0.01 (SHiRA trains about 1-2%)", UserWarning, stacklevel=3,
+        )
     if not callable(mask) and mask not in masks.MASK_KINDS:
         raise ShiraError(f"unknown mask={mask!r}; use one of {', '.join(masks.MASK_KINDS)} or a function (name, weight) -> indices")
     if calibration is not None and mask not in masks.CALIBRATED_KINDS:
@@ -110,6 +116,7 @@ def attach(
     Args:
         model: any ``nn.Module``; it is not rewritten.
         sparsity: fraction of each target weight that trains, in (0, 1]; k = round(sparsity * numel), >= 1.
+            Above 0.5 a UserWarning says that 0.01 means 1% (``sparsity=1`` trains every entry).
         mask: "struct" (diagonal + whole rows), "rand" (uniform, from ``seed``), "wm" (top-k |W|),
             "grad" (top-k sum |dL/dW|), "snip" (top-k |W * sum dL/dW|), or a function
             ``(name, weight) -> flat indices or bool mask``.

@@ -31,11 +31,13 @@ import torch
 from torch import nn
 
 from . import masks
+from ._help import DefaultsFormatter
 from ._io import digest
 from ._timing import command_line, machine, publish, report_header, time_interleaved
 from .adapter import SparseAdapter, SparseDelta
 from .switch import apply
 
+DESCRIPTION = "CPU micro-benchmark of adapter loading: SHiRA apply+remove against LoRA fuse+unfuse, one square weight at a time."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = (
     ("dim", 6), ("dtype", 9), ("r", 4), ("k", 9), ("LoRA addmm_", 12), ("LoRA PEFT", 11), ("SHiRA", 9),
@@ -44,6 +46,11 @@ COLUMNS = (
 )
 OUTLIER = 3.0  # a method whose slowest round is this many times its median is flagged: the machine, not the method
 METHODS = ("lora_addmm", "lora_peft", "shira", "raw_bound", "raw_scatter", "naive")
+LEGEND = (
+    f"x addmm_ / x PEFT / x best: LoRA's time over SHiRA's; SHiRA/raw: SHiRA over two bare index_copy_; spread: the "
+    f"slowest round over the median round of the row's least steady method, '!' when {OUTLIER:g}x or more (the machine "
+    f"slowed one round: read the median)"
+)
 
 
 def bench_one(dim: int, dtype: torch.dtype, sparsity: float, rank: int | None, *, warmup: int, repeats: int, budget: float, seed: int = 0) -> dict:
@@ -192,17 +199,17 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shira_hooks.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--dims", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    parser.add_argument("--sparsity", type=float, default=0.01)
-    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: matched to --sparsity)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser = argparse.ArgumentParser(prog="python -m shira_hooks.bench", description=DESCRIPTION, formatter_class=DefaultsFormatter)
+    parser.add_argument("--dims", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192], help="square weight sizes to time")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES), help="weight dtypes to time")
+    parser.add_argument("--sparsity", type=float, default=0.01, help="share of each weight the SHiRA adapter changes")
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the rank with as many parameters as --sparsity gives entries)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds per method before timing")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per method (at most)")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds per measurement before stopping early (>= 3 rounds)")
-    parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--plot", metavar="PATH.png")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows, machine and command as JSON")
+    parser.add_argument("--plot", metavar="PATH.png", help="also plot the times against the dimension (needs matplotlib)")
     parser.add_argument("--results", metavar="RESULTS.md", help="write the table into this markdown file")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small dims, few repeats")
     args = parser.parse_args(argv)
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}: {value}")
     print(f"sparsity: {args.sparsity:g}, LoRA rank: {args.rank or 'matched'}, warmup {args.warmup}, repeats <= {args.repeats}, budget {args.budget:g} s")
     print("times: median ms per round (fuse+unfuse, apply+remove); methods interleaved round-robin")
+    print(LEGEND)
     print(table_header())
     rows = []
     for dtype in args.dtypes:

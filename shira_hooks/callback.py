@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ._hub import check_license, hub_id
 from .attach import attach
 from .handle import ShiraHandle
 from .errors import ShiraError
@@ -40,9 +41,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _base_model_id(model: Any) -> str | None:
-    """The Hub id or path the model was loaded from (``config._name_or_path``), or None if built from a config."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
-    return os.fspath(name) if isinstance(name, (str, os.PathLike)) and os.fspath(name) else None
+    """The Hub id the model was loaded from (``config._name_or_path``); None for a local folder or a model built from a config."""
+    return hub_id(getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None))
 
 
 class ShiraCallback(TrainerCallback):
@@ -59,14 +59,18 @@ class ShiraCallback(TrainerCallback):
         resume_from: a checkpoint folder to take the masks from. By default, when the Trainer
             resumes (``state.global_step > 0`` at train begin), ``<output_dir>/checkpoint-<step>``.
         calibration_batches: batches scored when attaching at train begin with a grad/snip mask.
+        base_model_name_or_path: the base model's Hub id for the Hub-style folder's config and model
+            card. Default: ``model.config._name_or_path`` when it is a Hub id (a model loaded from
+            the Hub); a model loaded from a local folder is then recorded as unknown, so pass its Hub id.
+        license: the adapter's Hub license id for the folder (usually the base model's, e.g.
+            ``"apache-2.0"``); default none recorded.
 
     At train end the main process writes the adapter twice into the run's folder (``<output_dir>``; under
     ``hyperparameter_search``, the trial's folder: ``<output_dir>/<trial name>`` when the Trainer names
     trials (``hp_name``), else the folder of the trial's checkpoints, else ``<output_dir>/trial-<n>``): the
     single file ``shira_adapter.safetensors`` (``SparseAdapter.save``, read with ``load``), and the
-    Hub-style folder ``shira_adapter/`` (``SparseAdapter.save_pretrained``: the same
-    file, a config and a model card, naming the base model ``model.config._name_or_path`` when the
-    model was loaded from the Hub or a path; read with ``SparseAdapter.from_pretrained``). The number
+    Hub-style folder ``shira_adapter/`` (``SparseAdapter.save_pretrained``: the same file, a config and a
+    model card naming the base model and license above; read with ``SparseAdapter.from_pretrained``). The number
     of trainable entries and the result of ``verify()`` are logged and kept in ``callback.report``.
     At every checkpoint save, the adapter file and the handle's state (masks and base values at the
     masked entries) are written into the checkpoint folder, so
@@ -81,16 +85,20 @@ class ShiraCallback(TrainerCallback):
         save_dtype: torch.dtype = torch.float32,
         resume_from: str | os.PathLike | None = None,
         calibration_batches: int = 8,
+        base_model_name_or_path: str | None = None,
+        license: str | None = None,
         **attach_kwargs: Any,
     ):
         if handle is not None and not isinstance(handle, ShiraHandle):
             raise ShiraError(f"ShiraCallback(handle) needs what shira_hooks.attach() returned, got {type(handle).__name__}")
         if handle is not None and attach_kwargs:
             raise ShiraError(f"pass either a handle or attach arguments to ShiraCallback, not both (got {sorted(attach_kwargs)})")
+        check_license(license)  # now, not after training
         self.handle = handle
         self.save_dtype = save_dtype
         self.resume_from = resume_from
         self.calibration_batches = calibration_batches
+        self.base_model_name_or_path, self.license = base_model_name_or_path, license
         self.attach_kwargs = attach_kwargs
         self.report: dict[str, Any] = {}
         self._runs = 0  # train() runs begun: names the folder of a search trial that has no other
@@ -218,7 +226,8 @@ class ShiraCallback(TrainerCallback):
         adapter = self.handle.extract()  # every rank: under FSDP2 it gathers the shards (a collective)
         if state.is_world_process_zero:
             adapter.save(path, dtype=self.save_dtype)
-            adapter.save_pretrained(folder, base_model_name_or_path=_base_model_id(self.handle.model), dtype=self.save_dtype)
+            base = self.base_model_name_or_path or _base_model_id(self.handle.model)
+            adapter.save_pretrained(folder, base_model_name_or_path=base, dtype=self.save_dtype, license=self.license)
         level = logging.ERROR if changed else logging.INFO
         logger.log(
             level, "shira_hooks: %s trainable entries; entries changed outside the masks: %s; adapter: %s; adapter folder: %s",

@@ -9,18 +9,21 @@
 
 An adapter argument may be a shira_hooks file, a Hub-style folder (``save_pretrained``) or a PEFT
 SHiRA folder (``adapter_config.json``). Bad files and arguments print the ``ShiraError`` message,
-without a traceback, and exit with code 2.
+without a traceback, and exit with code 2; so does an unknown verb (options alone run the demo).
+Output into a pipe that closes early (``inspect f | head``) ends quietly with code 141.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
 from pathlib import Path
 
-from .adapter import SparseAdapter, dtype_name
+from ._help import DefaultsFormatter
+from .adapter import SparseAdapter, as_adapter, dtype_name
 from .masks import index_dtype
 from .errors import ShiraError
 
@@ -40,18 +43,6 @@ Each verb has its own --help. An adapter may be a shira_hooks .safetensors file,
 SparseAdapter.save_pretrained, or a PEFT SHiRA folder."""
 
 
-def load_any(path: str | os.PathLike) -> SparseAdapter:
-    """A shira_hooks file, a Hub-style folder, or a PEFT SHiRA folder, as a ``SparseAdapter``."""
-    path = Path(path)
-    if not path.exists():
-        raise ShiraError(f"{path}: no such file or folder; give a shira_hooks .safetensors file or an adapter folder")
-    if path.is_dir():
-        if (path / "adapter_config.json").exists():
-            return SparseAdapter.from_peft(path)
-        return SparseAdapter.from_pretrained(path)
-    return SparseAdapter.load(path)
-
-
 def save_any(adapter: SparseAdapter, out: str | os.PathLike) -> Path:
     """A ``.safetensors`` path gets one file; anything else a Hub-style folder (``save_pretrained``)."""
     out = Path(out)
@@ -62,7 +53,7 @@ def save_any(adapter: SparseAdapter, out: str | os.PathLike) -> Path:
 
 # ------------------------------------------------------------------------------------ verbs
 def inspect(args: argparse.Namespace) -> int:
-    adapter = load_any(args.adapter)
+    adapter = as_adapter(args.adapter)
     path = Path(args.adapter)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     rows, total_bytes = [], 0
@@ -94,7 +85,9 @@ def inspect(args: argparse.Namespace) -> int:
 def fuse(args: argparse.Namespace) -> int:
     from .fusion import fuse as fuse_adapters
 
-    adapters = [load_any(path) for path in args.adapters]
+    if len(args.adapters) < 2:
+        raise ShiraError(f"fuse needs two or more adapters, got {len(args.adapters)} ({args.adapters[0]}); to copy or convert one, use convert or save it again")
+    adapters = [as_adapter(path) for path in args.adapters]
     base = _load_model(args.model) if args.model else None
     fused = fuse_adapters(adapters, args.weights, base=base)
     out = save_any(fused, args.out)
@@ -104,7 +97,7 @@ def fuse(args: argparse.Namespace) -> int:
 
 def convert(args: argparse.Namespace) -> int:
     if args.to_peft:
-        adapter = load_any(args.input)
+        adapter = as_adapter(args.input)
         base_id = args.base_model or adapter.metadata.get("base_model_name_or_path")
         out = adapter.to_peft(args.out, base_model_name_or_path=base_id)
         print(f"{args.input} -> PEFT SHiRA folder {out} (load with peft.PeftModel.from_pretrained(base, {str(out)!r}))")
@@ -119,7 +112,7 @@ def convert(args: argparse.Namespace) -> int:
 def merge(args: argparse.Namespace) -> int:
     from .switch import apply
 
-    adapter = load_any(args.adapter)
+    adapter = as_adapter(args.adapter)
     model = _load_model(args.model)
     apply(model, adapter, alpha=args.alpha, check_base=not args.no_check_base)  # kept: the merged weights are saved
     out = Path(args.out)
@@ -163,17 +156,8 @@ def _run_demo(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------ parser
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default where it has a meaningful one (not for None, flags and required options)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.required or action.default is argparse.SUPPRESS:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    formatter = _Formatter
+    formatter = DefaultsFormatter
     parser = argparse.ArgumentParser(
         prog=PROG, description="Sparse High Rank Adapters (SHiRA): inspect, fuse, convert and merge adapters, "
         "benchmark switching, or run the demo (the default when no verb is given).",
@@ -188,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("fuse", help="fuse adapters by (weighted) addition", formatter_class=formatter,
                          description="One adapter whose delta is the weighted sum of the given ones (the union of their entries).")
-    p.add_argument("adapters", nargs="+", help="two or more adapters")
+    p.add_argument("adapters", nargs="+", help="two or more adapters (files or folders)")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per adapter (default: 1 each)")
     p.add_argument("--model", default=None, help="the base model folder, to fingerprint the union of entries")
     p.add_argument("-o", "--out", required=True, help="a .safetensors file, or a folder (save_pretrained)")
@@ -218,11 +202,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m shira_hooks`` and of the ``shira-hooks`` console script."""
+    """Entry point of ``python -m shira_hooks`` and of the ``shira-hooks`` console script.
+
+    Returns:
+        The exit code: 0, 2 for bad files or arguments (a message, no traceback), or 141 when the
+        reader of the output went away (``inspect f | head -2``; the rest of the output is dropped).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in VERBS and argv[0] not in ("-h", "--help")):
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+    except BrokenPipeError:
+        # Python would print a traceback and, at exit, "Exception ignored ... BrokenPipeError": point stdout
+        # at /dev/null so the final flush succeeds, and stop quietly as a Unix tool does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE
+    return code
+
+
+def _dispatch(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         return _run_demo(argv)  # no verb: the demo, with any demo options
+    if argv[0] not in VERBS and argv[0] not in ("-h", "--help"):
+        close = difflib.get_close_matches(argv[0], VERBS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        print(f"{PROG}: error: unknown verb {argv[0]!r}; {hint}the verbs are {', '.join(VERBS)} (see {PROG} --help)", file=sys.stderr)
+        return 2
     if argv[0] == "bench":
         return _run_bench(argv[1:])
     if argv[0] == "demo":

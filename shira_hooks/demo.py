@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import shira_hooks
+from shira_hooks._help import DefaultsFormatter
 
 DESCRIPTION = (
     "The whole SHiRA workflow on an embedded default: train a small MLP on task A, adapt it to task B "
@@ -63,7 +64,7 @@ def accuracy(model, inputs, labels) -> float:
 
 def main(argv: list[str] | None = None, prog: str = "python -m shira_hooks demo") -> int:
     parser = argparse.ArgumentParser(
-        prog=prog, description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=prog, description=DESCRIPTION, formatter_class=DefaultsFormatter
     )
     parser.add_argument("--sparsity", type=float, default=0.02, help="fraction of each target weight that trains")
     parser.add_argument("--mask", default="snip", choices=["struct", "rand", "wm", "grad", "snip"], help="how the entries are chosen")
@@ -80,9 +81,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m shira_hooks demo"
     print(f"base model trained on task A: accuracy A {accuracy(model, *task_a):.3f}, B {accuracy(model, *task_b):.3f}")
 
     inputs, labels = task_b
-    calibration = [(inputs[i : i + 128], labels[i : i + 128]) for i in range(0, 1024, 128)]
-    loss_fn = lambda m, batch: nn.functional.cross_entropy(m(batch[0]), batch[1])
-    shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration, loss_fn=loss_fn, progress=False)
+    scoring = {}  # grad and snip score the weights on batches of task B; struct, rand and wm need none
+    if args.mask in ("grad", "snip"):
+        scoring["calibration"] = [(inputs[i : i + 128], labels[i : i + 128]) for i in range(0, 1024, 128)]
+        scoring["loss_fn"] = lambda m, batch: nn.functional.cross_entropy(m(batch[0]), batch[1])
+    shira = shira_hooks.attach(model, args.sparsity, args.mask, seed=0, progress=False, **scoring)
     print(shira.summary())
     loss = train(model, *task_b, steps=args.steps, lr=1e-2, weight_decay=0.1)
     changed_outside = shira.verify()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -12,12 +13,12 @@ import torch
 from torch import nn
 
 from ._io import digest
-from .adapter import SparseAdapter, SparseDelta
+from .adapter import SparseAdapter, SparseDelta, as_adapter
 from .errors import ShiraError
 from .masks import index_dtype
 
 
-def fuse(adapters: Sequence[SparseAdapter], weights: Sequence[float] | None = None, *, base: nn.Module | None = None) -> SparseAdapter:
+def fuse(adapters: Sequence[SparseAdapter | str | os.PathLike], weights: Sequence[float] | None = None, *, base: nn.Module | None = None) -> SparseAdapter:
     """One adapter whose delta is the weighted sum of the given ones (union of their entries).
 
     Applying the result equals applying the adapters one after the other with alphas ``weights``
@@ -29,17 +30,17 @@ def fuse(adapters: Sequence[SparseAdapter], weights: Sequence[float] | None = No
     unstructured (block 1) adapter gives an unstructured weight.
 
     Args:
-        adapters: one or more adapters for the same base model.
+        adapters: one or more adapters for the same base model (``SparseAdapter`` objects or paths).
         weights: one weight per adapter (default 1.0 each).
         base: the base model. Where the adapters' entries differ, the fused fingerprint must be
             computed from the base: with ``base`` it is (and every adapter's fingerprint is checked
             against it); without it, such modules get an empty fingerprint, which ``apply`` cannot verify.
 
     Raises:
-        ShiraError: fewer than two adapters, a weight count mismatch, modules whose shape or dtype
+        ShiraError: no adapters, a weight count mismatch, modules whose shape or dtype
             disagree between adapters, or an adapter that does not match ``base``.
     """
-    adapters = list(adapters)
+    adapters = [as_adapter(adapter, where="fuse()") for adapter in adapters]  # paths are loaded
     if len(adapters) < 1:
         raise ShiraError("fuse() needs at least one adapter")
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
@@ -174,12 +175,15 @@ def _product_stats(da: SparseDelta, db: SparseDelta) -> tuple[float, float]:
     return nonzeros / cols**2, square**0.5 / norm
 
 
-def overlap(a: SparseAdapter, b: SparseAdapter) -> Overlap:
+def overlap(a: SparseAdapter | str | os.PathLike, b: SparseAdapter | str | os.PathLike) -> Overlap:
     """How much two adapters interfere: shared entries per module and overall, and the paper's A1^T A2.
+
+    ``a`` and ``b`` are ``SparseAdapter`` objects or paths (loaded with ``as_adapter``).
 
     Example:
         >>> print(shira_hooks.overlap(paint, knight))
     """
+    a, b = as_adapter(a, where="overlap()"), as_adapter(b, where="overlap()")
     modules = {}
     for name in a.deltas.keys() & b.deltas.keys():
         da, db = a.deltas[name], b.deltas[name]

@@ -21,6 +21,13 @@ left operand, ``x @ S^T`` with S^T as CSR, 3.6 ms), and the transposed result is
 of consecutive rows of the output (0.42 ms; ``index_add_`` with a transposed source 0.70 ms; a
 column-major ``out=`` makes torch copy, 1.3 ms). A gather of the k input columns with ``index_add_``
 and a dense delta product are slower still.
+
+Dtypes: the delta is computed in float32 (float64 for float64 outputs) whatever the model's dtype and
+autocast, then added to the output, which rounds it to the output's dtype. MKL's CSR kernel has no
+bfloat16/float16 version, and the input block is a copy anyway, so casting it costs nothing extra;
+a gather of the k input columns with ``index_add_`` in bfloat16 took 4x as long in a small run
+(``benchmarks/mixed_batch.py`` has the numbers). The CSR values follow the model's device and dtype
+at the next routed forward pass.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from torch import nn
 
 from ._compact import csr_pattern
 from ._switch_state import WeakIdTable, model_state
-from .adapter import SparseAdapter
+from .adapter import SparseAdapter, as_adapter
 from .errors import ShiraError
 from .switch import verify
 
@@ -55,11 +62,11 @@ class _Layer:
         self.module = module
         self.deltas: list[torch.Tensor | None] = [None] * count
 
-    def delta(self, position: int, device: torch.device) -> torch.Tensor | None:
-        """The CSR delta of one adapter, on ``device`` (moved once if the model was moved)."""
+    def delta(self, position: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """The CSR delta of one adapter, on ``device`` in ``dtype`` (moved or cast once when the model was)."""
         csr = self.deltas[position]
-        if csr is not None and csr.device != device:
-            csr = self.deltas[position] = csr.to(device)
+        if csr is not None and (csr.device != device or csr.dtype != dtype):
+            csr = self.deltas[position] = csr.to(device, dtype)
         return csr
 
 
@@ -82,8 +89,8 @@ class _Route:
         self.groups: list[tuple[int, list[tuple[int, int]]]] = [(p, [tuple(r) for r in rs]) for p, rs in sorted(runs.items())]
         self._inputs: tuple[weakref.ref, int, torch.dtype, list[torch.Tensor]] | None = None
 
-    def transposed_inputs(self, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-        """Per group, its rows of ``x`` (B, T, in) as one contiguous (in, n*T) block in ``dtype``.
+    def transposed_inputs(self, x: torch.Tensor, batch_dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Per group, its rows of ``x`` (batch along ``batch_dim``) as one contiguous (in, n*T) block in ``dtype``.
 
         Layers that read the same input one after another (q/k/v, gate/up) share the blocks; an input
         changed in place (``_version``) or a new tensor gets new ones.
@@ -93,9 +100,10 @@ class _Route:
             if source() is x and version == x._version and kept_dtype == dtype:
                 return blocks
         columns = x.shape[-1]
+        rows = x.movedim(batch_dim, 0)  # (B, ..., in), a view
         blocks = []
         for _, runs in self.groups:
-            parts = [x[start : start + count].reshape(-1, columns).t() for start, count in runs]  # (in, n*T) views
+            parts = [rows[start : start + count].reshape(-1, columns).t() for start, count in runs]  # (in, n*T)
             blocks.append(torch.cat(parts, dim=1).to(dtype))  # one copy, contiguous (cat of one view copies too)
         self._inputs = (weakref.ref(x), x._version, dtype, blocks)
         return blocks
@@ -123,10 +131,21 @@ class MixedAdapters:
     (nested, or from another thread) raises ShiraError. A layer is served by one open ``MixedAdapters``
     at a time.
 
-    Limits: ``nn.Linear`` targets only, float32 or float64 weights, inference only (a forward with
-    gradients through a routed layer raises ShiraError: run it under ``torch.no_grad()``), the
-    layer must be called as a module (a weight read functionally, ``F.linear(x, layer.weight)``, gets
-    no delta), and a weight tied to another module is refused. The fingerprints are checked at
+    Batch dimension: by default dim 0 of every adapted layer's input is the batch (``(B, T, in)`` or
+    ``(B, in)``). A model holding a module with ``batch_first=False`` (``nn.TransformerEncoderLayer``,
+    ``nn.MultiheadAttention``, ``nn.LSTM``, ...) may feed its layers sequence-first ``(T, B, in)``
+    inputs, which cannot be told apart from batch-first ones when T == B: such a model is refused
+    unless ``batch_dim`` is given (1 for sequence-first inputs).
+
+    Dtypes: any floating dtype, autocast included; each row equals ``apply`` in that dtype to its
+    rounding (the delta is computed in float32 and rounded once into the output). The model may be
+    moved or cast after construction.
+
+    Limits: ``nn.Linear`` targets only, inference only (a forward with gradients through a routed
+    layer raises ShiraError: run it under ``torch.no_grad()``), the layer must be called as a module
+    (a weight read functionally, ``F.linear(x, layer.weight)``, gets no delta; the ``out_proj`` of an
+    ``nn.MultiheadAttention``, which it reads so, is refused), and a weight tied to another module or
+    sharing memory with another parameter or buffer is refused. The fingerprints are checked at
     construction; build a new one after training or editing the base.
 
     Example:
@@ -144,25 +163,34 @@ class MixedAdapters:
         alpha: float | Mapping[str, float] = 1.0,
         *,
         check_base: bool = True,
+        batch_dim: int | None = None,
     ):
         """Check every adapter against the model, then hook the target layers.
 
         Args:
             model: the base model (its parameter names are the adapters' module names).
-            adapters: ``{name: SparseAdapter}``; names are what ``route`` takes.
+            adapters: ``{name: adapter}``, each a ``SparseAdapter`` or the path of an adapter file or
+                folder (``shira_hooks.adapter.as_adapter``); names are what ``route`` takes.
             alpha: one strength for all, or ``{name: alpha}`` (missing names get 1.0).
             check_base: verify dtypes and base fingerprints, as ``apply`` does.
+            batch_dim: which dimension of an adapted layer's input holds the batch rows: 0 for
+                ``(B, T, in)`` or ``(B, in)``, 1 for sequence-first ``(T, B, in)``. None (default): 0,
+                but a model with a ``batch_first=False`` module is refused (it may be either).
 
         Raises:
-            ShiraError: no adapters, a name that is not a string, an alpha that is not a finite
-                number or names no adapter, an adapter that does not fit the model (missing module,
-                shape, dtype, fingerprint: ``apply``'s checks), a target that is not an ``nn.Linear``
-                weight (or is tied to another module, or is not float32/float64), or a layer that
-                another open ``MixedAdapters`` serves. Nothing is installed then.
+            ShiraError: no adapters, a name that is not a string, an adapter that is not a
+                SparseAdapter or a path, an alpha that is not a finite number or names no adapter, an
+                adapter that does not fit the model (missing module, shape, dtype, fingerprint:
+                ``apply``'s checks), a target that is not an ``nn.Linear`` weight (or is tied to another
+                module, shares memory with another tensor of the model, or is the ``out_proj`` of an
+                ``nn.MultiheadAttention``), a bad ``batch_dim`` or none for a model with
+                ``batch_first=False`` modules, or a layer that another open ``MixedAdapters`` serves.
+                Nothing is installed then.
         """
         self.model = model
+        self.batch_dim = _check_batch_dim(model, batch_dim)
         self.names, self.alphas = _check_arguments(adapters, alpha)
-        self.adapters = [adapters[name] for name in self.names]
+        self.adapters = [as_adapter(adapters[name], where=f"MixedAdapters adapter {name!r}") for name in self.names]
         self._lock = threading.Lock()  # guards entering and leaving routes
         self._route: _Route | None = None
         self._hooks: list = []
@@ -198,9 +226,9 @@ class MixedAdapters:
     def route(self, names: Sequence[str | None]) -> Iterator[None]:
         """Route batch row ``r`` to adapter ``names[r]`` (None: no adapter) inside the block.
 
-        Every routed layer's input must have ``len(names)`` rows (dim 0 of its (B, T, in) or (B, in)
-        input). Holds the model's switching lock for the whole block (``apply``/``remove`` from
-        other threads wait).
+        Every routed layer's input must have ``len(names)`` rows along ``batch_dim`` (dim 0 of a
+        (B, T, in) or (B, in) input by default). Holds the model's switching lock for the whole
+        block (``apply``/``remove`` from other threads wait).
 
         Raises:
             ShiraError: ``names`` is not a non-empty sequence, names an unknown adapter, this
@@ -241,9 +269,11 @@ class MixedAdapters:
     @torch.no_grad()
     def _add_deltas(self, layer: _Layer, route: _Route, x: torch.Tensor, y: torch.Tensor) -> None:
         """y[rows of adapter i] += x[rows] (alpha_i S_i)^T, in place, for every adapter of the route."""
-        if x.dim() < 2 or x.shape[0] != route.size:
+        batch_dim = self.batch_dim
+        if x.dim() < 2 or batch_dim >= x.dim() - 1 or x.shape[batch_dim] != route.size:
+            size = x.shape[batch_dim] if batch_dim < x.dim() - 1 else "none"
             raise ShiraError(
-                f"layer '{layer.name}': its input has batch size {x.shape[0] if x.dim() else 0} (shape {list(x.shape)}), "
+                f"layer '{layer.name}': its input has batch size {size} along batch_dim={batch_dim} (shape {list(x.shape)}), "
                 f"the route has {route.size} rows; give route() one name per row of the batch the model sees "
                 f"(beam search and other batch expansions are not supported)"
             )
@@ -252,21 +282,28 @@ class MixedAdapters:
                 f"layer '{layer.name}': a routed forward pass needs gradients; MixedAdapters is for inference, "
                 f"run it under torch.no_grad() or torch.inference_mode()"
             )
-        out = y.shape[-1]
-        rows = y.view(route.size, -1, out)  # (B, T, out); F.linear's output is contiguous
-        dtype = layer.module.weight.dtype
+        rows = y.movedim(batch_dim, 0)  # (B, ..., out), a view of the output
+        # float32 compute whatever the output's dtype (CSR has no bfloat16/float16 kernel); add_ rounds once
+        dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+        with torch.autocast(y.device.type, enabled=False):  # autocast would cast the product to bfloat16
+            self._add_groups(layer, route, x, rows, dtype)
+
+    def _add_groups(self, layer: _Layer, route: _Route, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> None:
+        """rows[rows of adapter i] += the delta computed in ``dtype``; ``rows`` is the output viewed (B, ..., out)."""
+        inner, out = rows.shape[1:-1], rows.shape[-1]
         blocks = None
         for block_index, (position, runs) in enumerate(route.groups):
-            csr = layer.delta(position, y.device)
+            csr = layer.delta(position, rows.device, dtype)
             if csr is None:  # this adapter does not adapt this layer
                 continue
             if blocks is None:
-                blocks = route.transposed_inputs(x, dtype)
+                blocks = route.transposed_inputs(x, self.batch_dim, dtype)
             delta = torch.sparse.mm(csr, blocks[block_index])  # (out, n*T)
             column = 0
             for start, count in runs:
-                width = count * rows.shape[1]
-                rows[start : start + count].view(width, out).add_(delta[:, column : column + width].t())
+                width = count * math.prod(inner)
+                # (width, out) -> (count, T, out): splitting the first dim of a transposed slice is a view
+                rows[start : start + count].add_(delta[:, column : column + width].t().view(count, *inner, out))
                 column += width
 
     # ------------------------------------------------------------------------------- closing
@@ -299,15 +336,30 @@ class MixedAdapters:
         self.close()
 
 
-def _check_arguments(adapters: Mapping[str, SparseAdapter], alpha: float | Mapping[str, float]) -> tuple[list[str], list[float]]:
+def _check_batch_dim(model: nn.Module, batch_dim: int | None) -> int:
+    """``batch_dim``, or 0 when None and no module of the model may feed its layers sequence-first inputs."""
+    if batch_dim is not None:
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+            raise ShiraError(f"batch_dim={batch_dim!r}; it must be a non-negative int: 0 for (B, T, in) inputs, 1 for (T, B, in)")
+        return batch_dim
+    sequence_first = [(name or "<model>", type(module).__name__) for name, module in model.named_modules() if getattr(module, "batch_first", True) is False]
+    if sequence_first:
+        (name, kind), more = sequence_first[0], len(sequence_first) - 1
+        raise ShiraError(
+            f"module '{name}' ({kind}) has batch_first=False{f' (and {more} more)' if more else ''}, so adapted "
+            f"layers may see (T, B, in) inputs, which cannot be told from (B, T, in) when T == B; pass batch_dim=1 for "
+            f"sequence-first inputs, or batch_dim=0 if every adapted layer sees the batch first"
+        )
+    return 0
+
+
+def _check_arguments(adapters: Mapping[str, SparseAdapter | str], alpha: float | Mapping[str, float]) -> tuple[list[str], list[float]]:
     """The adapter names, in order, and their alphas; ShiraError for bad ones."""
     if not isinstance(adapters, Mapping) or not adapters:
         raise ShiraError(f"MixedAdapters needs a non-empty {{name: SparseAdapter}} mapping, got {type(adapters).__name__}")
-    for name, adapter in adapters.items():
+    for name in adapters:
         if not isinstance(name, str):
             raise ShiraError(f"adapter name {name!r} is a {type(name).__name__}; names must be strings (None means the base in route())")
-        if not isinstance(adapter, SparseAdapter):
-            raise ShiraError(f"adapter {name!r} is a {type(adapter).__name__}; pass a SparseAdapter (SparseAdapter.load(path))")
     names = list(adapters)
     given = dict(alpha) if isinstance(alpha, Mapping) else {name: alpha for name in names}
     extra = sorted(set(given) - set(names), key=str)
@@ -320,6 +372,38 @@ def _check_arguments(adapters: Mapping[str, SparseAdapter], alpha: float | Mappi
     return names, [float(a) for a in alphas]
 
 
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first byte, end byte) of the memory a strided tensor's elements lie in."""
+    reach = [(size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())]  # elements, per dim
+    low = tensor.data_ptr() + sum(r for r in reach if r < 0) * tensor.element_size()
+    return low, low + (1 + sum(abs(r) for r in reach)) * tensor.element_size()
+
+
+def _memory(model: nn.Module) -> list[tuple[int, int, str, int, torch.device]]:
+    """(first byte, end byte, name, id, device) of every parameter and buffer of the model (dense, not on meta)."""
+    spans = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.numel() and tensor.layout == torch.strided and tensor.device.type != "meta":
+            spans.append((*_span(tensor), name, id(tensor), tensor.device))
+    return spans
+
+
+def _sharing(weight: torch.Tensor, memory: list[tuple[int, int, str, int, torch.device]]) -> str | None:
+    """The name of another parameter or buffer whose memory overlaps ``weight``'s, or None.
+
+    Compares byte ranges on the same device, not storages: weights packed side by side into one
+    buffer do not overlap.
+    """
+    if weight.numel() == 0 or weight.device.type == "meta":
+        return None
+    low, high = _span(weight)
+    return next(
+        (name for other_low, other_high, name, other, device in memory
+         if other != id(weight) and device == weight.device and other_low < high and low < other_high),
+        None,
+    )
+
+
 def _target_layers(model: nn.Module, names: list[str], adapters: list[SparseAdapter], alphas: list[float]) -> list[_Layer]:
     """One ``_Layer`` per adapted Linear (CSR deltas built); ShiraError for a target that is not one."""
     holders: dict[int, int] = {}  # id(param) -> number of modules holding it (tied weights)
@@ -327,6 +411,9 @@ def _target_layers(model: nn.Module, names: list[str], adapters: list[SparseAdap
         for param in module._parameters.values():
             if param is not None:
                 holders[id(param)] = holders.get(id(param), 0) + 1
+    # Layers their parent reads without calling them: a forward hook never sees their use.
+    read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    memory = _memory(model)
     layers: dict[str, _Layer] = {}
     for position, (name, adapter, alpha) in enumerate(zip(names, adapters, alphas)):
         for weight_name, delta in adapter.deltas.items():
@@ -342,10 +429,16 @@ def _target_layers(model: nn.Module, names: list[str], adapters: list[SparseAdap
                     f"adapter {name!r} adapts '{weight_name}', a weight tied to another module (e.g. the input "
                     f"embedding); a hook on this layer would not reach the other use. Use shira_hooks.apply"
                 )
-            if module.weight.dtype not in (torch.float32, torch.float64):
+            if id(module) in read_directly:
                 raise ShiraError(
-                    f"'{weight_name}' is {module.weight.dtype}; MixedAdapters supports float32 and float64 models "
-                    f"(the CPU sparse kernel has no {module.weight.dtype}). Load the model in float32"
+                    f"adapter {name!r} adapts '{weight_name}', the out_proj of an nn.MultiheadAttention, which reads the "
+                    f"weight directly without calling the layer, so no hook sees it. Use shira_hooks.apply for this adapter"
+                )
+            if module_name not in layers and (other := _sharing(module.weight, memory)) is not None:
+                raise ShiraError(
+                    f"adapter {name!r} adapts '{weight_name}', whose memory is shared with '{other}' (e.g. a weight tied by "
+                    f"nn.Parameter(other.weight.data)); apply would change both, a hook on this layer only its own output. "
+                    f"Use shira_hooks.apply, or give the two their own storage (.clone())"
                 )
             layer = layers.get(module_name)
             if layer is None:
@@ -354,7 +447,9 @@ def _target_layers(model: nn.Module, names: list[str], adapters: list[SparseAdap
                 continue
             index = delta.indices.to(module.weight.device, torch.int64)
             pattern = csr_pattern(index, tuple(delta.shape))
-            values = alpha * delta.values.to(module.weight.device, module.weight.dtype)
+            # float32 (float64 for float64 weights); cast to the output's compute dtype at the first routed pass
+            dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+            values = alpha * delta.values.to(module.weight.device, dtype)
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore")
                 layer.deltas[position] = torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), values, pattern.shape)

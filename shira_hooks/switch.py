@@ -61,7 +61,7 @@ from ._io import digest
 from . import packing as _pack
 from ._switch_plan import SwitchPlan, written_values
 from ._switch_state import STATES, STATES_LOCK, KEEP_RECENT, AdapterCache, Applied, ModelState, Prepared, WeightState, model_state
-from .adapter import SparseAdapter, dtype_name
+from .adapter import SparseAdapter, as_adapter, dtype_name
 from .errors import ShiraError
 
 __all__ = ["apply", "AppliedAdapter", "applied", "verify", "clear_cache", "KEEP_RECENT"]
@@ -310,7 +310,8 @@ def apply(
 
     Args:
         model: the base model (its parameter names must be the adapter's module names).
-        adapter: a ``SparseAdapter`` (``extract()``, ``SparseAdapter.load`` or ``fuse``).
+        adapter: a ``SparseAdapter`` (``extract()``, ``SparseAdapter.load`` or ``fuse``), or the path
+            of an adapter file or folder (read by ``shira_hooks.adapter.as_adapter``).
         alpha: strength; 0 leaves every weight bit-identical.
         strict: with False, adapter modules missing from the model are skipped and listed in
             ``handle.skipped`` (shape, dtype and fingerprint mismatches always raise).
@@ -330,6 +331,7 @@ def apply(
         >>> with shira_hooks.apply(model, adapter, alpha=0.8):
         ...     images = pipe(prompt)
     """
+    adapter = as_adapter(adapter, where="apply()")  # a path: loaded here
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ShiraError(f"alpha={alpha!r}; it must be a finite number (the adapter's strength, 1.0 = as trained)")
     alpha = float(alpha)

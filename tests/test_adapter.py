@@ -127,6 +127,48 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     shira.detach()
 
 
+KILLED_SAVE = """
+import os, signal, sys
+import shira_hooks
+adapter = shira_hooks.SparseAdapter.load(sys.argv[1])
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed mid-save: the bytes are written, not yet renamed
+getattr(adapter, sys.argv[2])(sys.argv[3])
+"""
+
+
+def killed_save(source, method: str, destination) -> None:
+    """Run ``SparseAdapter.load(source).<method>(destination)`` in a process that is killed (SIGKILL) mid-save."""
+    import signal
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(source), method, str(destination)], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="kills a process with SIGKILL")
+def test_the_next_save_deletes_the_temporary_files_of_killed_saves_and_nothing_else(tmp_path):
+    adapter = SparseAdapter.load(_write(tmp_path, *_valid(), name="source.safetensors"))
+    folder = tmp_path / "out"
+    path = folder / "adapter.safetensors"
+    killed_save(tmp_path / "source.safetensors", "save", path)
+    stale = sorted(p.name for p in folder.iterdir())
+    assert len(stale) == 1 and all(name.startswith(".adapter.safetensors.") and name.endswith(".tmp") for name in stale)
+    from shira_hooks._io import _host_tag
+
+    keep = [
+        f".adapter.safetensors.{_host_tag()}-{os.getppid()}-abcd1234.tmp",  # a process that still runs
+        ".adapter.safetensors.0123abcd-999999-abcd1234.tmp" if _host_tag() != "0123abcd" else ".adapter.safetensors.0123abce-999999-abcd1234.tmp",
+        ".adapter.safetensors.abcd1234.tmp",  # not named by this scheme: not provably ours
+        f".other.safetensors.{_host_tag()}-{stale[0].split('-')[1]}-abcd1234.tmp",  # a killed save to another file
+    ]
+    for name in keep:
+        (folder / name).write_bytes(b"x")
+    adapter.save(path)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(keep + ["adapter.safetensors"])
+    assert SparseAdapter.load(path).num_entries == 3
+
+
 def _write(tmp_path, tensors, metadata, name="bad.safetensors"):
     path = tmp_path / name
     path.write_bytes(save_safetensors(tensors, metadata=metadata))
@@ -168,6 +210,75 @@ def test_load_rejects_bad_files(tmp_path, tensors_meta, pattern):
 def test_load_accepts_the_valid_fixture(tmp_path):
     adapter = SparseAdapter.load(_write(tmp_path, *_valid()))
     assert adapter.num_entries == 3 and adapter.deltas["lin.weight"].shape == (3, 4)
+
+
+def _header(modules, version="2", tensors=None):
+    """A one-module adapter file's (tensors, metadata) with the given 'modules' header."""
+    tensors = tensors or {"w.indices": torch.tensor([0], dtype=torch.int64), "w.values": torch.tensor([0.5])}
+    return tensors, {"format": "shira_hooks.adapter", "format_version": version, "modules": json.dumps(modules)}
+
+
+_W = {"dtype": "float32", "fingerprint": "00" * 8}
+
+
+@pytest.mark.parametrize(
+    "tensors_meta, pattern",
+    [
+        # the product overflows int64: it used to be reported as a weight of a negative number of entries
+        (_header({"w": {**_W, "shape": [2**40, 2**40]}}, "1"), r"module 'w': shape \[1099511627776, 1099511627776\] has 1,208,925,819,614,629,174,706,176 entries, more than an int64 index"),
+        (_header({"w": {**_W, "shape": ["a", "b"]}}, "1"), r"module 'w': shape \['a', 'b'\] is not a list of positive ints"),
+        (_header({"w": {**_W, "shape": [4, 0]}}, "1"), r"module 'w': shape \[4, 0\] is not a list of positive ints"),
+        # "block": true was read as block 1, then reported as a count mismatch
+        (_header({"w": {**_W, "shape": [1, 16], "block": True}}), r"tensor 'w.indices': block=True is not a positive int dividing the row length 16"),
+        # a version-1 file with block fields was read as version 2
+        (_header({"w": {**_W, "shape": [1, 16], "block": 16}}, "1", {"w.indices": torch.tensor([0], dtype=torch.int32), "w.values": torch.ones(16)}),
+         r"module 'w': has a 'block' entry, which format_version 1 files do not have"),
+        (_header(["w"], "1"), r"metadata entry 'modules' is a JSON list"),
+        (_header({"w": {**_W, "shape": [1, 16], "dtype": ["float32"]}}, "1"), r"module 'w': unknown dtype \['float32'\]"),
+    ],
+    ids=["overflowing-shape", "string-shape", "zero-dim", "block-true", "v1-with-block", "modules-list", "dtype-list"],
+)
+def test_load_refuses_malformed_headers_with_what_is_wrong(tmp_path, tensors_meta, pattern):
+    path = _write(tmp_path, *tensors_meta)
+    with pytest.raises(ShiraError, match=pattern):
+        SparseAdapter.load(path)
+
+
+def _oversized_block_file(tmp_path):
+    """A 348-byte version-2 file whose header claims one block of 2**31 entries (16 GB of int64 indices)."""
+    return _write(tmp_path, *_header({"w": {**_W, "shape": [1, 2**31], "block": 2**31}}), name="huge.safetensors")
+
+
+def test_a_header_claiming_2_31_entries_is_refused_before_the_runs_are_expanded(tmp_path, monkeypatch):
+    path = _oversized_block_file(tmp_path)
+    assert path.stat().st_size < 400
+
+    def expand(blocks, block):  # the old reader got here and allocated 16 GB: fail instead of allocating
+        raise AssertionError(f"expanding {blocks.numel()} runs of {block} before checking the value count")
+
+    monkeypatch.setattr(shira_hooks.adapter, "expand_blocks", expand)
+    with pytest.raises(ShiraError, match=r"huge.safetensors: tensor 'w.indices': \(1,\) block numbers of 2147483648 entries each need 2,147,483,648 values, the file holds \(1,\)"):
+        SparseAdapter.load(path)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the address space size from Linux /proc")
+def test_inspect_of_the_oversized_file_under_a_memory_limit_prints_the_error_and_exits_2(tmp_path):
+    """The work before refusing is bounded by the file's size: the CLI runs with 1 GB of address space to spare."""
+    import subprocess
+    import sys
+
+    path = _oversized_block_file(tmp_path)
+    code = (
+        "import resource, sys\n"
+        "from shira_hooks.cli import main\n"  # imports torch: the limit is set above what the process already holds
+        "size = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmSize:'))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY))\n"
+        "sys.exit(main(['inspect', sys.argv[1]]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("python -m shira_hooks inspect: error: ") and "Traceback" not in done.stderr
+    assert "block numbers of 2147483648 entries each need 2,147,483,648 values" in done.stderr
 
 
 def test_load_rejects_non_safetensors_and_truncated(tmp_path):
@@ -296,3 +407,30 @@ def test_load_memory_maps_instead_of_reading_the_file(tmp_path, monkeypatch):
         SparseAdapter.load(paths["f32"], device="gpu:x")
     with pytest.raises(FileNotFoundError):
         SparseAdapter.load(tmp_path / "absent.safetensors")
+
+
+def test_apply_fuse_and_overlap_take_a_path_or_a_folder(tmp_path):
+    """apply(model, "adapter.safetensors") used to raise TypeError: cannot create weak reference to 'str' object."""
+    _, base, shira = _trained()
+    adapter = shira.extract()
+    shira.detach()
+    fresh = make_llama()
+    with shira_hooks.apply(fresh, adapter):
+        trained = snapshot(fresh)  # what applying the object writes
+    file = adapter.save(tmp_path / "adapter.safetensors")
+    adapter.save_pretrained(tmp_path / "hub")
+    adapter.to_peft(tmp_path / "peft")
+    for source in (str(file), file, tmp_path / "hub", str(tmp_path / "peft")):
+        with shira_hooks.apply(fresh, source, check_base=source != str(tmp_path / "peft")):  # PEFT folders have no fingerprints
+            assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
+        assert all(torch.equal(p, base[n]) for n, p in fresh.named_parameters())
+    fused = shira_hooks.fuse([str(file), tmp_path / "hub"], weights=[0.5, 0.5])
+    assert all(torch.equal(fused.deltas[n].indices, d.indices) for n, d in adapter.deltas.items())
+    assert shira_hooks.overlap(file, adapter).shared_fraction == 1.0
+    with pytest.raises(ShiraError, match=r"apply\(\): got a int, not a SparseAdapter or a path; pass SparseAdapter.load\(path\)"):
+        shira_hooks.apply(fresh, 3)
+    with pytest.raises(ShiraError, match=r"fuse\(\): got a dict, not a SparseAdapter or a path"):
+        shira_hooks.fuse([adapter, adapter.deltas])
+    with pytest.raises(FileNotFoundError, match="missing.safetensors: no such adapter file or folder"):
+        shira_hooks.apply(fresh, tmp_path / "missing.safetensors")
+    assert all(torch.equal(p, base[n]) for n, p in fresh.named_parameters())

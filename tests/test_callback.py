@@ -263,3 +263,30 @@ def test_a_search_trial_writes_into_its_own_folder(tmp_path):
     assert (tmp_path / "run-3" / "checkpoint-4" / STATE_FILE).exists() and (tmp_path / "run-3" / ADAPTER_FILE).exists()
     assert not (tmp_path / ADAPTER_FILE).exists() and not (tmp_path / "checkpoint-2").exists()
     shira.detach()
+
+
+def test_the_hub_folder_names_a_hub_id_and_license_never_a_local_path(tmp_path):
+    import json
+
+    from shira_hooks.callback import ADAPTER_FOLDER, _base_model_id
+
+    model = make_llama()
+    model.config._name_or_path = str(tmp_path)  # loaded from a local folder: useless to a reader of the card
+    assert _base_model_id(model) is None
+    model.config._name_or_path = "tiny-org/tiny-llama"
+    assert _base_model_id(model) == "tiny-org/tiny-llama"
+    with pytest.raises(ShiraError, match=r"license='Apache 2' is not a Hub license id"):
+        ShiraCallback(license="Apache 2", sparsity=0.02)
+
+    model.config._name_or_path = str(tmp_path)
+    shira = shira_hooks.attach(model, 0.02, "rand", seed=4, block=16, target_modules=["q_proj"])
+    callback = ShiraCallback(shira, base_model_name_or_path="org/the-base", license="apache-2.0")
+    Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=Tokens(), callbacks=[callback]).train()
+    folder = tmp_path / ADAPTER_FOLDER
+    config = json.loads((folder / "shira_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["license"]) == ("org/the-base", "apache-2.0")
+    card = (folder / "README.md").read_text()
+    assert card.startswith('---\nlibrary_name: shira_hooks\ntags:\n- shira\n- sparse-adapter\nbase_model: "org/the-base"\nlicense: apache-2.0\n---\n')
+    assert str(tmp_path) not in card and "shira_hooks adapter format version 2)" in card  # block=16: version 2
+    assert SparseAdapter.from_pretrained(folder).metadata["license"] == "apache-2.0"
+    shira.detach()

@@ -1,5 +1,6 @@
 """`python -m shira_hooks <verb>` and the `shira-hooks` console script, run as a user would."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,40 @@ def test_convert_to_peft_and_back(tmp_path, capsys):
     for name, delta in adapter.deltas.items():
         assert torch.equal(back.deltas[name].indices, delta.indices) and torch.equal(back.deltas[name].values, delta.values)
     assert main(["inspect", str(tmp_path / "peft")]) == 0 and "weights" in capsys.readouterr().out
+
+
+def test_a_mistyped_verb_is_an_error_not_demo_arguments(capsys):
+    assert main(["inpsect", "f.safetensors"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # the demo did not start
+    assert err.startswith("python -m shira_hooks: error: unknown verb 'inpsect'; did you mean 'inspect'? the verbs are inspect, fuse,")
+
+
+def test_fuse_needs_two_adapters(tmp_path, capsys):
+    _, path = _adapter(tmp_path, 1, "a.safetensors")
+    assert main(["fuse", str(path), "-o", str(tmp_path / "f.safetensors")]) == 2
+    assert "fuse needs two or more adapters, got 1" in capsys.readouterr().err
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_inspect_into_a_pipe_that_closes_early_ends_quietly(tmp_path):
+    """`inspect f | head -2` used to end in a BrokenPipeError traceback."""
+    delta = lambda: shira_hooks.SparseDelta((4, 4), torch.float32, torch.tensor([0, 5], dtype=torch.int32), torch.ones(2), "")
+    path = SparseAdapter({f"block.{i}.weight": delta() for i in range(3000)}).save(tmp_path / "many.safetensors")  # ~300 KB of rows
+    reader = subprocess.Popen([sys.executable, "-m", "shira_hooks", "inspect", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = [reader.stdout.readline() for _ in range(2)]
+    reader.stdout.close()  # as `head -2` exits
+    error = reader.stderr.read().decode()
+    assert reader.wait(timeout=120) == 141 and error == "", error
+    assert head[0].startswith(str(path).encode())
+
+
+def test_every_bench_and_demo_option_has_help_and_its_default(capsys):
+    for verb, defaults in (("bench", ["[512, 1024, 2048, 4096, 8192]", "0.01", "2", "3", "20", "10.0"]), ("demo", ["0.02", "snip", "300"])):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        options = re.findall(r"(--[a-z-]+)(?: [A-Z.]+(?: \[[A-Z.]+ \.\.\.\])?| \{[^}]*\}(?: \[\{[^}]*\} \.\.\.\])?)? ([a-z(])", text.split("options:")[1])
+        assert len(options) >= 3 and all(first.isalpha() or first == "(" for _, first in options), (verb, options)
+        assert all(f"(default: {value})" in text for value in defaults), (verb, text)
+        assert "``" not in text

@@ -60,6 +60,7 @@ def test_round_trip_with_config_and_metadata(tmp_path):
         "seed": 3,
         "block": 1,
         "values_dtype": "float32",
+        "license": None,
         "created_by": f"shira_hooks {shira_hooks.__version__}",
     }
     loaded = SparseAdapter.from_pretrained(folder)
@@ -121,6 +122,34 @@ def test_model_card(tmp_path):
     assert "base_model:" not in card and "for `/models/base`, written by" in card
 
 
+def test_model_card_license_and_format_version(tmp_path):
+    adapter = trained_adapter()
+    adapter.save_pretrained(tmp_path / "a")
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "license:" not in card.split("\n---\n")[0] and "License: not recorded (pass `license=` to `save_pretrained`" in card
+    assert "shira_hooks adapter format version 1)" in card
+    adapter.save_pretrained(tmp_path / "a", license="llama3.1")
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "\nlicense: llama3.1\n---\n" in card and "License: `llama3.1`." in card
+    assert json.loads((tmp_path / "a" / "shira_config.json").read_text())["license"] == "llama3.1"
+    loaded = SparseAdapter.from_pretrained(tmp_path / "a")
+    assert loaded.metadata["license"] == "llama3.1"
+    loaded.save_pretrained(tmp_path / "b")  # kept by a re-save
+    assert "\nlicense: llama3.1\n" in (tmp_path / "b" / "README.md").read_text()
+    with pytest.raises(ShiraError, match=r"license='MIT License' is not a Hub license id"):
+        adapter.save_pretrained(tmp_path / "c", license="MIT License")
+    assert not (tmp_path / "c").exists()
+
+    # a block adapter is a version-2 file, and its card says so
+    model = make_mlp()
+    shira = shira_hooks.attach(model, 0.25, "rand", seed=3, block=16, target_modules=["layers.0", "layers.2"])
+    block = shira.extract()
+    shira.detach()
+    block.save_pretrained(tmp_path / "d")
+    card = (tmp_path / "d" / "README.md").read_text()
+    assert "shira_hooks adapter format version 2)" in card and "aligned runs of B entries" in card
+
+
 def test_an_existing_folder_is_replaced_whole(tmp_path):
     first, second = trained_adapter(), shira_hooks.fuse([trained_adapter()], weights=[0.5])
     folder = tmp_path / "a"
@@ -170,6 +199,23 @@ def test_a_failed_write_leaves_the_old_folder(tmp_path, monkeypatch, failing):
         adapter.save_pretrained(folder, base_model_name_or_path="org/new")
     assert listing(tmp_path) == ["a"]  # nothing staged or moved aside is left
     assert {name: (folder / name).read_bytes() for name in FILES} == before
+
+
+@pytest.mark.skipif(os.name == "nt", reason="kills a process with SIGKILL")
+def test_the_next_save_pretrained_deletes_the_staging_folders_of_killed_saves(tmp_path):
+    from test_adapter import killed_save
+
+    adapter = trained_adapter()
+    source = adapter.save(tmp_path / "source.safetensors")
+    folder = tmp_path / "out" / "paint"
+    adapter.save_pretrained(folder)
+    killed_save(source, "save_pretrained", folder)
+    stale = sorted(p.name for p in folder.parent.iterdir() if p.name != "paint")
+    assert len(stale) == 1 and all(name.startswith(".paint.") and name.endswith(".tmp") for name in stale)
+    assert listing(folder) == FILES  # the old folder is intact
+    adapter.save_pretrained(folder, dtype=torch.bfloat16)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["paint"]
+    assert SparseAdapter.from_pretrained(folder).deltas[next(iter(adapter.deltas))].values.dtype == torch.bfloat16
 
 
 def test_errors_before_anything_is_written(tmp_path):

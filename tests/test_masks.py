@@ -1,5 +1,7 @@
 """Mask selection: exact budgets, the structure of each mask, and known answers for grad/snip."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -209,3 +211,16 @@ def test_mask_memory_is_small():
         mask_bytes = sum(i.numel() * i.element_size() for i in shira.masks.values())
         weight_bytes = sum(params[n].numel() * params[n].element_size() for n in shira.masks)
         assert mask_bytes < 0.02 * weight_bytes  # 1% of entries, int32 indices
+
+
+def test_a_sparsity_above_one_half_warns_that_0_01_means_1_percent():
+    """attach(model, sparsity=1), meant as 1%, used to train every entry without a word."""
+    model = make_mlp()
+    with pytest.warns(UserWarning, match=r"attach\(sparsity=1\) trains 100% of every target weight; sparsity is a fraction, so 1% is sparsity=0.01") as caught:
+        shira = shira_hooks.attach(model, 1, "rand", seed=0)
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert shira.num_trainable == sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))  # it still does what was asked
+    shira.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shira_hooks.attach(model, 0.5, "rand", seed=0).detach()  # a half is a deliberate choice: no warning

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -262,12 +263,169 @@ def test_two_dimensional_inputs_and_alpha_zero_on_an_mlp(dtype, atol):
     assert torch.equal(out[0], base[0]) and torch.equal(out[3], base[3])  # alpha 0 and None: the base exactly
 
 
-def test_bfloat16_models_are_refused():
-    model = make_mlp().to(torch.bfloat16)
+def _mlp_rows(model, adapters, route, x, autocast=False):
+    """(mixed output, {name: output with that adapter applied}, base output) of an MLP, under torch.no_grad().
+
+    With ``autocast``, each forward pass runs in its own bfloat16 autocast region: autocast keeps its cast
+    of a weight for the whole region, so a weight written by apply inside one would not be seen.
+    """
+    context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    with torch.no_grad():
+        with context():
+            base = model(x)
+        applied = {}
+        for name in {n for n in route if n is not None}:
+            with shira_hooks.apply(model, adapters[name]), context():
+                applied[name] = model(x)
+        with MixedAdapters(model, adapters) as mixed, mixed.route(route), context():
+            out = model(x)
+    return out, applied, base
+
+
+def _assert_within_rounding(mixed: torch.Tensor, applied: torch.Tensor, base: torch.Tensor, reference: torch.Tensor) -> None:
+    """The mixed row is as close to the float64 ``reference`` as rounding in its dtype allows.
+
+    The bound is twice the larger of apply's own error and one unit of the dtype at the row's scale
+    (float32 for float64 rows: the adapter's values are float32); the adapter must move the row by
+    far more than that, so a row that missed its delta would fail.
+    """
+    unit = torch.finfo(torch.float32 if mixed.dtype == torch.float64 else mixed.dtype).eps * float(reference.abs().max())
+    bound = 2 * max(float((applied.double() - reference).abs().max()), unit)
+    assert float((applied - base).abs().max()) > 10 * bound
+    assert float((mixed.double() - reference).abs().max()) <= bound
+
+
+def _reference(model, adapters, name, x):
+    """The adapted output computed in float64: what both apply and the mixed batch round."""
+    exact = make_mlp().double().eval()
+    exact.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    with torch.no_grad(), shira_hooks.apply(exact, adapters[name], check_base=False):
+        return exact(x.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_rows_equal_apply_in_that_dtype_within_its_rounding(dtype):
+    model = make_mlp().to(dtype).eval()
+    adapters = {"p": random_adapter(model, 1, scale=0.2, names=None), "q": random_adapter(model, 2, scale=0.2, names=None)}
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    route = ["q", "p", None, "p"]
+    out, applied, base = _mlp_rows(model, adapters, route, x)
+    assert out.dtype == dtype and torch.equal(out[2], base[2])
+    for row, name in enumerate(route):
+        if name is not None:
+            _assert_within_rounding(out[row], applied[name][row], base[row], _reference(model, adapters, name, x)[row])
+
+
+def test_rows_under_autocast_equal_apply_under_autocast():
+    model = make_mlp().eval()
+    adapters = {"p": random_adapter(model, 1, scale=0.2, names=None), "q": random_adapter(model, 2, scale=0.2, names=None)}
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    route = ["p", None, "q", "q"]
+    out, applied, base = _mlp_rows(model, adapters, route, x, autocast=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(out[1], base[1])
+    for row, name in enumerate(route):
+        if name is not None:
+            _assert_within_rounding(out[row], applied[name][row], base[row], _reference(model, adapters, name, x)[row])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_dtype_change_after_construction_is_followed(dtype):
+    model = make_mlp().eval()
+    adapters = {"p": random_adapter(model, 1, scale=0.2, names=None)}
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    with MixedAdapters(model, adapters) as mixed:
+        model.to(dtype)  # as a server casting after loading
+        with torch.no_grad():
+            with mixed.route(["p", None, "p"]):
+                out = model(x.to(dtype))
+            base = model(x.to(dtype))
+            with shira_hooks.apply(model, adapters["p"], check_base=False):  # a float32 adapter on the cast model
+                applied = model(x.to(dtype))
+    assert out.dtype == dtype and torch.equal(out[1], base[1])
+    reference = _reference(model, adapters, "p", x)
+    for row in (0, 2):
+        _assert_within_rounding(out[row], applied[row], base[row], reference[row])
+
+
+def _sequence_first_encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=False)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+
+
+def test_sequence_first_inputs_need_an_explicit_batch_dim_and_then_route_by_batch_row():
+    """(T, B, in) with T == B used to be routed by time step: rows off apply by 1.74, None rows off the base by 0.81."""
+    model = _sequence_first_encoder()
+    ffn = [f"layers.{i}.linear{j}.weight" for i in range(2) for j in (1, 2)]
+    adapters = {"p": random_adapter(model, 1, scale=0.3, names=ffn), "q": random_adapter(model, 2, scale=0.3, names=ffn)}
+    x = torch.randn(4, 4, 16, generator=torch.Generator().manual_seed(0))  # (T, B, 16), T == B
     hooks = hook_state(model)
-    with pytest.raises(ShiraError, match=r"'layers.0.weight' is torch.bfloat16; MixedAdapters supports float32 and float64 models"):
-        MixedAdapters(model, {"p": random_adapter(model, 1, names=None)})
+    with pytest.raises(ShiraError, match=r"module 'layers.0.self_attn' \(MultiheadAttention\) has batch_first=False \(and 1 more\).*pass batch_dim=1"):
+        MixedAdapters(model, adapters)
     assert hook_state(model) == hooks
+    route = ["p", None, "q", "p"]
+    with torch.no_grad():
+        base = model(x)
+        applied = {}
+        for name, adapter in adapters.items():
+            with shira_hooks.apply(model, adapter):
+                applied[name] = model(x)
+        with MixedAdapters(model, adapters, batch_dim=1) as mixed, mixed.route(route):
+            out = model(x)
+    for row, name in enumerate(route):  # batch row b is out[:, b]
+        if name is None:
+            assert torch.equal(out[:, row], base[:, row])
+        else:
+            assert (out[:, row] - base[:, row]).abs().max() > 1e-2
+            torch.testing.assert_close(out[:, row], applied[name][:, row], atol=1e-5, rtol=0)
+    with pytest.raises(ShiraError, match=r"batch_dim=-1; it must be a non-negative int"):
+        MixedAdapters(model, adapters, batch_dim=-1)
+
+
+def test_an_out_proj_that_multihead_attention_reads_directly_is_refused():
+    model = _sequence_first_encoder()
+    adapter = random_adapter(model, 1, names=["layers.0.self_attn.out_proj.weight", "layers.0.linear1.weight"])
+    with pytest.raises(ShiraError, match=r"adapts 'layers.0.self_attn.out_proj.weight', the out_proj of an nn.MultiheadAttention"):
+        MixedAdapters(model, {"p": adapter}, batch_dim=1)
+
+
+def test_weights_sharing_memory_are_refused_and_weights_packed_side_by_side_are_served():
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
+    tied[2].weight = nn.Parameter(tied[0].weight.data)  # two Parameters, one storage
+    adapter = random_adapter(tied, 1, scale=0.3, names=["0.weight"])
+    hooks = hook_state(tied)
+    with pytest.raises(ShiraError, match=r"adapts '0.weight', whose memory is shared with '2.weight'"):
+        MixedAdapters(tied, {"p": adapter})
+    assert hook_state(tied) == hooks
+
+    packed = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
+    arena = torch.cat([packed[0].weight.detach().reshape(-1), packed[2].weight.detach().reshape(-1)])
+    packed[0].weight.data, packed[2].weight.data = arena[:64].view(8, 8), arena[64:].view(8, 8)  # one buffer, no overlap
+    adapters = {"p": random_adapter(packed, 1, scale=0.3, names=["0.weight", "2.weight"])}
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with shira_hooks.apply(packed, adapters["p"]):
+            expected = packed(x)
+        with MixedAdapters(packed, adapters) as mixed, mixed.route(["p", None]):
+            out = packed(x)
+        base = packed(x)
+    torch.testing.assert_close(out[0], expected[0], atol=1e-6, rtol=0)
+    assert torch.equal(out[1], base[1])
+
+
+def test_adapters_may_be_given_as_paths(setup, tmp_path):
+    model, adapters, ids = setup
+    path = adapters["a"].save(tmp_path / "a.safetensors")
+    adapters["b"].save_pretrained(tmp_path / "b")
+    with torch.no_grad():
+        with MixedAdapters(model, {"a": path, "b": str(tmp_path / "b")}) as mixed, mixed.route(["a", "b"]):
+            logits = model(input_ids=ids[:2]).logits
+        with MixedAdapters(model, adapters) as mixed, mixed.route(["a", "b"]):
+            expected = model(input_ids=ids[:2]).logits
+    assert torch.equal(logits, expected)
+    with pytest.raises(ShiraError, match=r"MixedAdapters adapter 'a': got a int, not a SparseAdapter or a path; pass SparseAdapter.load\(path\)"):
+        MixedAdapters(model, {"a": 3})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -118,12 +118,12 @@ def test_to_peft_loads_in_peft_and_equals_apply_bit_for_bit(adapter, tmp_path):
 def test_to_peft_refuses_what_peft_cannot_hold_and_writes_nothing(adapter, tmp_path):
     out = tmp_path / "out"
     conv = SparseDelta((12, 8, 3), torch.float32, torch.tensor([0, 5], dtype=torch.int32), torch.ones(2), "")
-    with pytest.raises(ShiraError, match=r"adapter weight 'conv1d.weight' has shape \[12, 8, 3\]: PEFT SHiRA supports only nn.Linear"):
+    with pytest.raises(ShiraError, match=r"PEFT SHiRA adapts only the weights of nn.Linear modules, and 1 of the adapter's 1 weights are not: 'conv1d.weight' \(shape \[12, 8, 3\]\)"):
         SparseAdapter({"conv1d.weight": conv}).to_peft(out)
     embed = SparseDelta((20, 8), torch.float32, torch.tensor([0, 5], dtype=torch.int32), torch.ones(2), "")
-    with pytest.raises(ShiraError, match=r"adapter weight 'embed.weight' belongs to a Embedding in the base: PEFT SHiRA supports only nn.Linear"):
+    with pytest.raises(ShiraError, match=r"1 of the adapter's 1 weights are not: 'embed.weight' \(a Embedding in the base\)"):
         SparseAdapter({"embed.weight": embed}).to_peft(out, base=make_convnet())
-    with pytest.raises(ShiraError, match=r"'embed.bias': PEFT SHiRA adapts the `weight` of nn.Linear modules"):
+    with pytest.raises(ShiraError, match=r"'embed.bias' \(not a module's weight\)"):
         SparseAdapter({"embed.bias": embed}).to_peft(out)
     # a full 32x64 weight needs r = ceil(2048 / 96) = 22, and 22 * 96 > 2048 entries
     full = SparseDelta((32, 64), torch.float32, torch.arange(2048, dtype=torch.int32), torch.ones(2048), "")
@@ -132,6 +132,98 @@ def test_to_peft_refuses_what_peft_cannot_hold_and_writes_nothing(adapter, tmp_p
     with pytest.raises(ShiraError, match=r"the base's values at the adapter's entries do not match its fingerprint"):
         adapter.to_peft(out, base=make_llama(seed=1))
     assert not out.exists()
+
+
+def _convnet_adapter() -> SparseAdapter:
+    """Deltas on every weight of the conv net: an embedding, a Conv1d, a Conv2d and the Linear head."""
+    model = make_convnet()
+    deltas = {}
+    for name, param in model.named_parameters():
+        if name.endswith(".weight"):
+            indices = torch.arange(0, param.numel(), 7, dtype=torch.int32)
+            deltas[name] = SparseDelta(tuple(param.shape), param.dtype, indices, torch.full((indices.numel(),), 0.01), digest(param.detach().reshape(-1)[indices.long()]))
+    return SparseAdapter(deltas, {"mask": "rand"})
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["no-base", "base"])
+def test_to_peft_names_every_weight_it_cannot_export_and_a_filter_that_works(tmp_path, with_base):
+    """A UNet-like adapter: the error names all the non-Linear weights at once, and its one-line filter exports the rest."""
+    adapter, base = _convnet_adapter(), make_convnet() if with_base else None
+    with pytest.raises(ShiraError) as error:
+        adapter.to_peft(tmp_path / "out", base=base)
+    message = str(error.value)
+    refused = ["embed.weight", "conv1d.weight", "conv2d.weight"] if with_base else ["conv1d.weight", "conv2d.weight"]
+    assert f"{len(refused)} of the adapter's 4 weights are not: " in message
+    assert all(f"'{name}'" in message for name in refused) and "'head.weight'" not in message
+    snippet = message.split("Export the others with ")[1]
+    assert snippet.endswith(".to_peft(...)")
+    kept = eval(snippet.removesuffix(".to_peft(...)"), {"SparseAdapter": SparseAdapter, "adapter": adapter, "base": base, "torch": torch})
+    kept.to_peft(tmp_path / "out", base=base)  # the filter leaves out exactly what was refused
+    assert sorted(SparseAdapter.from_peft(tmp_path / "out").deltas) == ["head.weight"] if with_base else ["embed.weight", "head.weight"]
+
+
+def test_to_peft_names_ten_refused_weights_and_counts_the_rest(tmp_path):
+    conv = SparseDelta((4, 2, 3), torch.float32, torch.tensor([0, 5], dtype=torch.int32), torch.ones(2), "")
+    adapter = SparseAdapter({f"down.{i}.conv.weight": conv for i in range(33)})
+    with pytest.raises(ShiraError, match=r"33 of the adapter's 33 weights are not: 'down.0.conv.weight' .*'down.9.conv.weight' \(shape \[4, 2, 3\]\) and 23 more\."):
+        adapter.to_peft(tmp_path / "out")
+
+
+def _rewrite(folder, header=None, tensors=None):
+    """Rewrite a to_peft folder's adapter_model.safetensors with header entries and tensors changed."""
+    from safetensors.torch import save_file
+
+    path = folder / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        old_header, old_tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    save_file({**old_tensors, **(tensors or {})}, path, metadata={**old_header, **(header or {})})
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda m: {"shira_hooks.metadata": "[1, 2]"}, r"header entry 'shira_hooks.metadata' is a JSON list, expected an object"),
+        (lambda m: {"shira_hooks.modules": json.dumps({n: {**i, "entries": 1.5} for n, i in m.items()})}, r"weight 'model.layers.0.self_attn.q_proj.weight': entries=1.5 is not an int in \[1, 64\]"),
+        (lambda m: {"shira_hooks.modules": json.dumps({n: {**i, "shape": ["a", "b"]} for n, i in m.items()})}, r"shape \['a', 'b'\] is not two positive ints"),
+        (lambda m: {"shira_hooks.modules": json.dumps({n: {**i, "dtype": 3} for n, i in m.items()})}, r"unknown dtype 3"),
+        (lambda m: {"shira_hooks.modules": json.dumps({n: "x" for n in m})}, r"weight '.*': 'x' is not an object"),
+        (lambda m: {"shira_hooks.modules": json.dumps([1])}, r"header entry 'shira_hooks.modules' is a JSON list, expected an object"),
+    ],
+    ids=["metadata-list", "entries-float", "shape-strings", "dtype-int", "module-not-object", "modules-list"],
+)
+def test_from_peft_refuses_malformed_headers_with_a_shira_error(adapter, tmp_path, edit, pattern):
+    adapter.to_peft(tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as f:
+        modules = json.loads(f.metadata()["shira_hooks.modules"])
+    _rewrite(tmp_path / "out", header=edit(modules))
+    with pytest.raises(ShiraError, match=pattern):
+        SparseAdapter.from_peft(tmp_path / "out")
+
+
+def test_from_peft_refuses_empty_modules_and_negative_indices_with_what_is_wrong(adapter, tmp_path):
+    adapter.to_peft(tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as f:
+        indices = f.get_tensor(f"{Q}.shira_indices")
+    _rewrite(tmp_path / "out", tensors={f"{Q}.shira_indices": torch.zeros(2, 0, dtype=torch.int32), f"{Q}.shira_weight": torch.zeros(0)})
+    with pytest.raises(ShiraError, match=r"module 'model.layers.0.self_attn.q_proj': K=0 entries; PEFT SHiRA keeps r\*\(m\+n\) >= 1"):
+        SparseAdapter.from_peft(tmp_path / "out")
+    adapter.to_peft(tmp_path / "out")
+    negative = indices.clone()
+    negative[1, 3] = -2  # a column; the largest row and column are still in range
+    _rewrite(tmp_path / "out", tensors={f"{Q}.shira_indices": negative})
+    with pytest.raises(ShiraError, match=r"module 'model.layers.0.self_attn.q_proj': negative indices \(smallest row 0, column -2\)"):
+        SparseAdapter.from_peft(tmp_path / "out")
+
+
+def test_convert_from_peft_prints_no_warnings(adapter, tmp_path):
+    adapter.to_peft(tmp_path / "peft")
+    done = subprocess.run([sys.executable, "-W", "always", "-m", "shira_hooks", "convert", "--from-peft", str(tmp_path / "peft"), "-o", str(tmp_path / "a.safetensors")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # torch's "Sparse invariant checks are implicitly disabled" used to show
+    _assert_same(adapter, SparseAdapter.load(tmp_path / "a.safetensors"))
 
 
 # ----------------------------------------------------------------------------------- from_peft
