@@ -24,6 +24,7 @@ OUT=${OUT:-benchmarks/quality}
 LOG=${LOG:-$OUT/long_run.log}
 SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}/shira_quality_long_run}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1  # this checkout's shira_hooks; lines reach the log as printed
+export HF_HUB_DISABLE_PROGRESS_BARS=1  # no model-loading bars in the log
 mkdir -p "$OUT" "$SCRATCH"
 RUN_ARGS=(--lazy-test)
 [[ -n "${CACHE:-}" ]] && RUN_ARGS+=(--cache "$CACHE")

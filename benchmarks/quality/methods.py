@@ -194,7 +194,7 @@ class CausalLM:
         tails = [T.answer_ids(self.tokenizer, o) for o in row["options"]]
         width = max(len(t) for t in tails)
         head = T.prompt_ids(self.tokenizer, row)[-(self.max_length - width) :]
-        out = model(input_ids=torch.tensor([head]), use_cache=True)
+        out = model(input_ids=torch.tensor([head]), use_cache=True, logits_to_keep=1)  # only the last position: 13% of a row's time on SmolLM2
         first = torch.log_softmax(out.logits[0, -1].float(), -1)  # (V,) the first tail token
         cache = out.past_key_values
         cache.batch_repeat_interleave(len(tails))
