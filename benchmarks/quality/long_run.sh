@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The long quality run of issue 25: the encoder with every method at 3 seeds, then the LM's main methods at
-# 3 seeds, then the LM's block variants one seed at a time, as far as time allows. No cost stage.
+# The long quality run of issue 25: the LM's main methods at 3 seeds (seed by seed), then the encoder with every
+# method at 3 seeds, then the LM's block variants one seed at a time, as far as time allows. No cost stage.
 #
 #   setsid nohup benchmarks/quality/long_run.sh > /dev/null 2>&1 &     # from the checkout's root
 #   tail -f benchmarks/quality/long_run.log                            # one timestamped line per cell
@@ -55,14 +55,17 @@ trap 'exit 143' TERM INT  # bash runs this once the current step ends: killing t
 trap 'log "-- exits with status $?"' EXIT
 log "-- long run starts on $(uname -n): $("$PYTHON" -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())')"
 
-# 1. The encoder (about a minute a cell): every method, grid, 3 seeds, tests, fusion.
-step "$SCRATCH" --models encoder --stages grid seeds test fusion
-step "$OUT" --models encoder --stages report
+# 1. The LM's main methods seed by seed (the grid and seed 0 on every task, then seeds 1 and 2), each seed
+#    tested and fused before the next, so that a stopped run leaves whole seeds with their test results.
+step "$SCRATCH" --models lm --methods zero_shot "${MAIN[@]}" --method-seeds $(seeds_each 1 "${MAIN[@]}") --stages grid test fusion
+step "$OUT" --stages report
+step "$SCRATCH" --models lm --methods "${MAIN[@]}" --method-seeds $(seeds_each 2 "${MAIN[@]}") --stages seeds test fusion
+step "$OUT" --stages report
+step "$SCRATCH" --models lm --methods "${MAIN[@]}" --stages seeds test fusion
+step "$OUT" --stages report
 
-# 2. The LM's main methods: the grid and seed 0 on every task, seeds 1 and 2, then tests and fusion.
-step "$SCRATCH" --models lm --methods zero_shot "${MAIN[@]}" --stages grid
-step "$SCRATCH" --models lm --methods "${MAIN[@]}" --stages seeds
-step "$SCRATCH" --models lm --stages test fusion
+# 2. The encoder (about a minute a cell): every method, grid, 3 seeds, tests, fusion.
+step "$SCRATCH" --models encoder --stages grid seeds test fusion
 step "$OUT" --stages report
 
 # 3. The LM's block variants at their masks' rates, one seed at a time, each seed tested and fused before the next.
