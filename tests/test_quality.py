@@ -19,23 +19,49 @@ def run_quick(tmp_path, *extra):
     ).stdout
 
 
+METHODS = ["lora", "dora", "peft_shira", "shira_struct", "shira_rand", "shira_wm", "shira_grad", "shira_snip",
+           "shira_rand_b4", "shira_rand_b8", "shira_rand_b16", "shira_snip_b4", "shira_snip_b8", "shira_snip_b16"]
+FEWER = {"shira_rand_b4": 1, "shira_snip_b8": 1}  # --method-seeds: these train one seed, the others two
+
+
+def check_outcomes(correct: str, accuracy: float, rows: int) -> None:
+    """A per-example record: one "0"/"1" per row, agreeing with the accuracy stored beside it."""
+    assert len(correct) == rows and set(correct) <= {"0", "1"} and correct.count("1") / rows == accuracy
+
+
 def test_quality_quick_runs_the_whole_pipeline_and_resumes(tmp_path):
     pytest.importorskip("matplotlib")
-    run_quick(tmp_path, "--lazy-test")
+    run_quick(tmp_path, "--lazy-test", "--method-seeds", *(f"{m}={n}" for m, n in FEWER.items()))
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    methods = ["lora", "peft_shira", "shira_struct", "shira_rand", "shira_wm", "shira_grad", "shira_snip", "shira_rand_b16", "shira_snip_b16"]
     for kind in ("encoder", "lm"):
         r = results["models"][kind]
-        assert sorted(r["chosen_lr"]) == sorted(methods) and all(lr in r["grid"] for lr in r["chosen_lr"].values())
+        seeds_of = {m: r["seeds"][: FEWER.get(m, len(r["seeds"]))] for m in METHODS}
+        assert len(r["seeds"]) == 2 and {m: len(s) for m, s in r["method_seeds"].items()} == FEWER
+        assert sorted(r["chosen_lr"]) == sorted(METHODS) and all(lr in r["grid"] for lr in r["chosen_lr"].values())
         trained = {(c["task"], c["method"], c["seed"]) for c in r["cells"] if c["lr"] == r["chosen_lr"].get(c["method"])}
-        assert trained == {(t, m, s) for t in r["tasks"] for m in methods for s in r["seeds"]}
+        assert trained == {(t, m, s) for t in r["tasks"] for m in METHODS for s in seeds_of[m]}
+        first = next(iter(r["tasks"]))
+        for method in ("shira_rand_b4", "shira_snip_b16"):  # the LM's block variants have no grid: their mask's rate without blocks
+            rates = {c["lr"] for c in r["cells"] if c["method"] == method and c["task"] == first and c["seed"] == 0}
+            base = method.rsplit("_b", 1)[0]
+            if kind == "lm":
+                assert r["lr_from"][method] == base and rates == {r["chosen_lr"][base]} == {r["chosen_lr"][method]}
+            else:
+                assert method not in r["lr_from"] and rates == set(r["grid"])
         assert all(c.get("outside_mask_changes", 0) == 0 for c in r["cells"])
         final = [c for c in r["cells"] if c["method"] in ("head", "zero_shot") or c["lr"] == r["chosen_lr"][c["method"]]]
-        assert all(0 <= c["test"] <= 1 for c in final)  # --lazy-test: tested from the saved adapter
-        assert any(c.get("test_from") for c in final)
-        assert {(f["method"], f["seed"]) for f in r["fusion"]} == {(m, s) for m in methods for s in r["seeds"]}
+        assert any(c.get("test_from") for c in final)  # --lazy-test: tested from the saved adapter
+        for c in r["cells"]:  # every cell, baselines included, keeps its outcome per example and its wall time
+            sizes = r["tasks"][c["task"]]["sizes"]
+            check_outcomes(c["val_correct"], c["val"], sizes["val"])
+            if c in final:
+                check_outcomes(c["test_correct"], c["test"], sizes["test"])
+            assert "wall_s" in c and "step_times" not in c
+        assert {(f["method"], f["seed"]) for f in r["fusion"]} == {(m, s) for m in METHODS for s in seeds_of[m]}
         for f in r["fusion"]:
-            assert set(f["accuracy"]) == set(r["tasks"])
+            assert set(f["accuracy"]) == set(f["correct"]) == set(r["tasks"])
+            for t in r["tasks"]:
+                check_outcomes(f["correct"][t], f["accuracy"][t], r["tasks"][t]["sizes"]["test"])
             if f["method"].startswith("shira_"):  # fused sparse adapters change at most the union of their entries
                 assert 0 < f["changed"] <= sum(f["entries"].values())
         assert [c["method"] for c in r["cost"]] == ["shira_rand"] and r["cost"][0]["peak_rss_mb"] > 0 and r["cost"][0]["steps"] == 3
@@ -43,10 +69,19 @@ def test_quality_quick_runs_the_whole_pipeline_and_resumes(tmp_path):
     for heading in ("### 1. Single adapters", "### 2. Multi-adapter fusion", "### 3. Weights changed", "### 4. Training cost", "### 5. The paper's claims"):
         assert text.count(heading) == 2
     assert (tmp_path / "out" / "quality.png").read_bytes()[:4] == b"\x89PNG"
-    assert "- Blocks: shira_hooks rand block=16 single-task average" in text
-    # a rerun trains nothing: every cell comes from the cache
-    again = run_quick(tmp_path, "--stages", "grid", "seeds", "fusion")
-    assert " val " not in again and " fused " not in again
+    assert "- Blocks: shira_hooks rand block=16 single-task average" in text and "| PEFT DoRA |" in text
+    assert text.count("- Seeds: 2; 1 for shira_hooks rand block=4, shira_hooks snip block=8 (") == 2
+    # a rerun retrains no cached cell: here it trains only shira_rand_b4's second seed (no longer limited to one),
+    # and the test and fusion stages take it up
+    again = run_quick(tmp_path, "--lazy-test", "--method-seeds", "shira_snip_b8=1", "--stages", "grid", "seeds", "test", "fusion")
+    trained = [line.split()[:4] for line in again.splitlines() if " val " in line]
+    assert sorted(trained) == sorted([kind, t, "shira_rand_b4", "lr=" + f"{results['models'][kind]['chosen_lr']['shira_rand_b4']:g}"]
+                                     for kind in ("encoder", "lm") for t in results["models"][kind]["tasks"])
+    tested = [line.split()[2:5] for line in again.splitlines() if "(fresh base model" in line]
+    assert tested == [["shira_rand_b4", line[3], "seed=1"] for line in trained]
+    assert [line.split()[1:4] for line in again.splitlines() if " fused " in line] == [["fused", "shira_rand_b4", "seed=1"]] * 2
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {f["seed"] for f in results["models"]["lm"]["fusion"] if f["method"] == "shira_rand_b4"} == {0, 1}
     # one method added to the finished results (--merge), at a given rate (--lr), in a fresh cache: nothing else retrained
     added = subprocess.run(
         [sys.executable, str(QUALITY / "run.py"), "--quick", "--models", "encoder", "--methods", "shira_rand_b16", "--lr", "shira_rand_b16=0.03",
@@ -63,14 +98,57 @@ def test_quality_quick_runs_the_whole_pipeline_and_resumes(tmp_path):
     assert "Not on the grid (`--lr`, the rate of the same mask without blocks): shira_hooks rand block=16 0.03." in (tmp_path / "out2" / "RESULTS.md").read_text()
 
 
-def test_lm_option_scores_equal_full_sequence_scoring():
+def quality_modules():
     sys.path[:0] = [str(QUALITY), str(ROOT)]
     import methods
     import tasks
 
+    return methods, tasks
+
+
+def test_split_keeps_the_training_rows_and_the_same_test_rows():
+    _, tasks = quality_modules()
+    rows = [{"input": f"row {i}", "options": ["a", "b"], "answer": i % 2} for i in range(693)]  # intent_recognition's size
+    encoder = tasks.split("t", rows, test=300, val=150, train=300)
+    lm = tasks.split("t", rows, test=300, val=40, train=300)
+    assert encoder.sizes == {"train": 300, "val": 150, "test": 243} and lm.sizes == {"train": 353, "val": 40, "test": 300}
+    assert lm.test[:243] == encoder.test and {r["input"] for r in lm.train + lm.val + lm.test} == {r["input"] for r in rows}
+    assert tasks.split("t", rows, test=300, val=40, train=300).test_digest() == lm.test_digest() != encoder.test_digest()
+    with pytest.raises(ValueError, match="task 't' has 693 rows: too few for 150 validation rows, at least 543 training rows"):
+        tasks.split("t", rows, test=300, val=150, train=543)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_saved_low_rank_adapter_is_the_trained_peft_model(method, tmp_path):
+    """What the benchmark tests and fuses for LoRA and DoRA (a fresh base plus ``LowRank.delta``) is the PEFT model it trained."""
+    methods, tasks = quality_modules()
+    backend = methods.CausalLM(tiny=True)
+    task = tasks.split("intent", tasks.synthetic("intent"), test=8, val=4, train=24)
+    prepared = methods.prepare(method, backend, backend.model(task, 0), sparsity=0.05, seed=0, calibration=None)
+    optimizer = torch.optim.AdamW(prepared.adapter_params, lr=3e-2, weight_decay=0.0)
+    for rows in tasks.batches(task.train, 8, 3, seed=0):
+        backend.loss(prepared.model, backend.batch(task, rows)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    methods.save_adapter(prepared, method, tmp_path / "adapter.safetensors")
+    adapter = methods.load_adapter(tmp_path / "adapter.safetensors")
+    assert all((part.magnitude is not None) == (method == "dora") for part in adapter.values())
+    base, untouched = backend.model(task, 0), backend.model(task, 0)
+    with torch.no_grad():
+        for name, module in methods.target_linears(base, backend.targets).items():
+            module.weight.add_(adapter[name + ".weight"].delta(module.weight.clone()))
+        batch = tasks.lm_inputs(backend.tokenizer, task.test, backend.max_length, every_option=True)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        trained, loaded, before = (m.eval()(**inputs).logits for m in (prepared.model, base, untouched))
+    assert (trained - before).abs().max() > 1e-2  # training moved the model
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_lm_option_scores_equal_full_sequence_scoring():
+    methods, tasks = quality_modules()
     backend = methods.CausalLM(tiny=True)
     model = backend.model(None, 0).eval()
-    task = tasks.split("intent", tasks.synthetic("intent"), test=8, val=4)
+    task = tasks.split("intent", tasks.synthetic("intent"), test=8, val=4, train=24)
     for row in task.test:
         batch = tasks.lm_inputs(backend.tokenizer, [row], backend.max_length, every_option=True)
         with torch.no_grad():

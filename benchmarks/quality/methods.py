@@ -10,11 +10,12 @@ Both have a tiny variant built from a config for ``--quick``.
 
 Methods (same targets: every Linear layer of the transformer blocks):
 * ``lora``: PEFT LoRA, rank r chosen so that r * (in + out) summed over targets ~ 1% of their weights.
+* ``dora``: PEFT LoRA with ``use_dora=True`` (DoRA: a trained magnitude per output row) at LoRA's rank.
 * ``peft_shira``: PEFT's ``ShiraConfig`` (random mask, r * (in + out) entries per weight).
 * ``shira_<mask>``: ``shira_hooks.attach`` with mask struct / rand / wm / grad / snip at 1% of every
   target weight, ``mode="sparse"`` (proven equal to the dense hook mode in tests/test_compact.py).
-* ``shira_<mask>_b16`` (rand, snip): the same with ``block=16``, masks made of aligned runs of 16
-  entries of a row (one 64-byte line of a float32 weight), k rounded to whole blocks.
+* ``shira_<mask>_b<B>`` (rand, snip; B = 4, 8, 16): the same with ``block=B``, masks made of aligned
+  runs of B entries of a row (B = 16: one 64-byte line of a float32 weight), k rounded to whole blocks.
 Baselines: ``head`` (encoder: frozen backbone, head only) and ``zero_shot`` (LM: no training).
 """
 
@@ -37,17 +38,33 @@ from shira_hooks.masks import lora_rank
 import tasks as T
 
 SHIRA_MASKS = ["struct", "rand", "wm", "grad", "snip"]
-BLOCK_MASKS = {"rand": 16, "snip": 16}  # block variants: shira_<mask>_b<B>
-METHODS = ["lora", "peft_shira"] + [f"shira_{m}" for m in SHIRA_MASKS] + [f"shira_{m}_b{b}" for m, b in BLOCK_MASKS.items()]
-LABELS = {"lora": "PEFT LoRA", "peft_shira": "PEFT SHiRA (rand)", "head": "head only (frozen backbone)", "zero_shot": "zero-shot (untrained)"}
+BLOCK_MASKS = {"rand": [4, 8, 16], "snip": [4, 8, 16]}  # block variants: shira_<mask>_b<B>
+# SHiRA with DoRA's magnitude (issue 24), shira_<mask>_dora: list its masks here (e.g. "wm", "snip") once
+# shira_hooks.attach(..., dora=True) exists; prepare() passes dora=True for them. None yet.
+DORA_MASKS: list[str] = []
+METHODS = (["lora", "dora", "peft_shira"] + [f"shira_{m}" for m in SHIRA_MASKS]
+           + [f"shira_{m}_b{b}" for m, blocks in BLOCK_MASKS.items() for b in blocks] + [f"shira_{m}_dora" for m in DORA_MASKS])
+LABELS = {"lora": "PEFT LoRA", "dora": "PEFT DoRA", "peft_shira": "PEFT SHiRA (rand)", "head": "head only (frozen backbone)",
+          "zero_shot": "zero-shot (untrained)"}
 LABELS.update({f"shira_{m}": f"shira_hooks {m}" for m in SHIRA_MASKS})
-LABELS.update({f"shira_{m}_b{b}": f"shira_hooks {m} block={b}" for m, b in BLOCK_MASKS.items()})
+LABELS.update({f"shira_{m}_b{b}": f"shira_hooks {m} block={b}" for m, blocks in BLOCK_MASKS.items() for b in blocks})
+LABELS.update({f"shira_{m}_dora": f"shira_hooks {m} + DoRA" for m in DORA_MASKS})
 
 
-def shira_mask(method: str) -> tuple[str, int]:
-    """(mask, block) of a ``shira_<mask>`` or ``shira_<mask>_b<B>`` method."""
-    mask, _, block = method.removeprefix("shira_").partition("_b")
-    return mask, int(block or 1)
+def shira_mask(method: str) -> tuple[str, int, bool]:
+    """(mask, block, dora) of a ``shira_<mask>``, ``shira_<mask>_b<B>`` or ``shira_<mask>_dora`` method."""
+    name = method.removeprefix("shira_")
+    dora = name.endswith("_dora")
+    mask, _, block = name.removesuffix("_dora").partition("_b")
+    return mask, int(block or 1), dora
+
+
+def unblocked(method: str) -> str | None:
+    """``shira_<mask>`` for a block variant ``shira_<mask>_b<B>``; None for any other method."""
+    if not method.startswith("shira_"):
+        return None
+    mask, block, dora = shira_mask(method)
+    return f"shira_{mask}" if block > 1 and not dora else None
 
 
 # ------------------------------------------------------------------------------------ backends
@@ -115,14 +132,15 @@ class Encoder:
         return nn.functional.cross_entropy(model(batch["enc"], batch["options"]), batch["labels"])
 
     @torch.no_grad()
-    def accuracy(self, model: Classifier, task: T.Task, rows: list[dict]) -> float:
+    def correct(self, model: Classifier, task: T.Task, rows: list[dict]) -> str:
+        """One character per row, in order: "1" where the model's answer is right, else "0"."""
         model.eval()
-        correct = 0
-        for start in tqdm(range(0, len(rows), self.eval_batch), desc=f"eval {task.name}", leave=False, disable=self.tiny):
+        hits: list[bool] = []
+        for start in tqdm(range(0, len(rows), self.eval_batch), desc=f"eval {task.name}", leave=False, disable=True if self.tiny else None):
             batch = self.batch(task, rows[start : start + self.eval_batch])
-            correct += int((model(batch["enc"], batch["options"]).argmax(-1) == batch["labels"]).sum())
+            hits += (model(batch["enc"], batch["options"]).argmax(-1) == batch["labels"]).tolist()
         model.train()
-        return correct / len(rows)
+        return "".join("1" if hit else "0" for hit in hits)
 
 
 class CausalLM:
@@ -176,7 +194,7 @@ class CausalLM:
         tails = [T.answer_ids(self.tokenizer, o) for o in row["options"]]
         width = max(len(t) for t in tails)
         head = T.prompt_ids(self.tokenizer, row)[-(self.max_length - width) :]
-        out = model(input_ids=torch.tensor([head]), use_cache=True)
+        out = model(input_ids=torch.tensor([head]), use_cache=True, logits_to_keep=1)  # only the last position: 13% of a row's time on SmolLM2
         first = torch.log_softmax(out.logits[0, -1].float(), -1)  # (V,) the first tail token
         cache = out.past_key_values
         cache.batch_repeat_interleave(len(tails))
@@ -186,11 +204,12 @@ class CausalLM:
         return torch.stack([first[t[0]] + logp[i, torch.arange(len(t) - 1), torch.tensor(t[1:], dtype=torch.long)].sum() for i, t in enumerate(tails)])
 
     @torch.no_grad()
-    def accuracy(self, model, task: T.Task, rows: list[dict]) -> float:
+    def correct(self, model, task: T.Task, rows: list[dict]) -> str:
+        """One character per row, in order: "1" where the best-scored option is the answer, else "0"."""
         model.eval()
-        correct = sum(int(self.option_scores(model, r).argmax()) == r["answer"] for r in tqdm(rows, desc=f"eval {task.name}", leave=False, disable=self.tiny))
+        hits = [int(self.option_scores(model, r).argmax()) == r["answer"] for r in tqdm(rows, desc=f"eval {task.name}", leave=False, disable=True if self.tiny else None)]
         model.train()
-        return correct / len(rows)
+        return "".join("1" if hit else "0" for hit in hits)
 
 
 def tiny_tokenizer():
@@ -227,21 +246,21 @@ def prepare(method: str, backend, model, *, sparsity: float, seed: int, calibrat
         def loss_fn(_root, batch):
             return backend.loss(model, batch)
 
-        mask, block = shira_mask(method)
+        mask, block, dora = shira_mask(method)
         handle = shira_hooks.attach(root, sparsity, mask, target_modules=backend.targets, calibration=calibration,
-                                    loss_fn=loss_fn, seed=seed, mode="sparse", progress=False, block=block)
+                                    loss_fn=loss_fn, seed=seed, mode="sparse", progress=False, block=block, **({"dora": True} if dora else {}))
         params = [p for n, p in root.named_parameters() if p.requires_grad]
         return Prepared(model, params, head, handle.num_trainable, handle=handle)
     from peft import LoraConfig, ShiraConfig, get_peft_model
 
     rank = lora_rank((m.weight.shape for m in target_linears(root, backend.targets).values()), sparsity)
-    if method == "lora":
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=backend.targets)
+    if method in ("lora", "dora"):
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=backend.targets, use_dora=method == "dora")
     elif method == "peft_shira":
         config = ShiraConfig(r=rank, target_modules=backend.targets, random_seed=seed)
     else:
         raise ValueError(f"unknown method {method!r}")
-    torch.manual_seed(seed)  # LoRA's A initialisation
+    torch.manual_seed(seed)  # LoRA's (and DoRA's) A initialisation
     peft_model = get_peft_model(root, config)
     backend.set_root(model, peft_model)
     if backend.kind == "lm":
@@ -254,11 +273,34 @@ def _base_name(peft_name: str) -> str:
     return peft_name.removeprefix("base_model.model.")
 
 
+@dataclass
+class LowRank:
+    """One weight's LoRA factors, the scaling folded into B; DoRA adds the trained magnitude of each output row."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    magnitude: torch.Tensor | None = None  # (out,), DoRA only
+
+    @property
+    def numel(self) -> int:
+        return self.A.numel() + self.B.numel() + (0 if self.magnitude is None else self.magnitude.numel())
+
+    def delta(self, base: torch.Tensor) -> torch.Tensor:
+        """What merging this adapter adds to the base weight ``base`` (out, in), as PEFT merges it: LoRA B @ A;
+        DoRA magnitude / ||base + B @ A|| (norm of each output row) * (base + B @ A) - base."""
+        product = self.B @ self.A
+        if self.magnitude is None:
+            return product
+        merged = base + product
+        return (self.magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1) * merged - base
+
+
 def save_adapter(prepared: Prepared, method: str, path: Path) -> None:
     """Write what a cell keeps of its adapter to ``path`` (safetensors), atomically.
 
-    Sparse methods: a ``SparseAdapter`` (PEFT SHiRA read by ``SparseAdapter.from_peft``); LoRA: ``<weight>.lora_A``
-    and ``<weight>.lora_B`` with the scaling folded into B, so that the delta is B @ A.
+    Sparse methods: a ``SparseAdapter`` (PEFT SHiRA read by ``SparseAdapter.from_peft``); LoRA and DoRA:
+    ``<weight>.lora_A`` and ``<weight>.lora_B`` with the scaling folded into B, so that LoRA's delta is B @ A,
+    and for DoRA ``<weight>.magnitude`` (see ``LowRank.delta``).
     """
     if prepared.handle is not None:
         prepared.handle.extract().save(path)
@@ -269,18 +311,23 @@ def save_adapter(prepared: Prepared, method: str, path: Path) -> None:
     tensors = {}
     for name, module in prepared.peft_model.named_modules():
         if "default" in getattr(module, "lora_A", {}):
-            tensors[_base_name(name) + ".weight.lora_A"] = module.lora_A["default"].weight.detach().float().contiguous()
-            tensors[_base_name(name) + ".weight.lora_B"] = (module.lora_B["default"].weight.detach().float() * module.scaling["default"]).contiguous()
+            weight = _base_name(name) + ".weight"
+            tensors[weight + ".lora_A"] = module.lora_A["default"].weight.detach().float().contiguous()
+            tensors[weight + ".lora_B"] = (module.lora_B["default"].weight.detach().float() * module.scaling["default"]).contiguous()
+            if "default" in module.lora_magnitude_vector:  # DoRA
+                tensors[weight + ".magnitude"] = module.lora_magnitude_vector["default"].weight.detach().float().contiguous()
     atomic_write(path, save(tensors, metadata={"format": "lora-pairs"}))
 
 
-def load_adapter(path: Path) -> SparseAdapter | dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A ``SparseAdapter``, or {weight name: (A, B)} for LoRA (delta = B @ A)."""
+def load_adapter(path: Path) -> SparseAdapter | dict[str, LowRank]:
+    """A ``SparseAdapter``, or {weight name: LowRank} for LoRA and DoRA."""
     with safe_open(str(path), "pt") as f:
         if (f.metadata() or {}).get("format") != "lora-pairs":
             return SparseAdapter.load(path)
-        names = sorted({k.rsplit(".lora_", 1)[0] for k in f.keys()})
-        return {n: (f.get_tensor(n + ".lora_A"), f.get_tensor(n + ".lora_B")) for n in names}
+        keys = set(f.keys())
+        names = sorted({k.rsplit(".", 1)[0] for k in keys})
+        return {n: LowRank(f.get_tensor(n + ".lora_A"), f.get_tensor(n + ".lora_B"),
+                           f.get_tensor(n + ".magnitude") if n + ".magnitude" in keys else None) for n in names}
 
 
 def head_state(backend, model) -> dict[str, torch.Tensor]:

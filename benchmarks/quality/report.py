@@ -30,11 +30,23 @@ def pct(values: list[float]) -> str:
 
 
 def final_cells(r: dict, method: str, task: str) -> list[dict]:
-    """The cells of (method, task) at the chosen learning rate (baselines: all), one per seed."""
+    """The tested cells of (method, task) at the chosen learning rate (baselines: all), one per seed."""
     if method in ("head", "zero_shot"):
-        return [c for c in r["cells"] if c["method"] == method and c["task"] == task]
+        return [c for c in r["cells"] if c["method"] == method and c["task"] == task and "test" in c]
     lr = r["chosen_lr"].get(method)
-    return [c for c in r["cells"] if c["method"] == method and c["task"] == task and c["lr"] == lr]
+    return [c for c in r["cells"] if c["method"] == method and c["task"] == task and c["lr"] == lr and "test" in c]
+
+
+def seed_counts(r: dict) -> str:
+    """"3", or "3; 1 for X, Y" when some methods have fewer (or more) seeds with every task tested."""
+    counts: dict[int, list[str]] = {}
+    for method in METHODS:
+        if n := len(per_seed_average(r, method)):
+            counts.setdefault(n, []).append(LABELS[method])
+    if not counts:
+        return str(len(r["seeds"]))
+    main = max(counts, key=lambda n: len(counts[n]))
+    return f"{main}" + "".join(f"; {n} for {', '.join(names)}" for n, names in sorted(counts.items()) if n != main)
 
 
 def single(r: dict, method: str) -> dict[str, list[float]]:
@@ -76,12 +88,14 @@ def model_section(kind: str, r: dict) -> list[str]:
         f"with {100 * s['warmup']:.0f}% warm-up" + (f"; the task head trains at {s['head_lr']:g} in every method" if kind == "encoder" else "")
         + (f"; grad/snip masks scored on {s['calibration_batches']} training batches."),
         f"- Learning-rate grid {', '.join(f'{lr:g}' for lr in r['grid'])} on `{tasks[0]}` (seed 0, best validation accuracy); chosen: "
-        + ", ".join(f"{LABELS[m]} {lr:g}" for m, lr in r["chosen_lr"].items() if m not in r.get("fixed_lr", {})) + "."
+        + ", ".join(f"{LABELS[m]} {lr:g}" for m, lr in r["chosen_lr"].items() if m not in r.get("fixed_lr", {}) and m not in r.get("lr_from", {})) + "."
         + (" Not on the grid (`--lr`, the rate of the same mask without blocks): " + ", ".join(f"{LABELS[m]} {lr:g}" for m, lr in r["fixed_lr"].items()) + "."
-           if r.get("fixed_lr") else ""),
-        f"- Seeds: {len(r['seeds'])} (the seed sets the head, LoRA's A, the random masks, and the data order; the k-th task's masks "
+           if r.get("fixed_lr") else "")
+        + (" Not on the grid (the rate the same mask chose without blocks): " + ", ".join(f"{LABELS[m]} {r['chosen_lr'][m]:g}" for m in r["lr_from"]) + "."
+           if r.get("lr_from") else ""),
+        f"- Seeds: {seed_counts(r)} (the seed sets the head, LoRA's A, the random masks, and the data order; the k-th task's masks "
         "and LoRA initialisation are drawn from seed + 1000 k, so independently trained adapters do not share a random mask).",
-        "- Test accuracy: " + ("measured on a fresh base model with the saved adapter applied (LoRA: B @ A added to the weights), "
+        "- Test accuracy: " + ("measured on a fresh base model with the saved adapter applied (LoRA: B @ A added to the weights; DoRA: its merged weights), "
                                "after the learning rate was chosen (`--lazy-test`)." if any(c.get("test_from") for c in r["cells"])
                                else "measured on the trained model at the end of training."),
         "",
@@ -92,7 +106,9 @@ def model_section(kind: str, r: dict) -> list[str]:
         options = ", ".join(info["labels"]) if info["labels"] else "per example"
         lines.append(f"| {t} | {info['sizes']['train']} | {info['sizes']['val']} | {info['sizes']['test']} | {options} | {100 * info['majority']:.1f} |")
     # 1. single adapters
-    lines += ["", "### 1. Single adapters: test accuracy (%)" + (f", mean ± std over {len(r['seeds'])} seeds" if len(r["seeds"]) > 1 else ""), "",
+    seeds_text = seed_counts(r)
+    spread_text = f", mean ± std over {seeds_text} seeds" if seeds_text.isdigit() else f", mean ± std over seeds ({seeds_text})"
+    lines += ["", "### 1. Single adapters: test accuracy (%)" + (spread_text if len(r["seeds"]) > 1 else ""), "",
               "| method | trainable entries | " + " | ".join(tasks) + " | average |", "|---|---:|" + "---:|" * (len(tasks) + 1)]
     lines.append("| majority / chance | - | " + " | ".join(f"{100 * r['tasks'][t]['majority']:.1f}" for t in tasks) + " | "
                  + f"{100 * statistics.fmean(r['tasks'][t]['majority'] for t in tasks):.1f} |")
@@ -111,7 +127,8 @@ def model_section(kind: str, r: dict) -> list[str]:
     if r["fusion"]:
         lines += ["", "### 2. Multi-adapter fusion by naive addition (the paper's Table 4 layout): test accuracy (%)", "",
                   f"The {len(tasks)} task adapters summed into one backbone (shira_hooks and PEFT SHiRA: `shira_hooks.fuse`; LoRA: the sum of the "
-                  f"{len(tasks)} B @ A products)" + (", each task evaluated with its own head" if kind == "encoder" else "")
+                  f"{len(tasks)} B @ A products; DoRA: the sum of the {len(tasks)} merged weights' differences from the base)"
+                  + (", each task evaluated with its own head" if kind == "encoder" else "")
                   + ". Drop = single-adapter average minus fused average, in accuracy points, averaged over seeds.", "",
                   "| method | single avg | " + " | ".join(f"fused {t}" for t in tasks) + " | fused avg | drop (points) |", "|---|---:|" + "---:|" * (len(tasks) + 2)]
         for method in METHODS:
@@ -235,6 +252,9 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.2), squeeze=False)
     for ax, (kind, r) in zip(axes[0], models):
         names = [m for m in METHODS if per_seed_average(r, m)]
+        ax.set_title(r["model"])
+        if not names:  # a model whose cells are not tested yet
+            continue
         xs = range(len(names))
         singles = [[100 * v for v in per_seed_average(r, m)] for m in names]
         fuseds = [[100 * v for v in fused_average(r, m)] or [0.0] for m in names]
@@ -245,7 +265,6 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylim(max(0, 10 * int(low // 10) - 10), 100)
         ax.set_xticks(list(xs), [LABELS[m].replace("shira_hooks ", "shira ") for m in names], rotation=30, ha="right")
         ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-        ax.set_title(r["model"])
         ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -3,18 +3,26 @@ single adapters and multi-adapter fusion by naive addition (the paper's Tables 2
 
     python benchmarks/quality/run.py --pilot          # once: which tasks the models can learn
     python benchmarks/quality/run.py --lazy-test      # grid, seeds, test, fusion, cost, report (resumable)
+    benchmarks/quality/long_run.sh                    # the same without cost, in the order of issue 25, logged
     python benchmarks/quality/run.py --quick          # tiny models and tasks, the whole pipeline (tests)
 
 Stages (each skips what its cache already holds):
 1. ``grid``: seed 0. Every (method, learning rate) on the first task; each method's rate is the one with
-   the best validation accuracy there, and the other tasks train at that rate.
-2. ``seeds``: seeds 1.. at the chosen rate (the encoder gets 3 seeds in all, the LM ``--lm-seeds``).
+   the best validation accuracy there, and the other tasks train at that rate. On the LM the block
+   variants (``shira_<mask>_b<B>``) have no grid: they train at the rate their mask chose without blocks.
+2. ``seeds``: seeds 1.. at the chosen rate (``--encoder-seeds``, ``--lm-seeds``, 3 each; ``--method-seeds``
+   gives single methods fewer or more, e.g. the block variants 1 seed first).
    ``test``: with ``--lazy-test`` the cells above measure validation accuracy only; this stage then
-   tests the cells at the chosen rates on a fresh base model with the saved adapter applied.
+   tests every cell at the chosen rates, whatever its seed, on a fresh base model with the saved adapter applied.
 3. ``fusion``: the task adapters of one method and seed summed into one backbone (``shira_hooks.fuse``
-   for sparse adapters, the sum of the B @ A products for LoRA), each task tested with its own head.
+   for sparse adapters, the sum of the merged deltas for LoRA and DoRA), each task tested with its own
+   head; every seed whose task adapters are all trained.
 4. ``cost``: each method trains a few steps in its own process: median step time and peak RSS.
 5. ``report``: ``benchmarks/quality/RESULTS.md`` and plots, from ``results.json`` only.
+
+Every cell records its validation and test outcome per example (``val_correct``, ``test_correct``: one
+character per row in split order, "1" right, "0" wrong), its step times and wall time; fusion rows
+record the outcomes per task (``correct``). ``results.json`` gathers them (per-step times summarised).
 
 Finished cells live in ``~/.cache/shira_hooks/quality/`` (or ``--cache``), keyed by the settings.
 """
@@ -58,12 +66,15 @@ CANDIDATES = {
 DEFAULT_TASKS = {"encoder": ["intent_recognition", "navigate", "winowhy"], "lm": ["intent_recognition", "winowhy", "reasoning_about_colored_objects"]}
 QUICK_TASKS = ["intent", "sentiment", "topic"]
 GRID = {"encoder": [3e-4, 1e-3, 3e-3], "lm": [3e-4, 1e-3, 3e-3]}
-SETTINGS = {  # per backend: steps, warm-up share, head learning rate, test / validation sizes
-    "encoder": dict(steps=100, warmup=0.1, head_lr=2e-3, test=300, val=150, calibration_batches=4),
-    "lm": dict(steps=48, warmup=0.1, head_lr=0.0, test=100, val=40, calibration_batches=4),
+# The LM's block variants train at the rate of their mask without blocks (an LM grid costs 3 cells a method).
+BLOCK_RATE_FROM_UNBLOCKED = {"encoder": False, "lm": True}
+SETTINGS = {  # per backend: steps, warm-up share, head learning rate, test / validation / fewest training rows (tasks.split)
+    "encoder": dict(steps=100, warmup=0.1, head_lr=2e-3, test=300, val=150, train=300, calibration_batches=4),
+    "lm": dict(steps=48, warmup=0.1, head_lr=0.0, test=300, val=40, train=300, calibration_batches=4),
 }
 STAGES = ["grid", "seeds", "test", "fusion", "cost", "report"]
-QUICK = dict(steps=4, warmup=0.25, head_lr=1e-2, test=12, val=8, calibration_batches=2)
+QUICK = dict(steps=4, warmup=0.25, head_lr=1e-2, test=12, val=8, train=24, calibration_batches=2)
+QUICK_SEEDS = 2  # --quick trains at most 2 seeds
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -74,21 +85,30 @@ class Run:
         self.kind, self.quick, self.lazy_test = kind, args.quick, args.lazy_test
         self.settings = dict(QUICK if args.quick else SETTINGS[kind], sparsity=args.sparsity)
         self.backend = (M.Encoder if kind == "encoder" else M.CausalLM)(tiny=args.quick)
-        self.grid = ([1e-2, 3e-2] if kind == "encoder" else [3e-2]) if args.quick else GRID[kind]
+        self.grid = [1e-2, 3e-2] if args.quick else GRID[kind]
         self.methods = [m for m in args.methods or M.METHODS if m in M.METHODS]  # the methods the training stages train (--methods)
         # the baseline trains unless --methods is given without it (its cells then come from --merge)
         self.train_baseline = not args.methods or baseline_of_kind(kind) in args.methods
         self.fixed_lr = dict(args.lr or [])  # --lr METHOD=RATE: no grid for that method
-        self.seeds = list(range(min(2, args.encoder_seeds) if args.quick and kind == "encoder" else args.encoder_seeds if kind == "encoder" else args.lm_seeds))
+        self.seeds = self.seed_list(args.encoder_seeds if kind == "encoder" else args.lm_seeds)
+        self.method_seeds = {m: self.seed_list(n) for m, n in (args.method_seeds or [])}  # --method-seeds METHOD=N
         names = args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS[kind])
         self.tasks = {n: self.load_task(n) for n in names}
         key = json.dumps({"kind": kind, "quick": self.quick, **self.settings, "bs": self.backend.batch_size, "len": self.backend.max_length}, sort_keys=True)
         self.folder = Path(args.cache or CACHE) / f"{kind}{'-quick' if self.quick else ''}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
+    def seed_list(self, count: int) -> list[int]:
+        return list(range(min(QUICK_SEEDS, count) if self.quick else count))
+
+    def seeds_of(self, method: str) -> list[int]:
+        """The seeds ``method`` trains at in this run (the baselines: the model's seeds)."""
+        return self.method_seeds.get(method, self.seeds)
+
     def load_task(self, name: str) -> T.Task:
+        sizes = {k: self.settings[k] for k in ("test", "val", "train")}
         if self.quick:
-            return T.split(name, T.synthetic(name), test=self.settings["test"], val=self.settings["val"])
-        return T.load(name, test=self.settings["test"], val=self.settings["val"])
+            return T.split(name, T.synthetic(name), **sizes)
+        return T.load(name, **sizes)
 
     def cell_dir(self, task: str, method: str, lr: float, seed: int) -> Path:
         return self.folder / task / method / f"lr{lr:g}-seed{seed}"
@@ -103,6 +123,16 @@ def baseline_of(run: Run) -> str:
 
 
 # ------------------------------------------------------------------------------------- training
+def accuracy(correct: str) -> float:
+    """The share of "1" in a per-example record."""
+    return correct.count("1") / len(correct)
+
+
+def write_json(path: Path, record) -> None:
+    """One compact line of JSON, written atomically (a stopped run never leaves half a cell)."""
+    atomic_write(path, json.dumps(record, separators=(",", ":")).encode())
+
+
 def linear_schedule(steps: int, warmup: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -135,7 +165,9 @@ def train_cell(run: Run, task: T.Task, method: str, lr: float, seed: int, *, eva
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, max(1, round(s["warmup"] * steps))))
         model.train()
-        bar = tqdm(T.batches(task.train, backend.batch_size, steps, seed=seed), total=steps, desc=f"{task.name} {method} lr={lr:g} seed={seed}", leave=False, disable=run.quick)
+        # disable=None: a bar on a terminal, none in a log
+        bar = tqdm(T.batches(task.train, backend.batch_size, steps, seed=seed), total=steps, desc=f"{task.name} {method} lr={lr:g} seed={seed}",
+                   leave=False, disable=True if run.quick else None)
         for rows in bar:
             batch = backend.batch(task, rows)
             started = time.perf_counter()
@@ -145,15 +177,18 @@ def train_cell(run: Run, task: T.Task, method: str, lr: float, seed: int, *, eva
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - started)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        record.update(steps=steps, step_median_s=statistics.median(times), step_times=times, loss_first=statistics.fmean(losses[:10]), loss_last=statistics.fmean(losses[-10:]))
+        record.update(steps=steps, step_median_s=statistics.median(times), step_min_s=min(times), step_max_s=max(times), train_s=sum(times),
+                      step_times=[round(t, 4) for t in times], loss_first=statistics.fmean(losses[:10]), loss_last=statistics.fmean(losses[-10:]))
     if prepared.handle is not None:
         record["outside_mask_changes"] = len(prepared.handle.verify())
     if evaluate:
-        record["val"] = backend.accuracy(model, task, task.val)
+        record["val_correct"] = backend.correct(model, task, task.val)
+        record["val"] = accuracy(record["val_correct"])
         if not run.lazy_test:
-            record["test"] = backend.accuracy(model, task, task.test)
+            record["test_correct"] = backend.correct(model, task, task.test)
+            record["test"] = accuracy(record["test_correct"])
     return record, prepared
 
 
@@ -164,6 +199,7 @@ def cell(run: Run, task: T.Task, method: str, lr: float, seed: int) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     record, prepared = train_cell(run, task, method, lr, seed)
     if method not in ("head", "zero_shot"):
         M.save_adapter(prepared, method, folder / "adapter.safetensors")
@@ -174,9 +210,10 @@ def cell(run: Run, task: T.Task, method: str, lr: float, seed: int) -> dict:
         atomic_write(folder / "head.safetensors", save(head))
     if prepared.handle is not None:
         prepared.handle.detach()
-    atomic_write(done, json.dumps(record, indent=1).encode())
-    print(f"  {run.kind:7} {task.name:22} {method:12} lr={lr:<7g} seed={seed}  val {record['val']:.3f}  test {record.get('test', float('nan')):.3f}  "
-          f"entries {record['entries']:,}  {record.get('step_median_s', 0):.3f} s/step", flush=True)
+    record.update(wall_s=round(time.perf_counter() - started, 2), threads=torch.get_num_threads())  # training, evaluation and saving
+    write_json(done, record)
+    print(f"  {run.kind:7} {task.name:22} {method:14} lr={lr:<7g} seed={seed}  val {record['val']:.3f}  test {record.get('test', float('nan')):.3f}  "
+          f"entries {record['entries']:,}  {record.get('step_median_s', 0):.3f} s/step  {record['wall_s']:.0f} s", flush=True)
     return record
 
 
@@ -186,18 +223,43 @@ def stage_grid(run: Run) -> None:
     for name in names if run.train_baseline else []:
         cell(run, run.tasks[name], baseline_of(run), run.settings["head_lr"], 0)
     for method in run.methods:
-        for lr in [run.fixed_lr[method]] if method in run.fixed_lr else run.grid:
+        for lr in grid_of(run, method):
             cell(run, run.tasks[names[0]], method, lr, 0)
     for name in names[1:]:
         for method in run.methods:
             cell(run, run.tasks[name], method, chosen_lr(run, method), 0)
 
 
+def rate_source(run: Run, method: str) -> str | None:
+    """The method whose chosen rate ``method`` takes (an LM block variant: its mask without blocks), else None."""
+    if method in run.fixed_lr or not BLOCK_RATE_FROM_UNBLOCKED[run.kind]:
+        return None
+    return M.unblocked(method)
+
+
+def grid_of(run: Run, method: str) -> list[float]:
+    """The rates ``method`` trains at on the first task at seed 0."""
+    if method in run.fixed_lr:
+        return [run.fixed_lr[method]]
+    source = rate_source(run, method)
+    if source is None:
+        return run.grid
+    lr = chosen_lr(run, source)
+    if lr is None:
+        raise SystemExit(f"{method} trains at the learning rate {source} chose on the grid (on the {run.kind}, block variants have no grid "
+                         f"of their own), and the grid of {source} on {next(iter(run.tasks))} is not finished: train {source} first "
+                         f"(--methods {source} {method}), or give the rate with --lr {method}=RATE")
+    return [lr]
+
+
 def chosen_lr(run: Run, method: str) -> float | None:
     """The grid rate with the best validation accuracy on the first task at seed 0 (ties: the smaller
-    rate); None while the grid is unfinished. A rate given with --lr is used as it is."""
+    rate); None while the grid is unfinished. A rate given with --lr is used as it is; an LM block
+    variant takes the rate of its mask without blocks."""
     if method in run.fixed_lr:
         return run.fixed_lr[method]
+    if (source := rate_source(run, method)) is not None:
+        return chosen_lr(run, source)
     first = next(iter(run.tasks))
     paths = [run.cell_dir(first, method, lr, 0) / "cell.json" for lr in run.grid]
     if not all(p.exists() for p in paths):
@@ -206,19 +268,32 @@ def chosen_lr(run: Run, method: str) -> float | None:
 
 
 def stage_seeds(run: Run) -> None:
-    for name, task in run.tasks.items():
-        for seed in run.seeds[1:]:
-            if run.kind == "encoder" and run.train_baseline:
+    """Seeds 1.. at the chosen rates, one seed after the other (a stopped run leaves whole seeds). The LM's
+    baseline (zero-shot) has no seed."""
+    for seed in range(1, max(len(run.seeds_of(m)) for m in [*run.methods, baseline_of(run)])):
+        for name, task in run.tasks.items():
+            if run.kind == "encoder" and run.train_baseline and seed in run.seeds:
                 cell(run, task, baseline_of(run), run.settings["head_lr"], seed)
             for method in run.methods:
-                cell(run, task, method, chosen_lr(run, method), seed)
+                if seed in run.seeds_of(method):
+                    cell(run, task, method, chosen_lr(run, method), seed)
+
+
+def trained_seeds(run: Run, task: str, method: str, lr: float | None) -> list[int]:
+    """The seeds of the finished cells of (task, method) at rate ``lr``, whatever this run's seed settings."""
+    if lr is None:
+        return []
+    prefix = run.cell_dir(task, method, lr, 0).name.removesuffix("0")  # "lr<rate>-seed"
+    folders = (run.folder / task / method).glob(prefix + "*")
+    return sorted(int(f.name.removeprefix(prefix)) for f in folders if f.name.removeprefix(prefix).isdigit() and (f / "cell.json").exists())
 
 
 # --------------------------------------------------------------------------------------- fusion
 @torch.no_grad()
 def with_adapters(run: Run, method: str, folders: list[Path], seed: int):
-    """A fresh base model holding the sum of the adapters saved in ``folders`` (B @ A summed for LoRA,
-    ``shira_hooks.fuse`` + ``apply`` for sparse adapters); returns (model, adapters, {weight: (now, base)})."""
+    """A fresh base model holding the sum of the adapters saved in ``folders`` (LoRA and DoRA: the sum of
+    their merged deltas, ``M.LowRank.delta``; sparse adapters: ``shira_hooks.fuse`` + ``apply``); returns
+    (model, adapters, {weight: (now, base)})."""
     import shira_hooks
 
     adapters = [M.load_adapter(f / "adapter.safetensors") for f in folders]
@@ -226,64 +301,69 @@ def with_adapters(run: Run, method: str, folders: list[Path], seed: int):
     root = run.backend.root(model)
     targets = {n + ".weight": m.weight for n, m in M.target_linears(root, run.backend.targets).items()}
     weights = {n: (w, w.detach().clone()) for n, w in targets.items()}
-    if method == "lora":
-        for n, w in targets.items():
-            w.add_(sum(a[n][1] @ a[n][0] for a in adapters))
+    if method in ("lora", "dora"):
+        for n, (w, base) in weights.items():
+            w.add_(sum(a[n].delta(base) for a in adapters))
     else:
         shira_hooks.apply(root, shira_hooks.fuse(adapters, base=root) if len(adapters) > 1 else adapters[0])
     return model, adapters, weights
 
 
-def evaluate(run: Run, model, task: T.Task, folder: Path) -> float:
-    """Test accuracy of ``model`` on ``task``, with the task's own head (encoder) from ``folder``."""
+def evaluate(run: Run, model, task: T.Task, folder: Path) -> str:
+    """Per-example test outcomes of ``model`` on ``task`` (``Backend.correct``), with the task's own head
+    (encoder) from ``folder``."""
     from safetensors.torch import load_file
 
     if run.backend.kind == "encoder":
         model.head = torch.nn.Linear(model.head.in_features, len(task.labels) if task.labels else 1)
         model.head.load_state_dict(load_file(folder / "head.safetensors"))
-    return run.backend.accuracy(model, task, task.test)
+    return run.backend.correct(model, task, task.test)
 
 
 def stage_test(run: Run) -> None:
     """Test accuracy of the cells at the chosen rates that lack it (``--lazy-test`` grid cells), measured on
-    a fresh base model with the saved adapter applied: what a user who loads the adapter gets."""
+    a fresh base model with the saved adapter applied: what a user who loads the adapter gets. Every
+    finished seed is tested, whatever this run's seed settings."""
     for name, task in run.tasks.items():
         for method in [baseline_of(run)] + M.METHODS:
             lr = run.settings["head_lr"] if method == baseline_of(run) else chosen_lr(run, method)
-            for seed in run.seeds:
-                folder = run.cell_dir(name, method, lr, seed) if lr is not None else None
-                if folder is None or not (folder / "cell.json").exists():
-                    continue
+            for seed in trained_seeds(run, name, method, lr):
+                folder = run.cell_dir(name, method, lr, seed)
                 record = json.loads((folder / "cell.json").read_text())
                 if "test" in record:
                     continue
+                started = time.perf_counter()
                 if method == baseline_of(run):
                     model = run.backend.model(task, seed)  # the head, if any, comes from the folder
                 else:
                     model, _, _ = with_adapters(run, method, [folder], seed)
-                record["test"] = evaluate(run, model, task, folder)
+                record["test_correct"] = evaluate(run, model, task, folder)
+                record["test"] = accuracy(record["test_correct"])
                 record["test_from"] = "fresh base model" + ("" if method == baseline_of(run) else " with the saved adapter applied")
-                atomic_write(folder / "cell.json", json.dumps(record, indent=1).encode())
-                print(f"  {run.kind:7} {name:22} {method:12} lr={lr:<7g} seed={seed}  test {record['test']:.3f} ({record['test_from']})", flush=True)
+                record["test_wall_s"] = round(time.perf_counter() - started, 2)
+                write_json(folder / "cell.json", record)
+                print(f"  {run.kind:7} {name:22} {method:14} lr={lr:<7g} seed={seed}  test {record['test']:.3f} ({record['test_from']})  "
+                      f"{record['test_wall_s']:.0f} s", flush=True)
 
 
 @torch.no_grad()
 def fused_accuracy(run: Run, method: str, seed: int) -> dict:
-    """Accuracy of every task on one backbone holding the sum of the task adapters of ``method``."""
+    """Accuracy and per-example outcomes of every task on one backbone holding the sum of the task adapters of ``method``."""
+    started = time.perf_counter()
     folders = {n: run.cell_dir(n, method, chosen_lr(run, method), seed) for n in run.tasks}
     model, adapters, weights = with_adapters(run, method, list(folders.values()), seed)
-    if method == "lora":
-        overlaps = lora_overlap(adapters)
-        entries = {t: sum(a.numel() + b.numel() for a, b in adapter.values()) for t, adapter in zip(run.tasks, adapters)}
+    if method in ("lora", "dora"):
+        overlaps = low_rank_overlap(adapters, {n: base for n, (_, base) in weights.items()})
+        entries = {t: sum(part.numel for part in adapter.values()) for t, adapter in zip(run.tasks, adapters)}
     else:
         overlaps = sparse_overlap(adapters)
         entries = {t: adapter.num_entries for t, adapter in zip(run.tasks, adapters)}
     changed = sum(int((now != base).sum()) for now, base in weights.values())
     total = sum(now.numel() for now, _ in weights.values())
-    accuracy = {n: evaluate(run, model, task, folders[n]) for n, task in run.tasks.items()}
+    correct = {n: evaluate(run, model, task, folders[n]) for n, task in run.tasks.items()}
     all_params = sum(p.numel() for p in run.backend.root(model).parameters())
-    return {"method": method, "seed": seed, "accuracy": accuracy, "changed": changed, "target_weights": total, "all_weights": all_params,
-            "entries": entries, **overlaps}
+    return {"method": method, "seed": seed, "accuracy": {n: accuracy(c) for n, c in correct.items()}, "correct": correct, "changed": changed,
+            "target_weights": total, "all_weights": all_params, "entries": entries, **overlaps, "wall_s": round(time.perf_counter() - started, 2)}
 
 
 def sparse_overlap(adapters) -> dict:
@@ -298,34 +378,33 @@ def sparse_overlap(adapters) -> dict:
     return {"shared_fraction": statistics.fmean(shared), "product_cosine": statistics.fmean(cosines)}
 
 
-def lora_overlap(adapters) -> dict:
-    """LoRA deltas are dense (every entry shared); the paper's ||dW1^T dW2|| / (||dW1|| ||dW2||) per weight."""
+def low_rank_overlap(adapters: list[dict], bases: dict[str, torch.Tensor]) -> dict:
+    """LoRA and DoRA deltas are dense (every entry shared); the paper's ||dW1^T dW2|| / (||dW1|| ||dW2||) per weight."""
     cosines = []
     for i in range(len(adapters)):
         for j in range(i + 1, len(adapters)):
             per = []
-            for n, (a1, b1) in adapters[i].items():
-                a2, b2 = adapters[j][n]
-                d1, d2 = b1 @ a1, b2 @ a2
+            for n, part in adapters[i].items():
+                d1, d2 = part.delta(bases[n]), adapters[j][n].delta(bases[n])
                 per.append(float((d1.T @ d2).norm() / (d1.norm() * d2.norm()).clamp_min(1e-30)))
             cosines.append(statistics.fmean(per))
     return {"shared_fraction": 1.0, "product_cosine": statistics.fmean(cosines)}
 
 
 def stage_fusion(run: Run) -> list[dict]:
+    """One fusion row per (method, seed) whose task adapters are all trained, whatever this run's seed settings."""
     path = run.folder / "fusion.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     have = {(r["method"], r["seed"]) for r in rows}
     for method in M.METHODS:
-        for seed in run.seeds:
-            lr = chosen_lr(run, method)
-            if (method, seed) in have or lr is None or not all((run.cell_dir(n, method, lr, seed) / "cell.json").exists() for n in run.tasks):
-                continue  # already fused, or a task adapter is not trained yet
+        lr = chosen_lr(run, method)
+        seeds = set.intersection(*(set(trained_seeds(run, n, method, lr)) for n in run.tasks))
+        for seed in sorted(seeds - {s for m, s in have if m == method}):
             row = fused_accuracy(run, method, seed)
             rows.append(row)
-            atomic_write(path, json.dumps(rows, indent=1).encode())
-            print(f"  {run.kind:7} fused {method:12} seed={seed}  " + "  ".join(f"{t} {a:.3f}" for t, a in row["accuracy"].items())
-                  + f"  changed {100 * row['changed'] / row['target_weights']:.2f}% of target weights", flush=True)
+            write_json(path, rows)
+            print(f"  {run.kind:7} fused {method:14} seed={seed}  " + "  ".join(f"{t} {a:.3f}" for t, a in row["accuracy"].items())
+                  + f"  changed {100 * row['changed'] / row['target_weights']:.2f}% of target weights  {row['wall_s']:.0f} s", flush=True)
     return rows
 
 
@@ -380,18 +459,22 @@ def stage_pilot(run: Run, names: list[str]) -> dict:
 
 # -------------------------------------------------------------------------------------- collect
 def collect(run: Run) -> dict:
+    """Everything the report needs, from the cache: every finished cell (its per-step times summarised by
+    median, min and max), the fusion and cost rows, the rates, the split of each task."""
     cells = []
     for name in run.tasks:
         for method in [baseline_of(run)] + M.METHODS:
             for path in sorted((run.folder / name / method).glob("*/cell.json")):
-                cells.append({k: v for k, v in json.loads(path.read_text()).items() if k != "step_times"})  # medians suffice
+                cells.append({k: v for k, v in json.loads(path.read_text()).items() if k != "step_times"})
     chosen = {m: lr for m in M.METHODS if (lr := chosen_lr(run, m)) is not None}
     return {
         "model": run.backend.name, "settings": run.settings, "batch_size": run.backend.batch_size, "max_length": run.backend.max_length,
-        "targets": run.backend.targets, "grid": run.grid, "seeds": run.seeds, "chosen_lr": chosen, "fixed_lr": run.fixed_lr,
-        "tasks": {n: {"sizes": t.sizes, "majority": t.majority(), "labels": t.labels} for n, t in run.tasks.items()},
+        "targets": run.backend.targets, "grid": run.grid, "seeds": run.seeds, "method_seeds": run.method_seeds, "chosen_lr": chosen,
+        "fixed_lr": run.fixed_lr, "lr_from": {m: source for m in chosen if (source := rate_source(run, m)) is not None},
+        "tasks": {n: {"sizes": t.sizes, "majority": t.majority(), "labels": t.labels, "test_digest": t.test_digest()} for n, t in run.tasks.items()},
         "cells": cells, "fusion": json.loads((run.folder / "fusion.json").read_text()) if (run.folder / "fusion.json").exists() else [],
         "cost": json.loads((run.folder / "cost.json").read_text()) if (run.folder / "cost.json").exists() else [],
+        "cache_folder": run.folder.name,  # under --cache: <model>-<hash of the settings>
     }
 
 
@@ -429,7 +512,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", nargs="+", type=lambda text: (text.split("=")[0], float(text.split("=")[1])), metavar="METHOD=RATE",
                         help="train METHOD at RATE instead of choosing its rate on the grid (e.g. a block variant at its unstructured mask's rate)")
     parser.add_argument("--encoder-seeds", type=int, default=3)
-    parser.add_argument("--lm-seeds", type=int, default=1)
+    parser.add_argument("--lm-seeds", type=int, default=3)
+    parser.add_argument("--method-seeds", nargs="+", type=lambda text: (text.split("=")[0], int(text.split("=")[1])), metavar="METHOD=N",
+                        help="train METHOD at N seeds instead of --encoder-seeds / --lm-seeds (e.g. the block variants at 1 seed first); "
+                        "the test and fusion stages take every seed already trained")
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache", type=Path, help=f"cell cache (default {CACHE})")
@@ -437,8 +523,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models and synthetic tasks: the whole pipeline in seconds")
     parser.add_argument("--cost-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    for method in dict(args.lr or []) | dict(args.method_seeds or []):
+        if method not in M.METHODS:
+            parser.error(f"--lr / --method-seeds: unknown method {method!r}; choose from {', '.join(M.METHODS)}")
+    if args.threads or args.quick:
+        # --quick: one thread; the tiny models gain nothing from more, and on a loaded machine threads
+        # waiting for each other made the quick pipeline 10x slower
+        torch.set_num_threads(args.threads or 1)
     if args.cost_worker:
         print(json.dumps(cost_worker(Run(args.models[0], args), args.cost_worker)))
         return 0
