@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 import train_cost  # noqa: E402
-from shira_hooks._timing import command_line, machine, publish, report_header  # noqa: E402
+from shira_hooks.tools import command_line, machine, publish, report_header  # noqa: E402
 
 METHODS = ["full", "shira_dense", "shira_sparse", "peft_lora"]
 WRAPPERS = ["fsdp2", "ddp"]
@@ -93,7 +93,7 @@ def prepare(method: str, wrapper: str, model, sparsity: float, layout: str = "la
 
 
 def _local_mb(tensors) -> float:
-    from shira_hooks._shard import local
+    from shira_hooks.distributed import local
 
     return sum(local(t).numel() * t.element_size() for t in tensors if torch.is_tensor(t)) / 2**20
 

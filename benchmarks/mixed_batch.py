@@ -15,7 +15,7 @@ warm-up, median with min/max:
 * ``generate()``: greedy, a fixed number of new tokens, tokens per second for the base model, the
   mixed route and PEFT LoRA's ``generate(..., adapter_names=...)``;
 * the kernel choice for one 1536x576 weight (the MLP's down projection transposed: gate/up) at 1%,
-  the same rows and adapters: the alternatives ``shira_hooks/mixed.py`` was chosen among.
+  the same rows and adapters: the alternatives ``shira_hooks/serve/mixed.py`` was chosen among.
 
 Exactness is checked on the way: each mixed row against ``shira_hooks.apply`` of its adapter.
 """
@@ -35,7 +35,7 @@ import torch
 
 import shira_hooks
 from shira_hooks import masks
-from shira_hooks._timing import Stats, command_line, machine, publish, report_header, time_interleaved
+from shira_hooks.tools import Stats, command_line, machine, publish, report_header, time_interleaved
 from switch_model import HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, TARGETS, random_adapter, target_weights
 
 

@@ -52,8 +52,7 @@ from torch import nn
 
 import shira_hooks
 from shira_hooks import masks
-from shira_hooks._io import digest
-from shira_hooks._timing import command_line, machine, publish, report_header
+from shira_hooks.tools import command_line, machine, publish, report_header
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 576, 1536, 30, 9, 3  # SmolLM2-135M-Instruct's config
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -140,7 +139,7 @@ def random_adapter(weights: dict, sparsity: float, seed: int, block: int) -> shi
         k = masks.budget(weight.numel(), sparsity, block)
         indices = masks.rand_mask(weight.numel(), k, masks.generator_for(seed, name), block)
         base = weight.detach().reshape(-1)[indices.long()]
-        deltas[name] = shira_hooks.SparseDelta(tuple(weight.shape), weight.dtype, indices, torch.randn(k, generator=g) * 1e-3, digest(base), block)
+        deltas[name] = shira_hooks.SparseDelta(tuple(weight.shape), weight.dtype, indices, torch.randn(k, generator=g) * 1e-3, shira_hooks.digest(base), block)
     return shira_hooks.SparseAdapter(deltas, {"mask": "rand"})
 
 

@@ -19,7 +19,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import shira_hooks
-from shira_hooks._io import digest
 
 import common
 
@@ -35,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sparsity", type=float, default=0.01)
-    parser.add_argument("--mask", default="snip", choices=["struct", "rand", "wm", "grad", "snip"])
+    parser.add_argument("--mask", default="snip", choices=shira_hooks.MASK_KINDS)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4, help="per rank")
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
     _, test, model, tokenizer, shard, calibration = common.rank_data(args.model, args.tiny, args.batch_size, rank, world, device)
 
     shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0)
-    masks_equal = same_on_all_ranks(digest(torch.cat([i.long() for i in shira.masks.values()])))
+    masks_equal = same_on_all_ranks(shira_hooks.digest(torch.cat([i.long() for i in shira.masks.values()])))
     say(f"{world} ranks; trainable entries: {shira.num_trainable:,}; masks identical on all ranks: {masks_equal}")
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
         if step % max(1, steps // 5) == 0:
             say(f"step {step}: loss (rank 0) {loss.item():.4f}")
 
-    weights_equal = same_on_all_ranks(digest(torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])))
+    weights_equal = same_on_all_ranks(shira_hooks.digest(torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])))
     exact = same_on_all_ranks(str(shira.verify())) and not shira.verify()
     say(f"replicas identical after training: {weights_equal}; entries changed outside the masks: {'none' if exact else shira.verify()}")
     if rank == 0:

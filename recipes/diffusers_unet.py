@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", default="dense", choices=["dense", "sparse"],
                         help="dense: every Conv2d and Linear weight; sparse: the Linear weights only, mode='sparse'")
     parser.add_argument("--sparsity", type=float, default=0.01)
-    parser.add_argument("--mask", default="snip", choices=["struct", "rand", "wm", "grad", "snip"])
+    parser.add_argument("--mask", default="snip", choices=shira_hooks.MASK_KINDS)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/diffusers_unet"))
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(10 * STYLES[name]["seed"])
         batches = [make_batch(style, size, g) for _ in range(steps)]
         shira = shira_hooks.attach(unet, args.sparsity, args.mask, target_modules=targets, mode=args.mode, progress=False,
-                                   calibration=batches[:2] if args.mask in ("grad", "snip") else None, loss_fn=loss_fn)
+                                   calibration=batches[:2] if args.mask in shira_hooks.masks.CALIBRATED_KINDS else None, loss_fn=loss_fn)
         layers = " + ".join(f"{sum(isinstance(m, kind) for m in unet.modules())} {kind.__name__}" for kind in targets)
         print(f"adapter {name!r}: mode={args.mode!r}, mask={args.mask!r}, sparsity={args.sparsity:g}, "
               f"targets {layers} ({len(shira.target_names)} weights), trainable entries: {shira.num_trainable:,}")

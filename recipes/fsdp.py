@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sparsity", type=float, default=0.01)
-    parser.add_argument("--mask", default="snip", choices=["struct", "rand", "wm", "grad", "snip"])
+    parser.add_argument("--mask", default="snip", choices=shira_hooks.MASK_KINDS)
     parser.add_argument("--attach", default="after", choices=["after", "before"], help="attach after or before fully_shard")
     parser.add_argument("--mode", default="dense", choices=["dense", "compact", "sparse"], help="attach's mode")
     parser.add_argument("--steps", type=int, default=None)

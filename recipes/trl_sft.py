@@ -16,7 +16,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 import shira_hooks
-from shira_hooks.callback import ADAPTER_FILE, ShiraCallback
+from shira_hooks.integrations import ADAPTER_FILE, ShiraCallback
 
 import common
 
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sparsity", type=float, default=None, help=f"share of each target weight that trains (default: {common.SPARSITY}; --tiny: {common.TINY_SPARSITY})")
-    parser.add_argument("--mask", default="snip", choices=["struct", "rand", "wm", "grad", "snip"])
+    parser.add_argument("--mask", default="snip", choices=shira_hooks.MASK_KINDS)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {common.LR}; --tiny: {common.TINY_LR})")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/trl_sft"))

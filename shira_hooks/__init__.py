@@ -13,28 +13,32 @@
         with torch.no_grad(), mixed.route(["paint", None, "knight"]):
             ...
 
-Importing this package never imports transformers.
+Importing this package never imports transformers (``shira_hooks.integrations``, the Trainer callback, does).
+
+Layers, each a subpackage whose ``__init__`` names its public part; imports point down only:
+``tools`` -> ``integrations`` -> ``serve`` / ``train`` -> ``format`` -> ``masks`` / ``distributed`` -> ``_base``.
 """
 
+from ._base import digest
 from ._version import __version__
-from .adapter import SparseAdapter, SparseDelta
-from .attach import attach
-from .handle import ShiraHandle, handles
-from .bank import AdapterBank
 from .errors import ShiraError
-from .fusion import Overlap, fuse, overlap
-from .mixed import MixedAdapters
-from .packing import PackedWeights, pack
-from .switch import AppliedAdapter, apply, clear_cache
+from .format import SparseAdapter, SparseDelta
+from .masks import MASK_KINDS
+from .serve import AdapterBank, AppliedAdapter, MixedAdapters, Overlap, PackedWeights, applied, apply, clear_cache, fuse, overlap, pack
+from .train import ShiraHandle, attach, attached, handles
 
 __all__ = [
     "attach",
     "ShiraHandle",
+    "attached",
     "handles",
+    "MASK_KINDS",
     "SparseAdapter",
     "SparseDelta",
+    "digest",
     "apply",
     "AppliedAdapter",
+    "applied",
     "clear_cache",
     "fuse",
     "overlap",

@@ -1,8 +1,8 @@
-"""``python -m shira_hooks [VERB]``: the command line (``cli``); without a verb, the demo (``demo``)."""
+"""``python -m shira_hooks [VERB]``: the command line (``tools/cli.py``); without a verb, the demo (``tools/demo.py``)."""
 
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -124,7 +124,7 @@ def assert_changes_within_masks(handle: shira_hooks.ShiraHandle, before: dict, m
 def _no_leftover_handles():
     """Every test must detach what it attached (a leftover handle would leak hooks into the next test)."""
     yield
-    from shira_hooks.handle import attached_handles
+    from shira_hooks._testing import attached_handles
 
     alive = attached_handles()
     for handle in alive:

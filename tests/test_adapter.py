@@ -154,7 +154,7 @@ def test_the_next_save_deletes_the_temporary_files_of_killed_saves_and_nothing_e
     killed_save(tmp_path / "source.safetensors", "save", path)
     stale = sorted(p.name for p in folder.iterdir())
     assert len(stale) == 1 and all(name.startswith(".adapter.safetensors.") and name.endswith(".tmp") for name in stale)
-    from shira_hooks._io import _host_tag
+    from shira_hooks._base.io import _host_tag
 
     keep = [
         f".adapter.safetensors.{_host_tag()}-{os.getppid()}-abcd1234.tmp",  # a process that still runs
@@ -256,7 +256,7 @@ def test_a_header_claiming_2_31_entries_is_refused_before_the_runs_are_expanded(
     def expand(blocks, block):  # the old reader got here and allocated 16 GB: fail instead of allocating
         raise AssertionError(f"expanding {blocks.numel()} runs of {block} before checking the value count")
 
-    monkeypatch.setattr(shira_hooks.adapter, "expand_blocks", expand)
+    monkeypatch.setattr(shira_hooks.format.adapter, "expand_blocks", expand)
     with pytest.raises(ShiraError, match=r"huge.safetensors: tensor 'w.indices': \(1,\) block numbers of 2147483648 entries each need 2,147,483,648 values, the file holds \(1,\)"):
         SparseAdapter.load(path)
 
@@ -270,7 +270,7 @@ def test_inspect_of_the_oversized_file_under_a_memory_limit_prints_the_error_and
     path = _oversized_block_file(tmp_path)
     code = (
         "import resource, sys\n"
-        "from shira_hooks.cli import main\n"  # imports torch: the limit is set above what the process already holds
+        "from shira_hooks.tools.cli import main\n"  # imports torch: the limit is set above what the process already holds
         "size = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmSize:'))\n"
         "resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY))\n"
         "sys.exit(main(['inspect', sys.argv[1]]))\n"

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import shira_hooks
 from shira_hooks import AdapterBank, ShiraError, SparseAdapter, SparseDelta, apply, fuse, masks, overlap
-from shira_hooks._switch_state import model_state
+from shira_hooks.serve.state import model_state
 from conftest import assert_changes_within_masks, llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, mlp_steps, snapshot
 
 
@@ -311,7 +311,7 @@ def test_hub_folder_and_inspect_record_the_block(tmp_path, capsys):
     folder = adapter.save_pretrained(tmp_path / "hub")
     assert json.loads((folder / "shira_config.json").read_text())["block"] == 16
     assert SparseAdapter.from_pretrained(folder).block == 16
-    from shira_hooks.cli import main
+    from shira_hooks.tools.cli import main
 
     assert main(["inspect", str(folder / "shira_adapter.safetensors")]) == 0
     out = capsys.readouterr().out
@@ -322,7 +322,7 @@ def test_trainer_callback_attaches_with_a_block_and_writes_a_block_adapter(tmp_p
     pytest.importorskip("transformers")
     from transformers import Trainer, TrainingArguments
 
-    from shira_hooks.callback import ADAPTER_FILE, ShiraCallback
+    from shira_hooks.integrations import ADAPTER_FILE, ShiraCallback
 
     class Tokens(torch.utils.data.Dataset):
         items = [{"input_ids": row, "labels": row} for b in llama_batches(4) for row in b["input_ids"]]

@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import shira_hooks  # noqa: E402
 from shira_hooks import ShiraError, SparseAdapter, apply  # noqa: E402
-from shira_hooks.callback import ADAPTER_FILE, STATE_FILE, ShiraCallback  # noqa: E402
+from shira_hooks.integrations import ADAPTER_FILE, STATE_FILE, ShiraCallback  # noqa: E402
 from conftest import assert_changes_within_masks, llama_batches, make_llama, snapshot, tiny_texts, tiny_tokenizer  # noqa: E402
 
 
@@ -184,7 +184,7 @@ def test_trainer_with_compact_modes_and_resume(tmp_path, mode):
 def test_trainer_writes_the_hub_style_folder(tmp_path):
     import json
 
-    from shira_hooks.callback import ADAPTER_FOLDER
+    from shira_hooks.integrations import ADAPTER_FOLDER
 
     model = make_llama()
     model.config._name_or_path = "tiny-org/tiny-llama"  # what from_pretrained("tiny-org/tiny-llama") records
@@ -268,7 +268,7 @@ def test_a_search_trial_writes_into_its_own_folder(tmp_path):
 def test_the_hub_folder_names_a_hub_id_and_license_never_a_local_path(tmp_path):
     import json
 
-    from shira_hooks.callback import ADAPTER_FOLDER, _base_model_id
+    from shira_hooks.integrations.callback import ADAPTER_FOLDER, _base_model_id
 
     model = make_llama()
     model.config._name_or_path = str(tmp_path)  # loaded from a local folder: useless to a reader of the card

@@ -10,7 +10,7 @@ import torch
 
 import shira_hooks
 from shira_hooks import SparseAdapter
-from shira_hooks.cli import main
+from shira_hooks.tools.cli import main
 from conftest import make_mlp, mlp_batches, mlp_steps
 
 

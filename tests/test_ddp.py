@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import shira_hooks
-from shira_hooks._io import digest
+from shira_hooks import digest
 
 
 def _free_port() -> int:

@@ -130,7 +130,7 @@ def test_cuda_model_moved_by_the_trainer_after_attach(tmp_path, mode):
     (a GradScaler), saves checkpoints; extract, apply and remove work on the GPU."""
     from transformers import Trainer, TrainingArguments
 
-    from shira_hooks.callback import ADAPTER_FILE, STATE_FILE, ShiraCallback
+    from shira_hooks.integrations import ADAPTER_FILE, STATE_FILE, ShiraCallback
 
     model = make_llama()
     base = snapshot(model)

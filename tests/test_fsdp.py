@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import shira_hooks
-from shira_hooks._io import digest
+from shira_hooks import digest
 
 from conftest import llama_batches, make_llama
 
@@ -68,7 +68,7 @@ def _shard(model, **kwargs) -> None:
 
 
 def _full_weights(model) -> dict[str, torch.Tensor]:
-    from shira_hooks._shard import gather
+    from shira_hooks.distributed import gather
 
     return {n: gather(p.detach()).clone() for n, p in model.named_parameters()}
 

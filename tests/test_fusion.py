@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shira_hooks import SparseAdapter, SparseDelta, fusion, overlap
+from shira_hooks import SparseAdapter, SparseDelta, overlap
+from shira_hooks.serve import fusion
 from shira_hooks.masks import budget, generator_for, rand_mask, struct_mask
 
 

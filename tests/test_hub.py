@@ -1,4 +1,4 @@
-"""SparseAdapter.save_pretrained / from_pretrained / push_to_hub: the Hub-style folder (shira_hooks/_hub.py)."""
+"""SparseAdapter.save_pretrained / from_pretrained / push_to_hub: the Hub-style folder (shira_hooks/format/hub.py)."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import torch
 
 import shira_hooks
 from shira_hooks import ShiraError, SparseAdapter
-from shira_hooks import _hub
+from shira_hooks.format import hub as _hub
 from conftest import make_mlp, mlp_batches, mlp_steps
 
 FILES = ["README.md", "shira_adapter.safetensors", "shira_config.json"]

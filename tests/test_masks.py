@@ -224,3 +224,23 @@ def test_a_sparsity_above_one_half_warns_that_0_01_means_1_percent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         shira_hooks.attach(model, 0.5, "rand", seed=0).detach()  # a half is a deliberate choice: no warning
+
+
+def test_a_mask_kind_is_one_registry_entry(monkeypatch):
+    """Adding a kind is adding a MaskKind to masks.KINDS: attach, its budget, the lazy/eager choice and the
+    adapter's metadata follow it; an unknown name lists the registered ones."""
+    def last_entries(name, weight, k, seed, block):  # the k last entries of the weight
+        return torch.arange(weight.numel() - k, weight.numel(), dtype=torch.int32)
+
+    monkeypatch.setitem(masks.KINDS, "last", masks.MaskKind("last", "the k last entries", select=last_entries))
+    model = make_mlp()
+    with shira_hooks.attach(model, 0.05, "last") as shira:
+        weight = model.layers[0].weight
+        k = masks.budget(weight.numel(), 0.05)
+        assert torch.equal(shira.masks["layers.0.weight"].long(), torch.arange(weight.numel() - k, weight.numel()))
+        assert shira.extract().metadata["mask"] == "last"
+    with pytest.raises(shira_hooks.ShiraError, match=r"calibration= is only used by mask='grad' or 'snip', not mask='last'"):
+        shira_hooks.attach(model, 0.05, "last", calibration=[torch.randn(2, 16)])
+    with pytest.raises(shira_hooks.ShiraError, match=r"unknown mask='nope'; use one of struct, rand, wm, grad, snip or a function"):
+        shira_hooks.attach(model, 0.05, "nope")
+    assert shira_hooks.MASK_KINDS == ("struct", "rand", "wm", "grad", "snip") and masks.CALIBRATED_KINDS == ("grad", "snip")

@@ -10,9 +10,7 @@ import torch
 from torch import nn
 
 import shira_hooks
-from shira_hooks import ShiraError, masks
-from shira_hooks._io import digest
-from shira_hooks.mixed import MixedAdapters
+from shira_hooks import MixedAdapters, ShiraError, digest, masks
 
 from conftest import llama_batches, make_llama, make_mlp, snapshot
 

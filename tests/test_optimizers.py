@@ -6,7 +6,7 @@ from torch import nn
 from torch.func import functional_call
 
 import shira_hooks
-from shira_hooks import _optim
+from shira_hooks.train import optim
 from conftest import assert_changes_within_masks, make_llama, make_mlp, mlp_batches, mlp_loss, mlp_steps, snapshot
 
 OPTIMIZERS = {
@@ -89,7 +89,7 @@ def test_stock_optimizer_would_leak_without_the_guard():
     model = make_mlp()
     shira = shira_hooks.attach(model, 0.05, "rand")
     before = snapshot(model)
-    _optim.untrack(shira)  # gradient hooks only, no step guard
+    optim.untrack(shira)  # gradient hooks only, no step guard
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     _train(model, optimizer, mlp_batches(4))
     with pytest.raises(AssertionError, match="outside the mask"):

@@ -38,7 +38,7 @@ def _block_adapter(model, seed: int, block: int, sparsity: float = 0.05):
         index = (chosen[:, None] * block + torch.arange(block)).reshape(-1)
         base = param.detach().reshape(-1)[index]
         deltas[name] = shira_hooks.SparseDelta(tuple(param.shape), param.dtype, index.int(), torch.randn(index.numel(), generator=g) * 0.1,
-                                               shira_hooks._io.digest(base), block)
+                                               shira_hooks.digest(base), block)
     return shira_hooks.SparseAdapter(deltas, {"mask": "rand"})
 
 
@@ -173,7 +173,7 @@ def test_stacking_and_out_of_order_removal_on_packed_weights():
             handles.pop(rng.randrange(len(handles))).remove()
         if step % 300 == 0:
             reference = make_llama()
-            for handle in shira_hooks.switch.applied(model):
+            for handle in shira_hooks.applied(model):
                 apply(reference, handle.adapter, alpha=handle.alpha)
             assert _bits_equal(snapshot(reference), snapshot(model))
     while handles:
@@ -226,9 +226,9 @@ def test_adapter_bank_packs_by_default_and_close_unpacks(monkeypatch):
         assert writes.calls == 2 and _bits_equal(_by_hand(base, b), snapshot(model))
     assert bank.active == [] and bank.packed == [] and _bits_equal(base, snapshot(model))
     assert all(p.data_ptr() != old for p, old in zip(_targets(model), packed_ptrs))  # each its own storage again
-    assert shira_hooks.packing.owner_of(model.model.layers[0].mlp.up_proj) is None
+    assert shira_hooks.serve.packing.owner_of(model.model.layers[0].mlp.up_proj) is None
     unpacked = AdapterBank(model, {"a": a}, pack=False)
-    assert unpacked.packed == [] and shira_hooks.packing.owner_of(model.model.layers[0].mlp.up_proj) is None
+    assert unpacked.packed == [] and shira_hooks.serve.packing.owner_of(model.model.layers[0].mlp.up_proj) is None
 
     shared = make_llama()
     shared.lm_head.weight = nn.Parameter(shared.model.layers[0].mlp.up_proj.weight.data[:, :32])  # tied by storage
@@ -290,7 +290,7 @@ def test_packed_model_saves_loads_copies_and_compiles(tmp_path):
     assert _bits_equal(snapshot(model), snapshot(copy.deepcopy(model)))
     compiled = torch.compile(model, backend="aot_eager")
     assert torch.equal(compiled(**batch).logits, logits)
-    shira_hooks.switch.applied(model)[0].remove()  # written in place: the compiled model sees the base
+    shira_hooks.applied(model)[0].remove()  # written in place: the compiled model sees the base
     assert torch.equal(compiled(**batch).logits, model(**batch).logits)
     assert not torch.equal(compiled(**batch).logits, logits)
 
@@ -426,7 +426,7 @@ def test_the_cached_switch_plan_notices_every_change_to_the_model(packed):
 
 
 def test_mixed_adapters_and_generate_on_a_packed_model_equal_the_unpacked_model():
-    from shira_hooks.mixed import MixedAdapters
+    from shira_hooks import MixedAdapters
 
     plain, packed_model = make_llama().eval(), make_llama().eval()
     shira_hooks.pack(packed_model)

@@ -13,8 +13,7 @@ import torch
 from safetensors import safe_open
 
 import shira_hooks
-from shira_hooks import ShiraError, SparseAdapter, SparseDelta
-from shira_hooks._io import digest
+from shira_hooks import ShiraError, SparseAdapter, SparseDelta, digest
 from conftest import llama_batches, make_convnet, make_llama
 
 
@@ -227,6 +226,27 @@ def test_convert_from_peft_prints_no_warnings(adapter, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- from_peft
+def test_every_format_is_read_through_one_dispatch(adapter, tmp_path):
+    """SparseAdapter.load, the path arguments (apply, AdapterBank) and the CLI read a file, a save_pretrained
+    folder and a PEFT folder alike (shira_hooks/format/formats.py)."""
+    sources = {
+        "file": adapter.save(tmp_path / "a.safetensors"),
+        "folder": adapter.save_pretrained(tmp_path / "hub"),
+        "peft": adapter.to_peft(tmp_path / "peft"),
+    }
+    for kind, path in sources.items():
+        _assert_same(adapter, SparseAdapter.load(path))
+        model = make_llama()
+        base = _params(model)
+        with shira_hooks.AdapterBank(model, {kind: path}, pack=False) as bank:
+            bank.activate(kind)
+            with shira_hooks.apply(make_llama(), path) as applied:  # a path: read as load reads it
+                assert applied.adapter.num_entries == adapter.num_entries
+        assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+    with pytest.raises(FileNotFoundError, match="missing: no such adapter file or folder"):
+        SparseAdapter.load(tmp_path / "missing")
+
+
 def test_to_peft_from_peft_round_trip_is_exact(adapter, tmp_path):
     as_bf16 = SparseAdapter({n: dataclasses.replace(d, dtype=torch.bfloat16) for n, d in adapter.deltas.items()}, adapter.metadata)
     for original in (adapter, as_bf16):

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import shira_hooks
-from shira_hooks.handle import attached_handles
+from shira_hooks._testing import attached_handles
 
 from conftest import llama_batches, make_llama
 from test_mixed import random_adapter

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import shira_hooks
+import shira_hooks._testing
 from shira_hooks import AdapterBank, ShiraError, SparseAdapter, SparseDelta, apply, fuse, overlap
-from shira_hooks._io import digest
+from shira_hooks import digest
 from conftest import changed_entries, llama_batches, make_llama, make_mlp, snapshot
 
 
@@ -84,7 +85,7 @@ def test_stacked_adapters_remove_in_any_order():
     a, b, c = (_random_adapter(model, seed) for seed in (1, 2, 3))
     assert overlap(a, b).shared > 0  # the case exercises overlapping entries
     ha, hb, hc = apply(model, a), apply(model, b, alpha=0.7), apply(model, c, alpha=-1.3)
-    assert shira_hooks.switch.applied(model) == [ha, hb, hc]
+    assert shira_hooks.applied(model) == [ha, hb, hc]
     hb.remove()  # from the middle: equals applying a then c
     reference = make_llama()
     apply(reference, a), apply(reference, c, alpha=-1.3)
@@ -161,7 +162,7 @@ def test_mismatched_adapter_raises_and_leaves_model_untouched(case):
     with pytest.raises(ShiraError, match=pattern):
         apply(model, bad)
     assert _bits_equal(before, snapshot(model))  # every weight, including the valid modules before it
-    assert shira_hooks.switch.applied(model) == []
+    assert shira_hooks.applied(model) == []
 
 
 def test_strict_false_skips_missing_modules():
@@ -242,7 +243,7 @@ def test_ten_thousand_random_operations_keep_the_base_exact(dtype):
         if step % 2000 == 0 and handles:  # the stack equals applying its adapters from scratch
             reference = make_mlp().to(dtype)
             reference.load_state_dict(base)
-            for handle in shira_hooks.switch.applied(model):
+            for handle in shira_hooks.applied(model):
                 apply(reference, handle.adapter, alpha=handle.alpha)
             assert _bits_equal(snapshot(reference), snapshot(model))
     while handles:
@@ -307,7 +308,7 @@ def test_dropped_models_and_adapters_are_freed():
     assert handle.model is model
     copied = copy.deepcopy(model)  # has the adapter's values but no applied adapter of its own
     loaded = pickle.loads(pickle.dumps(model))
-    assert shira_hooks.switch.applied(copied) == [] == shira_hooks.switch.applied(loaded)
+    assert shira_hooks.applied(copied) == [] == shira_hooks.applied(loaded)
     assert _bits_equal(snapshot(model), snapshot(copied)) and _bits_equal(snapshot(model), snapshot(loaded))
     model_ref = weakref.ref(model)
     del model, copied, loaded
@@ -333,7 +334,7 @@ def test_dropped_models_and_adapters_are_freed():
     del adapter
     gc.collect()
     assert adapter_ref() is None
-    assert shira_hooks.switch._cached_bytes(model) == 0
+    assert shira_hooks._testing.cached_bytes(model) == 0
 
 
 def test_cache_is_bounded_and_clear_cache_drops_it(monkeypatch):
@@ -341,7 +342,7 @@ def test_cache_is_bounded_and_clear_cache_drops_it(monkeypatch):
     base = snapshot(model)
     adapters = [_random_adapter(model, seed, sparsity=0.2) for seed in range(10)]
     hashed = []
-    monkeypatch.setattr(shira_hooks.switch, "digest", lambda values: hashed.append(values.numel()) or digest(values))
+    monkeypatch.setattr(shira_hooks.serve.switch, "digest", lambda values: hashed.append(values.numel()) or digest(values))
     for adapter in adapters:
         with apply(model, adapter):
             pass
@@ -349,12 +350,12 @@ def test_cache_is_bounded_and_clear_cache_drops_it(monkeypatch):
     assert len(hashed) == 10 * 3  # each adapter's 3 weights verified once
     # int64 index + float32 base + float32 written per entry, for the KEEP_RECENT most recent adapters
     # only; S is float32 already and is not copied
-    assert shira_hooks.switch._cached_bytes(model) == shira_hooks.switch.KEEP_RECENT * 16 * adapters[0].num_entries
+    assert shira_hooks._testing.cached_bytes(model) == shira_hooks.serve.KEEP_RECENT * 16 * adapters[0].num_entries
     with apply(model, adapters[0], alpha=0.5):  # evicted: the base is read again, not hashed again
         assert _bits_equal(_by_hand(base, adapters[0], 0.5), snapshot(model))
     assert len(hashed) == 30 and _bits_equal(base, snapshot(model))
     shira_hooks.clear_cache(model)
-    assert shira_hooks.switch._cached_bytes(model) == 0
+    assert shira_hooks._testing.cached_bytes(model) == 0
     with apply(model, adapters[1], alpha=-1.0):  # verified again after clear_cache, and exact
         assert _bits_equal(_by_hand(base, adapters[1], -1.0), snapshot(model))
     assert len(hashed) == 33 and _bits_equal(base, snapshot(model))
@@ -416,7 +417,7 @@ def test_weights_with_gaps_are_refused_by_name():
     weight.data = with_gaps(contiguous)
     with pytest.raises(ShiraError, match=r"model weight 'layers\.1\.weight' has a layout with gaps"):
         apply(model, adapter)
-    assert _bits_equal(base, snapshot(model)) and shira_hooks.switch.applied(model) == []
+    assert _bits_equal(base, snapshot(model)) and shira_hooks.applied(model) == []
     weight.data = contiguous
     handle = apply(model, adapter)
     applied_weights = snapshot(model)
@@ -458,7 +459,7 @@ def test_model_moved_to_cuda_between_apply_and_remove():
     assert _bits_equal(_by_hand(base, b, 0.5), {n: t.cpu() for n, t in snapshot(model).items()})
     hb.remove()
     assert _bits_equal(base, {n: t.cpu() for n, t in snapshot(model).items()})
-    state = shira_hooks._switch_state.model_state(model)  # every tensor kept for the model is on its device now
+    state = shira_hooks.serve.state.model_state(model)  # every tensor kept for the model is on its device now
     kept = [t for _, cache in state.caches.items() for prep in cache.prepared.values() for t in prep.tensors()]
     assert kept and all(t.device.type == "cuda" for t in kept)
     with apply(model, a, alpha=-1.0):  # apply again on the GPU (verified against the moved base)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from shira_hooks import AdapterBank, SparseAdapter, SparseDelta, apply
-from shira_hooks._io import digest
-from shira_hooks.switch import applied
+from shira_hooks import digest
+from shira_hooks import applied
 from conftest import changed_entries, snapshot
 
 

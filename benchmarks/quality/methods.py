@@ -32,12 +32,12 @@ from torch import nn
 
 import shira_hooks
 from shira_hooks import SparseAdapter
-from shira_hooks._io import atomic_write
 from shira_hooks.masks import lora_rank
+from shira_hooks.tools import atomic_write
 
 import tasks as T
 
-SHIRA_MASKS = ["struct", "rand", "wm", "grad", "snip"]
+SHIRA_MASKS = list(shira_hooks.MASK_KINDS)
 BLOCK_MASKS = {"rand": [4, 8, 16], "snip": [4, 8, 16]}  # block variants: shira_<mask>_b<B>
 # SHiRA with DoRA's magnitude (issue 24), shira_<mask>_dora: list its masks here (e.g. "wm", "snip") once
 # shira_hooks.attach(..., dora=True) exists; prepare() passes dora=True for them. None yet.

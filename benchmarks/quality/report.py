@@ -11,8 +11,7 @@ from pathlib import Path
 
 from methods import LABELS, METHODS
 
-from shira_hooks._io import atomic_write
-from shira_hooks._timing import report_header
+from shira_hooks.tools import atomic_write, report_header
 
 HERE = Path(__file__).resolve().parent
 SHIRA = [m for m in METHODS if m.startswith("shira_")]

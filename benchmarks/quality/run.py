@@ -51,8 +51,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # this folder, then the checkout (run without installing)
 import methods as M  # noqa: E402
 import tasks as T  # noqa: E402
-from shira_hooks._io import atomic_write  # noqa: E402
-from shira_hooks._timing import command_line, machine  # noqa: E402
+from shira_hooks.masks import CALIBRATED_KINDS  # noqa: E402
+from shira_hooks.tools import atomic_write, command_line, machine  # noqa: E402
 
 CACHE = Path(os.environ.get("SHIRA_HOOKS_CACHE", Path.home() / ".cache" / "shira_hooks")) / "quality"
 # The pilot's candidates per model (``--pilot``); the tasks kept are the three whose LoRA validation
@@ -148,7 +148,7 @@ def train_cell(run: Run, task: T.Task, method: str, lr: float, seed: int, *, eva
     steps = s["steps"] if steps is None else steps
     model = backend.model(task, seed)
     calibration = None
-    if method.startswith("shira_") and M.shira_mask(method)[0] in ("grad", "snip"):
+    if method.startswith("shira_") and M.shira_mask(method)[0] in CALIBRATED_KINDS:
         rows = T.batches(task.train, backend.batch_size, s["calibration_batches"], seed=10_000 + seed)
         calibration = [backend.batch(task, r) for r in rows]
     # Independently trained adapters: the k-th task's random masks (shira rand/struct, PEFT SHiRA) and

@@ -1,0 +1,187 @@
+"""Eager calibration for the ``grad`` and ``snip`` masks: score the target weights on given batches."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .. import distributed, masks
+from ..errors import ShiraError
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+# Running out of host or accelerator memory, or a device fault, says nothing about the batch: the fix
+# is a smaller batch or another device, and callers catch these by type (to retry smaller), so they
+# pass through calibration unchanged instead of becoming a ShiraError. (OutOfMemoryError is a
+# RuntimeError, AcceleratorError too; both are recent names, hence the lookups.)
+_RESOURCE_ERRORS = tuple(
+    error for error in (
+        MemoryError,
+        getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError,
+        getattr(torch, "AcceleratorError", None),
+    ) if error is not None
+)
+
+
+def _progress(batches: Iterable, enabled: bool, total: int | None) -> Iterable:
+    if not enabled:
+        return batches
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but a missing progress bar must not stop training
+        return batches
+    return tqdm(batches, total=total, desc="shira_hooks calibration", unit="batch")
+
+
+def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, position: int) -> torch.Tensor:
+    """The scalar loss of one calibration batch: ``loss_fn(model, batch)`` or ``model(**batch).loss``.
+
+    Raises:
+        ShiraError: naming the batch, when no loss can be computed or the loss is not a scalar.
+        MemoryError, torch.OutOfMemoryError, torch.AcceleratorError: unchanged, as raised by the
+            model or ``loss_fn`` (as is any BaseException such as KeyboardInterrupt).
+    """
+    fix = "pass loss_fn=lambda model, batch: <scalar loss>"
+    try:
+        if loss_fn is not None:
+            loss = loss_fn(model, batch)
+        else:
+            if not isinstance(batch, Mapping):
+                raise ShiraError(
+                    f"calibration batch {position} is a {type(batch).__name__}; without loss_fn a batch "
+                    f"must be a dict of model inputs so that model(**batch).loss is the loss. Fix: {fix}"
+                )
+            output = model(**batch)
+            loss = getattr(output, "loss", None)
+            if loss is None and isinstance(output, Mapping):
+                loss = output.get("loss")
+            if loss is None:
+                raise ShiraError(
+                    f"model(**batch) returned no loss for calibration batch {position} (Hugging Face models "
+                    f"return one only when the batch has labels). Fix: add labels, or {fix}"
+                )
+    except (ShiraError, *_RESOURCE_ERRORS):
+        raise
+    except Exception as error:  # a batch the model cannot take: wrong keys, types, shapes
+        raise ShiraError(
+            f"could not compute a loss from calibration batch {position} "
+            f"({type(error).__name__}: {error}). Fix: {fix}"
+        ) from error
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+        got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}"
+        raise ShiraError(
+            f"the loss of calibration batch {position} is {got}; it must be a floating-point scalar "
+            f"tensor (reduce it, e.g. with .mean())"
+        )
+    if not loss.requires_grad:
+        raise ShiraError(
+            f"the loss of calibration batch {position} does not depend on any target weight "
+            f"(it has no grad_fn); check target_modules and that the loss is computed from the model"
+        )
+    return loss
+
+
+def run_calibration(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: LossFn | None,
+    target_ids: set[int],
+    progress: bool,
+    after_pass: Callable[[], None] | None = None,
+) -> int:
+    """Run one backward pass per batch; the handle's hooks accumulate scores and drop the gradients.
+
+    ``after_pass`` runs after each backward pass (the handle averages the pass's gradients over the ranks).
+
+    The model is left as it was found: every module's train/eval mode and every parameter's
+    ``requires_grad`` are restored, and no ``.grad`` is left behind (non-target parameters are
+    frozen while scoring, target gradients are dropped by the hooks).
+
+    Returns:
+        The number of batches used.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    thawed = [p for p in model.parameters() if p.requires_grad and id(p) not in target_ids]
+    for param in thawed:
+        param.requires_grad_(False)
+    model.eval()  # deterministic scores: no dropout
+    count = 0
+    world, device = distributed.world_size(), next(iter(model.parameters())).device
+    try:
+        for position, batch in enumerate(_progress(_agreed(batches, world, device), progress, len(batches) if hasattr(batches, "__len__") else None)):
+            compute_loss(model, batch, loss_fn, position).backward()
+            if after_pass is not None:
+                after_pass()
+            count += 1
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param in thawed:
+            param.requires_grad_(True)
+    if count == 0:
+        raise ShiraError(
+            "calibration= yielded no batches; pass at least one batch, or omit calibration= to score "
+            "on the first backward passes of training"
+        )
+    return count
+
+
+def _agreed(batches: Iterable, world: int, device: torch.device) -> Iterator:
+    """``batches``, but under ``torch.distributed`` only as many as every rank has: each backward pass of
+    eager calibration averages gradients over the ranks (collectives), so all ranks must take the same
+    number of passes. Before each one the ranks agree (an all-reduce of one flag) that all have a batch."""
+    if world <= 1:
+        yield from batches
+        return
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, _END)
+        more = torch.tensor([batch is not _END], dtype=torch.int32, device=device)
+        distributed.all_reduce(more, "min")
+        if not more.item():
+            return
+        yield batch
+
+
+_END = object()
+
+
+def mask_from_scores(
+    kind: masks.MaskKind, name: str, scores: torch.Tensor | None, weight: torch.Tensor, k: int, block: int = 1, averaged: bool = False,
+) -> torch.Tensor:
+    """The top-k mask of a weight with a scored ``kind`` (grad, snip) from its accumulated ``sum_b |g_b|``
+    (logical order, float32), ranked by ``kind.score``.
+
+    With ``block`` > 1, the k/B aligned blocks whose entries' scores sum highest (``masks.topk_mask``).
+
+    Under ``torch.distributed`` every rank must choose the same mask:
+
+    * ``averaged`` (eager calibration of a replicated model): each pass's gradient was averaged over the
+      ranks before scoring, i.e. it is the global batch's, and every rank holds the same scores;
+    * under FSDP2 (``weight`` a DTensor) each rank scored its own rows of the gradient FSDP2 already
+      averaged over the ranks: the rows are gathered (a collective).
+
+    Both give the mask one process would choose on the global batches. Otherwise (lazy calibration
+    under DDP, whose hooks see each rank's own gradient) the ranks' scores are summed.
+
+    Raises:
+        ShiraError: the weight got no gradient at all, or its scores are not finite.
+    """
+    if scores is None:
+        raise ShiraError(
+            f"target weight '{name}' received no gradient from the calibration batches, so "
+            f"mask={kind.name!r} cannot score it; exclude it with target_modules"
+        )
+    scores = kind.score(scores, distributed.local(weight))  # this rank's rows of the weight under FSDP2
+    if distributed.is_sharded(weight):
+        scores = distributed.gather_rows(scores, weight)
+    elif not averaged and distributed.world_size() > 1:
+        distributed.all_reduce(scores)
+    if not bool(torch.isfinite(scores).all()):
+        raise ShiraError(
+            f"calibration scores of '{name}' contain NaN/inf (the loss or its gradients "
+            f"overflowed); calibrate on batches with a finite loss"
+        )
+    return masks.topk_mask(scores, k, block)

@@ -1,0 +1,155 @@
+"""The handle's resumable state: masks, base values at the masked entries, base digests.
+
+Functions of the handle's targets and settings (``mask``, ``sparsity``, ``seed``, ``block``), never of the
+handle itself: ``ShiraHandle.state_dict`` / ``load_state_dict`` / ``save_state`` / ``load_state`` call
+these after following replaced parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from .._base import atomic_write, read_safetensors
+from ..errors import ShiraError
+from ..format import check_indices, dtype_name
+from ..masks import block_starts
+from . import compact
+from .target import Target
+
+STATE_FORMAT = "shira_hooks.state"
+STATE_VERSION = 1
+
+
+def state_dict(targets: list[Target], *, mask: str, sparsity: float, seed: int, block: int) -> dict[str, Any]:
+    """Masks and base values at the masked entries of calibrated ``targets``, to resume a run with identical masks.
+
+    Returns:
+        ``{"format", "format_version", "mask", "sparsity", "seed", "block", "targets": {name:
+        {"shape", "dtype", "base_digest", "indices", "originals"}}}``; tensors are CPU copies.
+        States written before ``block`` existed have no "block" entry: they load as block 1.
+    """
+    for t in targets:  # masks and originals only: no values to write (no collective under FSDP2)
+        t.follow()
+    return {
+        "format": STATE_FORMAT,
+        "format_version": STATE_VERSION,
+        "mask": mask,
+        "sparsity": sparsity,
+        "seed": seed,
+        "block": block,
+        "targets": {
+            t.name: {
+                "shape": list(t.param.shape),
+                "dtype": dtype_name(t.param.dtype),
+                "base_digest": t.base_digest,
+                "indices": t.indices.clone(),
+                "originals": t.originals.cpu().clone(),
+            }
+            for t in targets
+        },
+    }
+
+
+@torch.no_grad()
+def load_state_dict(targets: list[Target], state: dict[str, Any], *, block: int) -> dict[str, Any]:
+    """Make ``targets`` adopt the masks and originals of ``state_dict()``; everything is checked before anything
+    changes. ``block``: the handle's.
+
+    Returns:
+        The settings the state records, to adopt: ``mask`` (a name, not "custom"), ``sparsity``, ``seed``
+        (each only where the state has it).
+
+    Raises:
+        ShiraError: the state is for other weights, shapes or dtypes, another block, or its indices are invalid.
+    """
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ShiraError(f"not a shira_hooks handle state (format={state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {STATE_FORMAT!r})")
+    if state.get("format_version") != STATE_VERSION:
+        raise ShiraError(f"unknown handle state format_version {state.get('format_version')!r}; this shira_hooks reads {STATE_VERSION}")
+    saved_block = state.get("block", 1)  # states from before block masks: single entries
+    if saved_block != block:
+        raise ShiraError(
+            f"the state's masks are made of runs of block={saved_block!r} entries, the handle was attached with "
+            f"block={block}; attach with block={saved_block!r}, as the run that saved it"
+        )
+    saved = state["targets"]
+    ours = {t.name: t for t in targets}
+    if saved.keys() != ours.keys():
+        missing, extra = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
+        raise ShiraError(
+            f"the state is for other target weights: missing {missing[:5]}, unexpected {extra[:5]}; "
+            f"attach with the same target_modules as the run that saved it"
+        )
+    for name, entry in saved.items():
+        param = ours[name].param
+        if list(entry["shape"]) != list(param.shape) or entry["dtype"] != dtype_name(param.dtype):
+            raise ShiraError(
+                f"state for '{name}' is a {entry['dtype']} weight of shape {list(entry['shape'])}, the model's "
+                f"is {dtype_name(param.dtype)} {list(param.shape)}; load it into the model it was saved from"
+            )
+        check_indices(entry["indices"], param.numel(), f"state '{name}.indices'")
+        if block > 1 and block_starts(entry["indices"], block) is None:
+            raise ShiraError(f"state '{name}.indices' are not aligned runs of block={block} entries; the state is corrupt, save it again")
+        originals = entry["originals"]
+        if originals.dtype != param.dtype or originals.shape != entry["indices"].shape:
+            raise ShiraError(
+                f"state '{name}.originals' is {originals.dtype} of shape {tuple(originals.shape)}; expected "
+                f"{param.dtype} of shape {tuple(entry['indices'].shape)}"
+            )
+        plan = ours[name].plan
+        if plan is not None and plan.values.numel() != entry["indices"].numel():
+            raise ShiraError(
+                f"state for '{name}' has {entry['indices'].numel()} entries, the handle's {compact.VALUES} has "
+                f"{plan.values.numel()}; attach with the sparsity of the run that saved it"
+            )
+    sparsity, seed = state.get("sparsity"), state.get("seed")
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1):
+        raise ShiraError(f"state has sparsity={sparsity!r}; expected a number in (0, 1]")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ShiraError(f"state has seed={seed!r}; expected an int")
+    for name, entry in saved.items():
+        target = ours[name]
+        target.set_indices(entry["indices"].clone(), entry["originals"].clone())
+        target.base_digest, target.base_dtype = entry["base_digest"], target.param.dtype
+        if target.plan is not None:  # same parameter objects, new entries: W holds the trained values
+            target.plan.load(target.indices, target.current())
+    settings: dict[str, Any] = {}
+    if isinstance(state.get("mask"), str) and state["mask"] != "custom":
+        settings["mask"] = state["mask"]
+    if sparsity is not None:
+        settings["sparsity"] = float(sparsity)
+    if seed is not None:
+        settings["seed"] = seed
+    return settings
+
+
+def save_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """A ``state_dict()`` as one safetensors file, written atomically."""
+    tensors, info = {}, {}
+    for name, entry in state["targets"].items():
+        entry = dict(entry)
+        tensors[f"{name}.indices"], tensors[f"{name}.originals"] = entry.pop("indices"), entry.pop("originals")
+        info[name] = entry
+    header = {k: json.dumps(v) for k, v in state.items() if k != "targets"}
+    header["targets"] = json.dumps(info)
+    return atomic_write(path, save_safetensors(tensors, metadata=header))
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``state_dict()`` in a file written by ``save_state`` (memory-mapped, not read whole); checked by
+    ``load_state_dict``."""
+    metadata, tensors = read_safetensors(path)
+    try:
+        meta = {k: json.loads(v) for k, v in metadata.items()}
+        targets = meta.pop("targets")
+        for name, entry in targets.items():
+            entry["indices"], entry["originals"] = tensors[f"{name}.indices"], tensors[f"{name}.originals"]
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ShiraError(f"{path}: not a shira_hooks handle state ({type(error).__name__}: {error})") from None
+    return {**meta, "targets": targets}

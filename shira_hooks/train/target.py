@@ -1,0 +1,197 @@
+"""One trained weight of a handle: its mask, the base values at the mask, and where they live.
+
+A mask is kept as *logical* flat indices (row-major positions in ``weight.reshape(-1)``, on the CPU):
+what files, states and fingerprints hold. Everything that touches the weight or its gradient goes
+through ``positions(tensor)``, the int64 storage positions of the mask in that tensor's current
+device and layout (``_base.layout``), cached per layout. ``follow()`` makes the stored base values follow
+the weight after ``model.to(device)``, a dtype cast or a ``param.data = ...`` replacement, so no
+tensor of the handle is ever on the wrong device at use time.
+
+Under FSDP2 the weight, its gradient and its optimizer state are ``DTensor``s sharded by rows
+(``distributed``): ``storage(tensor)`` then addresses this rank's shard and the mask's indices in its
+rows, while ``current()`` and ``restored()`` gather the full weight (collectives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import distributed
+from .._base import check_dense, digest, is_dense, layout_key, storage_flat, storage_index
+from ..errors import ShiraError
+from . import compact
+
+
+@dataclass(eq=False)
+class Target:
+    """One trained weight and its mask."""
+
+    name: str  # parameter name in the model, e.g. "layers.0.q_proj.weight"
+    module: nn.Module  # the layer that owns the weight
+    param: nn.Parameter
+    budget: int  # k, the number of trainable entries
+    base_digest: str  # digest of the whole base weight (logical order), for verify()
+    base_dtype: torch.dtype  # the dtype the base digest and originals refer to
+    indices: torch.Tensor | None = None  # (k,) sorted logical flat indices on the CPU; None while calibrating
+    originals: torch.Tensor | None = None  # (k,) base values at indices, the weight's dtype and device
+    scores: torch.Tensor | None = None  # (numel,) float32 calibration buffer, logical order
+    pass_grad: torch.Tensor | None = None  # eager calibration under torch.distributed: this pass's gradient, until averaged
+    backward_passes: int = 0
+    # The mask was fixed in the last backward pass and no masked gradient has arrived since: whatever
+    # .grad holds (a DDP reducer writes the averaged dense gradient back after our hook) is calibration.
+    fresh: bool = False
+    grad_seen: bool = False  # a gradient (dense, or of shira_values) arrived since attach
+    plan: compact.Plan | None = None  # mode="compact"/"sparse": the k-length parameter and its hooks
+    attr: str = "weight"  # the parameter's attribute name in ``module`` (FSDP2 puts a new object there)
+    grad_hook: Any = None  # the post-accumulate-grad hook handle on ``param`` (also in the handle's list)
+    replaced: list = field(default_factory=list)  # weak references to parameters this target followed away from
+    _positions: dict = field(default_factory=dict)  # layout_key -> (k,) int64 storage positions
+
+    def __getstate__(self) -> dict:
+        """For a copy or a pickle of the model: the gradient hook is registered again on the copy's parameter
+        (``ShiraHandle.__setstate__``); weak references and per-device caches are not carried."""
+        return {**self.__dict__, "grad_hook": None, "pass_grad": None, "replaced": [], "_positions": {}}
+
+    def hook_gradient(self, hook: Any) -> Any:
+        """Register ``hook`` as ``param``'s post-accumulate-grad hook (also when its ``requires_grad`` is False
+        now: torch refuses that, but a hook registered while it was True keeps firing after it is set back)."""
+        flag = self.param.requires_grad
+        self.param.requires_grad_(True)
+        try:
+            self.grad_hook = self.param.register_post_accumulate_grad_hook(hook)
+        finally:
+            self.param.requires_grad_(flag)
+        return self.grad_hook
+
+    def positions(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(k,) int64 positions of the mask in ``storage_flat(tensor)``, on ``tensor``'s device.
+
+        For a DTensor: the positions in this rank's shard (``storage``) of the masked entries in its rows.
+        """
+        shard = distributed.local(tensor)
+        key = layout_key(shard) + (distributed.row_range(tensor) if shard is not tensor else ())
+        found = self._positions.get(key)
+        if found is None:
+            if len(self._positions) >= 2:  # the weight's and its gradient's layout; drop stale devices
+                self._positions.clear()
+            found = self._positions[key] = storage_index(distributed.local_mask(self.indices, tensor), shard)
+        return found
+
+    def storage(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat storage view, positions of the mask in it) of ``tensor``, or of this rank's shard of a DTensor."""
+        return storage_flat(distributed.local(tensor)), self.positions(tensor)
+
+    def set_indices(self, indices: torch.Tensor, originals: torch.Tensor | None = None) -> None:
+        """Adopt a mask (sorted logical indices) and the base values at it (by default: read them now)."""
+        self.indices = indices.cpu()
+        self._positions.clear()
+        self.budget = indices.numel()
+        self.scores, self.pass_grad = None, None
+        self.originals = self.current() if originals is None else originals.to(self.param.device)
+
+    def current(self) -> torch.Tensor:
+        """(k,) the weight's values at the mask now (a copy; of a DTensor: gathered, a collective).
+
+        Of a ``Shard(0)`` DTensor on a 1-D mesh (FSDP2) only the masked entries travel: each rank reads those in its rows and
+        they are all-gathered (O(k), not the whole weight, at every ``extract`` and checkpoint).
+        """
+        weight = self.param.detach()
+        if distributed.is_row_sharded(weight):
+            rows = distributed.row_slice(self.indices, weight, f"target weight '{self.name}'")
+            part = storage_flat(distributed.local(weight)).index_select(0, self.positions(weight))
+            return distributed.gather_slices(part, rows, weight.device_mesh)
+        if distributed.is_sharded(weight):
+            return distributed.gather(weight).reshape(-1).index_select(0, self.indices.to(weight.device, torch.int64))
+        return storage_flat(weight).index_select(0, self.positions(weight))
+
+    @torch.no_grad()
+    def follow(self) -> None:
+        """Make the stored base follow the weight's device and dtype (checked at every use; cheap).
+
+        A device move keeps every value, so the originals are moved. A dtype cast (``model.half()``)
+        changes the base itself: the originals are cast the same way and the base digest is taken
+        again from the cast weight with the originals put back, i.e. the cast base. Entries changed
+        outside the mask before the cast are then no longer detected: ``verify()`` before casting.
+        """
+        weight = self.param.detach()
+        check_dense(distributed.local(weight), f"target weight '{self.name}'")
+        if self.originals is None:
+            if self.scores is not None and self.scores.device != weight.device:
+                self.scores = self.scores.to(weight.device)
+            if self.base_dtype != weight.dtype:
+                self.base_digest, self.base_dtype = digest(weight, 16), weight.dtype
+            return
+        if self.originals.device != weight.device or self.originals.dtype != weight.dtype:
+            recast = self.originals.dtype != weight.dtype
+            self.originals = self.originals.to(weight.device, weight.dtype)
+            if recast:
+                self.base_digest, self.base_dtype = digest(self.restored(), 16), weight.dtype
+
+    def restored(self, param: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of the weight (or of ``param``, a tensor of its shape and dtype) with the originals put back
+        at the mask (the base, if exact).
+
+        Of a DTensor: the full weight, gathered (a collective).
+        """
+        param = self.param if param is None else param
+        if distributed.is_sharded(param):
+            weight = distributed.gather(param.detach()).clone().reshape(-1)  # (numel,) row-major
+            return weight.index_copy_(0, self.indices.to(weight.device, torch.int64), self.originals).view(param.shape)
+        weight = param.detach().clone()  # keeps the layout
+        storage_flat(weight).index_copy_(0, self.positions(weight), self.originals.to(weight.device))
+        return weight
+
+    def mask_grad(self, grad: torch.Tensor, fill: float = 0.0) -> None:
+        """Keep the k masked gradient entries and set the rest to ``fill``, in place.
+
+        Gather, fill, put back: no dense temporary, and an inf outside the mask becomes ``fill``,
+        never NaN. ``fill=-0.0`` for ``maximize`` optimizers, which negate the gradient: a -0.0
+        weight then stays -0.0 (``-0.0 + 0.0`` would be ``+0.0``).
+        """
+        flat, index = self.storage(grad)  # (numel,) in memory order, (k,); of a DTensor: this rank's rows
+        kept = flat.index_select(0, index)
+        flat.fill_(fill)
+        flat.index_copy_(0, index, kept)
+
+    @torch.no_grad()
+    def prepare_step(self, group: dict) -> bool:
+        """Before an optimizer step (dense mode): whether the step will use this weight's gradient.
+
+        A calibration gradient is dropped (a DDP reducer writes the averaged gradient back after the
+        hook dropped it). Any other gradient is masked again, since something may have written it
+        after the hook (a DDP communication hook such as PowerSGD, user code).
+        """
+        self.follow()
+        grad = self.param.grad
+        if grad is None:
+            return False
+        if self.indices is None or self.fresh:  # calibrating: nothing may be updated from it
+            self.param.grad, self.fresh = None, False
+            return False
+        if grad.is_sparse:
+            raise ShiraError(f"'{self.name}' has a sparse gradient; shira_hooks masks dense gradients only")
+        if not is_dense(distributed.local(grad)):
+            self.param.grad = grad = grad.contiguous()
+        self.mask_grad(grad, -0.0 if group.get("maximize", False) else 0.0)
+        return True
+
+    def state_outside_mask(self, state: dict) -> tuple[str, int] | None:
+        """(key, entries) of the first weight-shaped optimizer state tensor nonzero outside the mask, or None.
+
+        For DTensor state (FSDP2) the count is summed over the ranks (a collective), so all raise alike.
+        """
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.shape != self.param.shape or not is_dense(distributed.local(value)):
+                continue
+            flat, index = self.storage(value)
+            outside = torch.count_nonzero(flat) - torch.count_nonzero(flat.index_select(0, index))
+            if distributed.is_sharded(value):
+                distributed.all_reduce(outside)
+            outside = int(outside)
+            if outside:
+                return key, outside
+        return None
