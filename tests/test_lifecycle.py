@@ -250,7 +250,7 @@ def test_a_stale_handle_leaves_other_optimizers_alone():
         named = {f for f in run if not f.split(":")[1].startswith("<")}  # comprehensions aside
         if step == 0:  # the optimizer's first step: is it one over an attached model? (one pass over its ids)
             assert named <= {"optim.py:_before_step", "optim.py:related", "optim.py:_guards", "optim.py:bound",
-                             "steps.py:_holds_any", "optim.py:_after_step"}, run
+                             "steps.py:holds_any", "dense.py:held_by", "optim.py:_after_step"}, run
         else:  # then the cached verdict, and nothing else
             assert named == {"optim.py:_before_step", "optim.py:related", "optim.py:_after_step"}, run
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # an optimizer over the stale model is still refused

@@ -16,8 +16,8 @@ collective that every rank must call.
 attached before sharding must find its weights again. ``watch`` does that at the start of the
 model's next forward pass, through a global module forward pre-hook: global hooks run before a
 module's own hooks, i.e. before FSDP2's pre-forward unshards the weights (FSDP2 registers its
-hook with ``prepend=True``, so a hook on the model itself could run too late). The handle registers
-a bound method (``watch(model, handle._follow_parameters)``), held weakly. The watch lasts from
+hook with ``prepend=True``, so a hook on the model itself could run too late). A handle registers
+a bound method of its follower (``watch(model, follower.follow)``), held weakly. The watch lasts from
 ``attach`` until the first optimizer step over the handle's weights; from then on the step hook
 checks every step that the weights are still the handle's.
 

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from .. import masks
 from ..errors import ShiraError
 from ..format import ADAPTER_FILE, check_license, hub_id
-from ..train import ShiraHandle, attach
+from ..train import MODES, ShiraHandle, attach
 
 logger = logging.getLogger("shira_hooks")
 
@@ -154,7 +154,8 @@ class ShiraCallback(TrainerCallback):
 
     def _attach(self, model, dataloader) -> ShiraHandle:
         kwargs = dict(self.attach_kwargs)
-        if kwargs.get("mode", "dense") != "dense":
+        mode = MODES.get(kwargs.get("mode", "dense"))  # an unknown name: attach says so
+        if mode is not None and not mode.weight_trains:  # its trained tensors would be made now, after the optimizer
             raise ShiraError(
                 f"ShiraCallback cannot attach with mode={kwargs['mode']!r} at train begin: the Trainer has already built its "
                 f"optimizer, which would not see shira_values. Attach before building the Trainer and pass the handle"

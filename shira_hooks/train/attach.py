@@ -1,9 +1,10 @@
 """``attach``: SHiRA training of any ``nn.Module`` through gradient hooks (paper §3.1 and App. C).
 
-Checks the arguments, resolves the target weights, installs a ``ShiraHandle`` (``handle.py``) and
-fixes the masks now (struct, rand, wm, a function, or grad/snip on ``calibration=`` batches) or
-leaves grad/snip to be scored on the first backward passes of training. If anything fails, the
-handle is detached before the error propagates: nothing stays changed.
+Checks the arguments (the training mode's own checks: ``Mode.check_attach`` and ``Mode.check_layer``),
+resolves the target weights, and calls ``handle.install``, which builds an attached ``ShiraHandle`` and
+fixes the masks now (struct, rand, wm, a function, or grad/snip on ``calibration=`` batches) or leaves
+grad/snip to be scored on the first backward passes of training. If anything fails, the handle is
+detached before the error propagates: nothing stays changed.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from torch import nn
 from .. import distributed, masks
 from .._base import check_dense
 from ..errors import ShiraError
-from . import compact, flags
-from .calibration import LossFn, run_calibration
-from .handle import ShiraHandle
+from . import flags, modes
+from .calibration import LossFn
+from .config import Config
+from .handle import ShiraHandle, install
+from .target import Layer
 
 DEFAULT_CALIBRATION_STEPS = 8
 
@@ -163,14 +166,9 @@ def attach(
         >>> shira.detach()
     """
     _check_arguments(model, sparsity, mask, calibration, calibration_steps)
-    if mode not in ("dense", "compact", "sparse"):
-        raise ShiraError(f"unknown mode={mode!r}; use 'dense', 'compact' or 'sparse'")
+    training = modes.mode_class(mode)  # ShiraError for an unknown name
     masks.check_block(block)
-    if mode != "dense" and masks.kind_of(mask).needs_scores and calibration is None:
-        raise ShiraError(
-            f"mode={mode!r} needs the masks at attach time, and mask={mask!r} without calibration= would score them "
-            f"lazily during training; pass calibration=batches, or use mode='dense'"
-        )
+    training.check_attach(mask, masks.kind_of(mask), calibration)
     distributed.check_model(model)  # FSDP1, DeepSpeed: refused
     _check_not_peft(model)
     seed = resolve_seed(seed, mask)
@@ -199,43 +197,8 @@ def attach(
         distributed.check_placements(weight, f"weight '{name}' (module '{module_name}')")
         check_dense(distributed.local(weight), f"weight '{name}' (module '{module_name}')")
         masks.check_block_fits(block, name, tuple(weight.shape))  # the full (logical) shape, also under FSDP2
-        if mode != "dense" and not isinstance(module, nn.Linear):
-            raise ShiraError(
-                f"mode={mode!r} supports nn.Linear targets only; '{module_name}' is a {type(module).__name__}. "
-                f"Narrow target_modules to Linear layers, or use mode='dense'"
-            )
-        if mode != "dense" and id(module) in read_directly:
-            raise ShiraError(
-                f"'{module_name}' is the out_proj of an nn.MultiheadAttention, which reads out_proj.weight directly "
-                f"(F.multi_head_attention_forward) without calling the layer, so mode={mode!r}, which taps the layer's "
-                f"output, would never train it. Use mode='dense', or leave it out of target_modules"
-            )
-        if mode != "dense" and owners.get(id(weight), 0) > 1:
-            raise ShiraError(
-                f"weight '{name}' is shared by {owners[id(weight)]} modules; mode={mode!r} taps one layer's output, so "
-                f"the others' gradient would be lost. Use mode='dense' for tied weights"
-            )
-        if mode != "dense" and compact.VALUES in module._parameters:
-            raise ShiraError(
-                f"module '{module_name}' already has a parameter '{compact.VALUES}'; detach the handle that added it "
-                f"first (shira_hooks.attached(model) finds it)"
-            )
+        training.check_layer(Layer(name, module_name, module, weight, owners.get(id(weight), 0), id(module) in read_directly))
         targets.append((name, module, weight))
 
-    handle = ShiraHandle(model, mask, float(sparsity), seed, calibration_steps, mode, block)
-    try:
-        handle._install(targets, freeze_others)
-        if not masks.kind_of(mask).needs_scores:
-            handle._fix_masks()
-        elif calibration is not None:
-            handle._eager_calibration = True
-            run_calibration(model, calibration, loss_fn, {id(p) for _, _, p in targets}, progress, handle._end_pass)
-            for target in handle._targets:
-                handle._mask_from_scores(target)
-            handle._eager_calibration = False
-        if mode != "dense":
-            handle._make_compact()
-    except BaseException:
-        handle.detach()
-        raise
-    return handle
+    config = Config(mask, float(sparsity), seed, mode, block, calibration_steps)
+    return install(model, targets, config, freeze_others=freeze_others, calibration=calibration, loss_fn=loss_fn, progress=progress)

@@ -1,7 +1,14 @@
-"""Eager calibration for the ``grad`` and ``snip`` masks: score the target weights on given batches."""
+"""Choosing the masks: ``Calibration``, a handle's calibration state, and eager calibration on given batches.
+
+struct, rand, wm and mask functions are chosen at ``attach`` (``Calibration.fix_unscored``). grad and snip
+are scored on gradients: on ``calibration=`` batches at ``attach`` (eager: ``Calibration.run``), or on the
+first ``calibration_steps`` backward passes of training (lazy: the gradient hook hands each calibrating
+target's gradient to ``Calibration.accumulate`` and drops it, and the mask is fixed after the last pass).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -9,6 +16,8 @@ from torch import nn
 
 from .. import distributed, masks
 from ..errors import ShiraError
+from .config import Config
+from .target import Target
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -185,3 +194,121 @@ def mask_from_scores(
             f"overflowed); calibrate on batches with a finite loss"
         )
     return masks.topk_mask(scores, k, block)
+
+
+@dataclass(eq=False)
+class _Scoring:
+    """One calibrating target's scores."""
+
+    scores: torch.Tensor | None = None  # (numel,) float32 sum of |dL/dW| over the passes, logical order
+    pass_grad: torch.Tensor | None = None  # eager calibration under torch.distributed: this pass's gradient, until averaged
+    passes: int = 0  # backward passes scored
+
+
+class Calibration:
+    """A handle's calibration state: the scores of the targets whose masks are not fixed yet, and how they are
+    fixed (the mask kind of ``config``, its seed and block).
+
+    Args:
+        targets: the handle's targets (the same list; read, and their masks set through ``Target.set_indices``).
+        config: the handle's settings at attach. (A loaded state fixes every mask, so the mask, sparsity and
+            seed it brings never reach calibration.)
+    """
+
+    def __init__(self, targets: list[Target], config: Config):
+        self.targets = targets
+        self.config = config
+        # attach is scoring calibration= batches now; otherwise grad/snip masks are scored lazily, each fixed
+        # after `calibration_steps` backward passes of training
+        self.eager = False
+        self._scoring: dict[str, _Scoring] = {}  # target name -> its scores, while it calibrates
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "config": self.config.picklable()}
+
+    def passes(self, target: Target) -> int:
+        """Backward passes scored for ``target`` so far."""
+        record = self._scoring.get(target.name)
+        return 0 if record is None else record.passes
+
+    def clear(self) -> None:
+        """Drop every score (``detach``: no more gradients come)."""
+        self._scoring.clear()
+
+    def fix_unscored(self) -> None:
+        """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""
+        kind = masks.kind_of(self.config.mask)
+        for target in self.targets:
+            weight = target.param.detach()  # under FSDP2 a DTensor: its shape and numel are the full weight's
+            if kind.reads_values:  # struct and rand need only the shape
+                weight = distributed.gather(weight)  # FSDP2: the full weight (a collective), the same masks as one process
+            target.set_indices(kind.select(target.name, weight, target.budget, self.config.seed, self.config.block))
+
+    def run(self, model: nn.Module, batches: Iterable, loss_fn: LossFn | None, progress: bool) -> None:
+        """Eager calibration: score every target on ``batches`` (one backward pass each) and fix its mask."""
+        self.eager = True
+        try:
+            run_calibration(model, batches, loss_fn, {id(t.param) for t in self.targets}, progress, self.end_pass)
+            for target in self.targets:
+                self.fix(target)
+        finally:
+            self.eager = False
+
+    def accumulate(self, target: Target, grad: torch.Tensor) -> None:
+        """The gradient hook's call for a calibrating target: score ``grad`` (the caller drops it)."""
+        if self.eager and distributed.world_size() > 1 and not distributed.is_sharded(grad):
+            # Eager calibration of a replicated model (before DDP or fully_shard wraps it): kept until the
+            # pass ends, when every rank's gradient of it is averaged (end_pass)
+            record = self._record(target)
+            record.pass_grad = grad if record.pass_grad is None else record.pass_grad.add_(grad)
+            return
+        self._score(target, grad)
+
+    def _record(self, target: Target) -> _Scoring:
+        record = self._scoring.get(target.name)
+        if record is None:
+            record = self._scoring[target.name] = _Scoring()
+        return record
+
+    def _score(self, target: Target, grad: torch.Tensor) -> None:
+        grad = distributed.local(grad)  # FSDP2: this rank's rows of the gradient averaged over the ranks
+        record = self._record(target)
+        if record.scores is None:
+            record.scores = torch.zeros(grad.numel(), dtype=torch.float32, device=grad.device)
+        elif record.scores.device != grad.device:  # the model moved (model.to(device)) while calibrating
+            record.scores = record.scores.to(grad.device)
+        record.scores.add_(grad.reshape(-1).abs_())  # logical order; the gradient is dropped next, so abs_ in place
+        record.passes += 1
+        if not self.eager and record.passes >= self.config.calibration_steps:
+            self.fix(target)
+            target.fresh = True
+
+    @torch.no_grad()
+    def end_pass(self) -> None:
+        """After each backward pass of eager calibration under ``torch.distributed``: score the mean over the
+        ranks of each replicated target's gradient, i.e. the global batch's gradient, which one process
+        would score. Walked in target order, with zeros where this rank got none, so that every rank makes
+        the same collectives even when layers get gradients on some ranks only (routing, unused layers)."""
+        world = distributed.world_size()
+        targets = [t for t in self.targets if t.indices is None and not distributed.is_sharded(t.param)]
+        if world <= 1 or not targets:
+            return
+        records = [self._record(t) for t in targets]
+        got = torch.tensor([r.pass_grad is not None for r in records], dtype=torch.int32, device=targets[0].param.device)
+        distributed.all_reduce(got)  # how many ranks have a gradient of each target
+        for t, record, ranks in zip(targets, records, got.tolist()):
+            grad, record.pass_grad = record.pass_grad, None
+            if ranks == 0:  # no rank's loss used it in this pass
+                continue
+            grad = torch.zeros(t.param.shape, dtype=t.param.dtype, device=t.param.device) if grad is None else grad.contiguous()
+            distributed.all_reduce(grad)
+            self._score(t, grad.div_(world))
+
+    def fix(self, target: Target) -> None:
+        """Fix ``target``'s mask from its scores (``mask_from_scores``) and drop them."""
+        # eager: under torch.distributed every pass was averaged over the ranks already (end_pass)
+        record = self._scoring.get(target.name)
+        scores = None if record is None else record.scores
+        kind = masks.kind_of(self.config.mask)
+        target.set_indices(mask_from_scores(kind, target.name, scores, target.param.detach(), target.budget, self.config.block, self.eager))
+        self._scoring.pop(target.name, None)

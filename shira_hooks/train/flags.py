@@ -21,10 +21,19 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from torch import nn
 
+from .. import distributed
 from .._base import WeakIdTable
+
+
+class Owner(Protocol):
+    """What the records need of a handle: whether it is attached (a detached handle's claims no longer count)."""
+
+    @property
+    def attached(self) -> bool: ...
 
 
 @dataclass(eq=False)
@@ -56,7 +65,7 @@ def _alive(ref: weakref.ref) -> bool:
     return handle is not None and handle.attached
 
 
-def claim(handle, param: nn.Parameter, *, target: bool, wanted: bool, original: bool | None = None) -> None:
+def claim(handle: Owner, param: nn.Parameter, *, target: bool, wanted: bool, original: bool | None = None) -> None:
     """Record what ``handle`` wants for ``param`` and set the resolved flag.
 
     Args:
@@ -101,7 +110,7 @@ def move(old: nn.Parameter, new: nn.Parameter, *, only_unchanged: bool = False) 
     _set(new, record)
 
 
-def release(handle, params: list[nn.Parameter], *, restore: bool = True) -> None:
+def release(handle: Owner, params: list[nn.Parameter], *, restore: bool = True) -> None:
     """Drop ``handle``'s claims on ``params`` and set each to what the remaining claims resolve to.
 
     A flag that no longer holds the value shira_hooks set is left as it is (something else set it since),
@@ -118,17 +127,55 @@ def release(handle, params: list[nn.Parameter], *, restore: bool = True) -> None
             _RECORDS.pop(param)
 
 
+class Claimed:
+    """The parameters one handle claims the flag of, with their names, to find them again by name when
+    something replaced them (FSDP2's ``fully_shard``, ``load_state_dict(assign=True)``)."""
+
+    def __init__(self) -> None:
+        self.params: list[nn.Parameter] = []
+        self.names: list[str] = []
+
+    def add(self, name: str, param: nn.Parameter) -> None:
+        self.params.append(param)
+        self.names.append(name)
+
+    def clear(self) -> None:
+        self.params, self.names = [], []
+
+    def follow(self, model: nn.Module) -> None:
+        """After the handle followed a replaced target: move the claims of every replaced parameter by name (the
+        frozen ones may have been replaced too)."""
+        now = dict(model.named_parameters(remove_duplicate=False))
+        for i, (name, old) in enumerate(zip(self.names, self.params)):
+            new = now.get(name)
+            # (not FSDP2's unsharded weight in place of a sharded one: that is put back after the pass)
+            if new is not None and new is not old and (distributed.is_sharded(new) or not distributed.is_sharded(old)):
+                move(old, new)
+                self.params[i] = new
+
+    def follow_before_release(self, model: nn.Module) -> None:
+        """At ``detach``: claimed parameters that user code replaced (``load_state_dict(assign=True)`` copies the
+        flag): the claim moves to the parameter now at that name if it holds the flag the handle set, so that
+        ``release`` restores the flags of the model's parameters, not of objects no longer in it."""
+        now = dict(model.named_parameters(remove_duplicate=False))
+        for i, (name, old) in enumerate(zip(self.names, self.params)):
+            new = now.get(name)
+            if new is not None and new is not old and not distributed.is_sharded(old):
+                move(old, new, only_unchanged=True)
+                self.params[i] = new
+
+
 # ------------------------------------------------------------------------------ owners
 # parameter -> weakref to the attached handle that trains it; a weight takes one handle at a time.
 _OWNERS = WeakIdTable()
 
 
-def own(param: nn.Parameter, handle) -> None:
+def own(param: nn.Parameter, handle: Owner) -> None:
     """Record ``handle`` as the one that trains ``param``."""
     _OWNERS.set(param, weakref.ref(handle))
 
 
-def disown(param: nn.Parameter, handle=None) -> None:
+def disown(param: nn.Parameter, handle: Owner | None = None) -> None:
     """Forget the handle that trains ``param`` (only if it is ``handle``, when given)."""
     ref = _OWNERS.get(param)
     if ref is not None and (handle is None or ref() is handle):

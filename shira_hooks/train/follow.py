@@ -1,10 +1,10 @@
-"""The part of ``ShiraHandle`` that finds its weights again after something put new parameters in their place.
+"""``Follower``: a handle's collaborator that finds its weights again after something put new parameters in their place.
 
 Two things replace a target's ``nn.Parameter`` after ``attach``:
 
 * FSDP2's ``fully_shard`` puts a new ``DTensor`` parameter in place of every parameter of the modules it
   shards, so a handle attached before sharding would keep masking the old objects. ``distributed.watch``
-  calls ``_follow_parameters`` before the model's forward passes until its first optimizer step, and every
+  calls ``Follower.follow`` before the model's forward passes until its first optimizer step, and every
   step calls it again (``steps``).
 * User code: ``load_state_dict(sd, assign=True)`` (meta-device initialisation, several loaders),
   ``model.to("meta")``, ``module.weight = nn.Parameter(...)``. The new parameter is followed only where it
@@ -26,28 +26,42 @@ from torch import nn
 from .. import distributed
 from .._base import check_dense, digest, is_dense
 from ..errors import ShiraError
-from . import compact, flags
-from .target import Target
-
-_FIX = (
-    "Fix: load into the attached parameters instead of replacing them (load_state_dict without assign=True, or "
-    "param.copy_(...) under torch.no_grad()), or detach() the handle first and attach again afterwards "
-    "(save_state() / load_state() keep the masks)"
-)
+from . import flags
+from .gradients import GradientHooks
+from .target import REPLACED_FIX, Target, describe
 
 
-class FollowSharding:
-    """Mixed into ``ShiraHandle``: adopt the parameters that ``fully_shard`` or user code put in place."""
+class Follower:
+    """Adopts the parameters that ``fully_shard`` or user code put in place of a handle's target weights.
 
-    _targets: list[Target]
-    _attached: bool
-    _claimed: list[nn.Parameter]
-    _claimed_names: list[str]
-    _hooks: list
-    _watch_hooks: list
-    model: nn.Module
+    Args:
+        model: the model the handle is attached to.
+        targets: the handle's targets (the same list).
+        claimed: the handle's ``requires_grad`` claims, moved by name with the weights.
+        gradients: makes the gradient hook registered on an adopted weight.
+        owner: the handle: it owns the adopted weights (``flags.own``), and nothing is followed once it is
+            detached.
+    """
 
-    def _follow_parameters(self, at_step: bool = False, verb: str | None = None) -> None:
+    def __init__(self, model: nn.Module, targets: list[Target], claimed: flags.Claimed, gradients: GradientHooks, owner: flags.Owner):
+        self.model = model
+        self.targets = targets
+        self.claimed = claimed
+        self.gradients = gradients
+        self.owner = owner
+        self.watching = False  # follow runs before forward passes (distributed.watch), until the first step
+
+    def watch(self) -> None:
+        """Follow before every forward pass of the model (through a later ``fully_shard``), until ``unwatch``."""
+        distributed.watch(self.model, self.follow)
+        self.watching = True
+
+    def unwatch(self) -> None:
+        """Stop following before forward passes (training has started: every step follows; or ``detach``)."""
+        distributed.unwatch(self.model, self.follow)
+        self.watching = False
+
+    def follow(self, at_step: bool = False, verb: str | None = None) -> None:
         """Find the weights again after ``fully_shard`` or user code put new parameters in their modules.
 
         Called before the model's forward passes until its first optimizer step (``distributed.watch``), at every
@@ -73,12 +87,12 @@ class FollowSharding:
                 their weight, a target weight replaced by something that cannot be followed, or (at a step) a
                 sharded weight with a gradient the hooks could not see.
         """
-        if not self._attached:
+        if not self.owner.attached:
             return
         moved = False
         # Before a forward pass under torch.distributed a plain parameter may be FSDP2's unsharded weight.
         check = at_step or verb is not None or not distributed.initialized()
-        for position, t in enumerate(self._targets):
+        for position, t in enumerate(self.targets):
             now = t.module._parameters.get(t.attr)
             if now is not t.param:
                 if distributed.is_sharded(now) or distributed.is_sharded(t.param):
@@ -88,31 +102,24 @@ class FollowSharding:
                     if problem:
                         raise ShiraError(
                             f"{f'cannot {verb}: ' if verb else ''}target weight '{t.name}' is no longer the parameter "
-                            f"shira_hooks attached to: its module holds {_describe(now)} now, and {problem}. Something "
+                            f"shira_hooks attached to: its module holds {describe(now)} now, and {problem}. Something "
                             f"replaced it after attach (load_state_dict(..., assign=True), model.to('meta'), "
                             f"module.{t.attr} = nn.Parameter(...), an FSDP1 or DeepSpeed wrapper), so the handle's masks, "
-                            f"stored originals and hooks no longer apply to it. {_FIX}"
+                            f"stored originals and hooks no longer apply to it. {REPLACED_FIX}"
                         )
                     self._follow_replacement(position, now)
                     moved = True
-            if t.plan is not None and not t.plan.managed and check:
-                values = t.module._parameters.get(compact.VALUES)
-                if values is not t.plan.values:
-                    self._follow_values(t, values, verb)
+            if check:  # the parameters the target's mode registered on the layer (compact: shira_values)
+                t.mode.follow_own(t, verb)
         if moved:  # the frozen parameters may have been replaced too: move their requires_grad claims by name
-            now_params = dict(self.model.named_parameters(remove_duplicate=False))
-            for i, (name, old) in enumerate(zip(self._claimed_names, self._claimed)):
-                new = now_params.get(name)
-                # (not FSDP2's unsharded weight in place of a sharded one: that is put back after the pass)
-                if new is not None and new is not old and (distributed.is_sharded(new) or not distributed.is_sharded(old)):
-                    flags.move(old, new)
-                    self._claimed[i] = new
+            self.claimed.follow(self.model)
 
     def _follow_shard(self, position: int, now: nn.Parameter | None, at_step: bool) -> bool:
         """A target whose weight or replacement is a DTensor (FSDP2): adopt it, leave it, or refuse. Returns
         whether it was adopted."""
-        t = self._targets[position]
-        refused = at_step and t.plan is None and distributed.is_sharded(now) and (
+        t = self.targets[position]
+        # A mode whose weight does not train adopts at a step always: its own tensors carry the gradient.
+        refused = at_step and t.mode.weight_trains and distributed.is_sharded(now) and (
             _unseen_gradient(now) or (t.indices is None and now.grad is not None)
         )
         if distributed.is_sharded(now) and not refused:
@@ -141,29 +148,17 @@ class FollowSharding:
 
     def _adopt(self, position: int, param: nn.Parameter) -> None:
         """Make target ``position`` train ``param``, the DTensor that replaced its weight."""
-        t = self._targets[position]
+        t = self.targets[position]
         distributed.check_placements(param, f"target weight '{t.name}'")
         check_dense(distributed.local(param), f"target weight '{t.name}'")
-        if t.plan is not None:  # compact/sparse: fully_shard sharded the layer's values too
-            t.plan.adopt(param, t.module._parameters.get(compact.VALUES), t.indices, f"'{t.name.rpartition('.')[0]}.{compact.VALUES}'")
-            for hook in self._watch_hooks:  # FSDP2 reads the sharded weights outside their layers (its all-gather)
-                hook.remove()
-            self._watch_hooks = []
-        self._drop_grad_hook(t)
+        t.mode.adopt(t, param)  # compact/sparse: fully_shard sharded the layer's values too
+        _drop_grad_hook(t)
         if param.requires_grad:  # compact/sparse: the weight itself gets no gradient
-            t.grad_hook = param.register_post_accumulate_grad_hook(self._make_hook(position))
-            self._hooks.append(t.grad_hook)
+            t.grad_hook = param.register_post_accumulate_grad_hook(self.gradients.hook(position))
         flags.disown(t.param)
-        flags.own(param, self)
-        t.param = param
-        t._positions.clear()
+        flags.own(param, self.owner)
+        t.rebind(param)
         t.follow()
-
-    def _drop_grad_hook(self, t: Target) -> None:
-        """Remove the gradient hook from the parameter ``t`` leaves (and from the handle's list: a copy of the
-        handle must not carry a handle of a hook dict that holds a closure)."""
-        t.grad_hook.remove()
-        self._hooks = [hook for hook in self._hooks if hook is not t.grad_hook]
 
     # ------------------------------------------------------------------ replaced by user code
     @torch.no_grad()
@@ -189,44 +184,23 @@ class FollowSharding:
     def _follow_replacement(self, position: int, param: nn.Parameter) -> None:
         """Make target ``position`` train ``param``, a plain parameter that replaced its weight and holds the
         base outside the mask (its masked entries are trained values, as after an in-place load)."""
-        t = self._targets[position]
+        t = self.targets[position]
         old = t.param
-        self._drop_grad_hook(t)
+        _drop_grad_hook(t)
         flags.disown(old)
-        flags.own(param, self)
-        t.param = param
-        self._hooks.append(t.hook_gradient(self._make_hook(position)))  # compact weights get none, but may again
+        flags.own(param, self.owner)
+        t.rebind(param)
+        t.hook_gradient(self.gradients.hook(position))  # compact weights get none, but may again
         t.replaced.append(weakref.ref(old))  # an optimizer still holding it would train nothing (steps)
-        t._positions.clear()
-        for check in self._watch_hooks:
-            check.layers = [(param if weight is old else weight, layer, name) for weight, layer, name in check.layers]
         t.follow()
-        if t.plan is not None:  # the weight's masked entries mirror the values: write them in
-            t.plan.weight = param
-            t.plan.follow()
-            t.plan.sync(force=True)
-
-    def _follow_values(self, t: Target, values: nn.Parameter | None, verb: str | None) -> None:
-        """mode="compact"/"sparse": the layer's ``shira_values`` were replaced (``load_state_dict(assign=True)``).
-        They are the trained entries, so a (k,) parameter of the weight's dtype is followed and written
-        into the weight; anything else is refused."""
-        old = t.plan.values
-        if not (isinstance(values, nn.Parameter) and values.shape == old.shape and values.dtype == old.dtype and values.device.type != "meta"):
-            layer = t.name.rpartition(".")[0]
-            raise ShiraError(
-                f"{f'cannot {verb}: ' if verb else ''}'{layer}.{compact.VALUES}' (the {old.numel()} trained entries of "
-                f"'{t.name}') is no longer the parameter shira_hooks registered: the layer holds {_describe(values)} now. {_FIX}"
-            )
-        t.plan.values = values
-        t.replaced.append(weakref.ref(old))
-        t.plan.follow()
-        t.plan.sync(force=True)
+        t.mode.weight_replaced(t, old, param)  # compact: the weight's masked entries mirror the values
 
 
-def _describe(param: torch.Tensor | None) -> str:
-    if param is None:
-        return "None"
-    return f"a {type(param).__name__} of shape {tuple(param.shape)}, {str(param.dtype).removeprefix('torch.')}, on {param.device}"
+def _drop_grad_hook(t: Target) -> None:
+    """Remove the gradient hook from the parameter ``t`` leaves."""
+    if t.grad_hook is not None:
+        t.grad_hook.remove()
+        t.grad_hook = None
 
 
 def _unseen_gradient(param: nn.Parameter) -> bool:

@@ -20,10 +20,14 @@ what lives outside the objects again for the copy: its gradient hooks, its ``req
 (with the flags from before ``attach``) and its place among the attached handles. Nothing of a copy
 refers to the original's objects. ``attached(model)`` finds a copy's handle.
 
-Two concerns of the handle live in their own modules, mixed into the class: its work around optimizer
-steps (``steps.StepHooks``) and following FSDP2's ``fully_shard`` (``follow.FollowSharding``). The
-modules below the handle never import it: the step guard (``optim``) and the watch before forward passes
-(``distributed.watch``) call bound methods the handle registers, held weakly.
+The handle is a composition: it holds its settings (``config.Config``), its targets (``target.Target``,
+each with its training mode: ``modes``) and four collaborators, plain objects built with the targets and
+what else they need, that share no attributes: ``calibration.Calibration`` (scores and masks from them),
+``gradients.GradientHooks`` (the gradient hook), ``follow.Follower`` (finding the weights again after
+``fully_shard`` or a replacement) and ``steps.StepHooks`` (the work around optimizer steps). The resumable
+state is functions of the targets and the config (``state``). The modules below the handle never import
+it: the step guard (``optim``) and the watch before forward passes (``distributed.watch``) call bound
+methods of its collaborators, held weakly. ``install`` is the one entry ``attach`` calls.
 """
 
 from __future__ import annotations
@@ -34,20 +38,22 @@ import logging
 import os
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from .. import distributed, masks
-from .._base import digest, is_dense
+from .._base import digest
 from .._version import __version__
 from ..errors import ShiraError
 from ..format import SparseAdapter, SparseDelta
-from . import compact, flags, optim
+from . import flags, modes, optim
 from . import state as resumable
-from .calibration import mask_from_scores
-from .follow import FollowSharding
+from .calibration import Calibration, LossFn
+from .config import Config
+from .follow import Follower
+from .gradients import GradientHooks
 from .steps import StepHooks
 from .target import Target
 
@@ -100,81 +106,82 @@ def attached(model: nn.Module) -> list["ShiraHandle"]:
 handles = attached  # the README's older name for it, kept
 
 
-class ShiraHandle(FollowSharding, StepHooks):
+class ShiraHandle:
     """The handle ``attach`` returns: masks, originals at the masked entries, and the hooks.
 
     Use ``extract()`` after training, ``detach()`` (or a ``with`` block) to make the model an
     ordinary model again, and ``state_dict()`` / ``load_state_dict()`` to resume with the same masks.
     """
 
-    def __init__(self, model: nn.Module, mask: str | masks.MaskFn, sparsity: float, seed: int, calibration_steps: int, mode: str = "dense", block: int = 1):
+    def __init__(self, model: nn.Module, config: Config):
+        """A handle with no targets yet; ``install`` (what ``attach`` calls) makes an attached one."""
         self.model = model
-        self.mode = mode
-        self.mask = mask
-        self.sparsity = sparsity
-        self.block = block  # masks are aligned runs of `block` entries of a row (masks.indices)
-        self.seed = seed
-        self.calibration_steps = calibration_steps
+        self._config = config
         self.frozen: list[str] = []  # trainable parameters that freeze_others froze (not in the adapter)
         self._targets: list[Target] = []
-        self._claimed: list[nn.Parameter] = []  # parameters whose requires_grad this handle claims (flags)
-        self._claimed_names: list[str] = []  # their names, to find them again after fully_shard (_follow_parameters)
-        self._hooks: list[Any] = []
-        self._watch_hooks: list[Any] = []  # compact modes: the model's first-forward check (compact.FirstForwardCheck)
-        self._watched = False  # _follow_parameters runs before forward passes (distributed.watch), until the first step
+        self._claimed = flags.Claimed()  # parameters whose requires_grad this handle claims (flags)
+        self._calibration = Calibration(self._targets, config)
+        self._gradients = GradientHooks(self._targets, self._calibration)
+        self._follower = Follower(model, self._targets, self._claimed, self._gradients, self)
+        self._steps = StepHooks(model, self._targets, self._follower, self._calibration, modes.mode_class(config.mode))
         self._finalizer: weakref.finalize | None = None
-        # attach is scoring calibration= batches now; otherwise grad/snip masks are scored lazily, each fixed
-        # after `calibration_steps` backward passes of training
-        self._eager_calibration = False
         self._attached = False
-        self._warned_no_gradient = False
-        self._warned_frozen = False  # targets whose requires_grad other code set to False were reported (steps)
-        self._gradient_checked = False  # a target got a gradient, or it was reported that none does (steps)
-        self._checked_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> id(state) checked
-        self._before_values: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # compact: optimizer -> values before its step
         self._serial = next(_SERIALS)  # attach order: every rank walks its handles in it (their collectives match)
 
     # ------------------------------------------------------------------------------ install
-    def _install(self, targets: list[tuple[str, nn.Module, nn.Parameter]], freeze_others: bool) -> None:
-        """Claim flags, register hooks and the optimizer guard. Partial work is undone by ``detach``."""
+    def _install(
+        self,
+        targets: list[tuple[str, nn.Module, nn.Parameter]],
+        *,
+        freeze_others: bool,
+        calibration: Iterable | None,
+        loss_fn: LossFn | None,
+        progress: bool,
+    ) -> None:
+        """Attach to ``targets`` (checked by ``attach``): claim flags, register the gradient hooks and the step
+        guard, fix or score the masks, install the mode. Partial work is undone by ``detach``."""
         self._attached = True
         self._track()
-        distributed.watch(self.model, self._follow_parameters)  # follows the weights through a later fully_shard (FSDP2)
-        self._watched = True
+        self._follower.watch()  # follows the weights through a later fully_shard (FSDP2)
         target_ids = {id(p) for _, _, p in targets}
         keep_alive = _KeepAlive(self)
         for name, module, param in targets:
             # A DTensor (FSDP2) is gathered for the digest: the same base digest as one process.
-            target = Target(name, module, param, self._budget(param), digest(distributed.gather(param.detach()), 16), param.dtype)
+            base_digest = digest(distributed.gather(param.detach()), 16)
+            # Every target trains densely, through its gradient hook, until its masks are fixed and its mode installed.
+            target = Target(name, module, param, self._config.budget(param.numel()), base_digest, param.dtype, modes.Dense())
             target.attr = next((key for key, value in module._parameters.items() if value is param), "weight")
             self._targets.append(target)
             module.__dict__[KEEP_ALIVE] = keep_alive
             flags.own(param, self)
             flags.claim(self, param, target=True, wanted=True)
-            self._claimed.append(param)
-            self._claimed_names.append(name)
-            target.grad_hook = param.register_post_accumulate_grad_hook(self._make_hook(len(self._targets) - 1))
-            self._hooks.append(target.grad_hook)
+            self._claimed.add(name, param)
+            target.grad_hook = param.register_post_accumulate_grad_hook(self._gradients.hook(len(self._targets) - 1))
         if freeze_others:
             for name, param in self.model.named_parameters():
                 if id(param) in target_ids:
                     continue
                 trainable = param.requires_grad
                 flags.claim(self, param, target=False, wanted=False)  # another handle's target keeps training
-                self._claimed.append(param)
-                self._claimed_names.append(name)
+                self._claimed.add(name, param)
                 if trainable and not param.requires_grad:
                     self.frozen.append(name)
             self._report_frozen()
+        if not masks.kind_of(self._config.mask).needs_scores:
+            self._calibration.fix_unscored()
+        elif calibration is not None:
+            self._calibration.run(self.model, calibration, loss_fn, progress)
+        # The masks are fixed now (Mode.check_attach refused lazy calibration where a mode needs them): the
+        # targets take their mode. One whose weights do not train (compact) gets no dense dL/dW; detach() restores it.
+        modes.mode_class(self._config.mode).install(self._targets, self.model)
+        for t in self._targets:
+            flags.claim(self, t.param, target=True, wanted=t.mode.weight_trains)
 
     def _track(self) -> None:
         """Guard the steps of optimizers over the model (``optim``), until ``detach`` or collection."""
         self._finalizer = optim.track(
-            self, order=self._serial, holds_any=self._holds_any, before_step=self._before_step, after_step=self._after_step
+            self, order=self._serial, holds_any=self._steps.holds_any, before_step=self._steps.before_step, after_step=self._steps.after_step
         )
-
-    def _budget(self, param: nn.Parameter) -> int:
-        return masks.budget(param.numel(), self.sparsity, self.block) if isinstance(self.mask, str) else 0
 
     def _report_frozen(self) -> None:
         """freeze_others froze trainable parameters: say which, loudly if one looks like an output head."""
@@ -190,110 +197,42 @@ class ShiraHandle(FollowSharding, StepHooks):
                 "then train densely and must be saved separately, e.g. with the model's state_dict)", ", ".join(heads[:8]),
             )
 
-    def _make_hook(self, position: int):
-        # Weak: a strong reference from a tensor's hook back to the handle (which holds the tensor) is a
-        # cycle through torch's C++ side that the garbage collector cannot break.
-        owner = weakref.ref(self)
-
-        def hook(param: torch.Tensor) -> None:  # post-accumulate-grad hooks must return None
-            handle = owner()
-            if handle is not None:
-                handle._on_grad(handle._targets[position], param)
-
-        return hook
-
-    # --------------------------------------------------------------------------- the hook
-    @torch.no_grad()
-    def _on_grad(self, target: Target, param: torch.Tensor) -> None:
-        grad = param.grad
-        if grad is None:
-            return
-        if grad.is_sparse:
-            raise ShiraError(f"'{target.name}' received a sparse gradient; shira_hooks masks dense gradients only")
-        target.grad_seen = True
-        target.follow()
-        if target.indices is None:  # calibrating: score, then drop the gradient so nothing is updated
-            self._accumulate(target, grad)
-            param.grad = None
-            return
-        target.fresh = False  # from here on .grad is masked training gradient
-        if not is_dense(distributed.local(grad)):
-            param.grad = grad = grad.contiguous()
-        target.mask_grad(grad)
-
-    def _accumulate(self, target: Target, grad: torch.Tensor) -> None:
-        if self._eager_calibration and distributed.world_size() > 1 and not distributed.is_sharded(grad):
-            # Eager calibration of a replicated model (before DDP or fully_shard wraps it): kept until the
-            # pass ends, when every rank's gradient of it is averaged (_end_pass)
-            target.pass_grad = grad if target.pass_grad is None else target.pass_grad.add_(grad)
-            return
-        self._score(target, grad)
-
-    def _score(self, target: Target, grad: torch.Tensor) -> None:
-        grad = distributed.local(grad)  # FSDP2: this rank's rows of the gradient averaged over the ranks
-        if target.scores is None:
-            target.scores = torch.zeros(grad.numel(), dtype=torch.float32, device=grad.device)
-        target.scores.add_(grad.reshape(-1).abs_())  # logical order; the gradient is dropped next, so abs_ in place
-        target.backward_passes += 1
-        if not self._eager_calibration and target.backward_passes >= self.calibration_steps:
-            self._mask_from_scores(target)
-            target.fresh = True
-
-    @torch.no_grad()
-    def _end_pass(self) -> None:
-        """After each backward pass of eager calibration under ``torch.distributed``: score the mean over the
-        ranks of each replicated target's gradient, i.e. the global batch's gradient, which one process
-        would score. Walked in target order, with zeros where this rank got none, so that every rank makes
-        the same collectives even when layers get gradients on some ranks only (routing, unused layers)."""
-        world = distributed.world_size()
-        targets = [t for t in self._targets if t.indices is None and not distributed.is_sharded(t.param)]
-        if world <= 1 or not targets:
-            return
-        got = torch.tensor([t.pass_grad is not None for t in targets], dtype=torch.int32, device=targets[0].param.device)
-        distributed.all_reduce(got)  # how many ranks have a gradient of each target
-        for t, ranks in zip(targets, got.tolist()):
-            grad, t.pass_grad = t.pass_grad, None
-            if ranks == 0:  # no rank's loss used it in this pass
-                continue
-            grad = torch.zeros(t.param.shape, dtype=t.param.dtype, device=t.param.device) if grad is None else grad.contiguous()
-            distributed.all_reduce(grad)
-            self._score(t, grad.div_(world))
-
-    def _mask_from_scores(self, target: Target) -> None:
-        # eager: under torch.distributed every pass was averaged over the ranks already (_end_pass)
-        averaged = self._eager_calibration
-        kind = masks.kind_of(self.mask)
-        target.set_indices(mask_from_scores(kind, target.name, target.scores, target.param.detach(), target.budget, self.block, averaged))
-
-    def _fix_masks(self) -> None:
-        """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""
-        kind = masks.kind_of(self.mask)
-        for target in self._targets:
-            weight = target.param.detach()  # under FSDP2 a DTensor: its shape and numel are the full weight's
-            if kind.reads_values:  # struct and rand need only the shape
-                weight = distributed.gather(weight)  # FSDP2: the full weight (a collective), the same masks as one process
-            target.set_indices(kind.select(target.name, weight, target.budget, self.seed, self.block))
-
-    def _make_compact(self) -> None:
-        """mode="compact"/"sparse": move the trainable entries into k-length parameters (``compact``)."""
-        transposes = compact.InputTransposes() if self.mode == "sparse" else None
-        for t in self._targets:
-            t.plan, hooks = compact.install(t.module, t.param, t.indices, t.positions, transposes)
-            self._hooks.extend(hooks)
-            flags.claim(self, t.param, target=True, wanted=False)  # no dense dL/dW; restored by detach()
-        # Under FSDP2 the layer computes with the all-gathered weight and FSDP itself reads the sharded one
-        # outside the layer (its all-gather), so the read check cannot tell a functional use there.
-        layers = [(t.param, t.module, t.name.rpartition(".")[0] or type(t.module).__name__) for t in self._targets if not distributed.is_sharded(t.param)]
-        if layers:
-            self._watch_hooks = [compact.FirstForwardCheck(self.model, layers, self.mode)]
-
     def _sync(self) -> None:
-        """Make the weights hold the current compact values (a no-op in the dense mode)."""
+        """Make the weights hold what their modes trained (compact values; a no-op in the dense mode)."""
         for t in self._targets:
             t.follow()
-            if t.plan is not None:
-                t.plan.follow()
-                t.plan.sync(force=True)
+            t.mode.write(t)
+
+    # ------------------------------------------------------------------------------ settings
+    @property
+    def mask(self) -> str | masks.MaskFn:
+        """The mask: a name, or the mask function ``attach`` got."""
+        return self._config.mask
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of each target weight that trains."""
+        return self._config.sparsity
+
+    @property
+    def seed(self) -> int:
+        """The seed of rand/struct masks (the one drawn by ``attach(seed=None)``, or a loaded state's)."""
+        return self._config.seed
+
+    @property
+    def mode(self) -> str:
+        """How the masked entries train: "dense", "compact" or "sparse" (``modes``)."""
+        return self._config.mode
+
+    @property
+    def block(self) -> int:
+        """Masks are aligned runs of ``block`` entries of a row."""
+        return self._config.block
+
+    @property
+    def calibration_steps(self) -> int:
+        """Backward passes that score a lazily calibrated grad/snip mask."""
+        return self._config.calibration_steps
 
     # ------------------------------------------------------------------------- public API
     @property
@@ -327,7 +266,7 @@ class ShiraHandle(FollowSharding, StepHooks):
         Raises:
             ShiraError: a target weight was replaced by a parameter the handle cannot follow (``follow``).
         """
-        self._follow_parameters(verb="summarise the handle")
+        self._follower.follow(verb="summarise the handle")
         total = sum(t.param.numel() for t in self._targets)
         state = "calibrated" if self.calibrated else (
             f"calibrating: {sum(t.indices is not None for t in self._targets)}/{len(self._targets)} masks fixed, "
@@ -361,18 +300,18 @@ class ShiraHandle(FollowSharding, StepHooks):
         or state nonzero outside a mask (built before ``attach``), or a target weight replaced by a parameter
         the handle cannot follow. ``ShiraCallback`` calls it at train begin.
         """
-        self._follow_parameters(verb="check the optimizer")
+        self._follower.follow(verb="check the optimizer")
         problem = optim.unknown_decay(optimizer, {id(t.param): t.name for t in self._targets})
         if problem:
             raise ShiraError(problem)
-        self._check_optimizer_state(optimizer, [t for t in self._targets if t.plan is None])
+        self._steps.check_optimizer_state(optimizer, self._targets)
 
     def _require_calibrated(self, action: str) -> None:
         waiting = [t for t in self._targets if t.indices is None]
         if waiting:
             raise ShiraError(
                 f"cannot {action}: {len(waiting)} target weight(s) are still calibrating (e.g. '{waiting[0].name}', "
-                f"{waiting[0].backward_passes}/{self.calibration_steps} backward passes seen). Train for more steps, "
+                f"{self._calibration.passes(waiting[0])}/{self.calibration_steps} backward passes seen). Train for more steps, "
                 f"or pass calibration= to attach"
             )
 
@@ -397,15 +336,14 @@ class ShiraHandle(FollowSharding, StepHooks):
             >>> shira.extract().save("adapter.safetensors")
         """
         self._require_calibrated("extract an adapter")
-        self._follow_parameters(verb="extract an adapter")
+        self._follower.follow(verb="extract an adapter")
         self._sync()
         deltas = {}
         for t in self._targets:
             values = t.current().float() - t.originals.float()
             deltas[t.name] = SparseDelta(tuple(t.param.shape), t.param.dtype, t.indices.clone(), values.cpu(), digest(t.originals), self.block)
-        mask = self.mask if isinstance(self.mask, str) else "custom"
         return SparseAdapter(
-            deltas, {"mask": mask, "sparsity": f"{self.sparsity:g}", "seed": str(self.seed), "created_by": f"shira_hooks {__version__}"}
+            deltas, {"mask": self._config.mask_name, "sparsity": f"{self.sparsity:g}", "seed": str(self.seed), "created_by": f"shira_hooks {__version__}"}
         )
 
     @torch.no_grad()
@@ -422,7 +360,7 @@ class ShiraHandle(FollowSharding, StepHooks):
             ShiraError: a target weight was replaced by a parameter the handle cannot follow: a replaced weight
                 is never reported as unchanged.
         """
-        self._follow_parameters(verb="verify")
+        self._follower.follow(verb="verify")
         self._sync()
         changed = []
         for t in self._targets:
@@ -441,52 +379,34 @@ class ShiraHandle(FollowSharding, StepHooks):
         """
         if not self._attached:
             return
-        self._move_claims_by_name()
-        managed_elsewhere = bool(self._targets) and all(self._flag_changed(t) for t in self._targets)
+        self._claimed.follow_before_release(self.model)
+        managed_elsewhere = bool(self._targets) and all(t.mode.flag_changed(t) for t in self._targets)
         for t in self._targets:
-            if t.plan is not None:
-                compact.uninstall(t.module, t.plan)
-                t.plan = None
-        for hook in self._hooks + self._watch_hooks:
-            hook.remove()
-        self._hooks, self._watch_hooks = [], []
+            t.mode.uninstall(t)  # compact: the values are written into the weight and unregistered
+            t.mode = modes.Dense()  # what a detached target is: its weight, as trained
+            if t.grad_hook is not None:
+                t.grad_hook.remove()
+                t.grad_hook = None
         self._attached = False
         optim.untrack(self)
-        distributed.unwatch(self.model, self._follow_parameters)
+        self._follower.unwatch()
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        flags.release(self, self._claimed, restore=not managed_elsewhere)
+        flags.release(self, self._claimed.params, restore=not managed_elsewhere)
         if managed_elsewhere:
             logger.warning(
                 "shira_hooks: detach() left every requires_grad flag as it is: the flags of all %d target weights were "
                 "changed after attach (peft.get_peft_model, for one, freezes every parameter but its adapter's), so "
                 "the model's flags are managed by other code now", len(self._targets),
             )
-        self._claimed, self._claimed_names = [], []
+        self._claimed.clear()
+        self._calibration.clear()
         for t in self._targets:
-            t.scores = None
             keep_alive = t.module.__dict__.get(KEEP_ALIVE)
             if isinstance(keep_alive, _KeepAlive) and keep_alive.handle is self:
                 del t.module.__dict__[KEEP_ALIVE]
             flags.disown(t.param, self)
-
-    def _flag_changed(self, t: Target) -> bool:
-        """Whether other code changed the flag that makes target ``t`` train since the handle set it."""
-        if t.plan is not None:  # the values train; the handle registered them trainable
-            return not t.plan.values.requires_grad
-        return flags.changed(t.param)
-
-    def _move_claims_by_name(self) -> None:
-        """Claimed parameters that user code replaced (``load_state_dict(assign=True)`` copies the flag): the
-        claim moves to the parameter now at that name if it holds the flag the handle set, so ``detach``
-        restores the flags of the model's parameters, not of objects no longer in it."""
-        now = dict(self.model.named_parameters(remove_duplicate=False))
-        for i, (name, old) in enumerate(zip(self._claimed_names, self._claimed)):
-            new = now.get(name)
-            if new is not None and new is not old and not distributed.is_sharded(old):
-                flags.move(old, new, only_unchanged=True)
-                self._claimed[i] = new
 
     # ------------------------------------------------------------------- copies and pickles
     def __getstate__(self) -> dict[str, Any]:
@@ -502,15 +422,11 @@ class ShiraHandle(FollowSharding, StepHooks):
                 f"'{sharded[0]}'; save the adapter (handle.extract().save(...)) and the handle's state "
                 f"(handle.save_state(...)) instead, or detach() first"
             )
-        grad_hooks = {id(t.grad_hook) for t in self._targets}
         return {
             **self.__dict__,
-            "mask": self.mask if isinstance(self.mask, str) else "custom",  # a mask function may not pickle; masks are fixed
+            "_config": self._config.picklable(),  # a mask function may not pickle; masks are fixed
             "_finalizer": None,
-            "_checked_state": None,
-            "_before_values": None,
-            "_hooks": [hook for hook in self._hooks if id(hook) not in grad_hooks],  # registered again on the copy
-            "_flag_originals": [flags.original(param) for param in self._claimed],
+            "_flag_originals": [flags.original(param) for param in self._claimed.params],
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -518,20 +434,19 @@ class ShiraHandle(FollowSharding, StepHooks):
         weights, ``requires_grad`` claims (with the flags from before ``attach``), the step hooks."""
         originals = state.pop("_flag_originals")
         self.__dict__.update(state)
-        self._checked_state, self._before_values = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
         self._serial = next(_SERIALS)
         if not self._attached:
             return
         self._track()
-        if self._watched:
-            distributed.watch(self.model, self._follow_parameters)
+        if self._follower.watching:
+            self._follower.watch()
         targets = {id(t.param): t for t in self._targets}
-        for position, t in enumerate(self._targets):
+        for position, t in enumerate(self._targets):  # the gradient hooks are not carried (Target.__getstate__)
             flags.own(t.param, self)
-            self._hooks.append(t.hook_gradient(self._make_hook(position)))
-        for param, original in zip(self._claimed, originals):
+            t.hook_gradient(self._gradients.hook(position))
+        for param, original in zip(self._claimed.params, originals):
             t = targets.get(id(param))
-            flags.claim(self, param, target=t is not None, wanted=t is not None and t.plan is None, original=original)
+            flags.claim(self, param, target=t is not None, wanted=t is not None and t.mode.weight_trains, original=original)
 
     def __copy__(self) -> "ShiraHandle":
         """Refused: a shallow copy would be a second handle on the same parameters."""
@@ -567,9 +482,8 @@ class ShiraHandle(FollowSharding, StepHooks):
             {"shape", "dtype", "base_digest", "indices", "originals"}}}``; tensors are CPU copies.
         """
         self._require_calibrated("save the handle's state")
-        self._follow_parameters(verb="save the handle's state")
-        mask = self.mask if isinstance(self.mask, str) else "custom"
-        return resumable.state_dict(self._targets, mask=mask, sparsity=self.sparsity, seed=self.seed, block=self.block)
+        self._follower.follow(verb="save the handle's state")
+        return resumable.state_dict(self._targets, self._config)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Adopt the masks and originals of ``state_dict()``; everything is checked before anything changes.
@@ -578,9 +492,9 @@ class ShiraHandle(FollowSharding, StepHooks):
             ShiraError: the state is for other weights, shapes or dtypes, another ``block``, or its
                 indices are invalid.
         """
-        self._follow_parameters(verb="load a handle state")
-        for key, value in resumable.load_state_dict(self._targets, state, block=self.block).items():
-            setattr(self, key, value)  # mask, sparsity, seed: as the run that saved the state
+        self._follower.follow(verb="load a handle state")
+        self._config = resumable.load_state_dict(self._targets, state, self._config)  # mask, sparsity, seed: as the run that saved it
+        self._calibration.clear()  # every mask is fixed now
 
     def save_state(self, path: str | os.PathLike) -> Path:
         """``state_dict()`` as one safetensors file, written atomically."""
@@ -589,3 +503,27 @@ class ShiraHandle(FollowSharding, StepHooks):
     def load_state(self, path: str | os.PathLike) -> None:
         """Read a file written by ``save_state`` and ``load_state_dict`` it."""
         self.load_state_dict(resumable.read_state(path))
+
+
+def install(
+    model: nn.Module,
+    targets: list[tuple[str, nn.Module, nn.Parameter]],
+    config: Config,
+    *,
+    freeze_others: bool,
+    calibration: Iterable | None,
+    loss_fn: LossFn | None,
+    progress: bool,
+) -> ShiraHandle:
+    """An attached handle on ``targets`` of ``model`` (``(name, module, weight)``, checked by ``attach``), with
+    its masks fixed or, for grad/snip without ``calibration``, scored on the first backward passes.
+
+    If anything fails, the handle is detached before the error propagates: nothing stays changed.
+    """
+    handle = ShiraHandle(model, config)
+    try:
+        handle._install(targets, freeze_others=freeze_others, calibration=calibration, loss_fn=loss_fn, progress=progress)
+    except BaseException:
+        handle.detach()
+        raise
+    return handle

@@ -12,7 +12,7 @@ Masking gradients in the backward pass is not enough:
 * optimizer state from before ``attach`` (momentum, Adam moments) keeps moving unmasked entries.
 
 So around each step of an optimizer that holds target weights, each handle (the ``before_step`` it
-registered with ``track``: ``ShiraHandle._before_step``) masks the gradients again and checks the
+registered with ``track``: ``steps.StepHooks.before_step``) masks the gradients again and checks the
 optimizer's state, and then the guard here
 
 1. moves the target weights of a decaying param group into a temporary group with

@@ -1,12 +1,14 @@
 """The handle's resumable state: masks, base values at the masked entries, base digests.
 
-Functions of the handle's targets and settings (``mask``, ``sparsity``, ``seed``, ``block``), never of the
-handle itself: ``ShiraHandle.state_dict`` / ``load_state_dict`` / ``save_state`` / ``load_state`` call
-these after following replaced parameters.
+Functions of the handle's targets and its ``Config``, never of the handle itself: ``ShiraHandle.state_dict``
+/ ``load_state_dict`` / ``save_state`` / ``load_state`` call these after following replaced parameters.
+A target's mode may add tensors of its own to its entry (``Mode.state``, under ``"mode"``); the modes of
+today add none, and their states are as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,50 +21,56 @@ from .._base import atomic_write, read_safetensors
 from ..errors import ShiraError
 from ..format import check_indices, dtype_name
 from ..masks import block_starts
-from . import compact
+from .config import Config
 from .target import Target
 
 STATE_FORMAT = "shira_hooks.state"
 STATE_VERSION = 1
 
 
-def state_dict(targets: list[Target], *, mask: str, sparsity: float, seed: int, block: int) -> dict[str, Any]:
+def state_dict(targets: list[Target], config: Config) -> dict[str, Any]:
     """Masks and base values at the masked entries of calibrated ``targets``, to resume a run with identical masks.
 
     Returns:
         ``{"format", "format_version", "mask", "sparsity", "seed", "block", "targets": {name:
-        {"shape", "dtype", "base_digest", "indices", "originals"}}}``; tensors are CPU copies.
-        States written before ``block`` existed have no "block" entry: they load as block 1.
+        {"shape", "dtype", "base_digest", "indices", "originals"}}}``; tensors are CPU copies. A target whose
+        mode keeps tensors of its own has them under ``"mode"`` too. States written before ``block``
+        existed have no "block" entry: they load as block 1.
     """
     for t in targets:  # masks and originals only: no values to write (no collective under FSDP2)
         t.follow()
     return {
         "format": STATE_FORMAT,
         "format_version": STATE_VERSION,
-        "mask": mask,
-        "sparsity": sparsity,
-        "seed": seed,
-        "block": block,
-        "targets": {
-            t.name: {
-                "shape": list(t.param.shape),
-                "dtype": dtype_name(t.param.dtype),
-                "base_digest": t.base_digest,
-                "indices": t.indices.clone(),
-                "originals": t.originals.cpu().clone(),
-            }
-            for t in targets
-        },
+        "mask": config.mask_name,
+        "sparsity": config.sparsity,
+        "seed": config.seed,
+        "block": config.block,
+        "targets": {t.name: _entry(t) for t in targets},
     }
 
 
+def _entry(t: Target) -> dict[str, Any]:
+    entry = {
+        "shape": list(t.param.shape),
+        "dtype": dtype_name(t.param.dtype),
+        "base_digest": t.base_digest,
+        "indices": t.indices.clone(),
+        "originals": t.originals.cpu().clone(),
+    }
+    own = t.mode.state(t)
+    if own:
+        entry["mode"] = {key: tensor.detach().cpu().clone() for key, tensor in own.items()}
+    return entry
+
+
 @torch.no_grad()
-def load_state_dict(targets: list[Target], state: dict[str, Any], *, block: int) -> dict[str, Any]:
+def load_state_dict(targets: list[Target], state: dict[str, Any], config: Config) -> Config:
     """Make ``targets`` adopt the masks and originals of ``state_dict()``; everything is checked before anything
-    changes. ``block``: the handle's.
+    changes. ``config``: the handle's.
 
     Returns:
-        The settings the state records, to adopt: ``mask`` (a name, not "custom"), ``sparsity``, ``seed``
+        ``config`` with the settings the state records: ``mask`` (a name, not "custom"), ``sparsity``, ``seed``
         (each only where the state has it).
 
     Raises:
@@ -72,6 +80,7 @@ def load_state_dict(targets: list[Target], state: dict[str, Any], *, block: int)
         raise ShiraError(f"not a shira_hooks handle state (format={state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {STATE_FORMAT!r})")
     if state.get("format_version") != STATE_VERSION:
         raise ShiraError(f"unknown handle state format_version {state.get('format_version')!r}; this shira_hooks reads {STATE_VERSION}")
+    block = config.block
     saved_block = state.get("block", 1)  # states from before block masks: single entries
     if saved_block != block:
         raise ShiraError(
@@ -102,12 +111,7 @@ def load_state_dict(targets: list[Target], state: dict[str, Any], *, block: int)
                 f"state '{name}.originals' is {originals.dtype} of shape {tuple(originals.shape)}; expected "
                 f"{param.dtype} of shape {tuple(entry['indices'].shape)}"
             )
-        plan = ours[name].plan
-        if plan is not None and plan.values.numel() != entry["indices"].numel():
-            raise ShiraError(
-                f"state for '{name}' has {entry['indices'].numel()} entries, the handle's {compact.VALUES} has "
-                f"{plan.values.numel()}; attach with the sparsity of the run that saved it"
-            )
+        ours[name].mode.check_state(ours[name], entry)
     sparsity, seed = state.get("sparsity"), state.get("seed")
     if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1):
         raise ShiraError(f"state has sparsity={sparsity!r}; expected a number in (0, 1]")
@@ -117,8 +121,7 @@ def load_state_dict(targets: list[Target], state: dict[str, Any], *, block: int)
         target = ours[name]
         target.set_indices(entry["indices"].clone(), entry["originals"].clone())
         target.base_digest, target.base_dtype = entry["base_digest"], target.param.dtype
-        if target.plan is not None:  # same parameter objects, new entries: W holds the trained values
-            target.plan.load(target.indices, target.current())
+        target.mode.load(target, entry)  # compact: the same values parameter, the new mask's entries
     settings: dict[str, Any] = {}
     if isinstance(state.get("mask"), str) and state["mask"] != "custom":
         settings["mask"] = state["mask"]
@@ -126,7 +129,7 @@ def load_state_dict(targets: list[Target], state: dict[str, Any], *, block: int)
         settings["sparsity"] = float(sparsity)
     if seed is not None:
         settings["seed"] = seed
-    return settings
+    return dataclasses.replace(config, **settings)
 
 
 def save_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -135,6 +138,11 @@ def save_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
     for name, entry in state["targets"].items():
         entry = dict(entry)
         tensors[f"{name}.indices"], tensors[f"{name}.originals"] = entry.pop("indices"), entry.pop("originals")
+        own = entry.pop("mode", {})
+        for key, tensor in own.items():
+            tensors[f"{name}.mode.{key}"] = tensor
+        if own:
+            entry["mode"] = sorted(own)  # the header names the mode's tensors; the file holds them
         info[name] = entry
     header = {k: json.dumps(v) for k, v in state.items() if k != "targets"}
     header["targets"] = json.dumps(info)
@@ -150,6 +158,8 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
         targets = meta.pop("targets")
         for name, entry in targets.items():
             entry["indices"], entry["originals"] = tensors[f"{name}.indices"], tensors[f"{name}.originals"]
+            if "mode" in entry:
+                entry["mode"] = {key: tensors[f"{name}.mode.{key}"] for key in entry["mode"]}
     except (KeyError, TypeError, json.JSONDecodeError) as error:
         raise ShiraError(f"{path}: not a shira_hooks handle state ({type(error).__name__}: {error})") from None
     return {**meta, "targets": targets}

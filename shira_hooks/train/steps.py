@@ -1,88 +1,92 @@
-"""The part of ``ShiraHandle`` that runs around optimizer steps.
+"""``StepHooks``: a handle's collaborator for its work around optimizer steps.
 
 ``optim`` registers one global optimizer step pre-hook and post-hook while any handle is attached;
-for each step of an optimizer over the handle's model (``_holds_any``) they call ``_before_step`` (once
+for each step of an optimizer over the handle's model (``holds_any``) they call ``before_step`` (once
 the gradients exist: follow replaced parameters, say when no target can train, check gradients and
-optimizer state, prepare each target's gradient) and ``_after_step`` (write compact values the step
-changed into the weights).
+optimizer state, prepare each target for the step through its mode) and ``after_step`` (the modes
+write what the step changed into the weights: compact values).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+import weakref
 
 import torch
 from torch import nn
 
 from .. import distributed
 from ..errors import ShiraError
-from . import compact
-from .target import Target
-
-if TYPE_CHECKING:
-    import weakref
+from .calibration import Calibration
+from .follow import Follower
+from .modes import VALUES
+from .target import Mode, Target
 
 
 class StepHooks:
-    """Mixed into ``ShiraHandle``: its work around every optimizer step that holds its weights."""
+    """The checks and the work of one handle around every optimizer step that holds its weights.
 
-    _targets: list[Target]
-    _before_values: "weakref.WeakKeyDictionary"  # optimizer -> {id(target): its compact values before the step}
-    _checked_state: "weakref.WeakKeyDictionary"
-    _warned_no_gradient: bool
-    _warned_frozen: bool
-    _gradient_checked: bool  # a target got a gradient, or it was said that none does
-    _watched: bool
-    mask: object
-    mode: str
-    calibration_steps: int
-    model: nn.Module
+    Args:
+        model: the model the handle is attached to.
+        targets: the handle's targets (the same list).
+        follower: follows replaced weights at every step; its watch before forward passes ends at the first step.
+        calibration: the handle's calibration (the settings and passes its messages name).
+        mode: the handle's mode class (the wording of its warnings).
+    """
 
-    def _holds_any(self, ids: set[int]) -> bool:
+    def __init__(self, model: nn.Module, targets: list[Target], follower: Follower, calibration: Calibration, mode: type[Mode]):
+        self.model = model
+        self.targets = targets
+        self.follower = follower
+        self.calibration = calibration
+        self.mode = mode
+        self._warned_no_gradient = False
+        self._warned_frozen = False  # targets whose requires_grad other code set to False were reported
+        self._gradient_checked = False  # a target got a gradient, or it was said that none does
+        self._checked_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> id(state) checked
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_checked_state": None}  # a copy checks the copy's optimizers afresh
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._checked_state = weakref.WeakKeyDictionary()
+
+    def holds_any(self, ids: set[int]) -> bool:
         """Whether any of ``ids`` (an optimizer's parameters) is a parameter of the handle's model or one
         of its targets, present or replaced: the handle's step work runs only for such optimizers."""
-        for t in self._targets:
-            if id(t.param) in ids or (t.plan is not None and id(t.plan.values) in ids):
+        for t in self.targets:
+            if t.mode.held_by(t, ids):
                 return True
             if any(old() is not None and id(old()) in ids for old in t.replaced):
                 return True
         return any(id(p) in ids for p in self.model.parameters())
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> dict[int, Target]:
+    def before_step(self, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> dict[int, Target]:
         """Called by the step pre-hook once the gradients exist, for an optimizer over the handle's model;
         ``members`` maps id(param) -> its group.
 
         Follows replaced parameters, says (once) when the targets cannot train, reports targets that get no
         gradient, checks the optimizer's state once, and prepares every target gradient
-        (``Target.prepare_step``). Returns the targets whose masked gradient the step uses, by id(param).
+        (the target's ``mode.before_step``). Returns the targets whose masked gradient the step uses, by id(param).
         """
-        self._follow_parameters(at_step=True)
+        self.follower.follow(at_step=True)
         self._check_replaced(optimizer, members)
         self._check_trainable(optimizer)
-        mine = [t for t in self._targets if id(t.param) in members or (t.plan is not None and id(t.plan.values) in members)]
+        mine = [t for t in self.targets if t.mode.held_by(t, members)]
         if not mine:
             return {}
-        distributed.unwatch(self.model, self._follow_parameters)  # training has started: from now on every step checks the weights
-        self._watched = False
+        if self.follower.watching:
+            self.follower.unwatch()  # training has started: from now on every step checks the weights
         self._check_gradients(mine)
-        self._check_optimizer_state(optimizer, [t for t in mine if t.plan is None])
+        self.check_optimizer_state(optimizer, mine)
         stepped = {}
-        # per optimizer: one optimizer's step may run another's inside it (ZeroRedundancyOptimizer)
-        self._before_values[optimizer] = {id(t): distributed.local(t.plan.values).detach().clone() for t in mine if t.plan is not None}
         for t in mine:
-            if t.plan is None:
-                if t.prepare_step(members[id(t.param)]):
-                    stepped[id(t.param)] = t
-            elif id(t.plan.values) not in members:
-                raise ShiraError(
-                    f"{type(optimizer).__name__} holds target weight '{t.name}' but not its "
-                    f"'{compact.VALUES}' (mode={self.mode!r} trains those k entries instead of the weight): it "
-                    f"was built before attach() and would train nothing. Build the optimizer after attach()"
-                )
+            if t.mode.before_step(t, optimizer, members):
+                stepped[id(t.param)] = t
         return stepped
 
-    def _after_step(self, optimizer: torch.optim.Optimizer, members: set[int]) -> None:
+    def after_step(self, optimizer: torch.optim.Optimizer, members: set[int]) -> None:
         """Called after every optimizer step: compact values that it changed are written into the weights.
 
         Values the step left as they were are not written: they equal the weight's entries, unless
@@ -91,27 +95,30 @@ class StepHooks:
         lr-0 step before ``ShiraCallback`` loads those masks). Under FSDP2 the ranks agree on which
         layers changed (one all-reduce of a flag per layer), since writing them is a collective.
         """
-        before = self._before_values.pop(optimizer, {})
-        stepped = [t for t in self._targets if t.plan is not None and id(t.plan.values) in members and id(t) in before]
+        stepped, changed = [], []
+        for t in self.targets:
+            moved = t.mode.step_changed(optimizer, members)
+            if moved is not None:
+                stepped.append(t)
+                changed.append(moved)
         if not stepped:
             return
-        changed = torch.tensor([not _same_bits(distributed.local(t.plan.values).detach(), before[id(t)]) for t in stepped], dtype=torch.int32)
-        sharded = next((t.plan.values for t in stepped if distributed.is_sharded(t.plan.values)), None)
+        agreed = torch.tensor(changed, dtype=torch.int32)
+        sharded = next((tensor for t in stepped if (tensor := t.mode.sharded()) is not None), None)
         if sharded is not None:
-            changed = changed.to(sharded.device)
-            distributed.all_reduce(changed, "max", mesh=sharded.device_mesh)
-        for t, moved in zip(stepped, changed.tolist()):
+            agreed = agreed.to(sharded.device)
+            distributed.all_reduce(agreed, "max", mesh=sharded.device_mesh)
+        for t, moved in zip(stepped, agreed.tolist()):
             if moved:
-                t.plan.follow()
-                t.plan.sync(force=True)
+                t.mode.write(t)
 
     def _check_replaced(self, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> None:
         """Refuse an optimizer that holds a parameter the handle followed away from (``follow``): it is no
         longer in the model, so the optimizer would train nothing in its place."""
-        for t in self._targets:
+        for t in self.targets:
             if any(old() is not None and id(old()) in members for old in t.replaced):
                 raise ShiraError(
-                    f"{type(optimizer).__name__} holds a parameter that '{t.name}' (or its '{compact.VALUES}') had "
+                    f"{type(optimizer).__name__} holds a parameter that '{t.name}' (or its '{VALUES}') had "
                     f"before it was replaced (load_state_dict(..., assign=True), module.weight = nn.Parameter(...)): it "
                     f"is no longer in the model, so the optimizer would not train the weight. Build the optimizer after "
                     f"replacing parameters, or load into them in place (load_state_dict without assign=True)"
@@ -128,33 +135,33 @@ class StepHooks:
         the targets included, a zero gradient: not reported.)
         """
         if not self._warned_frozen:
-            frozen = [t for t in self._targets if not (t.plan.values if t.plan is not None else t.param).requires_grad]
+            frozen = [t for t in self.targets if t.mode.frozen(t)]
             if frozen:
                 self._warned_frozen = True
                 names = ", ".join(f"'{t.name}'" for t in frozen[:6]) + (f" and {len(frozen) - 6} more" if len(frozen) > 6 else "")
-                which = f"their '{compact.VALUES}'" if self.mode != "dense" else "they"
+                which, them = self.mode.frozen_words
                 warnings.warn(
-                    f"shira_hooks: {len(frozen)} of {len(self._targets)} target weights cannot train: {which} have "
+                    f"shira_hooks: {len(frozen)} of {len(self.targets)} target weights cannot train: {which} have "
                     f"requires_grad=False, set after attach() by other code (peft.get_peft_model, for one, freezes every "
                     f"parameter but its adapter's): {names}. "
-                    + ("No SHiRA entry trains: the adapter stays zero. " if len(frozen) == len(self._targets) else "")
-                    + f"To train them, set requires_grad=True on {'them' if which == 'they' else which} again; if they are "
+                    + ("No SHiRA entry trains: the adapter stays zero. " if len(frozen) == len(self.targets) else "")
+                    + f"To train them, set requires_grad=True on {them} again; if they are "
                     f"not meant to train, detach() the handle",
                     stacklevel=4,
                 )
-                if len(frozen) == len(self._targets):
+                if len(frozen) == len(self.targets):
                     self._gradient_checked = True  # that is why none gets a gradient: said once
         if self._gradient_checked:
             return
-        if any(t.grad_seen or (t.plan is not None and t.plan.seen) for t in self._targets):
+        if any(t.mode.got_gradient(t) for t in self.targets):
             self._gradient_checked = True
             return
-        if any((t.plan.values if t.plan is not None else t.param).grad is not None for t in self._targets):
+        if any(p.grad is not None for t in self.targets for p in t.mode.trained(t)):
             return
         if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
             self._gradient_checked = True
             warnings.warn(
-                f"shira_hooks: none of the {len(self._targets)} target weights of the handle attached to "
+                f"shira_hooks: none of the {len(self.targets)} target weights of the handle attached to "
                 f"{type(self.model).__name__} has received a gradient, while other parameters of "
                 f"{type(optimizer).__name__} have: the loss does not reach them (is the model that computes it the one "
                 f"attach() got?), so no SHiRA entry trains",
@@ -163,15 +170,16 @@ class StepHooks:
 
     def _check_gradients(self, mine: list[Target]) -> None:
         """Targets that got no gradient while others did: a warning, or an error if calibration cannot finish."""
-        seen = [t.grad_seen or (t.plan is not None and t.plan.seen) for t in mine]
+        seen = [t.mode.got_gradient(t) for t in mine]
         if all(seen) or not any(seen):
             return
         missing = [t for t, s in zip(mine, seen) if not s]
         names = ", ".join(f"'{t.name}'" for t in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         stuck = [t for t in missing if t.indices is None]
         if stuck and all(t.indices is not None for t in mine if t not in stuck):
+            config = self.calibration.config
             raise ShiraError(
-                f"mask={self.mask!r} is scored on the gradients of the first {self.calibration_steps} backward passes, "
+                f"mask={config.mask!r} is scored on the gradients of the first {config.calibration_steps} backward passes, "
                 f"and {len(stuck)} target weight(s) have received none while every other target's mask is fixed: "
                 f"{names}. The loss does not depend on them (e.g. an unused pooler), so their masks can never be "
                 f"scored. Exclude them with target_modules, or pass calibration= batches whose loss uses them"
@@ -179,17 +187,15 @@ class StepHooks:
         if self._warned_no_gradient:
             return
         self._warned_no_gradient = True
-        why = "the loss does not depend on them (e.g. an unused pooler or head)"
-        if self.mode != "dense":
-            why += f", or their module's weight is read without calling the module, which mode={self.mode!r} cannot see"
+        why = "the loss does not depend on them (e.g. an unused pooler or head)" + self.mode.unseen_why.format(mode=self.mode.name)
         warnings.warn(
             f"shira_hooks: {len(missing)} of {len(mine)} target weights received no gradient in the backward passes so "
             f"far while the others did: {names}. They do not train: {why}. Exclude them with target_modules"
-            + (", or use mode='dense'" if self.mode != "dense" else ""),
+            + self.mode.unseen_fix,
             stacklevel=4,
         )
 
-    def _check_optimizer_state(self, optimizer: torch.optim.Optimizer, targets: list[Target]) -> None:
+    def check_optimizer_state(self, optimizer: torch.optim.Optimizer, targets: list[Target]) -> None:
         """Refuse optimizer state that is nonzero outside a mask (built before attach): it would move those entries.
 
         Checked once per optimizer state (``load_state_dict`` makes a new one), when every target's
@@ -199,7 +205,7 @@ class StepHooks:
         if self._checked_state.get(optimizer) == id(state):
             return
         for t in targets:
-            found = t.state_outside_mask(state.get(t.param) or {}) if t.indices is not None else None
+            found = t.mode.optimizer_state_problem(t, state.get(t.param) or {}) if t.indices is not None else None
             if found:
                 raise ShiraError(
                     f"{type(optimizer).__name__} has state '{found[0]}' for target weight '{t.name}' that is nonzero at "
@@ -210,7 +216,3 @@ class StepHooks:
         if all(t.indices is not None for t in targets):
             self._checked_state[optimizer] = id(state)
 
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit for bit (-0.0 is not 0.0, NaN equals the same NaN); both contiguous, of one dtype and shape."""
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

@@ -10,20 +10,143 @@ tensor of the handle is ever on the wrong device at use time.
 Under FSDP2 the weight, its gradient and its optimizer state are ``DTensor``s sharded by rows
 (``distributed``): ``storage(tensor)`` then addresses this rank's shard and the mask's indices in its
 rows, while ``current()`` and ``restored()`` gather the full weight (collectives).
+
+How the masked entries train is the target's ``mode``, an object of one of the classes in ``modes``
+(``Dense``, ``Compact``, ``Sparse``) that follows the ``Mode`` protocol below. The protocol lives here,
+beside the ``Target`` that holds a mode, so that the modes import this module and not the other way round.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Iterable, Protocol
 
 import torch
 from torch import nn
 
-from .. import distributed
+from .. import distributed, masks
 from .._base import check_dense, digest, is_dense, layout_key, storage_flat, storage_index
 from ..errors import ShiraError
-from . import compact
+
+# The fix, in every message that refuses a replaced target weight or mode parameter (``follow``, the modes).
+REPLACED_FIX = (
+    "Fix: load into the attached parameters instead of replacing them (load_state_dict without assign=True, or "
+    "param.copy_(...) under torch.no_grad()), or detach() the handle first and attach again afterwards "
+    "(save_state() / load_state() keep the masks)"
+)
+
+
+def describe(param: torch.Tensor | None) -> str:
+    """A parameter for a message: its type, shape, dtype and device."""
+    if param is None:
+        return "None"
+    return f"a {type(param).__name__} of shape {tuple(param.shape)}, {str(param.dtype).removeprefix('torch.')}, on {param.device}"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What ``attach`` knows of one target layer, for ``Mode.check_layer``.
+
+    Attributes:
+        name: the weight's parameter name; module_name: the layer's name in the model.
+        module: the layer; weight: its weight.
+        shared_by: how many modules of the model hold this weight (tied weights: more than one).
+        read_directly: the layer's parent reads its weight without calling it (``nn.MultiheadAttention``'s
+            ``out_proj``).
+    """
+
+    name: str
+    module_name: str
+    module: nn.Module
+    weight: nn.Parameter
+    shared_by: int
+    read_directly: bool
+
+
+class Mode(Protocol):
+    """How the masked entries of one target weight train: ``attach(mode=...)``, one class per mode in ``modes``.
+
+    Each ``Target`` holds one mode object (``target.mode``). Until its mode is installed (``install``, after
+    the masks are fixed) and after ``detach``, a target holds a ``modes.Dense()``: calibration scores the
+    dense gradient. The class-level part runs at ``attach``; the object's methods take the target they
+    belong to. A mode may own trainable tensors of its own (the k ``shira_values`` of the compact modes; a
+    trainable magnitude for a DoRA variant): ``trained`` names them for the step hooks, ``follow_own`` and
+    ``adopt`` carry them through replacements and ``fully_shard``, ``state``/``check_state``/``load`` through
+    the handle's resumable state.
+    """
+
+    name: ClassVar[str]  # the value of attach(mode=...)
+    weight_trains: ClassVar[bool]  # the weight itself gets a (masked) dense gradient and optimizer state
+    # For the warnings of the step hooks: what has requires_grad=False when a target cannot train ("they"
+    # / "their 'shira_values'"), the word for it in the fix, and what else may keep a gradient away.
+    frozen_words: ClassVar[tuple[str, str]]
+    unseen_why: ClassVar[str]
+    unseen_fix: ClassVar[str]
+
+    @classmethod
+    def check_attach(cls, mask: str | masks.MaskFn, kind: masks.MaskKind, calibration: Iterable | None) -> None:
+        """Refuse, at ``attach``, a mask this mode cannot train (raises ``ShiraError``)."""
+
+    @classmethod
+    def check_layer(cls, layer: Layer) -> None:
+        """Refuse, at ``attach``, a target layer this mode cannot train (raises ``ShiraError``)."""
+
+    @classmethod
+    def install(cls, targets: list["Target"], model: nn.Module) -> None:
+        """Give every target (masks fixed) a mode object of this class and register what it needs."""
+
+    def uninstall(self, target: "Target") -> None:
+        """Undo ``install`` for ``target``: its weight holds the trained entries, nothing of the mode stays."""
+
+    def trained(self, target: "Target") -> tuple[nn.Parameter, ...]:
+        """The parameters an optimizer must hold to train ``target``."""
+
+    def held_by(self, target: "Target", members: dict[int, Any] | set[int]) -> bool:
+        """Whether an optimizer with these parameter ids holds ``target``'s weight or a tensor of its mode."""
+
+    def frozen(self, target: "Target") -> bool:
+        """Whether something set ``requires_grad=False`` on a tensor that trains (so nothing does)."""
+
+    def flag_changed(self, target: "Target") -> bool:
+        """Whether other code changed a trained tensor's flag since the handle set it (``detach``)."""
+
+    def got_gradient(self, target: "Target") -> bool:
+        """Whether a gradient for ``target`` arrived since ``attach``."""
+
+    def optimizer_state_problem(self, target: "Target", state: dict) -> tuple[str, int] | None:
+        """(key, entries) of optimizer state that would move entries outside the mask, or None."""
+
+    def before_step(self, target: "Target", optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> bool:
+        """Before a step of ``optimizer`` that holds the target: whether the step uses the weight's masked
+        dense gradient (the weight-decay guard then decays its masked entries)."""
+
+    def step_changed(self, optimizer: torch.optim.Optimizer, members: set[int]) -> bool | None:
+        """After the step: whether it changed the mode's tensors (None: the mode took no part in it)."""
+
+    def sharded(self) -> torch.Tensor | None:
+        """A tensor of the mode sharded by FSDP2 (a DTensor), over whose mesh the ranks agree on which layers a
+        step changed (writing them is a collective), or None."""
+
+    def write(self, target: "Target") -> None:
+        """Make the weight hold the mode's trained entries now (a collective under FSDP2)."""
+
+    def follow_own(self, target: "Target", verb: str | None) -> None:
+        """Follow (or refuse) replacements of the parameters the mode registered on the layer."""
+
+    def adopt(self, target: "Target", weight: nn.Parameter) -> None:
+        """``fully_shard`` replaced the weight (and the layer's other parameters) with DTensors: follow them."""
+
+    def weight_replaced(self, target: "Target", old: nn.Parameter, new: nn.Parameter) -> None:
+        """User code put ``new`` (holding the base outside the mask) in place of the weight ``old``."""
+
+    def state(self, target: "Target") -> dict[str, torch.Tensor]:
+        """Tensors of the mode to keep in the handle's resumable state (besides indices and originals)."""
+
+    def check_state(self, target: "Target", entry: dict[str, Any]) -> None:
+        """Refuse a state entry this mode cannot load (raises ``ShiraError``), before anything changes."""
+
+    def load(self, target: "Target", entry: dict[str, Any]) -> None:
+        """Take the mask (and tensors) of a loaded state entry; ``target`` already holds its indices."""
 
 
 @dataclass(eq=False)
@@ -36,16 +159,13 @@ class Target:
     budget: int  # k, the number of trainable entries
     base_digest: str  # digest of the whole base weight (logical order), for verify()
     base_dtype: torch.dtype  # the dtype the base digest and originals refer to
+    mode: Mode  # how the masked entries train (``modes``)
     indices: torch.Tensor | None = None  # (k,) sorted logical flat indices on the CPU; None while calibrating
     originals: torch.Tensor | None = None  # (k,) base values at indices, the weight's dtype and device
-    scores: torch.Tensor | None = None  # (numel,) float32 calibration buffer, logical order
-    pass_grad: torch.Tensor | None = None  # eager calibration under torch.distributed: this pass's gradient, until averaged
-    backward_passes: int = 0
     # The mask was fixed in the last backward pass and no masked gradient has arrived since: whatever
     # .grad holds (a DDP reducer writes the averaged dense gradient back after our hook) is calibration.
     fresh: bool = False
-    grad_seen: bool = False  # a gradient (dense, or of shira_values) arrived since attach
-    plan: compact.Plan | None = None  # mode="compact"/"sparse": the k-length parameter and its hooks
+    grad_seen: bool = False  # a dense gradient of the weight arrived since attach
     attr: str = "weight"  # the parameter's attribute name in ``module`` (FSDP2 puts a new object there)
     grad_hook: Any = None  # the post-accumulate-grad hook handle on ``param`` (also in the handle's list)
     replaced: list = field(default_factory=list)  # weak references to parameters this target followed away from
@@ -54,7 +174,13 @@ class Target:
     def __getstate__(self) -> dict:
         """For a copy or a pickle of the model: the gradient hook is registered again on the copy's parameter
         (``ShiraHandle.__setstate__``); weak references and per-device caches are not carried."""
-        return {**self.__dict__, "grad_hook": None, "pass_grad": None, "replaced": [], "_positions": {}}
+        return {**self.__dict__, "grad_hook": None, "replaced": [], "_positions": {}}
+
+    def rebind(self, param: nn.Parameter) -> None:
+        """Train ``param``, the parameter now in the module in place of ``self.param`` (same shape, the mask's
+        positions are taken again for its layout)."""
+        self.param = param
+        self._positions.clear()
 
     def hook_gradient(self, hook: Any) -> Any:
         """Register ``hook`` as ``param``'s post-accumulate-grad hook (also when its ``requires_grad`` is False
@@ -90,7 +216,6 @@ class Target:
         self.indices = indices.cpu()
         self._positions.clear()
         self.budget = indices.numel()
-        self.scores, self.pass_grad = None, None
         self.originals = self.current() if originals is None else originals.to(self.param.device)
 
     def current(self) -> torch.Tensor:
@@ -119,9 +244,7 @@ class Target:
         """
         weight = self.param.detach()
         check_dense(distributed.local(weight), f"target weight '{self.name}'")
-        if self.originals is None:
-            if self.scores is not None and self.scores.device != weight.device:
-                self.scores = self.scores.to(weight.device)
+        if self.originals is None:  # calibrating (its scores follow the gradients' device: calibration)
             if self.base_dtype != weight.dtype:
                 self.base_digest, self.base_dtype = digest(weight, 16), weight.dtype
             return
