@@ -12,8 +12,8 @@ from torch import nn
 
 import shira_hooks
 import shira_hooks._testing
-from shira_hooks import AdapterBank, ShiraError, SparseAdapter, SparseDelta, apply, fuse, overlap
-from shira_hooks import digest
+from shira_hooks import AdapterBank, ShiraError, SparseAdapter, SparseDelta, apply, digest, fuse, overlap
+
 from conftest import changed_entries, llama_batches, make_llama, make_mlp, snapshot
 
 
