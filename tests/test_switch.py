@@ -174,6 +174,21 @@ def test_strict_false_skips_missing_modules():
     handle.remove()
 
 
+def test_a_target_parameter_set_to_none_after_a_planned_switch_is_missing():
+    """A switch plan cached by an earlier apply does not hide a target parameter set to None (and freed)."""
+    model = make_mlp()
+    adapter = _random_adapter(model, 1)
+    apply(model, adapter).remove()  # the whole-model switch plan is cached
+    name = next(iter(adapter.deltas))
+    model.get_submodule(name.rpartition(".")[0]).weight = None  # the old Parameter is freed
+    gc.collect()
+    with pytest.raises(ShiraError, match=f"adapter module '{name}' is not a parameter of the model"):
+        apply(model, adapter)
+    handle = apply(model, adapter, strict=False)
+    assert handle.skipped == [name]
+    handle.remove()
+
+
 def test_base_changed_by_someone_else_is_detected():
     model = make_llama()
     adapter = _random_adapter(model, 1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import operator
 import weakref
+from itertools import repeat
 from typing import cast
 
 import torch
@@ -273,11 +274,16 @@ class SwitchPlan:
         if not all(tuple(map(id, children.values())) == ids for children, ids in self.edges):
             self.restructured = True  # the module tree changed on the way to a target: every plan of the model is stale
             return None
-        params = [get(leaf) for get, leaf in self.getters]
+        found = [get(leaf) for get, leaf in self.getters]
         if tuple(map(id, adapter.deltas.values())) != self.sources:  # a delta replaced, added or removed
             return None
-        same = all(map(operator.is_, params, map(_call, self.refs)))  # the same Parameter objects
-        return params if same and self._unchanged(params) else None
+        if not all(map(operator.is_, found, map(_call, self.refs))):  # the same Parameter objects
+            return None
+        # None is None: a parameter set to None whose old object was freed (the checks then say it is missing)
+        if any(map(operator.is_, found, repeat(None))):
+            return None
+        params = cast("list[nn.Parameter]", found)  # none is None (checked above)
+        return params if self._unchanged(params) else None
 
     def current(self) -> list[nn.Parameter] | None:
         """For ``remove``: the parameters ``apply`` wrote to, if each still has the storage it wrote to; else None.
