@@ -13,6 +13,7 @@ import torch
 import shira_hooks
 from shira_hooks import ShiraError, SparseAdapter
 from shira_hooks.format import hub as _hub
+
 from conftest import make_mlp, mlp_batches, mlp_steps
 
 FILES = ["README.md", "shira_adapter.safetensors", "shira_config.json"]
