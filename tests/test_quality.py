@@ -1,10 +1,15 @@
-"""benchmarks/quality: the whole pipeline on tiny sizes (--quick), its resumability, and the LM scoring shortcut."""
+"""benchmarks/quality: the whole pipeline on tiny sizes (--quick), its resumability, the LM scoring shortcut, and the
+report's statistics (bootstrap intervals, the paired sign-flip test) on data whose answer is known."""
 
+import argparse
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,10 +34,44 @@ def check_outcomes(correct: str, accuracy: float, rows: int) -> None:
     assert len(correct) == rows and set(correct) <= {"0", "1"} and correct.count("1") / rows == accuracy
 
 
+def switch_times_json(path: Path) -> dict:
+    """A ``switch_model.py`` JSON from real switches: its own workers time the float32 shira_hooks switch, packed
+    and per weight, at blocks 1, 4, 8 and 16 on 2 layers, in this process (``switch_model.py --quick`` leaves
+    block 1 out and starts a dozen processes)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import switch_model
+
+    from shira_hooks.tools import machine
+
+    args = argparse.Namespace(threads=1, layers=2, sparsity=0.01, llama=False, warmup=1, repeats=3, budget=0.2)
+    threads = torch.get_num_threads()
+    try:
+        cases = [c for c in switch_model.cases(False, False, [1, 4, 8, 16]) if c["dtype"] == "float32" and c["method"] in ("shira", "shira_packed")]
+        results = {c["key"]: switch_model.summarize([switch_model.worker(c, args)["samples"]]) for c in cases}
+    finally:
+        torch.set_num_threads(threads)  # the worker sets the thread count of this process
+    saved = {"command": "switch_model.worker at 2 layers (tests/test_quality.py)", "machine": machine(), "layers": 2, "targets": 2 * 7,
+             "sparsity": 0.01, "llama": False, "load_before": "-", "load_after": "-", "cases": cases, "results": results}
+    path.write_text(json.dumps(saved))
+    return saved
+
+
+# "61.3 ± 2.1 [57.9, 64.6]", "61.3 [55.8, 66.8]" (one seed), "+1.6 [-2.1, +5.3]" (a paired difference): mean and interval
+INTERVAL = re.compile(r"([-+]?\d+\.\d)(?: ± \d+\.\d)? \[([-+]?\d+\.\d), ([-+]?\d+\.\d)\]")
+
+
 def test_quality_quick_runs_the_whole_pipeline_and_resumes(tmp_path):
     pytest.importorskip("matplotlib")
-    run_quick(tmp_path, "--lazy-test", "--method-seeds", *(f"{m}={n}" for m, n in FEWER.items()))
+    switch = switch_times_json(tmp_path / "switch_model.json")
+    run_quick(tmp_path, "--lazy-test", "--method-seeds", *(f"{m}={n}" for m, n in FEWER.items()), "--switch-times", str(tmp_path / "switch_model.json"))
     results = json.loads((tmp_path / "out" / "results.json").read_text())
+    # the switch times travel into results.json with the run's command and machine: the report reads no other file
+    copied = results["switch_times"]
+    assert copied["command"] == switch["command"] and copied["machine"] == switch["machine"] and copied["layers"] == 2
+    assert sorted(copied["blocks"], key=int) == ["1", "4", "8", "16"]
+    for block, times in copied["blocks"].items():
+        for which, method in (("packed", "shira_packed"), ("per_weight", "shira")):
+            assert times[which] == {k: switch["results"][f"float32/{method}/b{block}/unset"][k] for k in ("median", "min", "max", "n")}
     for kind in ("encoder", "lm"):
         r = results["models"][kind]
         seeds_of = {m: r["seeds"][: FEWER.get(m, len(r["seeds"]))] for m in METHODS}
@@ -69,7 +108,25 @@ def test_quality_quick_runs_the_whole_pipeline_and_resumes(tmp_path):
     for heading in ("### 1. Single adapters", "### 2. Multi-adapter fusion", "### 3. Weights changed", "### 4. Training cost", "### 5. The paper's claims"):
         assert text.count(heading) == 2
     assert (tmp_path / "out" / "quality.png").read_bytes()[:4] == b"\x89PNG"
-    assert "- Blocks: shira_hooks rand block=16 single-task average" in text and "| PEFT DoRA |" in text
+    assert "| PEFT DoRA |" in text
+    assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # every interval shown (cells, drops, paired differences) contains its mean
+    shown = INTERVAL.findall(text)
+    assert len(shown) > 200 and all(float(low) <= float(mean) <= float(high) for mean, low, high in shown)
+    # the claims: judged by the paired test over 2 seeds x 3 tasks x 12 test examples, or marked not judged with one seed
+    for method in ("shira_hooks wm", "PEFT SHiRA (rand)", "shira_hooks snip block=16"):
+        line = next(x for x in text.splitlines() if x.startswith(f"- Single tasks, {method} vs PEFT LoRA: "))
+        assert INTERVAL.search(line) and re.search(r"p = [\d.e-]+ \(2 seeds x 36 test examples\): (no significant difference|above|below)", line)
+    line = next(x for x in text.splitlines() if x.startswith("- Single tasks, shira_hooks rand block=4 vs PEFT LoRA: "))
+    assert "(1 seed x 36 test examples): not judged, one seed" in line
+    assert text.count("- Fusion drop, shira_hooks wm vs PEFT LoRA: ") == 2 and text.count("- Weights changed by fusion, shira_hooks rand vs PEFT LoRA: ") == 2
+    assert text.count("- **SHiRA-DoRA vs DoRA**: no `shira_<mask>_dora` rows") == 2
+    # the block-size table: every block size of both masks, with its switch times
+    assert text.count("### 6. Block size: accuracy against switch time") == 2
+    for mask in ("rand", "snip"):
+        for block in (1, 4, 8, 16):
+            packed = copied["blocks"][str(block)]["packed"]
+            assert text.count(f"| {mask} | {block} | ") == 2 and text.count(f"| {1e3 * packed['median']:.1f} ({1e3 * packed['min']:.1f}-") >= 2
     assert text.count("- Seeds: 2; 1 for shira_hooks rand block=4, shira_hooks snip block=8 (") == 2
     # a rerun retrains no cached cell: here it trains only shira_rand_b4's second seed (no longer limited to one),
     # and the test and fusion stages take it up
@@ -82,6 +139,7 @@ def test_quality_quick_runs_the_whole_pipeline_and_resumes(tmp_path):
     assert [line.split()[1:4] for line in again.splitlines() if " fused " in line] == [["fused", "shira_rand_b4", "seed=1"]] * 2
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {f["seed"] for f in results["models"]["lm"]["fusion"] if f["method"] == "shira_rand_b4"} == {0, 1}
+    assert results["switch_times"] == copied  # kept by a run without --switch-times
     # one method added to the finished results (--merge), at a given rate (--lr), in a fresh cache: nothing else retrained
     added = subprocess.run(
         [sys.executable, str(QUALITY / "run.py"), "--quick", "--models", "encoder", "--methods", "shira_rand_b16", "--lr", "shira_rand_b16=0.03",
@@ -91,6 +149,7 @@ def test_quality_quick_runs_the_whole_pipeline_and_resumes(tmp_path):
     assert " head " not in added and " lora " not in added and added.count(" val ") == len(quick_encoder["seeds"]) * len(quick_encoder["tasks"])
     merged = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert merged["models"]["lm"] == results["models"]["lm"]
+    assert merged["switch_times"] == copied
     encoder, before = merged["models"]["encoder"], results["models"]["encoder"]
     assert encoder["chosen_lr"] == {**before["chosen_lr"], "shira_rand_b16": 0.03} and encoder["fixed_lr"] == {"shira_rand_b16": 0.03}
     assert [c for c in encoder["cells"] if c["method"] != "shira_rand_b16"] == [c for c in before["cells"] if c["method"] != "shira_rand_b16"]
@@ -157,3 +216,68 @@ def test_lm_option_scores_equal_full_sequence_scoring():
         logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         full = (logp * (targets != -100)).sum(1)
         torch.testing.assert_close(backend.option_scores(model, row), full, atol=1e-5, rtol=0)
+
+
+def quality_stats():
+    sys.path[:0] = [str(QUALITY)]
+    import stats
+
+    return stats
+
+
+def test_bootstrap_interval_on_known_data():
+    stats = quality_stats()
+    rng = np.random.default_rng(0)
+    coin = rng.permutation(np.repeat([0, 1], 200))[None]  # one seed, 400 examples, 50% right
+    interval = stats.bootstrap([coin])
+    # the binomial standard error sqrt(0.25 / 400) = 0.025: a 95% interval of about +-0.049 around 0.5
+    assert interval.mean == 0.5 and interval.contains(0.5) and 0.04 < (interval.high - interval.low) / 2 < 0.06
+    # seeds share the test examples: 3 seeds that agree on every example are as uncertain as one
+    assert stats.bootstrap([np.repeat(coin, 3, axis=0)]) == interval
+    # tasks weigh equally whatever their size; each task's examples are resampled on their own
+    both = stats.bootstrap([coin, np.ones((1, 50))])
+    assert both.mean == 0.75 and both.high - both.low == pytest.approx((interval.high - interval.low) / 2, rel=0.2)
+    with pytest.raises(ValueError, match=r"\(seeds, examples\) array .* got shape \(3,\)"):
+        stats.bootstrap([np.ones(3)])
+
+
+def test_paired_sign_flip_test_on_known_answers():
+    stats = quality_stats()
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 2, size=(3, 300))
+    same = stats.paired([a], [a.copy()])  # identical methods: no difference, p = 1
+    assert same.p == 1.0 and same.interval.contains(0.0) and (same.seeds, same.examples) == (3, 300)
+    always = stats.paired([np.ones((3, 300))], [np.zeros((3, 300))])  # right wherever the other is wrong
+    assert always.p == 1 / (stats.FLIPS + 1) and always.interval.low == always.interval.high == 1.0
+    # exact: 3 examples differ, all one way: 2 of the 2^3 sign patterns are as extreme; 2 one way and 1 the other: all 8
+    b = a.copy()
+    a[:, :3] = 1
+    b[:, :3] = 0
+    assert stats.paired([a], [b]).p == 0.25
+    b[:, 2] = 1
+    a[:, 2] = 0
+    assert stats.paired([a], [b]).p == 1.0
+    # 30 examples one way, 20 the other (equal weights): the two-sided binomial test, P(|X - 25| >= 5) for X ~ Bin(50, 1/2)
+    first, second = np.zeros((2, 300)), np.zeros((2, 300))
+    first[:, :30] = 1
+    second[:, 30:50] = 1
+    exact = sum(math.comb(50, k) for k in range(51) if abs(k - 25) >= 5) / 2**50
+    assert abs(stats.paired([first], [second]).p - exact) < 0.02
+    # the difference of seeds that disagree is their average: one seed +1, the other 0 on 60 examples -> +0.1
+    first, second = np.zeros((2, 300)), np.zeros((2, 300))
+    first[0, :60] = 1
+    result = stats.paired([first], [second])
+    assert result.interval.mean == pytest.approx(0.1) and result.interval.low > 0 and result.p < 0.01
+    with pytest.raises(ValueError, match="paired data need the same tasks, seeds and examples"):
+        stats.paired([first], [second[:1]])
+
+
+def test_switch_times_refuses_a_file_without_them(tmp_path):
+    sys.path[:0] = [str(QUALITY), str(ROOT)]
+    import blocks
+
+    (tmp_path / "bench.json").write_text(json.dumps({"results": {"float32/addmm/b1/unset": {"median": 0.1, "min": 0.1, "max": 0.1, "n": 3}}}))
+    with pytest.raises(SystemExit, match=r"bench.json: no float32 shira_hooks switch times in it .* --blocks 1 4 8 16 --json PATH"):
+        blocks.read_switch_times(tmp_path / "bench.json")
+    with pytest.raises(SystemExit, match=r"missing.json: cannot read it as JSON"):
+        blocks.read_switch_times(tmp_path / "missing.json")

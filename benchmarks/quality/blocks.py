@@ -14,7 +14,7 @@ from pathlib import Path
 import evidence as E
 import stats
 from claims import judge, p_text, points
-from methods import BLOCK_MASKS, LABELS
+from methods import BLOCK_MASKS
 
 KEY = re.compile(r"float32/(shira|shira_packed)/b(\d+)/unset")
 SWITCHES = {"shira_packed": "packed", "shira": "per_weight"}  # switch_model's method -> the name stored here
@@ -99,7 +99,7 @@ def section(r: dict, switch: dict | None) -> list[str]:
                       f"{switch.get('sparsity')} of each weight) on the {switch.get('targets')} target weights of SmolLM2-135M's config "
                       f"({switch.get('layers')} layers), float32, median (min-max) ms; packed: after `shira_hooks.pack` (one write per "
                       f"arena), per weight: one write per weight. From `{switch.get('command')}` on {machine.get('cpu', '?')} "
-                      f"({machine.get('torch_threads', '?')} threads, load {switch.get('load_before')} before), copied into "
+                      f"(torch threads {machine.get('torch_threads', '?')}, load average {switch.get('load_before')} before), copied into "
                       f"results.json by `run.py --switch-times`. Figure: `pareto.png`."]
     else:
         lines += ["", "No switch times in results.json: add them with `run.py --stages report --switch-times SWITCH_MODEL.json`."]
@@ -128,7 +128,7 @@ def pareto(results: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
-    for ax, (kind, r) in zip(axes[0], models):
+    for ax, (_, r) in zip(axes[0], models):
         for color, mask in zip(("tab:blue", "tab:orange"), BLOCK_MASKS):
             for style, what, series in (("-", "single task", E.per_seed_average), ("--", "fused", E.fused_average)):
                 points_ = []

@@ -34,7 +34,7 @@ def judge(comparison: E.Comparison | None, why: str, above: str, below: str) -> 
         return f"not tested: {why}", "not judged"
     paired = comparison.paired
     interval = paired.interval
-    text = (f"difference {points(interval.mean)} points [{points(interval.low)}, {points(interval.high)}], {p_text(paired.p)} "
+    text = (f"difference {points(interval.mean)} [{points(interval.low)}, {points(interval.high)}] points, {p_text(paired.p)} "
             f"({paired.seeds} seed{'s' if paired.seeds > 1 else ''} x {paired.examples} test examples)")
     if paired.seeds < 2:
         return text + ": not judged, one seed (the test covers the test examples, not the spread of training runs)", "not judged"

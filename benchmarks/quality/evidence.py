@@ -12,7 +12,6 @@ import statistics
 from dataclasses import dataclass
 
 import numpy as np
-
 import stats
 
 KINDS = ("single", "fused", "drop")

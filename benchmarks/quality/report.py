@@ -14,8 +14,19 @@ from pathlib import Path
 import blocks
 import stats
 from claims import claims
-from evidence import (average_groups, drops, final_cells, fused, fused_average, fused_task_groups, mean_std, pct, per_seed_average, task_groups,
-                      with_interval)
+from evidence import (
+    average_groups,
+    drops,
+    final_cells,
+    fused,
+    fused_average,
+    fused_task_groups,
+    mean_std,
+    pct,
+    per_seed_average,
+    task_groups,
+    with_interval,
+)
 from methods import LABELS, METHODS
 
 from shira_hooks.tools import atomic_write, report_header
