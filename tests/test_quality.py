@@ -1,11 +1,16 @@
-"""benchmarks/quality: the whole pipeline on tiny sizes (--quick), its resumability, and the LM scoring shortcut."""
+"""benchmarks/quality: the whole pipeline on tiny sizes (--quick), its resumability, the LM scoring shortcut, and the
+report's statistics (bootstrap intervals, the paired sign-flip test) on data whose answer is known."""
 
+import argparse
 import json
+import math
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,6 +35,32 @@ def check_outcomes(correct: str, accuracy: float, rows: int) -> None:
     assert len(correct) == rows and set(correct) <= {"0", "1"} and correct.count("1") / rows == accuracy
 
 
+def switch_times_json(path: Path) -> dict:
+    """A ``switch_model.py`` JSON from real switches: its own workers time the float32 shira_hooks switch, packed
+    and per weight, at blocks 1, 4, 8 and 16 on 2 layers, in this process (``switch_model.py --quick`` leaves
+    block 1 out and starts a dozen processes)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import switch_model
+
+    from shira_hooks.tools import machine
+
+    args = argparse.Namespace(threads=1, layers=2, sparsity=0.01, llama=False, warmup=1, repeats=3, budget=0.2)
+    threads = torch.get_num_threads()
+    try:
+        cases = [c for c in switch_model.cases(False, False, [1, 4, 8, 16]) if c["dtype"] == "float32" and c["method"] in ("shira", "shira_packed")]
+        results = {c["key"]: switch_model.summarize([switch_model.worker(c, args)["samples"]]) for c in cases}
+    finally:
+        torch.set_num_threads(threads)  # the worker sets the thread count of this process
+    saved = {"command": "switch_model.worker at 2 layers (tests/test_quality.py)", "machine": machine(), "layers": 2, "targets": 2 * 7,
+             "sparsity": 0.01, "llama": False, "load_before": "-", "load_after": "-", "cases": cases, "results": results}
+    path.write_text(json.dumps(saved))
+    return saved
+
+
+# "61.3 ± 2.1 [57.9, 64.6]", "61.3 [55.8, 66.8]" (one seed), "+1.6 [-2.1, +5.3]" (a paired difference): mean and interval
+INTERVAL = re.compile(r"([-+]?\d+\.\d)(?: ± \d+\.\d)? \[([-+]?\d+\.\d), ([-+]?\d+\.\d)\]")
+
+
 @dataclass
 class QuickRun:
     """The first --quick run of the whole pipeline: its results and report, read before the reruns change them."""
@@ -38,15 +69,17 @@ class QuickRun:
     results: dict
     report: str  # RESULTS.md
     plot: bytes  # quality.png
+    switch: dict  # the switch_model JSON given to --switch-times
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> QuickRun:
     pytest.importorskip("matplotlib")
     folder = tmp_path_factory.mktemp("quality")
-    run_quick(folder, "--lazy-test", "--method-seeds", *(f"{m}={n}" for m, n in FEWER.items()))
+    switch = switch_times_json(folder / "switch_model.json")
+    run_quick(folder, "--lazy-test", "--method-seeds", *(f"{m}={n}" for m, n in FEWER.items()), "--switch-times", str(folder / "switch_model.json"))
     out = folder / "out"
-    return QuickRun(folder, json.loads((out / "results.json").read_text()), (out / "RESULTS.md").read_text(), (out / "quality.png").read_bytes())
+    return QuickRun(folder, json.loads((out / "results.json").read_text()), (out / "RESULTS.md").read_text(), (out / "quality.png").read_bytes(), switch)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +160,45 @@ def test_report_has_every_section_per_model_and_the_plot(quick):
     for heading in ("### 1. Single adapters", "### 2. Multi-adapter fusion", "### 3. Weights changed", "### 4. Training cost", "### 5. The paper's claims"):
         assert quick.report.count(heading) == 2
     assert quick.plot[:4] == b"\x89PNG"
-    assert "- Blocks: shira_hooks rand block=16 single-task average" in quick.report and "| PEFT DoRA |" in quick.report
+    assert "| PEFT DoRA |" in quick.report
     assert quick.report.count("- Seeds: 2; 1 for shira_hooks rand block=4, shira_hooks snip block=8 (") == 2
+
+
+def test_switch_times_travel_into_results_json(quick):
+    """With the run's command and machine: the report and the figure read no other file."""
+    copied, switch = quick.results["switch_times"], quick.switch
+    assert copied["command"] == switch["command"] and copied["machine"] == switch["machine"] and copied["layers"] == 2
+    assert sorted(copied["blocks"], key=int) == ["1", "4", "8", "16"]
+    for block, times in copied["blocks"].items():
+        for which, method in (("packed", "shira_packed"), ("per_weight", "shira")):
+            assert times[which] == {k: switch["results"][f"float32/{method}/b{block}/unset"][k] for k in ("median", "min", "max", "n")}
+
+
+def test_every_interval_of_the_report_contains_its_mean(quick):
+    shown = INTERVAL.findall(quick.report)  # cells, drops, paired differences
+    assert len(shown) > 200 and all(float(low) <= float(mean) <= float(high) for mean, low, high in shown)
+
+
+def test_claims_are_judged_by_the_paired_test_or_marked_not_judged(quick):
+    """Over 2 seeds x 3 tasks x 12 test examples; a method with one seed is not judged."""
+    text = quick.report
+    for method in ("shira_hooks wm", "PEFT SHiRA (rand)", "shira_hooks snip block=16"):
+        line = next(x for x in text.splitlines() if x.startswith(f"- Single tasks, {method} vs PEFT LoRA: "))
+        assert INTERVAL.search(line) and re.search(r"p = [\d.e-]+ \(2 seeds x 36 test examples\): (no significant difference|above|below)", line)
+    line = next(x for x in text.splitlines() if x.startswith("- Single tasks, shira_hooks rand block=4 vs PEFT LoRA: "))
+    assert "(1 seed x 36 test examples): not judged, one seed" in line
+    assert text.count("- Fusion drop, shira_hooks wm vs PEFT LoRA: ") == 2 and text.count("- Weights changed by fusion, shira_hooks rand vs PEFT LoRA: ") == 2
+    assert text.count("- **SHiRA-DoRA vs DoRA**: no `shira_<mask>_dora` rows") == 2
+
+
+def test_block_size_table_and_pareto_figure(quick):
+    text, copied = quick.report, quick.results["switch_times"]
+    assert (quick.folder / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert text.count("### 6. Block size: accuracy against switch time") == 2
+    for mask in ("rand", "snip"):
+        for block in (1, 4, 8, 16):
+            packed = copied["blocks"][str(block)]["packed"]
+            assert text.count(f"| {mask} | {block} | ") == 2 and text.count(f"| {1e3 * packed['median']:.1f} ({1e3 * packed['min']:.1f}-") >= 2
 
 
 def test_a_rerun_trains_only_what_is_not_cached(quick, rerun):
@@ -141,6 +211,7 @@ def test_a_rerun_trains_only_what_is_not_cached(quick, rerun):
     assert tested == [["shira_rand_b4", line[3], "seed=1"] for line in trained]
     assert [line.split()[1:4] for line in again.splitlines() if " fused " in line] == [["fused", "shira_rand_b4", "seed=1"]] * 2
     assert {f["seed"] for f in results["models"]["lm"]["fusion"] if f["method"] == "shira_rand_b4"} == {0, 1}
+    assert results["switch_times"] == quick.results["switch_times"]  # kept by a run without --switch-times
 
 
 def test_merge_adds_one_method_at_a_given_rate_and_retrains_nothing_else(quick, rerun):
@@ -155,6 +226,7 @@ def test_merge_adds_one_method_at_a_given_rate_and_retrains_nothing_else(quick, 
     assert " head " not in added and " lora " not in added and added.count(" val ") == len(quick_encoder["seeds"]) * len(quick_encoder["tasks"])
     merged = json.loads((folder / "out2" / "results.json").read_text())
     assert merged["models"]["lm"] == results["models"]["lm"]
+    assert merged["switch_times"] == quick.results["switch_times"]
     encoder, before = merged["models"]["encoder"], results["models"]["encoder"]
     assert encoder["chosen_lr"] == {**before["chosen_lr"], "shira_rand_b16": 0.03} and encoder["fixed_lr"] == {"shira_rand_b16": 0.03}
     assert [c for c in encoder["cells"] if c["method"] != "shira_rand_b16"] == [c for c in before["cells"] if c["method"] != "shira_rand_b16"]
@@ -221,3 +293,68 @@ def test_lm_option_scores_equal_full_sequence_scoring():
         logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         full = (logp * (targets != -100)).sum(1)
         torch.testing.assert_close(backend.option_scores(model, row), full, atol=1e-5, rtol=0)
+
+
+def quality_stats():
+    sys.path[:0] = [str(QUALITY)]
+    import stats
+
+    return stats
+
+
+def test_bootstrap_interval_on_known_data():
+    stats = quality_stats()
+    rng = np.random.default_rng(0)
+    coin = rng.permutation(np.repeat([0, 1], 200))[None]  # one seed, 400 examples, 50% right
+    interval = stats.bootstrap([coin])
+    # the binomial standard error sqrt(0.25 / 400) = 0.025: a 95% interval of about +-0.049 around 0.5
+    assert interval.mean == 0.5 and interval.contains(0.5) and 0.04 < (interval.high - interval.low) / 2 < 0.06
+    # seeds share the test examples: 3 seeds that agree on every example are as uncertain as one
+    assert stats.bootstrap([np.repeat(coin, 3, axis=0)]) == interval
+    # tasks weigh equally whatever their size; each task's examples are resampled on their own
+    both = stats.bootstrap([coin, np.ones((1, 50))])
+    assert both.mean == 0.75 and both.high - both.low == pytest.approx((interval.high - interval.low) / 2, rel=0.2)
+    with pytest.raises(ValueError, match=r"\(seeds, examples\) array .* got shape \(3,\)"):
+        stats.bootstrap([np.ones(3)])
+
+
+def test_paired_sign_flip_test_on_known_answers():
+    stats = quality_stats()
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 2, size=(3, 300))
+    same = stats.paired([a], [a.copy()])  # identical methods: no difference, p = 1
+    assert same.p == 1.0 and same.interval.contains(0.0) and (same.seeds, same.examples) == (3, 300)
+    always = stats.paired([np.ones((3, 300))], [np.zeros((3, 300))])  # right wherever the other is wrong
+    assert always.p == 1 / (stats.FLIPS + 1) and always.interval.low == always.interval.high == 1.0
+    # exact: 3 examples differ, all one way: 2 of the 2^3 sign patterns are as extreme; 2 one way and 1 the other: all 8
+    b = a.copy()
+    a[:, :3] = 1
+    b[:, :3] = 0
+    assert stats.paired([a], [b]).p == 0.25
+    b[:, 2] = 1
+    a[:, 2] = 0
+    assert stats.paired([a], [b]).p == 1.0
+    # 30 examples one way, 20 the other (equal weights): the two-sided binomial test, P(|X - 25| >= 5) for X ~ Bin(50, 1/2)
+    first, second = np.zeros((2, 300)), np.zeros((2, 300))
+    first[:, :30] = 1
+    second[:, 30:50] = 1
+    exact = sum(math.comb(50, k) for k in range(51) if abs(k - 25) >= 5) / 2**50
+    assert abs(stats.paired([first], [second]).p - exact) < 0.02
+    # the difference of seeds that disagree is their average: one seed +1, the other 0 on 60 examples -> +0.1
+    first, second = np.zeros((2, 300)), np.zeros((2, 300))
+    first[0, :60] = 1
+    result = stats.paired([first], [second])
+    assert result.interval.mean == pytest.approx(0.1) and result.interval.low > 0 and result.p < 0.01
+    with pytest.raises(ValueError, match="paired data need the same tasks, seeds and examples"):
+        stats.paired([first], [second[:1]])
+
+
+def test_switch_times_refuses_a_file_without_them(tmp_path):
+    sys.path[:0] = [str(QUALITY), str(ROOT)]
+    import blocks
+
+    (tmp_path / "bench.json").write_text(json.dumps({"results": {"float32/addmm/b1/unset": {"median": 0.1, "min": 0.1, "max": 0.1, "n": 3}}}))
+    with pytest.raises(SystemExit, match=r"bench.json: no float32 shira_hooks switch times in it .* --blocks 1 4 8 16 --json PATH"):
+        blocks.read_switch_times(tmp_path / "bench.json")
+    with pytest.raises(SystemExit, match=r"missing.json: cannot read it as JSON"):
+        blocks.read_switch_times(tmp_path / "missing.json")

@@ -1,7 +1,9 @@
 """``RESULTS.md`` and the plots of the quality benchmark, generated from ``results.json`` (and ``pilot.json``).
 
 Every number in the report comes from those files; ``discussion.md`` (hand-written, no numbers) is
-appended as the discussion.
+appended as the discussion. The statistics are in ``stats`` (bootstrap intervals, the paired sign-flip test),
+what is read out of results.json in ``evidence``, the claim lines in ``claims``, the block-size table and
+``pareto.png`` in ``blocks``.
 """
 
 from __future__ import annotations
@@ -9,31 +11,28 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from shira_hooks.tools import atomic_write, report_header
-
+import blocks
+import stats
+from claims import claims
+from evidence import (
+    average_groups,
+    drops,
+    final_cells,
+    fused,
+    fused_average,
+    fused_task_groups,
+    mean_std,
+    pct,
+    per_seed_average,
+    task_groups,
+    with_interval,
+)
 from methods import LABELS, METHODS
 
+from shira_hooks.tools import atomic_write, report_header
+
+
 HERE = Path(__file__).resolve().parent
-SHIRA = [m for m in METHODS if m.startswith("shira_")]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def pct(values: list[float]) -> str:
-    if not values:
-        return "-"
-    mean, std = mean_std(values)
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
-
-
-def final_cells(r: dict, method: str, task: str) -> list[dict]:
-    """The tested cells of (method, task) at the chosen learning rate (baselines: all), one per seed."""
-    if method in ("head", "zero_shot"):
-        return [c for c in r["cells"] if c["method"] == method and c["task"] == task and "test" in c]
-    lr = r["chosen_lr"].get(method)
-    return [c for c in r["cells"] if c["method"] == method and c["task"] == task and c["lr"] == lr and "test" in c]
 
 
 def seed_counts(r: dict) -> str:
@@ -48,34 +47,7 @@ def seed_counts(r: dict) -> str:
     return f"{main}" + "".join(f"; {n} for {', '.join(names)}" for n, names in sorted(counts.items()) if n != main)
 
 
-def single(r: dict, method: str) -> dict[str, list[float]]:
-    return {t: [c["test"] for c in final_cells(r, method, t)] for t in r["tasks"]}
-
-
-def per_seed_average(r: dict, method: str) -> list[float]:
-    """Average over tasks, per seed that has every task."""
-    by_seed: dict[int, list[float]] = {}
-    for t in r["tasks"]:
-        for c in final_cells(r, method, t):
-            by_seed.setdefault(c["seed"], []).append(c["test"])
-    return [statistics.fmean(v) for v in by_seed.values() if len(v) == len(r["tasks"])]
-
-
-def fused(r: dict, method: str) -> list[dict]:
-    return [f for f in r["fusion"] if f["method"] == method]
-
-
-def fused_average(r: dict, method: str) -> list[float]:
-    return [statistics.fmean(f["accuracy"].values()) for f in fused(r, method)]
-
-
-def drop(r: dict, method: str) -> float | None:
-    """Mean over seeds of (single-adapter average - fused average), in accuracy points."""
-    d = drops(r, method)
-    return statistics.fmean(d) if d else None
-
-
-def model_section(kind: str, r: dict) -> list[str]:
+def model_section(kind: str, r: dict, switch: dict | None = None) -> list[str]:
     tasks = list(r["tasks"])
     baseline = "head" if kind == "encoder" else "zero_shot"
     s = r["settings"]
@@ -107,17 +79,18 @@ def model_section(kind: str, r: dict) -> list[str]:
     # 1. single adapters
     seeds_text = seed_counts(r)
     spread_text = f", mean ± std over {seeds_text} seeds" if seeds_text.isdigit() else f", mean ± std over seeds ({seeds_text})"
-    lines += ["", "### 1. Single adapters: test accuracy (%)" + (spread_text if len(r["seeds"]) > 1 else ""), "",
+    lines += ["", "### 1. Single adapters: test accuracy (%)" + (spread_text if len(r["seeds"]) > 1 else "") + " [95% interval]", "",
+              f"Intervals: {stats.BOOTSTRAP_TEXT}; they cover the choice of test examples, the ± the spread of training runs. "
+              "A cell without an interval has no per-example outcomes in results.json.", "",
               "| method | trainable entries | " + " | ".join(tasks) + " | average |", "|---|---:|" + "---:|" * (len(tasks) + 1)]
     lines.append("| majority / chance | - | " + " | ".join(f"{100 * r['tasks'][t]['majority']:.1f}" for t in tasks) + " | "
                  + f"{100 * statistics.fmean(r['tasks'][t]['majority'] for t in tasks):.1f} |")
     for method in [baseline] + METHODS:
-        acc = single(r, method)
         entries = sorted({c["entries"] for t in tasks for c in final_cells(r, method, t)})
         if not entries and method != baseline:  # a method this model was not run with (e.g. the block variants on the LM)
             continue
-        lines.append(f"| {LABELS[method]} | {'/'.join(f'{e:,}' for e in entries)} | " + " | ".join(pct(acc[t]) for t in tasks)
-                     + f" | {pct(per_seed_average(r, method))} |")
+        lines.append(f"| {LABELS[method]} | {'/'.join(f'{e:,}' for e in entries)} | " + " | ".join(with_interval([c["test"] for c in final_cells(r, method, t)], task_groups(r, method, t)) for t in tasks)
+                     + f" | {with_interval(per_seed_average(r, method), average_groups(r, method, 'single'))} |")
     counts = {m: c["entries"] for m in ("lora", "shira_rand") for c in final_cells(r, m, tasks[0])[:1]}
     if len(counts) == 2:
         lines += ["", f"PEFT LoRA and PEFT SHiRA train {counts['lora']:,} entries, {100 * (counts['lora'] / counts['shira_rand'] - 1):+.1f}% "
@@ -128,15 +101,17 @@ def model_section(kind: str, r: dict) -> list[str]:
                   f"The {len(tasks)} task adapters summed into one backbone (shira_hooks and PEFT SHiRA: `shira_hooks.fuse`; LoRA: the sum of the "
                   f"{len(tasks)} B @ A products; DoRA: the sum of the {len(tasks)} merged weights' differences from the base)"
                   + (", each task evaluated with its own head" if kind == "encoder" else "")
-                  + ". Drop = single-adapter average minus fused average, in accuracy points, averaged over seeds.", "",
+                  + ". Drop = single-adapter average minus fused average, in accuracy points, averaged over seeds (its interval: the same "
+                  "bootstrap on the per-example single-minus-fused differences). Cells: mean ± seed std [95% interval].", "",
                   "| method | single avg | " + " | ".join(f"fused {t}" for t in tasks) + " | fused avg | drop (points) |", "|---|---:|" + "---:|" * (len(tasks) + 2)]
         for method in METHODS:
             rows = fused(r, method)
             if not rows:
                 continue
-            d = drop(r, method)
-            lines.append(f"| {LABELS[method]} | {pct(per_seed_average(r, method))} | " + " | ".join(pct([f['accuracy'][t] for f in rows]) for t in tasks)
-                         + f" | {pct(fused_average(r, method))} | {'-' if d is None else f'{100 * d:.1f}'} |")
+            lines.append(f"| {LABELS[method]} | {with_interval(per_seed_average(r, method), average_groups(r, method, 'single'))} | "
+                         + " | ".join(with_interval([f["accuracy"][t] for f in rows], fused_task_groups(r, method, t)) for t in tasks)
+                         + f" | {with_interval(fused_average(r, method), average_groups(r, method, 'fused'))} | "
+                         f"{with_interval(drops(r, method), average_groups(r, method, 'drop'))} |")
         # 3. weights changed, overlap
         lines += ["", "### 3. Weights changed in fused mode, and overlap between the task adapters", "",
                   "Changed: entries of the target weights that differ from the base after fusion (bit comparison). Shared: entries adapted "
@@ -159,67 +134,9 @@ def model_section(kind: str, r: dict) -> list[str]:
             vs_t = f"{c['step_median_s'] / lora['step_median_s']:.2f}" if lora else "-"
             vs_m = f"{c['peak_rss_mb'] / lora['peak_rss_mb']:.2f}" if lora else "-"
             lines.append(f"| {LABELS[c['method']]} | {c['entries']:,} | {c['step_median_s']:.3f} | {c['peak_rss_mb']:,.0f} | {vs_t} | {vs_m} |")
-    lines += ["", "### 5. The paper's claims, checked on this model", ""] + claims(r) + [""]
+    lines += ["", "### 5. The paper's claims, checked on this model", ""] + claims(r)
+    lines += blocks.section(r, switch) + [""]
     return lines
-
-
-def verdict(diff: float, noise: float, better: str, worse: str) -> str:
-    """Wording for a difference of means against the seed-to-seed spread of both (0 with one seed)."""
-    if noise and abs(diff) <= noise:
-        return f"within seed noise (±{100 * noise:.1f})"
-    if abs(diff) < 0.0005:
-        return "level"
-    return (better if diff > 0 else worse) + ("" if noise else " (one seed: no noise estimate)")
-
-
-def spread(a: list[float], b: list[float]) -> float:
-    """sqrt(std_a^2 + std_b^2): the seed-to-seed spread of a difference of two per-seed means."""
-    return (mean_std(a)[1] ** 2 + mean_std(b)[1] ** 2) ** 0.5 if len(a) > 1 and len(b) > 1 else 0.0
-
-
-def drops(r: dict, method: str) -> list[float]:
-    """Per seed: single-adapter average minus fused average."""
-    out = []
-    for f in fused(r, method):
-        singles = [c["test"] for t in r["tasks"] for c in final_cells(r, method, t) if c["seed"] == f["seed"]]
-        if len(singles) == len(r["tasks"]):
-            out.append(statistics.fmean(singles) - statistics.fmean(f["accuracy"].values()))
-    return out
-
-
-def against_lora(r: dict, series) -> list[tuple[str, float, float, float]]:
-    """For every SHiRA method with per-seed values ``series(r, method)``: (method, its mean, LoRA's mean,
-    the seed spread of the difference). Empty when LoRA has no values."""
-    lora = series(r, "lora")
-    if not lora:
-        return []
-    return [(m, statistics.fmean(v), statistics.fmean(lora), spread(v, lora)) for m in ["peft_shira"] + SHIRA if (v := series(r, m))]
-
-
-def claims(r: dict) -> list[str]:
-    """Sentences generated from the numbers: does each claim of the paper hold here?"""
-    out = []
-    for method, a, lo, noise in against_lora(r, per_seed_average):
-        v = verdict(a - lo, noise, "above LoRA", "below LoRA")
-        out.append(f"- Single tasks: {LABELS[method]} averages {100 * a:.1f}% vs LoRA {100 * lo:.1f}% ({100 * (a - lo):+.1f} points): {v}.")
-    for method, d, dl, noise in against_lora(r, drops):
-        v = verdict(dl - d, noise, "a smaller drop than LoRA's", "a larger drop than LoRA's")
-        out.append(f"- Fusion: {LABELS[method]} drops {100 * d:.1f} points vs LoRA {100 * dl:.1f}: {v} (paper, LLaMA2-7B: SHiRA-WM 4.4 vs LoRA 11.1).")
-    for method in [m for m in SHIRA if "_b" in m]:  # block masks against the same mask without blocks (issue: within 1 point)
-        plain = method.rsplit("_b", 1)[0]
-        for what, series in (("single-task average", per_seed_average), ("fused average", fused_average)):
-            a, b = series(r, method), series(r, plain)
-            if a and b:
-                diff = statistics.fmean(a) - statistics.fmean(b)
-                v = verdict(diff, spread(a, b), "above the unstructured mask", "below the unstructured mask")
-                out.append(f"- Blocks: {LABELS[method]} {what} {100 * statistics.fmean(a):.1f}% vs {LABELS[plain]} "
-                           f"{100 * statistics.fmean(b):.1f}% ({100 * diff:+.1f} points): {v}.")
-    changed = {m: statistics.fmean(f["changed"] / f["target_weights"] for f in fused(r, m)) for m in METHODS if fused(r, m)}
-    shira = [changed[m] for m in SHIRA if m in changed]
-    if drops(r, "lora") and "lora" in changed and shira:
-        out.append(f"- Fused LoRA changes {100 * changed['lora']:.1f}% of the target weights; fused shira_hooks adapters "
-                   f"{100 * min(shira):.2f}-{100 * max(shira):.2f}% (paper: ~66% for LoRA, 1% for one SHiRA adapter).")
-    return out
 
 
 def pilot_section(pilot: dict, results: dict) -> list[str]:
@@ -271,17 +188,21 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write(results: dict, out: Path, pilot: dict | None = None) -> Path:
+    """RESULTS.md, quality.png and (with switch times and block variants) pareto.png in ``out``, from ``results`` only."""
+    switch = results.get("switch_times")
     lines = report_header("Quality: SHiRA vs LoRA on real pretrained models, single adapters and fusion", results["command"], results["machine"])
-    lines += ["Generated by `benchmarks/quality/run.py` from `results.json`; plot: `quality.png`.", ""]
+    lines += ["Generated by `benchmarks/quality/run.py` from `results.json`; plots: `quality.png`, `pareto.png` (block size against "
+              "switch time).", ""]
     for kind, r in results["models"].items():
-        lines += model_section(kind, r)
+        lines += model_section(kind, r, switch)
     if pilot:
         lines += pilot_section(pilot, results)
     discussion = HERE / "discussion.md"
     if discussion.exists() and out.resolve() == HERE:
         lines += ["## Discussion", "", discussion.read_text().strip(), ""]
     plot(results, out / "quality.png")
+    figures = [out / "quality.png"] + ([out / "pareto.png"] if blocks.pareto(results, out / "pareto.png") else [])
     path = out / "RESULTS.md"
     atomic_write(path, "\n".join(lines).encode())
-    print(f"wrote {path} and {out / 'quality.png'}")
+    print(f"wrote {path} and {', '.join(str(f) for f in figures)}")
     return path

@@ -5,6 +5,7 @@ single adapters and multi-adapter fusion by naive addition (the paper's Tables 2
     python benchmarks/quality/run.py --lazy-test      # grid, seeds, test, fusion, cost, report (resumable)
     benchmarks/quality/long_run.sh                    # the same without cost, in the order of issue 25, logged
     python benchmarks/quality/run.py --quick          # tiny models and tasks, the whole pipeline (tests)
+    python benchmarks/quality/run.py --stages report --switch-times benchmarks/switch_model.json   # once: block-size switch times
 
 Stages (each skips what its cache already holds):
 1. ``grid``: seed 0. Every (method, learning rate) on the first task; each method's rate is the one with
@@ -18,7 +19,12 @@ Stages (each skips what its cache already holds):
    for sparse adapters, the sum of the merged deltas for LoRA and DoRA), each task tested with its own
    head; every seed whose task adapters are all trained.
 4. ``cost``: each method trains a few steps in its own process: median step time and peak RSS.
-5. ``report``: ``benchmarks/quality/RESULTS.md`` and plots, from ``results.json`` only.
+5. ``report``: ``benchmarks/quality/RESULTS.md`` and plots, from ``results.json`` only: cells with seed spread and
+   bootstrap intervals, the paper's claims by paired tests, the block-size table and ``pareto.png``.
+
+``--switch-times PATH`` copies the float32 switch times per block size of a ``benchmarks/switch_model.py
+--blocks 1 4 8 16 --json PATH`` run (with its command and machine) into ``results.json`` as ``switch_times``;
+later runs writing the same ``results.json`` keep that section.
 
 Every cell records its validation and test outcome per example (``val_correct``, ``test_correct``: one
 character per row in split order, "1" right, "0" wrong), its step times and wall time; fusion rows
@@ -49,11 +55,12 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # this folder, then the checkout (run without installing)
+import blocks  # noqa: E402
+import methods as M  # noqa: E402
+import tasks as T  # noqa: E402
 from shira_hooks.masks import CALIBRATED_KINDS  # noqa: E402
 from shira_hooks.tools import atomic_write, command_line, machine  # noqa: E402
 
-import methods as M  # noqa: E402
-import tasks as T  # noqa: E402
 
 CACHE = Path(os.environ.get("SHIRA_HOOKS_CACHE", Path.home() / ".cache" / "shira_hooks")) / "quality"
 # The pilot's candidates per model (``--pilot``); the tasks kept are the three whose LoRA validation
@@ -492,6 +499,8 @@ def merge(fresh: dict, earlier: dict, trained: set[str]) -> dict:
             new[key] = [row for row in old[key] if row["method"] not in trained] + [row for row in new[key] if row["method"] in trained]
         new["chosen_lr"] = {**{m: lr for m, lr in old["chosen_lr"].items() if m not in trained}, **{m: lr for m, lr in new["chosen_lr"].items() if m in trained}}
         new["fixed_lr"] = {m: lr for m, lr in new.get("fixed_lr", {}).items() if m in trained}
+    if "switch_times" in earlier:
+        fresh.setdefault("switch_times", earlier["switch_times"])
     fresh["command"] = f"{earlier['command']}`, then `{fresh['command']}"
     old = earlier["machine"]
     fresh["machine"] = {**fresh["machine"], "rows merged from the earlier run": f"cpu {old.get('cpu')}, torch_threads {old.get('torch_threads')}"}
@@ -522,6 +531,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, help=f"cell cache (default {CACHE})")
     parser.add_argument("--out", type=Path, help="where results.json, RESULTS.md and the plots go (default: this folder; with --quick, the cache)")
     parser.add_argument("--quick", action="store_true", help="tiny models and synthetic tasks: the whole pipeline in seconds")
+    parser.add_argument("--switch-times", type=Path, metavar="SWITCH_MODEL_JSON", help="copy the float32 switch time per block size of "
+                        "`benchmarks/switch_model.py --blocks 1 4 8 16 --json PATH` into results.json (kept by later runs) for the block-size "
+                        "table and pareto.png")
     parser.add_argument("--cost-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for method in dict(args.lr or []) | dict(args.method_seeds or []):
@@ -536,6 +548,8 @@ def main(argv=None) -> int:
         return 0
     import peft  # noqa: F401  (its version goes into the machine line)
     import transformers  # noqa: F401
+
+    switch_times = blocks.read_switch_times(args.switch_times) if args.switch_times else None  # a bad file stops the run before any work
 
     out = args.out or ((args.cache or CACHE) / "quick-report" if args.quick else HERE)
     out.mkdir(parents=True, exist_ok=True)
@@ -563,6 +577,10 @@ def main(argv=None) -> int:
         results["models"][kind] = collect(run)
     if args.merge:
         results = merge(results, json.loads(args.merge.read_text()), set(args.methods or M.METHODS + ["head", "zero_shot"]))
+    earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    if switch_times or "switch_times" in earlier:  # given now, else kept from the results.json this run replaces
+        results["switch_times"] = switch_times or earlier["switch_times"]
+        print(f"switch times per block size from {results['switch_times']['source']}" + ("" if switch_times else " (kept from the earlier results.json)"))
     atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
     if "report" in args.stages:
         import report
