@@ -1,4 +1,4 @@
-"""Every ```python block of README.md runs, so that the snippets a newcomer pastes stay runnable.
+"""Every ```python block of README.md and of the pages in docs/ runs, so that the snippets a newcomer pastes stay runnable.
 
 A block runs as pasted, in a fresh namespace and an empty folder, unless an HTML comment right
 before it says otherwise (invisible on GitHub):
@@ -28,19 +28,21 @@ from shira_hooks._testing import attached_handles
 from conftest import llama_batches, make_llama
 from test_mixed import random_adapter
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # docs/changelog.md is a link to CHANGELOG.md
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<marker>[^\n]*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
 
 
 def readme_blocks() -> list[tuple[str, str | None, str]]:
-    """(id, marker, code) of every python block: id is ``L<line>-<section title>``."""
-    text = README.read_text(encoding="utf-8")
+    """(id, marker, code) of every python block: id is ``<page>-L<line>-<section title>``."""
     blocks = []
-    for match in BLOCK.finditer(text):
-        line = text.count("\n", 0, match.start("code"))  # the line of the fence
-        heading = re.findall(r"^#+ (.+)$", text[: match.start()], re.M)
-        section = re.sub(r"[^A-Za-z0-9]+", "-", heading[-1] if heading else "top").strip("-")[:40]
-        blocks.append((f"L{line}-{section}", match["marker"], match["code"]))
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for match in BLOCK.finditer(text):
+            line = text.count("\n", 0, match.start("code"))  # the line of the fence
+            heading = re.findall(r"^#+ (.+)$", text[: match.start()], re.M)
+            section = re.sub(r"[^A-Za-z0-9]+", "-", heading[-1] if heading else "top").strip("-")[:40]
+            blocks.append((f"{page.stem}-L{line}-{section}", match["marker"], match["code"]))
     return blocks
 
 
@@ -82,13 +84,13 @@ def test_readme_block_runs(marker, code, tmp_path, monkeypatch):
         assert kind is not None, f"unknown readme-test marker {marker!r}; use 'skip (reason)' or 'setup=NAME (what it defines)'"
         if kind[1] == "skip":
             assert kind[3], "a skipped block needs a reason: <!-- readme-test: skip (reason) -->"
-            pytest.skip(f"README block not run: {kind[3]}")
+            pytest.skip(f"documentation block not run: {kind[3]}")
         assert kind[2] in SETUPS, f"no setup {kind[2]!r}; known: {sorted(SETUPS)}"
         namespace.update(SETUPS[kind[2]]())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # transformers' notices about the tiny configs are not the README's
-            exec(compile(code, f"README.md block ({marker or 'as pasted'})", "exec"), namespace)
+            exec(compile(code, f"documentation block ({marker or 'as pasted'})", "exec"), namespace)
     finally:
         for handle in attached_handles():  # a snippet that leaves a handle attached (as a user's training would)
             handle.detach()
@@ -99,4 +101,4 @@ def test_the_readme_has_its_blocks():
     markers = [marker for _, marker, _ in readme_blocks()]
     skipped = [m for m in markers if m is not None and m.startswith("skip")]
     standalone = [m for m in markers if m is None]
-    assert (len(markers), len(standalone), len(skipped)) == (7, 1, 1), markers
+    assert (len(markers), len(standalone), len(skipped)) == (8, 1, 1), markers
