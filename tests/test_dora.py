@@ -1,10 +1,23 @@
-"""SHiRA-DoRA's arithmetic (shira_hooks/train/dora.py) against a dense float64 reference."""
+"""SHiRA-DoRA: its arithmetic (shira_hooks/train/dora.py) against a dense float64 reference, and attach(..., dora=True)
+(shira_hooks/train/modes/dora.py) trained with real optimizers, a Trainer, DDP, copies and resumes."""
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import pickle
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import assert_changes_within_masks, llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, snapshot
+from torch import nn
 
+import shira_hooks
+from shira_hooks import ShiraError, digest
 from shira_hooks.train import dora
 
 
@@ -80,20 +93,6 @@ def test_the_low_rank_variant_matches_a_dense_reference():
 
 
 # ----------------------------------------------------------------------------- attach(..., dora=True)
-import copy  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import pickle  # noqa: E402
-import socket  # noqa: E402
-
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from torch import nn  # noqa: E402
-
-import shira_hooks  # noqa: E402
-from shira_hooks import ShiraError, digest  # noqa: E402
-from conftest import assert_changes_within_masks, llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, snapshot  # noqa: E402
-
 VARIANTS = [("compact", None), ("compact", 3), ("sparse", None), ("sparse", 3)]
 VARIANT_IDS = ["compact", "compact-r3", "sparse", "sparse-r3"]
 DORA_NAMES = {None: ("shira_values", "shira_magnitude"), 3: ("shira_dora_a", "shira_dora_b", "shira_magnitude")}

@@ -41,10 +41,10 @@ def mode_class(name: object, dora: bool = False) -> type[Mode]:
     if dora:
         variant = DORA.get(mode.name)
         if variant is None:
-            names = " or ".join(f"mode={known!r}" for known in DORA)
+            variants = " or ".join(f"mode={known!r}" for known in DORA)
             raise ShiraError(
                 f"dora=True needs the masked entries as parameters of their own, which mode={name!r} does not make; "
-                f"use {names}"
+                f"use {variants}"
             )
         return variant
     return mode

@@ -30,7 +30,8 @@ weight, and by ``adopt`` when ``fully_shard`` comes after attach.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -100,10 +101,11 @@ class DoraCompact(Compact):
                 )
 
     @classmethod
-    def register(cls, target: Target, shared: Any, config: Config) -> "DoraCompact":
+    def register(cls, target: Target, shared: Any, config: Config) -> DoraCompact:
         """Register the layer's DoRA tensors, with the magnitude at V's row norms (so the layer is W0), and its hooks."""
         module, weight = target.module, target.param
         w0 = weight.detach()  # W0: nothing has trained yet
+        assert target.indices is not None and target.originals is not None  # install comes after the masks are fixed
         index = target.indices.to(w0.device, torch.int64)
         rows, cols = index // w0.shape[1], index % w0.shape[1]
         originals = target.originals  # (k,) W0's masked entries, the weight's dtype
@@ -141,14 +143,20 @@ class DoraCompact(Compact):
             self.base_values = self.base_values.to(device)
 
     def effective(self) -> torch.Tensor:
-        """(k,) E, the masked entries the layer computes with, float32 (float64 for a float64 weight), with autograd."""
+        """(k,) E, the masked entries the layer computes with, float32 (float64 for a float64 weight), with autograd.
+
+        Outside autocast: the E the tap differentiates in the forward and the E written into the weight after a
+        step (outside the forward) are the same function of the same tensors, bit for bit.
+        """
         rows = self.mask_rows
-        if self.rank is None:
-            values = self.tensors[VALUES]
-            norms = dora.masked_norms(values, rows, self.base)
-        else:
-            values, norms = dora.low_rank_masked(self.base_values, self.weight, self.tensors[DORA_B], self.tensors[DORA_A], rows, self.mask_cols)
-        return dora.effective(values, self.tensors[MAGNITUDE], rows, norms)
+        with torch.autocast(self.weight.device.type, enabled=False):
+            if self.base is not None:  # rank=None
+                values: torch.Tensor = self.tensors[VALUES]
+                norms = dora.masked_norms(values, rows, self.base)
+            else:
+                assert self.base_values is not None
+                values, norms = dora.low_rank_masked(self.base_values, self.weight, self.tensors[DORA_B], self.tensors[DORA_A], rows, self.mask_cols)
+            return dora.effective(values, self.tensors[MAGNITUDE], rows, norms)
 
     def tap_values(self, module: nn.Module) -> torch.Tensor | None:
         """E with autograd: the tap's (k,) gradient flows through it into the DoRA tensors."""
@@ -207,6 +215,7 @@ class DoraCompact(Compact):
     @torch.no_grad()
     def load(self, target: Target, entry: dict[str, Any]) -> None:
         """Take the loaded mask and DoRA tensors (same parameter objects) and write E into the weight."""
+        assert target.indices is not None and target.originals is not None  # set by load_state_dict before
         self.use_mask(target.indices)
         originals = target.originals
         if self.rank is None:
