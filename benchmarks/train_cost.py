@@ -8,8 +8,9 @@ its three modes (dense hooks, compact, sparse weight-gradients), SHiRA-DoRA over
 (``dora=True``: the cheap variant, and ``dora_rank=r`` with r the paper's size, below), PEFT LoRA (without
 and with dropout), PEFT SHiRA and PEFT DoRA, all at (nearly) the same number of trainable entries: 1% of
 every Linear weight of the transformer blocks for SHiRA, the LoRA rank with as many parameters.
-SHiRA-DoRA's low-rank variant takes the paper's size instead: its SHiRA-WM-DoRA on LLaMA-7B trains a
-rank-128 DoRA, 6.25% of the target weights (``DORA_RANK_FRACTION``), so r is the LoRA rank of 6.25%. Model: SmolLM2-135M-Instruct (its cached
+SHiRA-DoRA's low-rank variant takes the paper's size instead: its SHiRA-WM-DoRA masks a rank-128 DoRA
+on LLaMA-7B (hidden size 4096; 6.25% of a square weight), so r is the hidden size / 32 (``DORA_RANK_DIVISOR``):
+18 for SmolLM2-135M, 64 for the wide config. Model: SmolLM2-135M-Instruct (its cached
 weights from the recipes if present, else built from its config; the cost does not depend on the
 values), batch 4 x 64 tokens, AdamW, 2 threads. A second, wider Llama config (TinyLlama-1.1B's width,
 ``--large-layers`` of its 22 layers) shows how time and memory grow.
@@ -53,12 +54,12 @@ METHODS = ["full", "shira_dense", "shira_compact", "shira_sparse", "shira_sparse
 LABELS = {
     "full": "full fine-tuning", "shira_dense": "shira_hooks mode='dense' (hooks)", "shira_compact": "shira_hooks mode='compact'",
     "shira_sparse": "shira_hooks mode='sparse'", "shira_sparse_dora": "shira_hooks mode='sparse', dora=True",
-    "shira_sparse_dora_r": "shira_hooks mode='sparse', dora_rank=r", "peft_lora": "PEFT LoRA", "peft_lora_dropout": "PEFT LoRA, dropout 0.05",
+    "shira_sparse_dora_r": "shira_hooks mode='sparse', dora_rank=hidden/32", "peft_lora": "PEFT LoRA", "peft_lora_dropout": "PEFT LoRA, dropout 0.05",
     "peft_shira": "PEFT SHiRA", "peft_dora": "PEFT DoRA",
 }
-# SHiRA-WM-DoRA in the paper (§4.3.1) masks a rank-128 DoRA on LLaMA-7B: 128 * (4096 + 4096) = 6.25% of a 4096 x 4096
-# weight. dora_rank=r here is the LoRA rank with as many parameters as 6.25% of the target weights.
-DORA_RANK_FRACTION = 0.0625
+# SHiRA-WM-DoRA in the paper (§4.3.1) masks a rank-128 DoRA on LLaMA-7B, hidden size 4096 (128 * (4096 + 4096) is
+# 6.25% of a 4096 x 4096 weight): dora_rank=r here is the model's hidden size over 4096 / 128.
+DORA_RANK_DIVISOR = 4096 // 128
 # PEFT's default LoRA dropout is 0. The paper trains its LLMs "following the setting of Hu et al. (2023)",
 # LLM-Adapters, whose finetune.py defaults to lora_dropout=0.05: with dropout, every target saves its own
 # dropped-out copy of the input (and the dropout mask) for the backward of A.
@@ -93,7 +94,7 @@ def prepare(method: str, model, sparsity: float):
         import shira_hooks
 
         mode, dora, low_rank = method.removeprefix("shira_").partition("_dora")  # "sparse", "_dora", "_r"
-        dora_rank = lora_rank(shapes, DORA_RANK_FRACTION) if low_rank else None
+        dora_rank = max(1, model.config.hidden_size // DORA_RANK_DIVISOR) if low_rank else None
         handle = shira_hooks.attach(model, sparsity, "rand", target_modules=TARGETS, mode=mode, dora=bool(dora), dora_rank=dora_rank)
         if handle.dora:  # the DoRA tensors: a magnitude per output row, and the k entries or the factors
             return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
