@@ -40,8 +40,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
-import train_cost  # noqa: E402
 from shira_hooks.tools import command_line, machine, publish, report_header  # noqa: E402
+
+import train_cost  # noqa: E402
 
 METHODS = ["full", "shira_dense", "shira_sparse", "peft_lora"]
 WRAPPERS = ["fsdp2", "ddp"]
@@ -106,10 +107,10 @@ def _status_mb(field: str) -> float:
 
 
 def run_case(method: str, wrapper: str, args, rank: int) -> dict:
-    from shira_hooks import ShiraError
-
     import peft  # noqa: F401  (imported before the baseline, as every method's process has it)
     import transformers  # noqa: F401
+
+    from shira_hooks import ShiraError
 
     gc.collect()
     baseline = _status_mb("VmRSS")  # the process alone: libraries, the process group

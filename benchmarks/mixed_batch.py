@@ -36,6 +36,7 @@ import torch
 import shira_hooks
 from shira_hooks import masks
 from shira_hooks.tools import Stats, command_line, machine, publish, report_header, time_interleaved
+
 from switch_model import HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, TARGETS, random_adapter, target_weights
 
 
@@ -296,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("peft", "transformers"):  # imported now so that their versions go into the machine line
         importlib.import_module(name)
 
-    load_before = open("/proc/loadavg").read().split()[:3] if not args.quick else ["-"]
+    load_before = Path("/proc/loadavg").read_text().split()[:3] if not args.quick else ["-"]
     started = time.perf_counter()
     row = run(args)
-    load_after = open("/proc/loadavg").read().split()[:3] if not args.quick else ["-"]
+    load_after = Path("/proc/loadavg").read_text().split()[:3] if not args.quick else ["-"]
     row["seconds"] = time.perf_counter() - started
     info = machine()
     command = command_line("python benchmarks/mixed_batch.py", argv)

@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -172,7 +173,7 @@ def raw_plan(weights, adapters, block: int, packed: bool):
             offset += w.numel()
     else:
         flats = {name: w.detach().view(-1) for name, w in weights.items()}
-        offsets = {name: 0 for name in weights}
+        offsets = dict.fromkeys(weights, 0)
     plans = []
     for adapter in adapters:
         rows, originals, written, targets = [], [], [], []
@@ -290,7 +291,7 @@ def worker(case: dict, args) -> dict:
 
 
 def _status_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
@@ -457,8 +458,9 @@ def markdown(rows: list[dict], results: dict, moved: dict, info: dict, command: 
             lines += ["", f"Bytes of weight memory per switch: unstructured {m['lines_b1'] / 1e6:.1f} MB (64-byte lines holding an entry, read "
                       f"and written), block={block} {m[f'lines_b{block}'] / 1e6:.1f} MB, the entries themselves {m['entries_b1'] / 1e6:.1f} MB; "
                       f"a dense fuse + unfuse {m['dense'] / 1e6:.0f} MB (every entry read and written twice, before PEFT's temporaries)."]
-        get = lambda key: by.get(f"{dtype}/{key}")
-        times = lambda key, of: get(key)["median"] / get(of)["median"] if get(key) and get(of) else float("nan")
+        # by and dtype bound now (the lambdas are used within this iteration only, but say so)
+        get = lambda key, by=by, dtype=dtype: by.get(f"{dtype}/{key}")
+        times = lambda key, of, get=get: get(key)["median"] / get(of)["median"] if get(key) and get(of) else float("nan")
         if headline:
             cold = f"; {times('lora/b1/cold', f'shira_packed/b{block}/unset'):.0f}x against cold pages" if get("lora/b1/cold") else ""
             lines += ["", f"**Packed block={block} switch** (medians; PEFT at steady state = warm allocator): "
@@ -480,7 +482,7 @@ def markdown(rows: list[dict], results: dict, moved: dict, info: dict, command: 
     if len(sizes) > 2:
         lines += ["### Block size (float32): switch time", "", "| block | packed switch ms | per-weight switch ms | packed raw bound ms |", "|---:|---:|---:|---:|"]
         for size in sizes:
-            cell = lambda method: ms(results[key]["median"]) if (key := f"float32/{method}/b{size}/unset") in results else "-"
+            cell = lambda method, size=size: ms(results[key]["median"]) if (key := f"float32/{method}/b{size}/unset") in results else "-"
             lines.append(f"| {size} | {cell('shira_packed')} | {cell('shira')} | {cell('packed')} |")
         lines.append("")
     memory = extra.get("pack_memory")
@@ -517,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker), args)))
         return 0
     if args.render:
-        saved = json.loads(open(args.render).read())
+        saved = json.loads(Path(args.render).read_text())
         text = markdown(saved["cases"], saved["results"], saved["bytes"], saved["machine"], saved["command"], saved)
         print(text)
         publish(saved.get("section", "switch_model"), text, saved, None, args.results)
@@ -526,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         args.layers, args.rounds, args.repeats, args.warmup, args.budget = 2, 1, 3, 1, 0.2
     torch.set_num_threads(args.threads)
     rows = cases(args.quick, args.extras, args.blocks)
-    load_before = open("/proc/loadavg").read().split()[:3]
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     reference_before = reference_ms()
     samples: dict[str, list[list[float]]] = {r["key"]: [] for r in rows}
     rank = None
@@ -538,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             rank = out["rank"]
             print(f"round {round_ + 1}/{args.rounds} {case['key']:32} median {statistics.median(out['samples']) * 1e3:8.1f} ms "
                   f"({len(out['samples'])} switches, process {time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
-    load_after = open("/proc/loadavg").read().split()[:3]
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
     reference_after = reference_ms()
     pack_mem = run_case({"method": "pack_memory", "dtype": "float32", "key": "pack_memory"}, args)
     results = {key: summarize(s) for key, s in samples.items()}

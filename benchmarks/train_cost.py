@@ -46,8 +46,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
-from shira_hooks.tools import command_line, machine, publish, report_header  # noqa: E402
 from shira_hooks.masks import lora_rank  # noqa: E402
+from shira_hooks.tools import command_line, machine, publish, report_header  # noqa: E402
 
 METHODS = ["full", "shira_dense", "shira_compact", "shira_sparse", "shira_sparse_dora", "shira_sparse_dora_r", "peft_lora",
            "peft_lora_dropout", "peft_shira", "peft_dora"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +30,29 @@ def same_on_all_ranks(value: str) -> bool:
     return len(set(values)) == 1
 
 
-def main(argv=None) -> int:
+@dataclass
+class Result:
+    """What one rank measured (what rank 0 prints, as values); rank 0 alone saves and evaluates."""
+
+    rank: int
+    world: int
+    num_trainable: int
+    masks_equal: bool  # the masks are identical on every rank
+    weights_equal: bool  # the replicas are identical after training
+    changed_outside: list[str]  # this rank's shira.verify()
+    exact: bool  # verify() is empty on every rank
+    losses: dict[int, float]  # step -> this rank's loss, for the steps rank 0 prints
+    adapter: Path | None = None
+    accuracy_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Every check held: the exit status of the command line."""
+        return self.masks_equal and self.weights_equal and self.exact
+
+
+def run(argv: list[str] | None = None) -> Result:
+    """Train as the module docstring says; rank 0 prints; every rank returns what it measured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true")
@@ -52,25 +75,35 @@ def main(argv=None) -> int:
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     rng = random.Random(rank)
+    losses = {}
     for step in range(1, steps + 1):
         loss = ddp(**common.to_device(common.collate(rng.sample(shard, args.batch_size), tokenizer.pad_token_id), device)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % max(1, steps // 5) == 0:
-            say(f"step {step}: loss (rank 0) {loss.item():.4f}")
+            losses[step] = loss.item()
+            say(f"step {step}: loss (rank 0) {losses[step]:.4f}")
 
     weights_equal = same_on_all_ranks(shira_hooks.digest(torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])))
-    exact = same_on_all_ranks(str(shira.verify())) and not shira.verify()
-    say(f"replicas identical after training: {weights_equal}; entries changed outside the masks: {'none' if exact else shira.verify()}")
+    changed = shira.verify()
+    exact = same_on_all_ranks(str(changed)) and not changed
+    say(f"replicas identical after training: {weights_equal}; entries changed outside the masks: {'none' if exact else changed}")
+    result = Result(rank, world, shira.num_trainable, masks_equal, weights_equal, changed, exact, losses)
     if rank == 0:
-        path = shira.extract().save(args.output_dir / "adapter.safetensors")
-        print(f"adapter: {path}")
-        print(f"accuracy after (rank 0): {common.accuracy(model.cpu(), tokenizer, test):.3f}")
+        result.adapter = shira.extract().save(args.output_dir / "adapter.safetensors")
+        print(f"adapter: {result.adapter}")
+        result.accuracy_after = common.accuracy(model.cpu(), tokenizer, test)
+        print(f"accuracy after (rank 0): {result.accuracy_after:.3f}")
     shira.detach()
     dist.barrier()
     dist.destroy_process_group()
-    return 0 if masks_equal and weights_equal and exact else 1
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exits 1 when a check fails."""
+    return 0 if run(argv).ok else 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -123,7 +124,37 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().view(torch.int32)
 
 
-def main(argv=None) -> int:
+@dataclass
+class Trained:
+    """One adapter's training (what the recipe prints for it, as values)."""
+
+    targets: dict[str, int]  # layer class name -> how many the UNet has (the target kinds)
+    weights: int  # target weights
+    num_trainable: int
+    losses: dict[int, float]  # step -> training loss, for the steps it prints
+    changed_outside: list[str]  # shira.verify()
+    path: Path
+
+
+@dataclass
+class Result:
+    """What one run measured and wrote; ``failures`` lists the exactness checks that failed (exit status 1)."""
+
+    parameters: int
+    channels_last: tuple[int, int]  # (conv weights stored channels_last, conv weights)
+    adapters: dict[str, Trained] = field(default_factory=dict)
+    shared_fraction: float = 0.0  # share of entries the two adapters have in common
+    held_out_loss: dict[str, list[float]] = field(default_factory=dict)  # "base", "a", "b" active -> loss on style a, b
+    reproduction_gap: dict[str, float] = field(default_factory=dict)  # adapter -> largest |difference| from the trained UNet
+    samples_identical: bool = False  # two denoising runs with switches, bit for bit
+    switch_ms_median: float = 0.0
+    changed_after_deactivate: list[str] = field(default_factory=list)  # weights not the base bit for bit
+    layout_changed: list[str] = field(default_factory=list)  # weights whose strides changed
+    failures: list[str] = field(default_factory=list)
+
+
+def run(argv: list[str] | None = None) -> Result:
+    """Train, switch and check as the module docstring says; prints its progress and returns what it measured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--mode", default="dense", choices=["dense", "sparse"],
@@ -138,14 +169,14 @@ def main(argv=None) -> int:
     steps, lr = args.steps or size["steps"], args.lr or size["lr"]
     targets = [nn.Conv2d, nn.Linear] if args.mode == "dense" else [nn.Linear]
     torch.set_num_threads(2)
-    failures: list[str] = []
 
     unet = build_unet(size)
     base = {name: p.detach().clone() for name, p in unet.named_parameters()}  # clone keeps channels_last
     convs = [m.weight for m in unet.modules() if isinstance(m, nn.Conv2d)]
-    print(f"UNet2DConditionModel: {sum(p.numel() for p in unet.parameters()):,} parameters, "
-          f"{size['latent_size']}x{size['latent_size']} latents, "
-          f"{sum(w.is_contiguous(memory_format=torch.channels_last) for w in convs)}/{len(convs)} conv weights channels_last")
+    result = Result(sum(p.numel() for p in unet.parameters()), (sum(w.is_contiguous(memory_format=torch.channels_last) for w in convs), len(convs)))
+    failures = result.failures
+    print(f"UNet2DConditionModel: {result.parameters:,} parameters, {size['latent_size']}x{size['latent_size']} latents, "
+          f"{result.channels_last[0]}/{result.channels_last[1]} conv weights channels_last")
     train_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
 
     def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:  # the training loss, and attach's for the SNIP scores
@@ -164,18 +195,20 @@ def main(argv=None) -> int:
         batches = [make_batch(style, size, g) for _ in range(steps)]
         shira = shira_hooks.attach(unet, args.sparsity, args.mask, target_modules=targets, mode=args.mode, progress=False,
                                    calibration=batches[:2] if args.mask in shira_hooks.masks.CALIBRATED_KINDS else None, loss_fn=loss_fn)
-        layers = " + ".join(f"{sum(isinstance(m, kind) for m in unet.modules())} {kind.__name__}" for kind in targets)
+        counts = {kind.__name__: sum(isinstance(m, kind) for m in unet.modules()) for kind in targets}
+        layers = " + ".join(f"{count} {kind}" for kind, count in counts.items())
         print(f"adapter {name!r}: mode={args.mode!r}, mask={args.mask!r}, sparsity={args.sparsity:g}, "
               f"targets {layers} ({len(shira.target_names)} weights), trainable entries: {shira.num_trainable:,}")
         optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
-        start = time.perf_counter()
+        start, step_losses = time.perf_counter(), {}
         for step, batch in enumerate(batches, 1):
             loss = loss_fn(unet, batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             if step == 1 or step % max(1, steps // 4) == 0:
-                print(f"  step {step}: loss {loss.item():.4f}")
+                step_losses[step] = loss.item()
+                print(f"  step {step}: loss {step_losses[step]:.4f}")
         print(f"  {steps} steps in {time.perf_counter() - start:.1f} s")
         outside = shira.verify()
         print(f"  entries changed outside the masks: {outside or 'none'}")
@@ -183,14 +216,15 @@ def main(argv=None) -> int:
         with torch.no_grad():
             trained_predictions[name] = predict_noise(unet, train_scheduler, held_out[name][0])
         paths[name] = shira.extract().save(args.output_dir / f"{name}.safetensors")
+        result.adapters[name] = Trained(counts, len(shira.target_names), shira.num_trainable, step_losses, outside, paths[name])
         shira.detach()
         print(f"  adapter: {paths[name]} ({paths[name].stat().st_size:,} bytes)")
     unet.load_state_dict(base)
 
     # ---------------------------------------------------------------- the bank on the base UNet
     bank = shira_hooks.AdapterBank(unet, paths)  # loads the two files
-    shared = shira_hooks.overlap(bank.adapters["a"], bank.adapters["b"]).shared_fraction
-    print(f"adapters a and b share {100 * shared:.1f}% of their entries")
+    result.shared_fraction = shira_hooks.overlap(bank.adapters["a"], bank.adapters["b"]).shared_fraction
+    print(f"adapters a and b share {100 * result.shared_fraction:.1f}% of their entries")
     print(f"held-out loss   {'style a':>10}  {'style b':>10}")
     for active in [None, *styles]:
         start = time.perf_counter()
@@ -198,10 +232,12 @@ def main(argv=None) -> int:
         first_activation = time.perf_counter() - start
         with torch.no_grad():
             losses = [statistics.fmean(loss_fn(unet, b).item() for b in held_out[name]) for name in styles]
+        result.held_out_loss[active or "base"] = losses
         print(f"  {'base' if active is None else 'adapter ' + active:<12}  " + "  ".join(f"{v:>10.4f}" for v in losses))
         if active is not None:
             with torch.no_grad():
                 gap = (predict_noise(unet, train_scheduler, held_out[active][0]) - trained_predictions[active]).abs().max().item()
+            result.reproduction_gap[active] = gap
             print(f"  {'':<12}  first activation {1e3 * first_activation:.1f} ms; "
                   f"reproduces the UNet it was trained in: max |difference| {gap:.2e}")
             if gap > MAX_GAP:
@@ -211,7 +247,7 @@ def main(argv=None) -> int:
     switch_times: list[float] = []
     sample = denoise(unet, bank, styles, size, switch_times)
     again = denoise(unet, bank, styles, size, switch_times)
-    same = torch.equal(bits(sample), bits(again))
+    same = result.samples_identical = torch.equal(bits(sample), bits(again))
     half = size["denoise_steps"] // 2
     print(f"DDIM, {size['denoise_steps']} steps, 'a' for steps 1-{half} and 'b' for steps {half + 1}-{size['denoise_steps']}, "
           f"run twice: samples identical bit for bit: {same}")
@@ -223,13 +259,14 @@ def main(argv=None) -> int:
             bank.activate(name)
             switch_times.append(time.perf_counter() - start)
     entries = bank.adapters["a"].num_entries, bank.adapters["b"].num_entries
+    result.switch_ms_median = 1e3 * statistics.median(switch_times)
     print(f"switch a <-> b ({entries[0]:,} and {entries[1]:,} entries), {len(switch_times)} switches: median "
-          f"{1e3 * statistics.median(switch_times):.3f} ms (min {1e3 * min(switch_times):.3f}, max {1e3 * max(switch_times):.3f})")
+          f"{result.switch_ms_median:.3f} ms (min {1e3 * min(switch_times):.3f}, max {1e3 * max(switch_times):.3f})")
 
     bank.deactivate()
     params = dict(unet.named_parameters())
-    changed = [name for name, p in params.items() if not torch.equal(bits(p), bits(base[name]))]
-    moved = [name for name, p in params.items() if p.stride() != base[name].stride()]
+    changed = result.changed_after_deactivate = [name for name, p in params.items() if not torch.equal(bits(p), bits(base[name]))]
+    moved = result.layout_changed = [name for name, p in params.items() if p.stride() != base[name].stride()]
     print(f"after bank.deactivate(): weights that differ from the base bit for bit: {changed or 'none'}; "
           f"weights whose layout changed: {moved or 'none'}")
     failures += [f"{name} is not the base after deactivate()" for name in changed]
@@ -237,7 +274,12 @@ def main(argv=None) -> int:
     for failure in failures:
         print(f"FAILED: {failure}")
     print("all exactness checks passed" if not failures else f"{len(failures)} exactness check(s) failed")
-    return 1 if failures else 0
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exits 1 if an exactness check fails."""
+    return 1 if run(argv).failures else 0
 
 
 if __name__ == "__main__":

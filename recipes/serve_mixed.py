@@ -21,6 +21,7 @@ import argparse
 import copy
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -75,7 +76,30 @@ def best_of(run, rounds: int = 2) -> float:
     return min(times)
 
 
-def main(argv=None) -> int:
+@dataclass
+class Result:
+    """What one run measured (what it prints, as values); ``ok`` is the exit status's check."""
+
+    adapters: dict[str, int]  # adapter name -> entries
+    route: list[str | None]  # row -> its adapter (None: the base)
+    answers: list[str]  # row -> the answer generated in the mixed batch
+    tokens_equal: bool  # every row's tokens equal generate() with that row's adapter applied
+    logit_gap: float  # largest |difference|, mixed logits vs apply
+    mixed_error: float  # largest |difference| from the float64 result: mixed
+    apply_error: float  # and apply
+    base_exact: bool  # the base rows equal the base model bit for bit
+    weights_unchanged: bool
+    mixed_s: float  # one mixed generate(), best of 2
+    switching_s: float  # apply, generate the adapter's rows, remove, per adapter and the base; best of 2
+
+    @property
+    def ok(self) -> bool:
+        """Every check held; mixed as exact as apply: no farther from float64 than twice apply's own rounding."""
+        return self.tokens_equal and self.mixed_error <= 2 * self.apply_error + 1e-5 and self.base_exact and self.weights_unchanged
+
+
+def run(argv: list[str] | None = None) -> Result:
+    """Train, serve and check as the module docstring says; prints its progress and returns what it measured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true")
@@ -136,10 +160,11 @@ def main(argv=None) -> int:
         tokens = sequence[prompt_length:].tolist()
         return tokens[: tokens.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in tokens else tokens
 
+    answers = []
     for row, name in enumerate(route):
-        text = tokenizer.decode(answer(out[row]), skip_special_tokens=True).strip()
+        answers.append(tokenizer.decode(answer(out[row]), skip_special_tokens=True).strip())
         expected = formatted(test[row], name or "intent")["options"][test[row]["answer"]]
-        print(f"row {row} [{name or 'base'}]: {text!r} (expected answer {expected!r})")
+        print(f"row {row} [{name or 'base'}]: {answers[row]!r} (expected answer {expected!r})")
     tokens_equal = all(answer(out[row]) == answer(single[name][row]) for row, name in enumerate(route))
     adapted = [(row, name) for row, name in enumerate(route) if name is not None]
     gap = max(float((logits[row] - reference[name][row]).abs().max()) for row, name in adapted)
@@ -153,10 +178,15 @@ def main(argv=None) -> int:
     generated = args.rows * args.new_tokens
     print(f"one mixed generate() (best of 2): {mixed_s:.2f} s ({generated / mixed_s:.1f} tokens/s); switching (apply, generate the "
           f"adapter's rows, remove, per adapter and the base; best of 2): {switching_s:.2f} s ({generated / switching_s:.1f} tokens/s)")
-    # as exact as apply: no farther from the float64 result than twice apply's own float32 rounding
-    ok = tokens_equal and mixed_error <= 2 * apply_error + 1e-5 and base_exact and untouched
-    print("all exactness checks passed" if ok else "EXACTNESS CHECK FAILED")
-    return 0 if ok else 1
+    result = Result({name: adapter.num_entries for name, adapter in adapters.items()}, route, answers, tokens_equal, gap,
+                    mixed_error, apply_error, base_exact, untouched, mixed_s, switching_s)
+    print("all exactness checks passed" if result.ok else "EXACTNESS CHECK FAILED")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exits 1 if an exactness check fails."""
+    return 0 if run(argv).ok else 1
 
 
 if __name__ == "__main__":

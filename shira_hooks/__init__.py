@@ -24,7 +24,19 @@ from ._version import __version__
 from .errors import ShiraError
 from .format import SparseAdapter, SparseDelta
 from .masks import MASK_KINDS
-from .serve import AdapterBank, AppliedAdapter, MixedAdapters, Overlap, PackedWeights, applied, apply, clear_cache, fuse, overlap, pack
+from .serve import (
+    AdapterBank,
+    AppliedAdapter,
+    MixedAdapters,
+    Overlap,
+    PackedWeights,
+    applied,
+    apply,
+    clear_cache,
+    fuse,
+    overlap,
+    pack,
+)
 from .train import ShiraHandle, attach, attached, handles
 
 __all__ = [

@@ -43,8 +43,9 @@ def main() -> None:
     from transformers import Trainer, TrainingArguments
 
     import shira_hooks
-    from shira_hooks.integrations import ADAPTER_FILE, STATE_FILE, ShiraCallback
     from shira_hooks.distributed import gather
+    from shira_hooks.integrations import ADAPTER_FILE, STATE_FILE, ShiraCallback
+
     from conftest import llama_batches, make_llama
 
     torch.set_num_threads(1)

@@ -9,6 +9,7 @@ from safetensors.torch import save as save_safetensors
 
 import shira_hooks
 from shira_hooks import ShiraError, SparseAdapter
+
 from conftest import llama_batches, make_llama, make_mlp, snapshot
 
 

@@ -23,10 +23,10 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path):
         capture_output=True, text=True, check=True, cwd=tmp_path,
     ).stdout
     lines = out.splitlines()
-    assert lines[0].startswith("cpu: ") and any(l.startswith("torch: ") for l in lines) and any(l.startswith("torch_threads: 2") for l in lines)
-    header = next(i for i, l in enumerate(lines) if l.split()[:4] == ["dim", "dtype", "r", "k"])
+    assert lines[0].startswith("cpu: ") and any(line.startswith("torch: ") for line in lines) and any(line.startswith("torch_threads: 2") for line in lines)
+    header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["dim", "dtype", "r", "k"])
     assert "spread: the slowest round over the median round" in lines[header - 1] and "'!' when 3x or more" in lines[header - 1]  # the legend
-    rows = [l.split() for l in lines[header + 1 :]]
+    rows = [line.split() for line in lines[header + 1 :]]
     assert [(r[0], r[1]) for r in rows] == [("256", "float32"), ("512", "float32"), ("256", "bfloat16"), ("512", "bfloat16")]
     # 15 columns, the last (spread) followed by "!" where a method's slowest round was >= 3x its median
     assert all(len(r) in (15, 16) and all(re.fullmatch(r"[\d.,]+", c) for c in r[2:15]) and r[15:] in ([], ["!"]) for r in rows)

@@ -11,7 +11,17 @@ from safetensors import safe_open
 import shira_hooks
 from shira_hooks import AdapterBank, ShiraError, SparseAdapter, SparseDelta, apply, fuse, masks, overlap
 from shira_hooks.serve.state import model_state
-from conftest import assert_changes_within_masks, llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, mlp_steps, snapshot
+
+from conftest import (
+    assert_changes_within_masks,
+    llama_batches,
+    make_llama,
+    make_mlp,
+    mlp_batches,
+    mlp_loss,
+    mlp_steps,
+    snapshot,
+)
 
 
 def _aligned(indices: torch.Tensor, block: int) -> bool:
@@ -177,7 +187,7 @@ def test_the_file_stores_one_index_per_block_and_reads_back_exactly(tmp_path):
     old = unstructured.save(tmp_path / "old.safetensors")
     with safe_open(str(old), "pt") as f:
         assert f.metadata()["format_version"] == "1" and "block" not in json.loads(f.metadata()["modules"])["model.layers.0.self_attn.q_proj.weight"]
-    tensor_bytes = lambda p: sum(t.numel() * t.element_size() for t in (lambda f: [f.get_tensor(key) for key in f.keys()])(safe_open(str(p), "pt")))
+    tensor_bytes = lambda p: sum(t.numel() * t.element_size() for t in (lambda f: [f.get_tensor(key) for key in f.keys()])(safe_open(str(p), "pt")))  # noqa: SIM118 (safe_open is not iterable)
     assert tensor_bytes(path) == k * 4 + k // 16 * 4 and tensor_bytes(old) == k * 8  # 4.25 vs 8 bytes per entry
     back, old_back = SparseAdapter.load(path), SparseAdapter.load(old)
     assert old_back.block == 1

@@ -6,6 +6,7 @@ from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 import shira_hooks
 from shira_hooks import ShiraError
+
 from conftest import make_mlp, mlp_batches, mlp_loss, snapshot
 
 

@@ -11,6 +11,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 import shira_hooks  # noqa: E402
 from shira_hooks import ShiraError, SparseAdapter, apply  # noqa: E402
 from shira_hooks.integrations import ADAPTER_FILE, STATE_FILE, ShiraCallback  # noqa: E402
+
 from conftest import assert_changes_within_masks, llama_batches, make_llama, snapshot, tiny_texts, tiny_tokenizer  # noqa: E402
 
 

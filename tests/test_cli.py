@@ -11,6 +11,7 @@ import torch
 import shira_hooks
 from shira_hooks import SparseAdapter
 from shira_hooks.tools.cli import main
+
 from conftest import make_mlp, mlp_batches, mlp_steps
 
 

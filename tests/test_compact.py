@@ -6,6 +6,7 @@ from torch import nn
 
 import shira_hooks
 from shira_hooks import ShiraError
+
 from conftest import FunctionalUse, assert_changes_within_masks, llama_batches, make_convnet, make_llama, snapshot
 
 MODES = ["compact", "sparse"]
@@ -150,18 +151,18 @@ def test_sparse_mode_saves_one_transposed_input_for_layers_that_share_it():
     assert len(storages) == 2 and len(set(storages)) == 2
 
 
-def test_sparse_mode_saves_an_input_the_backward_keeps_anyway_as_it_is():
+@pytest.mark.parametrize("make", [lambda h: h.view(3, 5, 16), torch.tanh], ids=["view", "tanh"])
+def test_sparse_mode_saves_an_input_the_backward_keeps_anyway_as_it_is(make):
     """Inputs whose storage the backward keeps (a view, a tanh result) are not copied a second time."""
-    for make in (lambda h: h.view(3, 5, 16), torch.tanh):
-        model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 12))
-        handle = shira_hooks.attach(model, 0.25, "rand", target_modules=["1"], mode="sparse", freeze_others=True)
-        model[0].register_forward_hook(lambda mod, args, out: make(out.reshape(15, 16)))
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            model(torch.randn(3, 5, 8, requires_grad=True)).sum().backward()  # so that tanh keeps its result
-        assert not [t for t in saved if t.shape == (16, 15)]  # no transposed copy
-        assert model[1].shira_values.grad.abs().sum() > 0
-        handle.detach()
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 12))
+    handle = shira_hooks.attach(model, 0.25, "rand", target_modules=["1"], mode="sparse", freeze_others=True)
+    model[0].register_forward_hook(lambda mod, args, out: make(out.reshape(15, 16)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(torch.randn(3, 5, 8, requires_grad=True)).sum().backward()  # so that tanh keeps its result
+    assert not [t for t in saved if t.shape == (16, 15)]  # no transposed copy
+    assert model[1].shira_values.grad.abs().sum() > 0
+    handle.detach()
 
 
 def test_sparse_mode_gradient_uses_the_input_as_it_was_in_the_forward():

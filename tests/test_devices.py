@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import shira_hooks
+
 from conftest import assert_changes_within_masks, llama_batches, make_llama, make_mlp, mlp_batches, mlp_steps, snapshot
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -207,7 +208,7 @@ def test_cuda_plain_loop_after_moving_the_model(mode):
     trained = {n: p.detach().cpu() for n, p in model.named_parameters()}
     fresh = make_llama().cuda()
     with shira_hooks.apply(fresh, adapter):
-        for name, delta in adapter.deltas.items():
+        for name in adapter.deltas:
             torch.testing.assert_close(dict(fresh.named_parameters())[name].cpu(), trained[name], rtol=0, atol=1e-6)
     changed = sum(int((trained[n] != base[n]).sum()) for n in adapter.deltas)
     assert 0 < changed <= adapter.num_entries

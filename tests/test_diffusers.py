@@ -10,6 +10,7 @@ from torch import nn
 
 import shira_hooks
 from shira_hooks import ShiraError
+
 from conftest import assert_changes_within_masks, snapshot
 
 diffusers = pytest.importorskip("diffusers")

@@ -1,20 +1,23 @@
 """FSDP2 (``fully_shard``) in two real gloo processes, checked against one process on the same global batches.
 
-One spawned run does every multi-process check (process start-up dominates): dense training with
-attach before and after ``fully_shard``, grad/snip calibration on the shards (eager and lazy),
-compact/sparse mode attached before and after ``fully_shard``, resume from a saved state (also into
-split compact values), and the refusals (Shard(1)). The parent process then trains the
-single-process references and compares.
+One spawned run (the module fixture ``fsdp2``: process start-up dominates) does every multi-process part:
+dense training with attach before and after ``fully_shard``, grad/snip calibration on the shards (eager
+and lazy), compact/sparse mode attached before and after ``fully_shard``, bfloat16 compute with gradient
+checkpointing, resume from a saved state (also into split compact values), and the refusals (Shard(1)).
+Each rank reports what it saw as JSON and rank 0 saves the adapters; each test below checks one promise
+against that report, and the parent process trains the single-process references it compares with.
 """
 
 import gc
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -82,14 +85,13 @@ def _changed_outside(shira, base: dict, model) -> int:
     return total
 
 
-def _expect_error(fn, pattern: str) -> str:
+def _error(fn) -> dict | None:
+    """What ``fn()`` raised, as JSON for the parent process: {"type", "message"}; None when it raised nothing."""
     try:
         fn()
-    except shira_hooks.ShiraError as error:
-        import re
-
-        return "ok" if re.search(pattern, str(error)) else f"wrong message: {error}"
-    return "no error"
+    except Exception as error:  # noqa: BLE001 - the parent checks the type: anything but a ShiraError fails there
+        return {"type": type(error).__name__, "message": str(error)}
+    return None
 
 
 def _attach_and_shard(model, order: str, *args, state: str | None = None, shard: dict | None = None, **kwargs):
@@ -210,11 +212,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     # refusals
     model = make_llama()
     _shard(model, shard_placement_fn=lambda param: Shard(1) if param.dim() > 1 else Shard(0))
-    report["shard1_attach"] = _expect_error(lambda: shira_hooks.attach(model, SPARSITY, "rand", seed=0), r"Shard\(0\)")
+    report["shard1_attach"] = _error(lambda: shira_hooks.attach(model, SPARSITY, "rand", seed=0))
     model = make_llama()
     shira = shira_hooks.attach(model, SPARSITY, "rand", seed=0)
     _shard(model, shard_placement_fn=lambda param: Shard(1) if param.dim() > 1 else Shard(0))
-    report["shard1_forward"] = _expect_error(lambda: model(**train[0]), r"placements \(Shard\(dim=1\),\)")
+    report["shard1_forward"] = _error(lambda: model(**train[0]))
     shira.detach()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
@@ -235,74 +237,206 @@ def _logits_after(adapter: shira_hooks.SparseAdapter, batch: dict) -> torch.Tens
         return model(input_ids=batch["input_ids"]).logits
 
 
-def test_fsdp2_matches_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    for case in ("compact_after", "sparse_after", "sparse_before"):  # each rank holds a chunk of the k values
-        assert r0[case]["local"] + r1[case]["local"] == r0[case]["k"] and 0 <= r0[case]["local"] - r1[case]["local"] <= r0[case]["layers"], r0[case]
-        del r0[case]["local"], r1[case]["local"]
-    assert r0 == r1  # every rank: the same masks, adapters, checks
-    train = _global_batches(STEPS * ACCUMULATE, seed=7)
-    probe = _global_batches(1, seed=99)[0]
-    model, shira = _reference("rand", train, seed=SEED)
+def _masks(shira: shira_hooks.ShiraHandle) -> dict[str, list[int]]:
+    """The handle's masks as the workers report them."""
+    return {n: i.tolist() for n, i in shira.masks.items()}
+
+
+@dataclass
+class Fsdp2Run:
+    """What the two-process run left: each rank's report, and the folder where rank 0 saved its files."""
+
+    ranks: tuple[dict, dict]
+    folder: Path
+
+    @property
+    def report(self) -> dict:
+        """Rank 0's report (test_every_rank_reports_the_same holds rank 1 to it)."""
+        return self.ranks[0]
+
+    def adapter(self, case: str) -> shira_hooks.SparseAdapter:
+        return shira_hooks.SparseAdapter.load(self.folder / f"{case}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory) -> Fsdp2Run:
+    """The module's one spawn of two gloo processes (``_worker``); every FSDP2 test below reads its part."""
+    folder = tmp_path_factory.mktemp("fsdp2")
+    mp.spawn(_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True)
+    ranks = tuple(json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1))
+    return Fsdp2Run(ranks, folder)
+
+
+TRAIN = (STEPS * ACCUMULATE, 7)  # (micro-batches, seed) of the workers' training batches
+DENSE = ("before", "after")  # dense mode, attached before / after fully_shard
+SPLIT = ("compact_after", "sparse_after", "sparse_before")  # the k values split across the ranks
+EXACT = (*DENSE, *SPLIT, "bf16_dense", "bf16_sparse", "resumed_before", "resumed_after")  # reports with verify + outside
+
+
+@pytest.fixture(scope="module")
+def probe() -> dict:
+    """The batch whose logits compare a trained model with the single-process one."""
+    return _global_batches(1, seed=99)[0]
+
+
+@pytest.fixture(scope="module")
+def rand_reference(probe) -> tuple[shira_hooks.SparseAdapter, torch.Tensor]:
+    """One process, dense mode, rand masks, on the global batches: (its adapter, its logits on ``probe``)."""
+    _, shira = _reference("rand", _global_batches(*TRAIN), seed=SEED)
     reference = shira.extract()
     shira.detach()
-    expected = _logits_after(reference, probe)
-    for order in ("before", "after"):
-        assert r0[order]["sharded"] == "DTensor" and r0[order]["unsharded_alive"] == 0
-        assert r0[order]["verify"] == [] and r0[order]["outside"] == 0 and r0[order]["flags_restored"], order
-        adapter = shira_hooks.SparseAdapter.load(tmp_path / f"{order}.safetensors")
-        assert adapter.deltas.keys() == reference.deltas.keys()
-        for name, delta in adapter.deltas.items():
-            assert torch.equal(delta.indices, reference.deltas[name].indices), name  # same masks as one process
-            assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-6), name
-        assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5, order
-    for case in ("compact_after", "sparse_after", "sparse_before"):  # the same training as the dense mode
-        assert r0[case]["values"] == "DTensor" and r0[case]["verify"] == [] and r0[case]["outside"] == 0, case
-        assert r0[case]["unsharded_alive"] == 0  # the handle kept no full weight alive: the memory FSDP2 saves
-        # detach restores every flag; shira_values that fully_shard sharded stay registered, frozen
-        assert r0[case]["left"] == ([0, False] if case.endswith("after") else [len(reference.deltas), False]), r0[case]["left"]
-        adapter = shira_hooks.SparseAdapter.load(tmp_path / f"{case}.safetensors")
-        for name, delta in adapter.deltas.items():
-            assert torch.equal(delta.indices, reference.deltas[name].indices), name
-            assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-5), (case, name, (delta.values - reference.deltas[name].values).abs().max())
-        assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5, case
+    return reference, _logits_after(reference, probe)
 
-    # bfloat16 compute with checkpointing: exact in both modes, and the two modes train alike
-    assert r0["bf16_dense"] == r0["bf16_sparse"] == {"verify": [], "outside": 0}
-    dense, sparse = (shira_hooks.SparseAdapter.load(tmp_path / f"bf16_{mode}.safetensors") for mode in ("dense", "sparse"))
+
+def _without_local(report: dict) -> dict:
+    """The report less each rank's own share of the split values (the one part that differs by rank)."""
+    return {case: {k: v for k, v in part.items() if k != "local"} if case in SPLIT else part for case, part in report.items()}
+
+
+def test_every_rank_reports_the_same(fsdp2):
+    """The same masks, adapters and checks on every rank."""
+    assert _without_local(fsdp2.ranks[0]) == _without_local(fsdp2.ranks[1])
+
+
+@pytest.mark.parametrize("case", SPLIT)
+def test_split_values_are_dtensors_shared_out_across_the_ranks(fsdp2, case):
+    """compact/sparse: each rank holds its chunk of a layer's k values, at most one entry more than the next rank."""
+    r0, r1 = (report[case] for report in fsdp2.ranks)
+    assert r0["values"] == "DTensor"
+    assert r0["local"] + r1["local"] == r0["k"] and 0 <= r0["local"] - r1["local"] <= r0["layers"], r0
+
+
+@pytest.mark.parametrize("order", DENSE)
+def test_weights_are_dtensors_when_attached_before_or_after(fsdp2, order):
+    assert fsdp2.report[order]["sharded"] == "DTensor"
+
+
+@pytest.mark.parametrize("case", (*DENSE, *SPLIT))
+def test_no_full_weight_is_kept_alive(fsdp2, case):
+    """Attached before fully_shard, the handle lets go of the full weights it replaced: the memory FSDP2 saves."""
+    assert fsdp2.report[case]["unsharded_alive"] == 0
+
+
+@pytest.mark.parametrize("case", EXACT)
+def test_only_masked_entries_change(fsdp2, case):
+    """verify() is empty on the shards, and the gathered weights changed only inside the masks."""
+    assert fsdp2.report[case]["verify"] == [] and fsdp2.report[case]["outside"] == 0, fsdp2.report[case]
+
+
+def test_lazy_calibration_changes_only_masked_entries(fsdp2):
+    assert fsdp2.report["lazy"]["verify"] == []
+
+
+@pytest.mark.parametrize("order", DENSE)
+def test_detach_restores_every_requires_grad_flag(fsdp2, order):
+    assert fsdp2.report[order]["flags_restored"] is True
+
+
+@pytest.mark.parametrize("case", SPLIT)
+def test_detach_leaves_sharded_shira_values_registered_and_frozen(fsdp2, rand_reference, case):
+    """Attached after fully_shard, detach removes shira_values; attached before, fully_shard sharded them with the
+    layer, so they stay registered, frozen: one per target."""
+    layers = len(rand_reference[0].deltas)
+    assert fsdp2.report[case]["left"] == ([0, False] if case.endswith("after") else [layers, False])
+
+
+@pytest.mark.parametrize("order", DENSE)
+def test_dense_training_matches_one_process(fsdp2, rand_reference, probe, order):
+    """The same masks and values as one process on the global batches, and the same logits."""
+    reference, expected = rand_reference
+    adapter = fsdp2.adapter(order)
+    assert adapter.deltas.keys() == reference.deltas.keys()
+    for name, delta in adapter.deltas.items():
+        assert torch.equal(delta.indices, reference.deltas[name].indices), name
+        assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-6), name
+    assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("case", SPLIT)
+def test_split_training_matches_one_process(fsdp2, rand_reference, probe, case):
+    """compact/sparse mode under FSDP2 trains as the dense mode does in one process."""
+    reference, expected = rand_reference
+    adapter = fsdp2.adapter(case)
+    for name, delta in adapter.deltas.items():
+        assert torch.equal(delta.indices, reference.deltas[name].indices), name
+        gap = (delta.values - reference.deltas[name].values).abs().max()
+        assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-5), (name, gap)
+    assert (_logits_after(adapter, probe) - expected).abs().max() < 1e-5
+
+
+def test_bf16_with_checkpointing_trains_dense_and_sparse_alike(fsdp2, rand_reference):
+    """MixedPrecisionPolicy(bfloat16) and gradient checkpointing: both modes reach the same adapter, and bf16 did
+    compute (the adapter is not the float32 one)."""
+    dense, sparse = fsdp2.adapter("bf16_dense"), fsdp2.adapter("bf16_sparse")
     for name, delta in dense.deltas.items():
-        assert torch.equal(delta.indices, sparse.deltas[name].indices)
+        assert torch.equal(delta.indices, sparse.deltas[name].indices), name
         assert torch.allclose(delta.values, sparse.deltas[name].values, atol=1e-5), name
-    assert not all(torch.allclose(d.values, reference.deltas[n].values, atol=1e-6) for n, d in dense.deltas.items())  # bf16 did compute
+    reference = rand_reference[0].deltas
+    assert not all(torch.allclose(d.values, reference[n].values, atol=1e-6) for n, d in dense.deltas.items())
 
-    # grad/snip on the shards: the masks one process chooses on the global batches
-    calibration = _global_batches(2, seed=11)
+
+@pytest.fixture(scope="module")
+def snip_masks() -> dict[str, list[int]]:
+    """The snip masks one process chooses on the global calibration batches."""
     model = make_llama()
-    snip = shira_hooks.attach(model, SPARSITY, "snip", calibration=calibration, progress=False)
-    assert r0["snip_masks"] == r0["snip_before_masks"] == {n: i.tolist() for n, i in snip.masks.items()}
+    snip = shira_hooks.attach(model, SPARSITY, "snip", calibration=_global_batches(2, seed=11), progress=False)
+    masks = _masks(snip)
     snip.detach()
-    assert r0["resumed_masks"] == r0["snip_masks"]
-    model = make_llama()  # dense, one process: the state loaded before training
+    return masks
+
+
+@pytest.mark.parametrize("case", ["snip_masks", "snip_before_masks"])
+def test_snip_on_the_shards_chooses_the_masks_of_one_process(fsdp2, snip_masks, case):
+    """Scored after fully_shard (on the shards) or before it (each pass averaged over the ranks)."""
+    assert fsdp2.report[case] == snip_masks
+
+
+def test_load_state_on_the_shards_takes_the_saved_masks(fsdp2):
+    """A handle attached with other masks on another sharded model takes the masks of the saved state."""
+    assert fsdp2.report["resumed_masks"] == fsdp2.report["snip_masks"]
+
+
+@pytest.fixture(scope="module")
+def resumed_reference(fsdp2) -> shira_hooks.SparseAdapter:
+    """One process loads the run's saved snip state into dense mode (over other masks) and trains."""
+    model = make_llama()
     resumed = shira_hooks.attach(model, SPARSITY, "rand", seed=SEED + 1)
-    resumed.load_state(tmp_path / "snip_state.safetensors")
-    _train(model, train)
+    resumed.load_state(fsdp2.folder / "snip_state.safetensors")
+    _train(model, _global_batches(*TRAIN))
     reference = resumed.extract()
     resumed.detach()
-    for order in ("before", "after"):  # sparse mode, values split across the ranks, loaded with other masks
-        assert r0[f"resumed_{order}"] == {"verify": [], "outside": 0}, order
-        adapter = shira_hooks.SparseAdapter.load(tmp_path / f"resumed_{order}.safetensors")
-        for name, delta in adapter.deltas.items():
-            assert torch.equal(delta.indices, reference.deltas[name].indices), name
-            assert torch.allclose(delta.values, reference.deltas[name].values, atol=1e-5), (order, name)
-    model, lazy = _reference("grad", calibration + train, calibration_steps=2)
-    assert r0["lazy"]["masks"] == {n: i.tolist() for n, i in lazy.masks.items()} and r0["lazy"]["verify"] == []
-    reference = lazy.extract()
-    lazy.detach()
-    adapter = shira_hooks.SparseAdapter.load(tmp_path / "lazy.safetensors")
-    assert (_logits_after(adapter, probe) - _logits_after(reference, probe)).abs().max() < 1e-5
+    return reference
 
-    assert r0["shard1_attach"] == r0["shard1_forward"] == "ok"
+
+@pytest.mark.parametrize("order", DENSE)
+def test_resume_into_split_values_matches_one_process(fsdp2, resumed_reference, order):
+    """The saved state loaded into sparse mode (values split across the ranks), then trained: the adapter of one
+    process that loads the same state into dense mode and trains."""
+    adapter = fsdp2.adapter(f"resumed_{order}")
+    for name, delta in adapter.deltas.items():
+        assert torch.equal(delta.indices, resumed_reference.deltas[name].indices), name
+        assert torch.allclose(delta.values, resumed_reference.deltas[name].values, atol=1e-5), name
+
+
+def test_lazy_grad_calibration_matches_one_process(fsdp2, probe):
+    """grad masks scored by the first training passes on the shards: the masks and the model of one process."""
+    _, lazy = _reference("grad", _global_batches(2, seed=11) + _global_batches(*TRAIN), calibration_steps=2)
+    masks, reference = _masks(lazy), lazy.extract()
+    lazy.detach()
+    assert fsdp2.report["lazy"]["masks"] == masks
+    assert (_logits_after(fsdp2.adapter("lazy"), probe) - _logits_after(reference, probe)).abs().max() < 1e-5
+
+
+def test_shard1_is_refused_at_attach(fsdp2):
+    """Weights sharded by columns (Shard(1)) cannot hold a row-sharded mask: attach says to use Shard(0)."""
+    error = fsdp2.report["shard1_attach"]
+    assert error is not None and error["type"] == "ShiraError" and re.search(r"Shard\(0\)", error["message"]), error
+
+
+def test_shard1_is_refused_at_the_first_forward(fsdp2):
+    """Attached, then sharded by columns: the first forward refuses the placements."""
+    error = fsdp2.report["shard1_forward"]
+    assert error is not None and error["type"] == "ShiraError" and re.search(r"placements \(Shard\(dim=1\),\)", error["message"]), error
 
 
 FSDP2_CONFIG = """\

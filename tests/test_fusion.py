@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from shira_hooks import SparseAdapter, SparseDelta, overlap
-from shira_hooks.serve import fusion
 from shira_hooks.masks import budget, generator_for, rand_mask, struct_mask
+from shira_hooks.serve import fusion
 
 
 def _adapter(shape, indices, seed):

@@ -8,6 +8,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 import shira_hooks
 from shira_hooks import ShiraError
+
 from conftest import llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, mlp_steps, snapshot
 
 
@@ -24,7 +25,7 @@ def test_detach_restores_everything():
     model.layers[2].bias.requires_grad_(False)  # a user's own choice must survive
     flags, hooks = _flags(model), _hook_counts(model)
     optimizer_hooks = (len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks))
-    params = {n: p for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
     shira = shira_hooks.attach(model, 0.05, "rand")
     assert _flags(model) == {n: n.endswith("weight") for n in flags}
     assert sum(_hook_counts(model).values()) == 3

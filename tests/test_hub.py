@@ -13,6 +13,7 @@ import torch
 import shira_hooks
 from shira_hooks import ShiraError, SparseAdapter
 from shira_hooks.format import hub as _hub
+
 from conftest import make_mlp, mlp_batches, mlp_steps
 
 FILES = ["README.md", "shira_adapter.safetensors", "shira_config.json"]
@@ -116,7 +117,11 @@ def test_model_card(tmp_path):
     assert "applied = shira_hooks.apply(model, adapter)" in card
     assert 'adapter.to_peft("peft_folder")' in card and "`python -m shira_hooks convert --to-peft path/to/this/folder -o peft_folder`" in card
     assert 'peft.PeftModel.from_pretrained(model, "peft_folder")' in card
-    # a local path is named in the text, never as the Hub's base_model (the Hub rejects it)
+
+
+def test_model_card_names_a_local_base_in_the_text_only(tmp_path):
+    """A local path is named in the text, never as the Hub's base_model (the Hub rejects it)."""
+    adapter = trained_adapter()
     adapter.save_pretrained(tmp_path / "b", base_model_name_or_path="/models/base")
     card = (tmp_path / "b" / "README.md").read_text()
     assert "base_model:" not in card and "for `/models/base`, written by" in card

@@ -13,6 +13,7 @@ from torch import nn
 import shira_hooks
 import shira_hooks._testing
 from shira_hooks import ShiraError
+
 from conftest import FunctionalUse, assert_changes_within_masks, llama_batches, make_llama, snapshot
 
 MODES = ["dense", "compact", "sparse"]

@@ -7,6 +7,7 @@ import pytest
 
 import shira_hooks
 from shira_hooks.__main__ import main
+
 from conftest import make_mlp
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 import shira_hooks
 from shira_hooks import masks
+
 from conftest import make_convnet, make_llama, make_mlp
 
 

@@ -7,6 +7,7 @@ from torch.func import functional_call
 
 import shira_hooks
 from shira_hooks.train import optim
+
 from conftest import assert_changes_within_masks, make_llama, make_mlp, mlp_batches, mlp_loss, mlp_steps, snapshot
 
 OPTIMIZERS = {
@@ -209,7 +210,7 @@ def test_step_with_closure_is_guarded(name):
     before = snapshot(model)
     optimizer = OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad])
     for batch in mlp_batches(3):
-        def closure():
+        def closure(batch=batch):  # step() calls it at once, with this batch
             optimizer.zero_grad()
             loss = mlp_loss(model, batch)
             loss.backward()

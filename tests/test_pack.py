@@ -5,6 +5,7 @@ import gc
 import random
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 import shira_hooks
 from shira_hooks import AdapterBank, ShiraError, apply
+
 from conftest import assert_changes_within_masks, changed_entries, llama_batches, make_llama, make_mlp, snapshot
 from test_switch import _bits_equal, _by_hand, _random_adapter
 
@@ -470,7 +472,7 @@ def _sharded_worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         shira_hooks.pack(model)
     except ShiraError as error:
-        open(f"{out}/error.txt", "w").write(str(error))
+        (Path(out) / "error.txt").write_text(str(error))
     dist.destroy_process_group()
 
 

@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 import shira_hooks
 from shira_hooks import ShiraError, SparseAdapter, SparseDelta, digest
-from conftest import llama_batches, make_convnet, make_llama
 
+from conftest import llama_batches, make_convnet, make_llama
 
 IDS = llama_batches(1, seed=5)[0]["input_ids"]  # (4, 12)
 PEFT_TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -174,7 +174,7 @@ def _rewrite(folder, header=None, tensors=None):
 
     path = folder / "adapter_model.safetensors"
     with safe_open(str(path), "pt") as f:
-        old_header, old_tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+        old_header, old_tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     save_file({**old_tensors, **(tensors or {})}, path, metadata={**old_header, **(header or {})})
 
 
@@ -188,7 +188,7 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
         (lambda m: {"shira_hooks.modules": json.dumps({n: {**i, "entries": 1.5} for n, i in m.items()})}, r"weight 'model.layers.0.self_attn.q_proj.weight': entries=1.5 is not an int in \[1, 64\]"),
         (lambda m: {"shira_hooks.modules": json.dumps({n: {**i, "shape": ["a", "b"]} for n, i in m.items()})}, r"shape \['a', 'b'\] is not two positive ints"),
         (lambda m: {"shira_hooks.modules": json.dumps({n: {**i, "dtype": 3} for n, i in m.items()})}, r"unknown dtype 3"),
-        (lambda m: {"shira_hooks.modules": json.dumps({n: "x" for n in m})}, r"weight '.*': 'x' is not an object"),
+        (lambda m: {"shira_hooks.modules": json.dumps(dict.fromkeys(m, "x"))}, r"weight '.*': 'x' is not an object"),
         (lambda m: {"shira_hooks.modules": json.dumps([1])}, r"header entry 'shira_hooks.modules' is a JSON list, expected an object"),
     ],
     ids=["metadata-list", "entries-float", "shape-strings", "dtype-int", "module-not-object", "modules-list"],

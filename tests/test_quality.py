@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,73 +31,136 @@ def check_outcomes(correct: str, accuracy: float, rows: int) -> None:
     assert len(correct) == rows and set(correct) <= {"0", "1"} and correct.count("1") / rows == accuracy
 
 
-def test_quality_quick_runs_the_whole_pipeline_and_resumes(tmp_path):
+@dataclass
+class QuickRun:
+    """The first --quick run of the whole pipeline: its results and report, read before the reruns change them."""
+
+    folder: Path  # --cache and --out live under it
+    results: dict
+    report: str  # RESULTS.md
+    plot: bytes  # quality.png
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> QuickRun:
     pytest.importorskip("matplotlib")
-    run_quick(tmp_path, "--lazy-test", "--method-seeds", *(f"{m}={n}" for m, n in FEWER.items()))
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    for kind in ("encoder", "lm"):
-        r = results["models"][kind]
-        seeds_of = {m: r["seeds"][: FEWER.get(m, len(r["seeds"]))] for m in METHODS}
-        assert len(r["seeds"]) == 2 and {m: len(s) for m, s in r["method_seeds"].items()} == FEWER
-        assert sorted(r["chosen_lr"]) == sorted(METHODS) and all(lr in r["grid"] for lr in r["chosen_lr"].values())
-        trained = {(c["task"], c["method"], c["seed"]) for c in r["cells"] if c["lr"] == r["chosen_lr"].get(c["method"])}
-        assert trained == {(t, m, s) for t in r["tasks"] for m in METHODS for s in seeds_of[m]}
-        first = next(iter(r["tasks"]))
-        for method in ("shira_rand_b4", "shira_snip_b16"):  # the LM's block variants have no grid: their mask's rate without blocks
-            rates = {c["lr"] for c in r["cells"] if c["method"] == method and c["task"] == first and c["seed"] == 0}
-            base = method.rsplit("_b", 1)[0]
-            if kind == "lm":
-                assert r["lr_from"][method] == base and rates == {r["chosen_lr"][base]} == {r["chosen_lr"][method]}
-            else:
-                assert method not in r["lr_from"] and rates == set(r["grid"])
-        assert all(c.get("outside_mask_changes", 0) == 0 for c in r["cells"])
-        final = [c for c in r["cells"] if c["method"] in ("head", "zero_shot") or c["lr"] == r["chosen_lr"][c["method"]]]
-        assert any(c.get("test_from") for c in final)  # --lazy-test: tested from the saved adapter
-        for c in r["cells"]:  # every cell, baselines included, keeps its outcome per example and its wall time
-            sizes = r["tasks"][c["task"]]["sizes"]
-            check_outcomes(c["val_correct"], c["val"], sizes["val"])
-            if c in final:
-                check_outcomes(c["test_correct"], c["test"], sizes["test"])
-            assert "wall_s" in c and "step_times" not in c
-        assert {(f["method"], f["seed"]) for f in r["fusion"]} == {(m, s) for m in METHODS for s in seeds_of[m]}
-        for f in r["fusion"]:
-            assert set(f["accuracy"]) == set(f["correct"]) == set(r["tasks"])
-            for t in r["tasks"]:
-                check_outcomes(f["correct"][t], f["accuracy"][t], r["tasks"][t]["sizes"]["test"])
-            if f["method"].startswith("shira_"):  # fused sparse adapters change at most the union of their entries
-                assert 0 < f["changed"] <= sum(f["entries"].values())
-        assert [c["method"] for c in r["cost"]] == ["shira_rand"] and r["cost"][0]["peak_rss_mb"] > 0 and r["cost"][0]["steps"] == 3
-    text = (tmp_path / "out" / "RESULTS.md").read_text()
+    folder = tmp_path_factory.mktemp("quality")
+    run_quick(folder, "--lazy-test", "--method-seeds", *(f"{m}={n}" for m, n in FEWER.items()))
+    out = folder / "out"
+    return QuickRun(folder, json.loads((out / "results.json").read_text()), (out / "RESULTS.md").read_text(), (out / "quality.png").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def rerun(quick) -> tuple[str, dict]:
+    """A rerun on the same cache, one method's seed limit lifted: (its output, the results it leaves)."""
+    again = run_quick(quick.folder, "--lazy-test", "--method-seeds", "shira_snip_b8=1", "--stages", "grid", "seeds", "test", "fusion")
+    return again, json.loads((quick.folder / "out" / "results.json").read_text())
+
+
+KINDS = ("encoder", "lm")
+
+
+def _seeds_of(r: dict) -> dict[str, list[int]]:
+    return {m: r["seeds"][: FEWER.get(m, len(r["seeds"]))] for m in METHODS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_method_trains_its_seeds_on_every_task_at_its_chosen_rate(quick, kind):
+    r = quick.results["models"][kind]
+    assert len(r["seeds"]) == 2 and {m: len(s) for m, s in r["method_seeds"].items()} == FEWER
+    assert sorted(r["chosen_lr"]) == sorted(METHODS) and all(lr in r["grid"] for lr in r["chosen_lr"].values())
+    trained = {(c["task"], c["method"], c["seed"]) for c in r["cells"] if c["lr"] == r["chosen_lr"].get(c["method"])}
+    assert trained == {(t, m, s) for t in r["tasks"] for m in METHODS for s in _seeds_of(r)[m]}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lm_block_variants_take_the_rate_of_their_mask_without_blocks(quick, kind):
+    """The LM's block variants have no grid: their mask's rate without blocks; the encoder's search the grid."""
+    r = quick.results["models"][kind]
+    first = next(iter(r["tasks"]))
+    for method in ("shira_rand_b4", "shira_snip_b16"):
+        rates = {c["lr"] for c in r["cells"] if c["method"] == method and c["task"] == first and c["seed"] == 0}
+        base = method.rsplit("_b", 1)[0]
+        if kind == "lm":
+            assert r["lr_from"][method] == base and rates == {r["chosen_lr"][base]} == {r["chosen_lr"][method]}
+        else:
+            assert method not in r["lr_from"] and rates == set(r["grid"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_cell_changes_weights_outside_its_masks(quick, kind):
+    assert all(c.get("outside_mask_changes", 0) == 0 for c in quick.results["models"][kind]["cells"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_cell_keeps_its_outcome_per_example_and_its_wall_time(quick, kind):
+    """Baselines included; --lazy-test: the final cells are tested from the saved adapter."""
+    r = quick.results["models"][kind]
+    final = [c for c in r["cells"] if c["method"] in ("head", "zero_shot") or c["lr"] == r["chosen_lr"][c["method"]]]
+    assert any(c.get("test_from") for c in final)
+    for c in r["cells"]:
+        sizes = r["tasks"][c["task"]]["sizes"]
+        check_outcomes(c["val_correct"], c["val"], sizes["val"])
+        if c in final:
+            check_outcomes(c["test_correct"], c["test"], sizes["test"])
+        assert "wall_s" in c and "step_times" not in c
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fusion_covers_every_method_and_seed_and_changes_at_most_the_union(quick, kind):
+    r = quick.results["models"][kind]
+    assert {(f["method"], f["seed"]) for f in r["fusion"]} == {(m, s) for m in METHODS for s in _seeds_of(r)[m]}
+    for f in r["fusion"]:
+        assert set(f["accuracy"]) == set(f["correct"]) == set(r["tasks"])
+        for t in r["tasks"]:
+            check_outcomes(f["correct"][t], f["accuracy"][t], r["tasks"][t]["sizes"]["test"])
+        if f["method"].startswith("shira_"):  # fused sparse adapters change at most the union of their entries
+            assert 0 < f["changed"] <= sum(f["entries"].values())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_cost_is_measured(quick, kind):
+    r = quick.results["models"][kind]
+    assert [c["method"] for c in r["cost"]] == ["shira_rand"] and r["cost"][0]["peak_rss_mb"] > 0 and r["cost"][0]["steps"] == 3
+
+
+def test_report_has_every_section_per_model_and_the_plot(quick):
     for heading in ("### 1. Single adapters", "### 2. Multi-adapter fusion", "### 3. Weights changed", "### 4. Training cost", "### 5. The paper's claims"):
-        assert text.count(heading) == 2
-    assert (tmp_path / "out" / "quality.png").read_bytes()[:4] == b"\x89PNG"
-    assert "- Blocks: shira_hooks rand block=16 single-task average" in text and "| PEFT DoRA |" in text
-    assert text.count("- Seeds: 2; 1 for shira_hooks rand block=4, shira_hooks snip block=8 (") == 2
-    # a rerun retrains no cached cell: here it trains only shira_rand_b4's second seed (no longer limited to one),
-    # and the test and fusion stages take it up
-    again = run_quick(tmp_path, "--lazy-test", "--method-seeds", "shira_snip_b8=1", "--stages", "grid", "seeds", "test", "fusion")
+        assert quick.report.count(heading) == 2
+    assert quick.plot[:4] == b"\x89PNG"
+    assert "- Blocks: shira_hooks rand block=16 single-task average" in quick.report and "| PEFT DoRA |" in quick.report
+    assert quick.report.count("- Seeds: 2; 1 for shira_hooks rand block=4, shira_hooks snip block=8 (") == 2
+
+
+def test_a_rerun_trains_only_what_is_not_cached(quick, rerun):
+    """Here only shira_rand_b4's second seed (no longer limited to one), and the test and fusion stages take it up."""
+    again, results = rerun
     trained = [line.split()[:4] for line in again.splitlines() if " val " in line]
-    assert sorted(trained) == sorted([kind, t, "shira_rand_b4", "lr=" + f"{results['models'][kind]['chosen_lr']['shira_rand_b4']:g}"]
-                                     for kind in ("encoder", "lm") for t in results["models"][kind]["tasks"])
+    assert sorted(trained) == sorted([kind, t, "shira_rand_b4", "lr=" + f"{quick.results['models'][kind]['chosen_lr']['shira_rand_b4']:g}"]
+                                     for kind in KINDS for t in quick.results["models"][kind]["tasks"])
     tested = [line.split()[2:5] for line in again.splitlines() if "(fresh base model" in line]
     assert tested == [["shira_rand_b4", line[3], "seed=1"] for line in trained]
     assert [line.split()[1:4] for line in again.splitlines() if " fused " in line] == [["fused", "shira_rand_b4", "seed=1"]] * 2
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {f["seed"] for f in results["models"]["lm"]["fusion"] if f["method"] == "shira_rand_b4"} == {0, 1}
-    # one method added to the finished results (--merge), at a given rate (--lr), in a fresh cache: nothing else retrained
+
+
+def test_merge_adds_one_method_at_a_given_rate_and_retrains_nothing_else(quick, rerun):
+    """One method added to the finished results (--merge), at a given rate (--lr), in a fresh cache."""
+    results = rerun[1]
+    folder = quick.folder
     added = subprocess.run(
         [sys.executable, str(QUALITY / "run.py"), "--quick", "--models", "encoder", "--methods", "shira_rand_b16", "--lr", "shira_rand_b16=0.03",
-         "--stages", "grid", "seeds", "fusion", "report", "--merge", str(tmp_path / "out" / "results.json"),
-         "--cache", str(tmp_path / "cache2"), "--out", str(tmp_path / "out2")], capture_output=True, text=True, check=True).stdout
+         "--stages", "grid", "seeds", "fusion", "report", "--merge", str(folder / "out" / "results.json"),
+         "--cache", str(folder / "cache2"), "--out", str(folder / "out2")], capture_output=True, text=True, check=True).stdout
     quick_encoder = results["models"]["encoder"]
     assert " head " not in added and " lora " not in added and added.count(" val ") == len(quick_encoder["seeds"]) * len(quick_encoder["tasks"])
-    merged = json.loads((tmp_path / "out2" / "results.json").read_text())
+    merged = json.loads((folder / "out2" / "results.json").read_text())
     assert merged["models"]["lm"] == results["models"]["lm"]
     encoder, before = merged["models"]["encoder"], results["models"]["encoder"]
     assert encoder["chosen_lr"] == {**before["chosen_lr"], "shira_rand_b16": 0.03} and encoder["fixed_lr"] == {"shira_rand_b16": 0.03}
     assert [c for c in encoder["cells"] if c["method"] != "shira_rand_b16"] == [c for c in before["cells"] if c["method"] != "shira_rand_b16"]
     assert {c["lr"] for c in encoder["cells"] if c["method"] == "shira_rand_b16"} == {0.03}
-    assert "Not on the grid (`--lr`, the rate of the same mask without blocks): shira_hooks rand block=16 0.03." in (tmp_path / "out2" / "RESULTS.md").read_text()
+    assert "Not on the grid (`--lr`, the rate of the same mask without blocks): shira_hooks rand block=16 0.03." in (folder / "out2" / "RESULTS.md").read_text()
 
 
 def quality_modules():

@@ -12,8 +12,8 @@ from torch import nn
 
 import shira_hooks
 import shira_hooks._testing
-from shira_hooks import AdapterBank, ShiraError, SparseAdapter, SparseDelta, apply, fuse, overlap
-from shira_hooks import digest
+from shira_hooks import AdapterBank, ShiraError, SparseAdapter, SparseDelta, apply, digest, fuse, overlap
+
 from conftest import changed_entries, llama_batches, make_llama, make_mlp, snapshot
 
 
@@ -171,6 +171,21 @@ def test_strict_false_skips_missing_modules():
     extra = {"lm_head.extra.weight": next(iter(good.deltas.values()))}
     handle = apply(model, SparseAdapter({**good.deltas, **extra}), strict=False)
     assert handle.skipped == ["lm_head.extra.weight"]
+    handle.remove()
+
+
+def test_a_target_parameter_set_to_none_after_a_planned_switch_is_missing():
+    """A switch plan cached by an earlier apply does not hide a target parameter set to None (and freed)."""
+    model = make_mlp()
+    adapter = _random_adapter(model, 1)
+    apply(model, adapter).remove()  # the whole-model switch plan is cached
+    name = next(iter(adapter.deltas))
+    model.get_submodule(name.rpartition(".")[0]).weight = None  # the old Parameter is freed
+    gc.collect()
+    with pytest.raises(ShiraError, match=f"adapter module '{name}' is not a parameter of the model"):
+        apply(model, adapter)
+    handle = apply(model, adapter, strict=False)
+    assert handle.skipped == [name]
     handle.remove()
 
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from shira_hooks import AdapterBank, SparseAdapter, SparseDelta, apply
-from shira_hooks import digest
-from shira_hooks import applied
+from shira_hooks import AdapterBank, SparseAdapter, SparseDelta, applied, apply, digest
+
 from conftest import changed_entries, snapshot
 
 

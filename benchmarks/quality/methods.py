@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
 from safetensors.torch import save
 from torch import nn
+from tqdm.auto import tqdm
 
 import shira_hooks
 from shira_hooks import SparseAdapter

@@ -9,9 +9,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from methods import LABELS, METHODS
-
 from shira_hooks.tools import atomic_write, report_header
+
+from methods import LABELS, METHODS
 
 HERE = Path(__file__).resolve().parent
 SHIRA = [m for m in METHODS if m.startswith("shira_")]
@@ -249,7 +249,7 @@ def plot(results: dict, path: Path) -> None:
 
     models = list(results["models"].items())
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.2), squeeze=False)
-    for ax, (kind, r) in zip(axes[0], models):
+    for ax, (_, r) in zip(axes[0], models):
         names = [m for m in METHODS if per_seed_average(r, m)]
         ax.set_title(r["model"])
         if not names:  # a model whose cells are not tested yet

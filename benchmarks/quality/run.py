@@ -49,10 +49,11 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # this folder, then the checkout (run without installing)
-import methods as M  # noqa: E402
-import tasks as T  # noqa: E402
 from shira_hooks.masks import CALIBRATED_KINDS  # noqa: E402
 from shira_hooks.tools import atomic_write, command_line, machine  # noqa: E402
+
+import methods as M  # noqa: E402
+import tasks as T  # noqa: E402
 
 CACHE = Path(os.environ.get("SHIRA_HOOKS_CACHE", Path.home() / ".cache" / "shira_hooks")) / "quality"
 # The pilot's candidates per model (``--pilot``); the tasks kept are the three whose LoRA validation
@@ -271,7 +272,7 @@ def stage_seeds(run: Run) -> None:
     """Seeds 1.. at the chosen rates, one seed after the other (a stopped run leaves whole seeds). The LM's
     baseline (zero-shot) has no seed."""
     for seed in range(1, max(len(run.seeds_of(m)) for m in [*run.methods, baseline_of(run)])):
-        for name, task in run.tasks.items():
+        for task in run.tasks.values():
             if run.kind == "encoder" and run.train_baseline and seed in run.seeds:
                 cell(run, task, baseline_of(run), run.settings["head_lr"], seed)
             for method in run.methods:

@@ -154,7 +154,7 @@ def atomic_write(path: str | os.PathLike, payload: bytes) -> Path:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor (any dtype, bfloat16 included), without a copy if contiguous."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data  # a memoryview of the array's buffer
 
 
 def digest(tensor: torch.Tensor, size: int = 8) -> str:
@@ -201,7 +201,7 @@ def read_safetensors(path: str | os.PathLike, *, device: str | torch.device = "c
     try:
         with safe_open(path, framework="pt", device=str(device)) as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has keys() but is not iterable)
     except SafetensorError as error:
         raise _unreadable(where, size, device, error) from None
     return metadata, tensors

@@ -29,9 +29,9 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors.torch import save as save_safetensors
@@ -218,11 +218,13 @@ class SparseAdapter:
         """The adapter as safetensors bytes, values stored as ``dtype`` (float32, bfloat16 or float16)."""
         if dtype not in _VALUE_DTYPES:
             raise ShiraError(f"cannot store adapter values as {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
-        tensors, modules = {}, {}
+        tensors: dict[str, torch.Tensor] = {}
+        modules: dict[str, dict[str, object]] = {}
         for name, delta in self.deltas.items():
             modules[name] = {"shape": list(delta.shape), "dtype": dtype_name(delta.dtype), "fingerprint": delta.fingerprint}
             if delta.block > 1:  # one index per run: its block number
                 blocks = block_starts(delta.indices, delta.block)
+                assert blocks is not None  # SparseDelta refuses a block > 1 whose indices are not aligned runs
                 tensors[f"{name}.indices"] = blocks.to(index_dtype(delta.numel // delta.block)).contiguous()
                 modules[name]["block"] = delta.block
             else:
@@ -247,7 +249,7 @@ class SparseAdapter:
         return atomic_write(path, self.to_bytes(dtype=dtype))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "SparseAdapter":
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> SparseAdapter:
         """Read and validate an adapter: a file written by ``save``, a folder written by ``save_pretrained``
         or a PEFT SHiRA folder (the one dispatch, ``formats.read``).
 
@@ -326,7 +328,7 @@ class SparseAdapter:
     @classmethod
     def from_peft(
         cls, source: str | os.PathLike | torch.nn.Module, *, base: torch.nn.Module | None = None, adapter_name: str | None = None
-    ) -> "SparseAdapter":
+    ) -> SparseAdapter:
         """Read a PEFT SHiRA adapter: a folder written by ``PeftModel.save_pretrained``, or a live ``PeftModel``.
 
         PEFT's module names become parameter names (``base_model.model.<path>`` -> ``<path>.weight``);
@@ -422,7 +424,7 @@ class SparseAdapter:
         )
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> "SparseAdapter":
+    def from_pretrained(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> SparseAdapter:
         """Read a folder written by ``save_pretrained``.
 
         The config's base model id, revision and license, when recorded, are kept in
@@ -486,7 +488,9 @@ class SparseAdapter:
         Example:
             >>> adapter.push_to_hub("me/smollm2-paint-shira", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
         """
-        return formats.get("folder").upload(
+        upload = formats.get("folder").upload
+        assert upload is not None  # the folder format (hub.py) registers one
+        return upload(
             self, repo_id, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype, license=license,
             private=private, token=token, commit_message=commit_message,
         )

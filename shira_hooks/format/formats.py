@@ -22,9 +22,10 @@ one ``register`` line in ``format/__init__``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ShiraError
 

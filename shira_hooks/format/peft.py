@@ -24,7 +24,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast
 
 import torch
 from safetensors.torch import save as save_safetensors
@@ -34,6 +34,9 @@ from .._base import atomic_write, digest, read_safetensors
 from ..errors import ShiraError
 from . import formats
 from .adapter import SparseAdapter, SparseDelta, dtype_name, parse_dtype
+
+if TYPE_CHECKING:
+    from peft import PeftModel, ShiraConfig
 
 PREFIX = "base_model.model."  # PEFT's name for the wrapped model inside a PeftModel
 CONFIG_NAME = "adapter_config.json"
@@ -86,6 +89,7 @@ def _check_exportable(adapter: SparseAdapter, base: nn.Module | None) -> None:
         return
     for name, delta in adapter.deltas.items():
         module = _base_module(base, module_path(name), "to_peft")
+        assert isinstance(module, torch.nn.Linear)  # checked above
         if tuple(module.weight.shape) != tuple(delta.shape):
             raise ShiraError(
                 f"adapter weight '{name}' has shape {list(delta.shape)}, the base's is {list(module.weight.shape)}; "
@@ -106,7 +110,7 @@ def peft_rank(adapter: SparseAdapter) -> int:
         ShiraError: some weight cannot hold ``r * (m + n)`` entries (PEFT requires at most m * n).
     """
     fits = {name: math.ceil(d.indices.numel() / sum(d.shape)) for name, d in adapter.deltas.items()}
-    widest = max(fits, key=fits.get)
+    widest = max(fits, key=lambda name: fits[name])
     r = max(1, fits[widest])
     for name, delta in adapter.deltas.items():
         m, n = delta.shape
@@ -228,13 +232,24 @@ def _folder_layers(where: str, tensors: dict[str, torch.Tensor]) -> dict[str, tu
     return layers
 
 
-def _live_layers(model: nn.Module, adapter_name: str | None) -> tuple[int, dict[str, Any], dict[str, tuple[torch.Tensor, ...]]]:
+class _ShiraLayer(Protocol):
+    """What ``_live_layers`` reads of a PEFT ``ShiraLayer`` (found by its ``shira_indices``), per adapter name."""
+
+    shira_indices: dict[str, torch.Tensor]
+    shira_weight: nn.ParameterDict
+    scaling: dict[str, float]
+    merged_adapters: list[str]
+
+    def get_base_layer(self) -> nn.Linear: ...  # PEFT SHiRA adapts nn.Linear only
+
+
+def _live_layers(model: PeftModel, adapter_name: str | None) -> tuple[int, dict[str, Any], dict[str, tuple[torch.Tensor, ...]]]:
     """(r, config as a dict, {module path: (indices, values * scaling, base weight)}) of a live PeftModel."""
     name = adapter_name or model.active_adapter
     configs = model.peft_config
     if name not in configs:
         raise ShiraError(f"from_peft: the PeftModel has no adapter {name!r} (it has {sorted(configs)}); pass adapter_name=")
-    config = configs[name]
+    config = cast("ShiraConfig", configs[name])  # a ShiraConfig once its peft_type is SHIRA, checked next
     kind = str(getattr(config.peft_type, "value", config.peft_type))  # PeftType is a str Enum
     if kind != "SHIRA":
         raise ShiraError(f"from_peft: adapter {name!r} is a {kind} adapter, not SHIRA; from_peft reads PEFT SHiRA adapters only")
@@ -243,10 +258,11 @@ def _live_layers(model: nn.Module, adapter_name: str | None) -> tuple[int, dict[
             f"from_peft: adapter {name!r} has modules_to_save={sorted(config.modules_to_save)} trained in full, which a "
             f"sparse adapter cannot hold; train without modules_to_save, or keep those modules' weights separately"
         )
-    layers = {}
-    for path, module in model.named_modules():
-        if name not in getattr(module, "shira_indices", {}):
+    layers: dict[str, tuple[torch.Tensor, ...]] = {}
+    for path, found in model.named_modules():
+        if name not in getattr(found, "shira_indices", {}):
             continue
+        module = cast(_ShiraLayer, found)  # a PEFT ShiraLayer: it holds shira_indices for this adapter
         if name in module.merged_adapters:
             raise ShiraError(
                 f"from_peft: module '{path.removeprefix(PREFIX)}' has adapter {name!r} merged into its weight, so the base weight is gone; "
@@ -290,7 +306,7 @@ def _recorded(where: str, header: dict[str, str], layers: dict[str, tuple]) -> t
     return recorded, metadata
 
 
-def _is_count(value: Any) -> bool:
+def _is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -330,6 +346,7 @@ def _infer_shape(where: str, path: str, r: int, indices: torch.Tensor) -> tuple[
 def from_peft(source: str | os.PathLike | nn.Module, base: nn.Module | None, adapter_name: str | None) -> tuple[dict[str, SparseDelta], dict[str, str], str]:
     """(deltas, metadata, context) for SparseAdapter.from_peft, which documents the rules."""
     recorded: dict[str, dict] = {}
+    metadata: dict[str, str] = {}
     if isinstance(source, torch.nn.Module):
         from peft import PeftModel
 
@@ -338,7 +355,7 @@ def from_peft(source: str | os.PathLike | nn.Module, base: nn.Module | None, ada
         if base is not None:
             raise ShiraError("from_peft: base= is only for a folder; a PeftModel already holds its base weights")
         r, config, live = _live_layers(source, adapter_name)
-        where, metadata = "from_peft", {}
+        where = "from_peft"
         layers = {path: (indices, values) for path, (indices, values, _) in live.items()}
         weights = {path: weight for path, (_, _, weight) in live.items()}
     else:
@@ -381,17 +398,18 @@ def from_peft(source: str | os.PathLike | nn.Module, base: nn.Module | None, ada
         # sorted; duplicates add, as in PEFT. check_invariants is explicit: left implicit, torch warns that it skips it
         coo = torch.sparse_coo_tensor(flat.unsqueeze(0), values[keep], (m * n,), check_invariants=True).coalesce()
         flat = coo.indices()[0].to(torch.int32 if m * n < 2**31 else torch.int64)
-        exact = info is not None and bool(keep.sum() == info["entries"])  # the index set to_peft recorded
+        # the fingerprint to_peft recorded, when the entries kept are the index set it recorded
+        recorded_fingerprint = info["fingerprint"] if info is not None and bool(keep.sum() == info["entries"]) else ""
         if weight is not None:
             dtype, fingerprint = weight.dtype, digest(weight.detach().reshape(-1)[flat.long().to(weight.device)])
-            if exact and info["fingerprint"] and info["fingerprint"] != fingerprint:
+            if recorded_fingerprint and recorded_fingerprint != fingerprint:
                 raise ShiraError(
                     f"{where}: module '{path}': the base's values at the adapter's entries do not match the recorded "
-                    f"fingerprint {info['fingerprint']}; pass the base model it was trained on, or leave out base="
+                    f"fingerprint {recorded_fingerprint}; pass the base model it was trained on, or leave out base="
                 )
         else:
             dtype = parse_dtype(info["dtype"], f"{where}: module '{path}'") if info else torch.float32
-            fingerprint = info["fingerprint"] if exact else ""
+            fingerprint = recorded_fingerprint
         deltas[f"{path}.weight"] = SparseDelta((m, n), dtype, flat, coo.values().contiguous(), fingerprint)
     return deltas, {str(k): str(v) for k, v in metadata.items()}, f"{where}: "
 

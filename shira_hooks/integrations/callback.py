@@ -136,6 +136,8 @@ class ShiraCallback(TrainerCallback):
             if self.handle is None or not self.handle.attached:
                 self.handle = self._attach(model, train_dataloader)
         self._check_model(model)
+        handle = self.handle
+        assert handle is not None  # attached above, or _check_model raised
         checkpoint = self.resume_from
         if checkpoint is None and state.global_step > 0:
             checkpoint = self._run_dir(args, state) / f"checkpoint-{state.global_step}"
@@ -146,11 +148,11 @@ class ShiraCallback(TrainerCallback):
                     f"resuming at step {state.global_step} but {path} does not exist, so the masks of the interrupted run are "
                     f"unknown; pass ShiraCallback(..., resume_from=<the checkpoint folder>)"
                 )
-            self.handle.load_state(path)
+            handle.load_state(path)
             logger.info("shira_hooks: masks and base values restored from %s", path)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         if isinstance(inner, torch.optim.Optimizer):
-            self.handle.check_optimizer(inner)
+            handle.check_optimizer(inner)
 
     def _attach(self, model, dataloader) -> ShiraHandle:
         kwargs = dict(self.attach_kwargs)

@@ -67,7 +67,7 @@ def csr_pattern(index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 def csr_pattern_on(pattern: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``pattern`` on ``device``."""
-    return csr_zeros(pattern.crow_indices().to(device), pattern.col_indices().to(device), tuple(pattern.shape))
+    return csr_zeros(pattern.crow_indices().to(device), pattern.col_indices().to(device), (pattern.shape[0], pattern.shape[1]))
 
 
 def csr_zeros(crow: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

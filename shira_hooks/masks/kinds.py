@@ -8,8 +8,8 @@ it is scored on gradients (``needs_scores``: calibration), whether choosing it r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

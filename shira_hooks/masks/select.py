@@ -8,7 +8,8 @@ blocks the way it chooses entries when ``block`` > 1; the budget is then rounded
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Union
+from collections.abc import Callable, Iterable
+from typing import TypeAlias
 
 from torch import nn
 
@@ -26,9 +27,7 @@ HEADS = {
 HEAD_NAMES = tuple(name for name, (excluded, _) in HEADS.items() if excluded)
 TASK_HEAD_NAMES = tuple(name for name, (_, fresh) in HEADS.items() if fresh)
 
-TargetSpec = Union[
-    None, str, Iterable[Union[str, type]], type, tuple, Callable[[str, nn.Module], bool]
-]
+TargetSpec: TypeAlias = None | str | Iterable[str | type] | type | tuple | Callable[[str, nn.Module], bool]
 
 
 def in_task_head(param_name: str) -> bool:
@@ -57,6 +56,7 @@ def _output_head_ids(model: nn.Module) -> set[int]:
 
 
 def _matcher(target_modules: TargetSpec) -> Callable[[str, nn.Module], bool]:
+    assert target_modules is not None  # None (the default targets) is handled by the caller
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
         return lambda name, module: pattern.fullmatch(name) is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -61,13 +61,13 @@ class AdapterBank:
         """Pack the weights these adapters write that nothing has packed yet (all in one ``pack``)."""
         if not self.pack:
             return
-        targets, seen = [], set()
+        targets: list[tuple[str, nn.Module, str, nn.Parameter]] = []
+        seen: set[str] = set()
         for adapter in adapters:
             for name in adapter.deltas:
                 module = find_module(self.model, name)
                 attr = name.rsplit(".", 1)[-1]
-                param = module._parameters.get(attr) if module is not None else None
-                if param is None or name in seen or owner_of(module) is not None:
+                if module is None or (param := module._parameters.get(attr)) is None or name in seen or owner_of(module) is not None:
                     continue  # missing weights are apply's to report; packed ones stay where they are
                 seen.add(name)
                 targets.append((name, module, attr, param))
@@ -131,7 +131,7 @@ class AdapterBank:
             while self.packed:
                 self.packed.pop().unpack()
 
-    def __enter__(self) -> "AdapterBank":
+    def __enter__(self) -> AdapterBank:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,8 +6,8 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -40,17 +40,17 @@ def fuse(adapters: Sequence[SparseAdapter | str | os.PathLike], weights: Sequenc
         ShiraError: no adapters, a weight count mismatch, modules whose shape or dtype
             disagree between adapters, or an adapter that does not match ``base``.
     """
-    adapters = [as_adapter(adapter, where="fuse()") for adapter in adapters]  # paths are loaded
-    if len(adapters) < 1:
+    loaded = [as_adapter(adapter, where="fuse()") for adapter in adapters]  # paths are loaded
+    if len(loaded) < 1:
         raise ShiraError("fuse() needs at least one adapter")
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise ShiraError(f"fuse() got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
+    weights = [1.0] * len(loaded) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(loaded):
+        raise ShiraError(f"fuse() got {len(loaded)} adapters but {len(weights)} weights; give one weight per adapter")
     params = dict(base.named_parameters()) if base is not None else {}
-    names = list(dict.fromkeys(name for adapter in adapters for name in adapter.deltas))
+    names = list(dict.fromkeys(name for adapter in loaded for name in adapter.deltas))
     fused = {}
     for name in names:
-        parts = [(adapter.deltas[name], w) for adapter, w in zip(adapters, weights) if name in adapter.deltas]
+        parts = [(adapter.deltas[name], w) for adapter, w in zip(loaded, weights) if name in adapter.deltas]
         first = parts[0][0]
         for delta, _ in parts[1:]:
             if delta.shape != first.shape or delta.dtype != first.dtype:
@@ -73,7 +73,7 @@ def fuse(adapters: Sequence[SparseAdapter | str | os.PathLike], weights: Sequenc
             fingerprint = first.fingerprint if same_entries else ""
         block = math.gcd(*(d.block for d, _ in parts))
         fused[name] = SparseDelta(first.shape, first.dtype, union.to(index_dtype(first.numel)), values, fingerprint, block)
-    metadata = {"mask": "fused", "fused_weights": json.dumps(weights), "fused_masks": json.dumps([a.metadata.get("mask", "?") for a in adapters])}
+    metadata = {"mask": "fused", "fused_weights": json.dumps(weights), "fused_masks": json.dumps([a.metadata.get("mask", "?") for a in loaded])}
     return SparseAdapter(fused, metadata)
 
 

@@ -36,8 +36,8 @@ import math
 import threading
 import warnings
 import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -87,7 +87,7 @@ class _Route:
                 group[-1][1] += 1
             else:
                 group.append([row, 1])
-        self.groups: list[tuple[int, list[tuple[int, int]]]] = [(p, [tuple(r) for r in rs]) for p, rs in sorted(runs.items())]
+        self.groups: list[tuple[int, list[tuple[int, int]]]] = [(p, [(r[0], r[1]) for r in rs]) for p, rs in sorted(runs.items())]
         self._inputs: tuple[weakref.ref, int, torch.dtype, list[torch.Tensor]] | None = None
 
     def transposed_inputs(self, x: torch.Tensor, batch_dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -330,7 +330,7 @@ class MixedAdapters:
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> "MixedAdapters":
+    def __enter__(self) -> MixedAdapters:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -362,7 +362,7 @@ def _check_arguments(adapters: Mapping[str, SparseAdapter | str], alpha: float |
         if not isinstance(name, str):
             raise ShiraError(f"adapter name {name!r} is a {type(name).__name__}; names must be strings (None means the base in route())")
     names = list(adapters)
-    given = dict(alpha) if isinstance(alpha, Mapping) else {name: alpha for name in names}
+    given = dict(alpha) if isinstance(alpha, Mapping) else dict.fromkeys(names, alpha)
     extra = sorted(set(given) - set(names), key=str)
     if extra:
         raise ShiraError(f"alpha names unknown adapter(s) {extra}; the adapters are {names}")
@@ -447,7 +447,7 @@ def _target_layers(model: nn.Module, names: list[str], adapters: list[SparseAdap
             if alpha == 0:  # no effect: the rows keep the base output exactly
                 continue
             index = delta.indices.to(module.weight.device, torch.int64)
-            pattern = csr_pattern(index, tuple(delta.shape))
+            pattern = csr_pattern(index, (delta.shape[0], delta.shape[1]))  # (out, in) of an nn.Linear
             # float32 (float64 for float64 weights); cast to the output's compute dtype at the first routed pass
             dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
             values = alpha * delta.values.to(module.weight.device, dtype)

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -45,7 +45,8 @@ from ..masks import TargetSpec, resolve_targets
 __all__ = ["pack", "PackedWeights"]
 
 ALIGN_BYTES = 4096  # every weight starts a multiple of this into its arena: aligned runs up to this size stay whole
-_OWNERS = WeakIdTable()  # module -> PackedWeights that packed one of its parameters (values hold modules weakly)
+# module -> PackedWeights that packed one of its parameters (values hold modules weakly)
+_OWNERS: WeakIdTable[nn.Module, PackedWeights] = WeakIdTable()
 
 
 @dataclass(eq=False)
@@ -53,16 +54,28 @@ class _Slot:
     """One packed weight: where it lives (module and attribute) and where it was put."""
 
     name: str
-    module: weakref.ref
+    module: weakref.ref[nn.Module]
     attr: str
-    param: weakref.ref
+    param: weakref.ref[nn.Parameter]
     arena: int = -1  # index into PackedWeights._arenas
     offset: int = 0  # element offset of the weight's first element in the arena
+
+    def parameter(self) -> nn.Parameter:
+        """The parameter, where something holds it: the model while it is packed, the caller while packing."""
+        param = self.param()
+        assert param is not None, f"packed weight '{self.name}' was freed"
+        return param
+
+    def holder(self) -> nn.Module:
+        """The module, where the model holds it (while packing)."""
+        module = self.module()
+        assert module is not None, f"the module of packed weight '{self.name}' was freed"
+        return module
 
 
 @dataclass(eq=False)
 class _Arena:
-    tensor: weakref.ref  # the (numel,) arena: alive while a weight lives in it (module docstring)
+    tensor: weakref.ref[torch.Tensor]  # the (numel,) arena: alive while a weight lives in it (module docstring)
     device: torch.device
     dtype: torch.dtype
     ptr: int  # its data_ptr
@@ -105,7 +118,7 @@ class PackedWeights:
         state = "closed" if self.closed else ("packed" if self.packed else "moved: repack() or the next apply packs it again")
         return f"PackedWeights({len(self._slots)} weights in {len(self._live_arenas())} arenas, {state})"
 
-    def __enter__(self) -> "PackedWeights":
+    def __enter__(self) -> PackedWeights:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -121,7 +134,8 @@ class PackedWeights:
         return None if module is None else module._parameters.get(slot.attr)
 
     def _holds(self, slot: _Slot, param: torch.Tensor | None) -> bool:
-        return param is not None and slot.arena >= 0 and param is slot.param() and _in_arena(param, self._arenas[slot.arena], slot.offset)
+        held = slot.param()
+        return held is not None and held is param and slot.arena >= 0 and _in_arena(held, self._arenas[slot.arena], slot.offset)
 
     @property
     def packed(self) -> bool:
@@ -158,8 +172,8 @@ class PackedWeights:
         stale = {slot.arena for slot in self._slots if slot.module() is not None and not self._holds(slot, self._current(slot))}
         if not stale:
             return 0
-        moving = [slot for slot in self._slots if slot.arena in stale and self._current(slot) is not None]
-        params = [self._current(slot) for slot in moving]
+        pairs = [(slot, param) for slot in self._slots if slot.arena in stale and (param := self._current(slot)) is not None]
+        moving, params = [slot for slot, _ in pairs], [param for _, param in pairs]
         model = self._model()
         _validate([(s.name, p) for s, p in zip(moving, params)], model, others_packed=self._packed_ids(exclude=moving))
         for slot, param in zip(moving, params):
@@ -167,7 +181,7 @@ class PackedWeights:
         self._place(moving)
         return len(moving)
 
-    def _packed_ids(self, exclude: list[_Slot] = ()) -> set[int]:
+    def _packed_ids(self, exclude: Iterable[_Slot] = ()) -> set[int]:
         skip = {id(s) for s in exclude}
         return {id(p) for s in self._slots if id(s) not in skip and (p := self._current(s)) is not None and self._holds(s, p)}
 
@@ -180,7 +194,7 @@ class PackedWeights:
             for index in range(len(self._arenas)):
                 for slot in self._slots:
                     param = self._current(slot)
-                    if slot.arena == index and self._holds(slot, param):
+                    if param is not None and slot.arena == index and self._holds(slot, param):
                         own = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
                         storage_flat(own).copy_(storage_flat(param.detach()))
                         param.data = own
@@ -197,19 +211,20 @@ class PackedWeights:
         limit = int(self.chunk_mb * 2**20)
         groups: dict[tuple, list[_Slot]] = {}
         for slot in slots:
-            param = slot.param()
+            param = slot.parameter()
             groups.setdefault((param.device, param.dtype), []).append(slot)
         for (device, dtype), members in groups.items():
             align = max(1, ALIGN_BYTES // dtype.itemsize)
-            chunk, size = [], 0
-            for slot in members + [None]:  # None flushes the last chunk
-                numel = slot.param().numel() if slot is not None else 0
+            chunk: list[tuple[_Slot, int]] = []
+            size = 0
+            for member in [*members, None]:  # None flushes the last chunk
+                numel = member.parameter().numel() if member is not None else 0
                 padded = -(-numel // align) * align
-                if chunk and (slot is None or (size + padded) * dtype.itemsize > limit):
+                if chunk and (member is None or (size + padded) * dtype.itemsize > limit):
                     self._fill(chunk, device, dtype, size)
                     chunk, size = [], 0
-                if slot is not None:
-                    chunk.append((slot, size))
+                if member is not None:
+                    chunk.append((member, size))
                     size += padded
 
     @torch.no_grad()
@@ -218,7 +233,7 @@ class PackedWeights:
         record = _Arena(weakref.ref(arena), device, dtype, arena.data_ptr(), numel)
         self._arenas.append(record)
         for slot, offset in chunk:
-            param = slot.param()
+            param = slot.parameter()
             storage = _alias(arena, offset, param.numel())
             if storage.data_ptr() == arena.data_ptr() and offset:  # no DLPack here: views of the arena's storage,
                 record.kept = arena  # which do not keep the arena tensor itself alive
@@ -232,7 +247,9 @@ class PackedWeights:
         slot = self._by_module.get((id(module), attr))
         if slot is None or slot.module() is not module or not self._holds(slot, param):
             return None
-        return self._arenas[slot.arena].tensor(), slot.offset
+        arena = self._arenas[slot.arena].tensor()
+        assert arena is not None  # _holds saw it alive, and the weight in it keeps it so
+        return arena, slot.offset
 
 
 def _alias(arena: torch.Tensor, offset: int, numel: int) -> torch.UntypedStorage:
@@ -260,7 +277,7 @@ def any_packed() -> bool:
     return bool(_OWNERS.entries)
 
 
-def _validate(named: list[tuple[str, nn.Parameter]], model: nn.Module | None, others_packed: set[int] = frozenset()) -> None:
+def _validate(named: list[tuple[str, nn.Parameter]], model: nn.Module | None, others_packed: Collection[int] = frozenset()) -> None:
     """Refuse, before anything is copied, weights that cannot be packed soundly (see ``pack``'s Raises)."""
     ids = {id(p) for _, p in named}
     for name, param in named:
@@ -327,11 +344,11 @@ def pack_parameters(model: nn.Module, targets: list[tuple[str, nn.Module, str, n
     slots = _slots_for(model, targets)
     if not slots:
         raise ShiraError("pack() was given no weights to pack")
-    _validate([(s.name, s.param()) for s in slots], model)
+    _validate([(s.name, s.parameter()) for s in slots], model)
     packed = PackedWeights(model, slots, chunk_mb)
     packed._place(slots)
     for slot in slots:
-        _OWNERS.set(slot.module(), packed)
+        _OWNERS.set(slot.holder(), packed)
     return packed
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import operator
 import weakref
+from itertools import repeat
+from typing import cast
 
 import torch
 from torch import nn
@@ -30,7 +32,7 @@ from . import packing
 from .state import Prepared, WeightState
 
 # Called through map() over all targets: one C-level pass each, no Python frame per weight.
-_expired = torch.Storage._expired  # (weak storage reference) -> whether the storage was freed
+_expired = torch.UntypedStorage._expired  # (weak storage reference) -> whether the storage was freed (what torch.Storage._expired calls)
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _version = operator.attrgetter("_version")
@@ -63,10 +65,13 @@ class _Single:
     def __init__(self, position: int, weight: WeightState, prep: Prepared, param: nn.Parameter):
         self.position, self.weight, self.prep = position, weight, prep
         self.unit = prep.source.block if prep.runs is not None else 1
-        self.index = prep.runs if self.unit > 1 else prep.index
+        index = prep.runs if self.unit > 1 else prep.index
+        assert index is not None and prep.base is not None  # placed and read by apply's checks before a plan is built
+        self.index = index
         self.contiguous = param.is_contiguous()  # else storage positions through storage_flat
         self.base = self._shaped(prep.base)
-        self.written, self.written_of = None, None
+        self.written: torch.Tensor | None = None  # prep.written shaped for the write, made at the first apply
+        self.written_of: torch.Tensor | None = None  # the prep.written it was made from
 
     def _shaped(self, values: torch.Tensor) -> torch.Tensor:
         return values.view(-1, self.unit) if self.unit > 1 else values
@@ -79,10 +84,15 @@ class _Single:
     def apply(self, params: list[nn.Parameter], alpha: float) -> None:
         weight, prep, param = self.weight, self.prep, params[self.position]
         if prep.alpha != alpha:
+            assert prep.base is not None and prep.delta is not None  # placed and read by the checks, kept while planned
             prep.written, prep.alpha = written_values(prep.base, prep.delta, alpha), alpha
-        if self.written_of is not prep.written:
-            self.written, self.written_of = self._shaped(prep.written), prep.written
-        self._target(param).index_copy_(0, self.index, self.written)
+        written = prep.written
+        assert written is not None  # made above, or by an earlier write at this alpha
+        shaped = self.written
+        if shaped is None or self.written_of is not written:
+            shaped = self.written = self._shaped(written)
+            self.written_of = written
+        self._target(param).index_copy_(0, self.index, shaped)
         weight.version = param._version
 
     def restore(self, params: list[nn.Parameter]) -> None:
@@ -110,31 +120,43 @@ class _Shared:
         self.arena = weakref.ref(arena)
         self.unit = unit
         self.rows = arena.numel() // unit
-        index, base, delta = [], [], []
+        index: list[torch.Tensor] = []
+        base: list[torch.Tensor] = []
+        delta: list[torch.Tensor] = []
         for _, _, prep, offset in members:  # sorted by arena offset: ascending positions
-            index.append(prep.runs + offset // unit if unit > 1 else prep.index + offset)
+            # placed and read by apply's checks before a plan is built; unit > 1 only where runs exist (_unit)
+            assert prep.index is not None and prep.base is not None and prep.delta is not None
+            if unit > 1:
+                assert prep.runs is not None
+                index.append(prep.runs + offset // unit)
+            else:
+                index.append(prep.index + offset)
             base.append(prep.base)
             delta.append(prep.delta)
         self.index = torch.cat(index)
         self.base, self.delta = torch.cat(base), torch.cat(delta)
         start = 0
-        for _, _, prep, _ in members:  # the Prepared tensors become views of the concatenated ones
-            end = start + prep.base.numel()
+        for (_, _, prep, _), values in zip(members, base):  # the Prepared tensors become views of the concatenated ones
+            end = start + values.numel()
             prep.base, prep.delta = self.base[start:end], self.delta[start:end]
             start = end
-        self.written, self.alpha = None, None
+        self.written: torch.Tensor | None = None  # base + alpha * delta, cast, for `alpha`
+        self.alpha: float | None = None
 
     def _target(self) -> torch.Tensor:
-        arena = self.arena()  # alive: the plan checked that its weights still live in it
+        arena = self.arena()
+        assert arena is not None  # alive: the plan checked that its weights still live in it
         return arena[: self.rows * self.unit].view(self.rows, self.unit) if self.unit > 1 else arena
 
     def _shaped(self, values: torch.Tensor) -> torch.Tensor:
         return values.view(-1, self.unit) if self.unit > 1 else values
 
     def apply(self, params: list[nn.Parameter], alpha: float) -> None:
-        if self.alpha != alpha:
-            self.written, self.alpha = written_values(self.base, self.delta, alpha), alpha
-        self._target().index_copy_(0, self.index, self._shaped(self.written))
+        written = self.written
+        if written is None or self.alpha != alpha:
+            written = self.written = written_values(self.base, self.delta, alpha)
+            self.alpha = alpha
+        self._target().index_copy_(0, self.index, self._shaped(written))
 
     def restore(self, params: list[nn.Parameter]) -> None:
         self._target().index_copy_(0, self.index, self._shaped(self.base))
@@ -151,7 +173,7 @@ def _unit(prep: Prepared, offset: int) -> int:
 
 def _groups(targets: list[tuple[WeightState, Prepared]], params: list[nn.Parameter], holders: list[tuple[nn.Module, str]]) -> list:
     """Weights packed in one arena share a write per unit; the others write alone."""
-    by_arena: dict[int, tuple[torch.Tensor, list]] = {}
+    by_arena: dict[int, tuple[torch.Tensor, list[tuple[int, WeightState, Prepared, int]]]] = {}  # (position, weight, prep, offset)
     groups: list = []
     for position, ((weight, prep), param, (module, attr)) in enumerate(zip(targets, params, holders)):
         owner = packing.owner_of(module)
@@ -163,11 +185,12 @@ def _groups(targets: list[tuple[WeightState, Prepared]], params: list[nn.Paramet
         by_arena.setdefault(id(arena), (arena, []))[1].append((position, weight, prep, offset))
     for arena, members in by_arena.values():
         members.sort(key=lambda member: member[3])
-        by_unit: dict[int, list] = {}
+        by_unit: dict[int, list[tuple[int, WeightState, Prepared, int]]] = {}
         for member in members:
             by_unit.setdefault(_unit(member[2], member[3]), []).append(member)
         for unit, same in by_unit.items():
-            groups.append(_Shared(arena, same, unit) if len(same) > 1 else _Single(*same[0][:3], params[same[0][0]]))
+            position, weight, prep, _ = same[0]
+            groups.append(_Shared(arena, same, unit) if len(same) > 1 else _Single(position, weight, prep, params[position]))
     return groups
 
 
@@ -178,17 +201,22 @@ class SwitchPlan:
         self.targets = [(weight, prep) for _, weight, prep in targets]
         self.skipped = list(skipped)
         self.verified = verified  # built under check_base=True: fingerprints were checked at these tokens
-        parents: dict[int, weakref.ref] = {}  # every module on the way from the model to a target
-        self.holders: list[tuple[weakref.ref, str]] = []  # (module, attribute) holding each target
-        params = []
-        for name, weight, prep in targets:
+        parents: dict[int, nn.Module] = {}  # every module on the way from the model to a target (while building)
+        holding: list[tuple[nn.Module, str]] = []  # (module, attribute) holding each target (while building)
+        params: list[nn.Parameter] = []
+        for name, weight, _ in targets:
             *path, leaf = name.split(".")
             module = model
             for key in path:
-                parents.setdefault(id(module), weakref.ref(module))
-                module = module._modules[key]
-            self.holders.append((weakref.ref(module), leaf))
-            params.append(weight.param())
+                parents.setdefault(id(module), module)
+                child = module._modules[key]
+                assert child is not None  # apply's checks just found the target's parameter down this path
+                module = child
+            holding.append((module, leaf))
+            param = weight.param()
+            assert param is not None  # alive: apply's checks just found it in the model
+            params.append(param)
+        self.holders = [(weakref.ref(module), leaf) for module, leaf in holding]  # held weakly from now on
         # Per module on the way: the ids of all its children, in order. A child replaced by another object
         # changes them; an id reused by a new object at a freed one's address is caught by the weak
         # reference to the freed module (a parent here, or a holder).
@@ -196,8 +224,8 @@ class SwitchPlan:
         # now, so a replaced child or parameter is not kept alive; a module taken out of the model keeps
         # its dicts alive only until the next apply (live() fails on its parent's dict, and the model's
         # plans are dropped).
-        self.edges = [(d := ref()._modules, tuple(map(id, d.values()))) for ref in parents.values()]
-        self.getters = [(ref()._parameters.get, leaf) for ref, leaf in self.holders]
+        self.edges = [(d := parent._modules, tuple(map(id, d.values()))) for parent in parents.values()]
+        self.getters = [(module._parameters.get, leaf) for module, leaf in holding]
         self.weights = [weight for weight, _ in self.targets]
         self.refs = [weight.param for weight in self.weights]  # weak references to the parameters
         self.ptrs = [weight.ptr for weight in self.weights]
@@ -207,7 +235,7 @@ class SwitchPlan:
         self.sources = tuple(map(id, self.deltas))
         # Row-major weights: is_contiguous() (a flag) stands for the full stride comparison.
         self.strided = [(i, param.stride()) for i, param in enumerate(params) if not param.is_contiguous()]
-        self.groups = _groups(self.targets, params, [(ref(), leaf) for ref, leaf in self.holders])
+        self.groups = _groups(self.targets, params, holding)
         # Packed writes leave Tensor._version alone, so a plan without per-weight writes compares the
         # versions with those it was built at; per-weight writes (also another plan's) bump and record them.
         self.singles = any(isinstance(group, _Single) for group in self.groups)
@@ -246,11 +274,16 @@ class SwitchPlan:
         if not all(tuple(map(id, children.values())) == ids for children, ids in self.edges):
             self.restructured = True  # the module tree changed on the way to a target: every plan of the model is stale
             return None
-        params = [get(leaf) for get, leaf in self.getters]
+        found = [get(leaf) for get, leaf in self.getters]
         if tuple(map(id, adapter.deltas.values())) != self.sources:  # a delta replaced, added or removed
             return None
-        same = all(map(operator.is_, params, map(_call, self.refs)))  # the same Parameter objects
-        return params if same and self._unchanged(params) else None
+        if not all(map(operator.is_, found, map(_call, self.refs))):  # the same Parameter objects
+            return None
+        # None is None: a parameter set to None whose old object was freed (the checks then say it is missing)
+        if any(map(operator.is_, found, repeat(None))):
+            return None
+        params = cast("list[nn.Parameter]", found)  # none is None (checked above)
+        return params if self._unchanged(params) else None
 
     def current(self) -> list[nn.Parameter] | None:
         """For ``remove``: the parameters ``apply`` wrote to, if each still has the storage it wrote to; else None.
@@ -260,8 +293,11 @@ class SwitchPlan:
         next ``apply`` through ``Tensor._version``. A weight given new storage needs ``remove``'s full path,
         which follows it.
         """
-        params = list(map(_call, self.refs))
-        if any(param is None for param in params) or list(map(_data_ptr, params)) != self.ptrs:
+        found = list(map(_call, self.refs))
+        if any(param is None for param in found):
+            return None
+        params = cast("list[nn.Parameter]", found)  # none is None (checked above)
+        if list(map(_data_ptr, params)) != self.ptrs:
             return None
         if any(map(_expired, self.storage_ids)) or any(ref() is None for ref in self.arenas):
             return None

@@ -12,6 +12,7 @@ import itertools
 import threading
 import weakref
 from collections import OrderedDict
+from typing import Literal, Protocol, overload
 
 import torch
 from torch import nn
@@ -71,6 +72,7 @@ class Prepared:
         """(k,) the values of ``flat`` (= storage_flat(weight)) at the entries, in index order."""
         if self.runs is not None:
             return flat.view(-1, self.source.block).index_select(0, self.runs).view(-1)
+        assert self.index is not None  # placed: apply's checks place every Prepared before a read
         return flat.index_select(0, self.index)
 
     def write(self, flat: torch.Tensor, values: torch.Tensor) -> None:
@@ -83,6 +85,7 @@ class Prepared:
             block = self.source.block
             flat.view(-1, block).index_copy_(0, self.runs, values.reshape(-1, block))
         else:
+            assert self.index is not None  # placed, as for read
             flat.index_copy_(0, self.index, values)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -92,13 +95,19 @@ class Prepared:
         return [t for t in held if t is not None and not any(t is o for o in own)]
 
 
+class Plan(Protocol):
+    """What this module needs of a ``plan.SwitchPlan`` (``plan`` imports this module, not the reverse)."""
+
+    def tensors(self) -> list[torch.Tensor]: ...
+
+
 class AdapterCache:
     """One adapter's precomputation for one model: a ``Prepared`` per weight name."""
 
     def __init__(self) -> None:
         self.prepared: dict[str, Prepared] = {}
         self.active = 0  # applications of the adapter currently in the model
-        self.plan = None  # the SwitchPlan of a whole-model switch (``plan``), built on first use
+        self.plan: Plan | None = None  # the SwitchPlan of a whole-model switch (``plan``), built on first use
 
     def evict(self) -> None:
         self.plan = None
@@ -111,7 +120,7 @@ class Applied:
 
     __slots__ = ("weight", "prepared", "originals")
 
-    def __init__(self, weight: "WeightState", prepared: Prepared, originals: torch.Tensor):
+    def __init__(self, weight: WeightState, prepared: Prepared, originals: torch.Tensor):
         self.weight = weight
         self.prepared = prepared
         self.originals = originals  # (k,) values before the write, weight dtype and device
@@ -155,9 +164,9 @@ class ModelState:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.weights = WeakIdTable()  # param -> WeightState
+        self.weights: WeakIdTable[nn.Parameter, WeightState] = WeakIdTable()
         self.stack: list = []  # active applications (``switch.AppliedAdapter``), oldest first
-        self.caches = WeakIdTable()  # adapter -> AdapterCache
+        self.caches: WeakIdTable[SparseAdapter, AdapterCache] = WeakIdTable()
         self.recent: OrderedDict[int, weakref.ref] = OrderedDict()  # removed adapters' caches, oldest first
         self.epoch = 0  # counts new weight tokens: a switch plan built at another epoch is stale
 
@@ -196,7 +205,9 @@ class ModelState:
             entry.prepared.follow(weight.layout, param)
         for ref in self.recent.values():  # removed adapters: no tensors left on the old device or dtype
             cache = ref()
-            prep = cache.prepared.get(weight.name) if cache is not None else None
+            if cache is None:
+                continue
+            prep = cache.prepared.get(weight.name)
             if prep is not None:
                 cache.plan = None  # its tensors are on the old device, its tokens are gone
             if prep is not None and prep.layout != weight.layout:
@@ -246,11 +257,18 @@ class ModelState:
         return sum(storages.values())
 
 
-STATES = WeakIdTable()  # model -> ModelState (the values never refer to the model)
+STATES: WeakIdTable[nn.Module, ModelState] = WeakIdTable()  # the values never refer to the model
 STATES_LOCK = threading.Lock()  # guards creating a model's state
 
 
+@overload
+def model_state(model: nn.Module, create: Literal[True] = True) -> ModelState: ...
+@overload
+def model_state(model: nn.Module, create: bool) -> ModelState | None: ...
+
+
 def model_state(model: nn.Module, create: bool = True) -> ModelState | None:
+    """The switching state of ``model``: made on first use, or None if it has none and not ``create``."""
     state = STATES.get(model)
     if state is None and create:
         with STATES_LOCK:

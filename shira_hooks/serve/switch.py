@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,17 @@ from ..errors import ShiraError
 from ..format import SparseAdapter, as_adapter, dtype_name
 from . import packing as _pack
 from .plan import SwitchPlan, written_values
-from .state import KEEP_RECENT, STATES, STATES_LOCK, AdapterCache, Applied, ModelState, Prepared, WeightState, model_state
+from .state import (
+    KEEP_RECENT,
+    STATES,
+    STATES_LOCK,
+    AdapterCache,
+    Applied,
+    ModelState,
+    Prepared,
+    WeightState,
+    model_state,
+)
 
 __all__ = ["apply", "AppliedAdapter", "applied", "check", "clear_cache", "KEEP_RECENT"]
 
@@ -72,6 +82,7 @@ def _base_values(weight: WeightState, param: nn.Parameter, prep: Prepared) -> to
     values = prep.read(weight.storage(param))
     for applied in reversed(weight.stack):  # matched on the sorted logical indices (storage ones need not be)
         theirs = applied.prepared.logical
+        assert theirs is not None and prep.logical is not None  # placed: by _check, and when applied
         position = torch.searchsorted(theirs, prep.logical).clamp_(max=theirs.numel() - 1)
         hit = theirs[position] == prep.logical
         values[hit] = applied.originals[position[hit]]
@@ -110,7 +121,7 @@ class AppliedAdapter:
     def __repr__(self) -> str:
         return f"AppliedAdapter({self.adapter!r}, alpha={self.alpha:g}, active={self.active})"
 
-    def __enter__(self) -> "AppliedAdapter":
+    def __enter__(self) -> AppliedAdapter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -129,7 +140,9 @@ class AppliedAdapter:
     def _materialize(self) -> None:
         """Record a planned application as per-weight writes (what stacking and out-of-order removal use)."""
         plan, self._plan = self._plan, None
+        assert plan is not None  # called only for a planned application
         for weight, prep in plan.targets:
+            assert prep.base is not None  # a plan is built on bases read by the checks
             entry = Applied(weight, prep, prep.base)  # the plan wrote over the base it holds
             weight.stack.append(entry)
             self._entries.append(entry)
@@ -143,11 +156,14 @@ class AppliedAdapter:
                 if param is None:  # the module's parameter was replaced by another object
                     continue
                 flat = weight.storage(param)
+                assert prep.delta is not None  # placed by _check
                 if not weight.stack and prep.base_token == weight.token:
                     originals = prep.base  # fast path: the base read (and verified) at this token is what is there
+                    assert originals is not None  # read with base_token
                     if prep.alpha != self.alpha:
-                        prep.written, prep.alpha = written_values(prep.base, prep.delta, self.alpha), self.alpha
+                        prep.written, prep.alpha = written_values(originals, prep.delta, self.alpha), self.alpha
                     values = prep.written
+                    assert values is not None  # made with alpha, here or at an earlier write
                 else:  # stacked on another adapter: read what is there
                     originals = prep.read(flat)
                     values = written_values(originals, prep.delta, self.alpha)
@@ -218,9 +234,10 @@ def find_module(model: nn.Module, name: str) -> nn.Module | None:
     """The module holding parameter ``name`` (``model.get_submodule``), or None."""
     module = model
     for part in name.split(".")[:-1]:
-        module = module._modules.get(part)
-        if module is None:
+        child = module._modules.get(part)
+        if child is None:
             return None
+        module = child
     return module
 
 
@@ -341,7 +358,8 @@ def apply(
         cache = state.cache(adapter)
         try:
             planned = not state.stack and check_base != "always"  # the serving switch: nothing applied below
-            plan = cache.plan if planned else None
+            # cache.plan holds only the SwitchPlans made below (state.py, which plan.py imports, names a protocol)
+            plan = cast("SwitchPlan | None", cache.plan) if planned else None
             params = plan.live(model, adapter, state.epoch) if plan is not None and _plan_fits(plan, model, strict, check_base) else None
             if plan is not None and plan.restructured:
                 state.drop_plans()  # they hold the children dicts of modules that may have left the model
@@ -352,11 +370,13 @@ def apply(
                 targets = [(weight, prep) for _, weight, prep in checked]
                 if planned:
                     plan = cache.plan = SwitchPlan(model, adapter, checked, skipped, verified=bool(check_base), epoch=state.epoch)
-                    params = [weight.param() for weight, _ in targets]
+                    params = cast("list[nn.Parameter]", [weight.param() for weight, _ in targets])  # alive: just checked
             else:
+                assert plan is not None  # params came from plan.live
                 targets, skipped = plan.targets, list(plan.skipped)
             handle = AppliedAdapter(model, adapter, alpha, skipped, state, cache, targets)
             if planned:
+                assert plan is not None and params is not None  # live, or made above
                 handle._write_planned(plan, params)
             else:
                 handle._write()

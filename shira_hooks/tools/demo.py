@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ DESCRIPTION = (
 FEATURES, CLASSES = 32, 8
 
 
-def make_task(seed: int, shift: float = 0.0, base_seed: int = 0):
+def make_task(seed: int, shift: float = 0.0, base_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels argmax(x @ R) for a fixed random R; ``shift`` mixes in a second random matrix."""
     rule = torch.randn(FEATURES, CLASSES, generator=torch.Generator().manual_seed(base_seed))
     if shift:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m shira_hooks demo"
     print(f"base model trained on task A: accuracy A {accuracy(model, *task_a):.3f}, B {accuracy(model, *task_b):.3f}")
 
     inputs, labels = task_b
-    scoring = {}  # grad and snip score the weights on batches of task B; struct, rand and wm need none
+    scoring: dict[str, Any] = {}  # grad and snip score the weights on batches of task B; struct, rand and wm need none
     if args.mask in CALIBRATED_KINDS:
         scoring["calibration"] = [(inputs[i : i + 128], labels[i : i + 128]) for i in range(0, 1024, 128)]
         scoring["loss_fn"] = lambda m, batch: nn.functional.cross_entropy(m(batch[0]), batch[1])

@@ -10,9 +10,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -27,7 +27,7 @@ class Stats:
     n: int
 
     @classmethod
-    def of(cls, samples: list[float]) -> "Stats":
+    def of(cls, samples: list[float]) -> Stats:
         return cls(statistics.median(samples), min(samples), max(samples), len(samples))
 
 
@@ -42,7 +42,8 @@ def time_pair(first: Callable[[], object], second: Callable[[], object], *, warm
         first(), second()
         if time.perf_counter() - started > budget / 4:
             break
-    firsts, seconds = [], []
+    firsts: list[float] = []
+    seconds: list[float] = []
     started = time.perf_counter()
     while len(firsts) < repeats and (len(firsts) < 3 or time.perf_counter() - started < budget):
         t0 = time.perf_counter()
@@ -56,7 +57,7 @@ def time_pair(first: Callable[[], object], second: Callable[[], object], *, warm
 
 
 def time_interleaved(
-    methods: dict[str, tuple[Callable[[], object], Callable[[], object]]], *, warmup: int, repeats: int, budget: float, settle: int = 1
+    methods: Mapping[str, tuple[Callable[[], object], Callable[[], object]]], *, warmup: int, repeats: int, budget: float, settle: int = 1
 ) -> dict[str, tuple[Stats, Stats, Stats]]:
     """``time_pair`` for several methods at once, interleaved round-robin.
 
