@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_changes_within_masks, llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, snapshot
 from torch import nn
 
 import shira_hooks
 from shira_hooks import ShiraError, digest
 from shira_hooks.train import dora
+
+from conftest import assert_changes_within_masks, llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, snapshot
 
 
 def _case(seed: int = 0, out: int = 6, inp: int = 9, k: int = 11, dtype=torch.float64):
