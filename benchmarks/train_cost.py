@@ -4,9 +4,13 @@
     python benchmarks/train_cost.py --quick           # tiny sizes, a smoke run (used by the tests)
 
 Every method runs in its own process (peak memory is per process): full fine-tuning, shira_hooks in
-its three modes (dense hooks, compact, sparse weight-gradients), PEFT LoRA (without and with dropout),
-PEFT SHiRA and PEFT DoRA, all at (nearly) the same number of trainable entries: 1% of every Linear
-weight of the transformer blocks for SHiRA, the LoRA rank with as many parameters. Model: SmolLM2-135M-Instruct (its cached
+its three modes (dense hooks, compact, sparse weight-gradients), SHiRA-DoRA over the sparse mode
+(``dora=True``: the cheap variant, and ``dora_rank=r`` with r the paper's size, below), PEFT LoRA (without
+and with dropout), PEFT SHiRA and PEFT DoRA, all at (nearly) the same number of trainable entries: 1% of
+every Linear weight of the transformer blocks for SHiRA, the LoRA rank with as many parameters.
+SHiRA-DoRA's low-rank variant takes the paper's size instead: its SHiRA-WM-DoRA masks a rank-128 DoRA
+on LLaMA-7B (hidden size 4096; 6.25% of a square weight), so r is the hidden size / 32 (``DORA_RANK_DIVISOR``):
+18 for SmolLM2-135M, 64 for the wide config. Model: SmolLM2-135M-Instruct (its cached
 weights from the recipes if present, else built from its config; the cost does not depend on the
 values), batch 4 x 64 tokens, AdamW, 2 threads. A second, wider Llama config (TinyLlama-1.1B's width,
 ``--large-layers`` of its 22 layers) shows how time and memory grow.
@@ -45,12 +49,17 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 from shira_hooks.masks import lora_rank  # noqa: E402
 from shira_hooks.tools import command_line, machine, publish, report_header  # noqa: E402
 
-METHODS = ["full", "shira_dense", "shira_compact", "shira_sparse", "peft_lora", "peft_lora_dropout", "peft_shira", "peft_dora"]
+METHODS = ["full", "shira_dense", "shira_compact", "shira_sparse", "shira_sparse_dora", "shira_sparse_dora_r", "peft_lora",
+           "peft_lora_dropout", "peft_shira", "peft_dora"]
 LABELS = {
     "full": "full fine-tuning", "shira_dense": "shira_hooks mode='dense' (hooks)", "shira_compact": "shira_hooks mode='compact'",
-    "shira_sparse": "shira_hooks mode='sparse'", "peft_lora": "PEFT LoRA", "peft_lora_dropout": "PEFT LoRA, dropout 0.05",
+    "shira_sparse": "shira_hooks mode='sparse'", "shira_sparse_dora": "shira_hooks mode='sparse', dora=True",
+    "shira_sparse_dora_r": "shira_hooks mode='sparse', dora_rank=hidden/32", "peft_lora": "PEFT LoRA", "peft_lora_dropout": "PEFT LoRA, dropout 0.05",
     "peft_shira": "PEFT SHiRA", "peft_dora": "PEFT DoRA",
 }
+# SHiRA-WM-DoRA in the paper (§4.3.1) masks a rank-128 DoRA on LLaMA-7B, hidden size 4096 (128 * (4096 + 4096) is
+# 6.25% of a 4096 x 4096 weight): dora_rank=r here is the model's hidden size over 4096 / 128.
+DORA_RANK_DIVISOR = 4096 // 128
 # PEFT's default LoRA dropout is 0. The paper trains its LLMs "following the setting of Hu et al. (2023)",
 # LLM-Adapters, whose finetune.py defaults to lora_dropout=0.05: with dropout, every target saves its own
 # dropped-out copy of the input (and the dropout mask) for the backward of A.
@@ -80,14 +89,19 @@ def prepare(method: str, model, sparsity: float):
     """Make ``model`` train with ``method``; returns (model to call, trainable entries)."""
     if method == "full":
         return model, sum(p.numel() for p in model.parameters())
+    shapes = [m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS]
     if method.startswith("shira_"):
         import shira_hooks
 
-        handle = shira_hooks.attach(model, sparsity, "rand", target_modules=TARGETS, mode=method.removeprefix("shira_"))
+        mode, dora, low_rank = method.removeprefix("shira_").partition("_dora")  # "sparse", "_dora", "_r"
+        dora_rank = max(1, model.config.hidden_size // DORA_RANK_DIVISOR) if low_rank else None
+        handle = shira_hooks.attach(model, sparsity, "rand", target_modules=TARGETS, mode=mode, dora=bool(dora), dora_rank=dora_rank)
+        if handle.dora:  # the DoRA tensors: a magnitude per output row, and the k entries or the factors
+            return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
         return model, handle.num_trainable
     from peft import LoraConfig, ShiraConfig, get_peft_model
 
-    rank = lora_rank((m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS), sparsity)
+    rank = lora_rank(shapes, sparsity)
     lora = dict(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
     config = {
         "peft_lora": lambda: LoraConfig(**lora),
@@ -269,14 +283,17 @@ def compared(by: dict[str, dict]) -> tuple[list[str], list[str]]:
 
 
 def ratios(rows: list[dict]) -> list[str]:
-    """One line per shira_hooks mode: its step time, peak RSS and live peak over each PEFT LoRA variant's."""
+    """One line per shira_hooks mode: its step time, peak RSS and live peak over each PEFT LoRA variant's; and one
+    per SHiRA-DoRA variant over the sparse mode without DoRA and over PEFT DoRA."""
     by = {r["method"]: r for r in rows}
     modes, loras = compared(by)
+    pairs = [(mode, loras) for mode in modes]
+    pairs += [(dora, [m for m in ("shira_sparse", "peft_dora") if m in by]) for dora in ("shira_sparse_dora", "shira_sparse_dora_r") if dora in by]
     out = []
-    for mode in modes:
+    for mode, others in pairs:
         r = by[mode]
         parts = [f"{r['step_median_s'] / by[m]['step_median_s']:.2f}x the step time, {r['peak_rss_mb'] / by[m]['peak_rss_mb']:.2f}x the peak RSS "
-                 f"and {r['peak_live_rss_mb'] / by[m]['peak_live_rss_mb']:.2f}x the live peak of {LABELS[m]}" for m in loras]
+                 f"and {r['peak_live_rss_mb'] / by[m]['peak_live_rss_mb']:.2f}x the live peak of {LABELS[m]}" for m in others]
         if parts:
             out.append(f"- {LABELS[mode]}: " + "; ".join(parts) + ".")
     return out

@@ -71,8 +71,9 @@ def test_train_cost_quick(tmp_path):
     pytest.importorskip("peft")
     out = _quick("train_cost", tmp_path / "t.json")
     rows = json.loads((tmp_path / "t.json").read_text())["groups"]["tiny"]
-    assert [r["method"] for r in rows] == ["full", "shira_dense", "shira_compact", "shira_sparse", "peft_lora", "peft_lora_dropout", "peft_shira", "peft_dora"]
-    shira = [r["trainable"] for r in rows if r["method"].startswith("shira_")]
+    assert [r["method"] for r in rows] == ["full", "shira_dense", "shira_compact", "shira_sparse", "shira_sparse_dora", "shira_sparse_dora_r",
+                                           "peft_lora", "peft_lora_dropout", "peft_shira", "peft_dora"]
+    shira = [r["trainable"] for r in rows if r["method"].startswith("shira_") and "dora" not in r["method"]]
     assert len(set(shira)) == 1  # the three modes train the same entries
     for r in rows:
         assert r["step_min_s"] <= r["step_median_s"] <= r["step_max_s"] and r["peak_rss_mb"] >= r["rss_after_model_mb"] > 0
@@ -87,6 +88,9 @@ def test_train_cost_quick(tmp_path):
     # LoRA with dropout keeps a dropped-out copy of every target's input for the backward of A
     assert by["peft_lora_dropout"]["saved_activations_mb"] > by["peft_lora"]["saved_activations_mb"]
     assert "- shira_hooks mode='sparse':" in out and "the live peak of PEFT LoRA, dropout 0.05" in out
+    # SHiRA-DoRA: the magnitudes train too (one per output row), and its rows are compared with the sparse mode and PEFT DoRA
+    assert by["shira_sparse"]["trainable"] < by["shira_sparse_dora"]["trainable"] < by["shira_sparse_dora_r"]["trainable"]
+    assert "- shira_hooks mode='sparse', dora=True: " in out and "the live peak of shira_hooks mode='sparse'; " in out
     assert "| method | 2 x 16 | 2 x 32 |" in out
 
 

@@ -1,11 +1,25 @@
-"""SHiRA-DoRA's arithmetic (shira_hooks/train/dora.py) against a dense float64 reference."""
+"""SHiRA-DoRA: its arithmetic (shira_hooks/train/dora.py) against a dense float64 reference, and attach(..., dora=True)
+(shira_hooks/train/modes/dora.py) trained with real optimizers, a Trainer, DDP, copies and resumes."""
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import pickle
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
+import shira_hooks
+from shira_hooks import ShiraError, digest
 from shira_hooks.train import dora
+
+from conftest import assert_changes_within_masks, llama_batches, make_llama, make_mlp, mlp_batches, mlp_loss, snapshot
 
 
 def _case(seed: int = 0, out: int = 6, inp: int = 9, k: int = 11, dtype=torch.float64):
@@ -77,3 +91,323 @@ def test_the_low_rank_variant_matches_a_dense_reference():
 
     torch.testing.assert_close(ours(b, a, magnitude), reference(b, a, magnitude), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(ours, (b, a, magnitude))
+
+
+# ----------------------------------------------------------------------------- attach(..., dora=True)
+VARIANTS = [("compact", None), ("compact", 3), ("sparse", None), ("sparse", 3)]
+VARIANT_IDS = ["compact", "compact-r3", "sparse", "sparse-r3"]
+DORA_NAMES = {None: ("shira_values", "shira_magnitude"), 3: ("shira_dora_a", "shira_dora_b", "shira_magnitude")}
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _steps(model, optimizer, batches):
+    for batch in batches:
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(_trainable(model), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _logits(model, seed=9):
+    with torch.no_grad():
+        return model(**llama_batches(1, seed=seed)[0]).logits
+
+
+@pytest.mark.parametrize("mode, rank", VARIANTS, ids=VARIANT_IDS)
+def test_at_attach_the_model_is_the_base_bit_for_bit(mode, rank):
+    base_model, model = make_llama(), make_llama()
+    shira = shira_hooks.attach(model, 0.05, "wm", mode=mode, dora=True, dora_rank=rank, seed=1)
+    trained = {n.rpartition(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == set(DORA_NAMES[rank])
+    batch = llama_batches(1, seed=3)[0]
+    logits = model(**batch).logits  # with autograd: the forward hook computes the masked entries and taps them
+    assert torch.equal(logits, base_model(**batch).logits)
+    assert all(torch.equal(p, snapshot(base_model)[n]) for n, p in model.named_parameters() if n in shira.masks)
+    shira.detach()
+
+
+def _dense_model_gradients(model, base, shira, rank, batch):
+    """The MLP's loss with every target weight built densely in float64 as W0 + M * (m * V / ||V|| - W0) from the
+    base weights, and the gradients of that loss with respect to (float64 copies of) the handle's DoRA tensors."""
+    modules = dict(model.named_modules())
+    leaves, x = {}, batch[0].double()
+    for i, layer in enumerate(model.layers):
+        name = f"layers.{i}.weight"
+        w0 = base[name].double()
+        index = shira.masks[name].long()
+        mask = torch.zeros(w0.numel(), dtype=torch.bool).index_fill_(0, index, True).view_as(w0)
+        own = {n: getattr(modules[f"layers.{i}"], n).detach().double().requires_grad_() for n in DORA_NAMES[rank]}
+        leaves.update({f"layers.{i}.{n}": t for n, t in own.items()})
+        if rank is None:
+            v = w0.reshape(-1).index_put((index,), own["shira_values"]).view_as(w0)
+        else:
+            v = w0 + own["shira_dora_b"] @ own["shira_dora_a"]
+        w = torch.where(mask, own["shira_magnitude"][:, None] * v / v.norm(dim=1, keepdim=True), w0)
+        x = nn.functional.linear(x, w, layer.bias.detach().double())
+        if i < len(model.layers) - 1:
+            x = torch.relu(x)
+    loss = nn.functional.cross_entropy(x, batch[1])
+    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+@pytest.mark.parametrize("mode, rank", VARIANTS, ids=VARIANT_IDS)
+def test_gradients_equal_a_dense_float64_reference(mode, rank):
+    model = make_mlp()
+    with torch.no_grad():  # rows of norm far from 1
+        for layer in model.layers:
+            layer.weight.mul_(2)
+    base = snapshot(model)
+    shira = shira_hooks.attach(model, 0.1, "rand", seed=0, mode=mode, dora=True, dora_rank=rank, target_modules=[nn.Linear])
+    if rank is not None:
+        with torch.no_grad():  # B != 0 (else A's gradient is zero) and m != ||V||
+            for layer in model.layers:
+                layer.shira_dora_b.normal_(0, 0.1)
+                layer.shira_magnitude.mul_(1.3)
+    batch = mlp_batches(1)[0]
+    expected = _dense_model_gradients(model, base, shira, rank, batch)
+    mlp_loss(model, batch).backward()
+    params = dict(model.named_parameters())
+    for name, grad in expected.items():
+        torch.testing.assert_close(params[name].grad.double(), grad, rtol=2e-4, atol=1e-6, msg=name)
+    assert all(layer.weight.grad is None for layer in model.layers)  # no dense dL/dW
+    shira.detach()
+
+
+@pytest.mark.parametrize("mode, rank", VARIANTS, ids=VARIANT_IDS)
+def test_training_changes_only_masked_entries_and_the_adapter_reproduces_it(mode, rank):
+    model, plain_model = make_llama(), make_llama()
+    base = snapshot(model)
+    shira = shira_hooks.attach(model, 0.05, "wm", mode=mode, dora=True, dora_rank=rank, seed=1)
+    plain = shira_hooks.attach(plain_model, 0.05, "wm", mode=mode)
+    magnitudes = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("shira_magnitude")}
+    batches = llama_batches(3, seed=4)
+    _steps(model, torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1), batches)
+    _steps(plain_model, torch.optim.AdamW(_trainable(plain_model), lr=1e-2, weight_decay=0.1), batches)
+    assert assert_changes_within_masks(shira, base, model) > 0 and shira.verify() == []
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(params[n], m) for n, m in magnitudes.items())  # the magnitude learns
+    assert not torch.allclose(_logits(model), _logits(plain_model), atol=1e-4)  # DoRA trains otherwise than SHiRA
+    adapter = shira.extract()
+    assert set(adapter.deltas) == set(shira.masks) and all(torch.equal(d.indices, shira.masks[n]) for n, d in adapter.deltas.items())
+    trained = _logits(model)
+    fresh = make_llama()
+    with shira_hooks.apply(fresh, adapter):
+        for name, param in fresh.named_parameters():  # W0 + (E - W0): E up to the rounding of the float32 sum
+            torch.testing.assert_close(param, params[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(_logits(fresh), trained, rtol=0, atol=1e-5)
+    shira.detach()
+    plain.detach()
+    assert not any("shira_" in n for n, _ in model.named_parameters())  # every DoRA tensor unregistered
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert torch.equal(_logits(model), trained)  # the weights keep the trained entries
+
+
+@pytest.mark.parametrize("mode, rank", VARIANTS, ids=VARIANT_IDS)
+def test_resume_from_the_handle_state_is_exact(tmp_path, mode, rank):
+    batches = llama_batches(4, seed=5)
+    model = make_llama()
+    shira = shira_hooks.attach(model, 0.05, "wm", mode=mode, dora=True, dora_rank=rank, seed=1)
+    optimizer = torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1)
+    _steps(model, optimizer, batches[:2])
+    shira.save_state(tmp_path / "state.safetensors")
+    # the checkpoint's model weights (holding E at the masks) without the DoRA tensors: those come from the handle state
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "shira_" not in k}
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    _steps(model, optimizer, batches[2:])
+
+    other = make_llama()
+    resumed = shira_hooks.attach(other, 0.05, "wm", mode=mode, dora=True, dora_rank=rank, seed=7)  # other factors
+    assert other.load_state_dict(weights, strict=False).unexpected_keys == []
+    resumed.load_state(tmp_path / "state.safetensors")
+    assert resumed.seed == 1 and resumed.verify() == []
+    resumed_optimizer = torch.optim.AdamW(_trainable(other), lr=1e-2, weight_decay=0.1)
+    resumed_optimizer.load_state_dict(optimizer_state)
+    _steps(other, resumed_optimizer, batches[2:])
+    ours, theirs = dict(model.named_parameters()), dict(other.named_parameters())
+    assert ours.keys() == theirs.keys() and all(torch.equal(p, theirs[n]) for n, p in ours.items())
+    shira.detach()
+    resumed.detach()
+
+
+def test_a_state_of_another_dora_setting_is_refused():
+    model = make_llama()
+    shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True)
+    state = shira.state_dict()
+    assert state["dora"] == {"rank": None} and set(state["targets"]["model.layers.0.mlp.up_proj.weight"]["mode"]) == {
+        "shira_values", "shira_magnitude"
+    }
+    shira.detach()
+    for kwargs, saved, ours in [
+        (dict(), "dora=True", "dora=False"),
+        (dict(dora=True, dora_rank=4), "dora=True", r"dora=True, dora_rank=4"),
+    ]:
+        other = shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse", **kwargs)
+        with pytest.raises(ShiraError, match=rf"the state was saved by a handle attached with {saved}, this handle was attached with {ours}; attach with dora=True, as"):
+            other.load_state_dict(state)
+        other.detach()
+    plain = shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse")
+    state = plain.state_dict()
+    plain.detach()
+    other = shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse", dora=True)
+    with pytest.raises(ShiraError, match=r"saved by a handle attached with dora=False, this handle was attached with dora=True"):
+        other.load_state_dict(state)
+    other.detach()
+
+
+def test_arguments_and_modes_that_cannot_train_dora_are_refused():
+    with pytest.raises(ShiraError, match=r"dora=True needs the masked entries as parameters of their own, which mode='dense' does not make; use mode='compact' or mode='sparse'"):
+        shira_hooks.attach(make_llama(), 0.05, "wm", dora=True)
+    with pytest.raises(ShiraError, match=r"dora_rank=4 sets the rank of SHiRA-DoRA's factors; pass dora=True with it"):
+        shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse", dora_rank=4)
+    with pytest.raises(ShiraError, match=r"dora_rank=0; it must be a positive int"):
+        shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse", dora=True, dora_rank=0)
+    with pytest.raises(ShiraError, match=r"dora='yes'; it must be True or False"):
+        shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse", dora="yes")
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_copies_train_like_the_original(rank):
+    model = make_llama()
+    shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True, dora_rank=rank, seed=1)
+    _steps(model, torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1), llama_batches(1, seed=4))
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    for m in [model, *copies]:
+        _steps(m, torch.optim.AdamW(_trainable(m), lr=1e-2, weight_decay=0.1), llama_batches(2, seed=5))
+    expected = shira.extract()
+    for m in copies:
+        (handle,) = shira_hooks.attached(m)
+        assert handle.dora and handle.dora_rank == rank and handle.verify() == []
+        adapter = handle.extract()
+        assert all(torch.equal(d.values, expected.deltas[n].values) for n, d in adapter.deltas.items())
+        handle.detach()
+    shira.detach()
+
+
+# ------------------------------------------------------------------------------- Trainer, DDP, FSDP2
+def test_trainer_trains_and_resumes_the_low_rank_variant(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import Trainer, TrainingArguments
+
+    from shira_hooks.integrations import ShiraCallback
+
+    class Tokens(torch.utils.data.Dataset):
+        items = [{"input_ids": row, "labels": row} for b in llama_batches(8, seed=1) for row in b["input_ids"]]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    def run(resume=None, seed=0):
+        model = make_llama()
+        shira = shira_hooks.attach(model, 0.02, "rand", seed=seed, mode="sparse", dora=True, dora_rank=2)
+        args = TrainingArguments(
+            output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1,
+            lr_scheduler_type="constant", save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0,
+            disable_tqdm=True, dataloader_num_workers=0,
+        )
+        Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ShiraCallback(shira)]).train(resume_from_checkpoint=resume)
+        return model, shira
+
+    base = snapshot(make_llama())
+    model, shira = run()
+    assert assert_changes_within_masks(shira, base, model) > 0 and shira.verify() == []
+    final = shira.extract()
+    shira.detach()
+    _, again = run(resume=str(tmp_path / "checkpoint-2"), seed=5)  # another seed: other factors, unless the state restores them
+    for name, delta in again.extract().deltas.items():
+        torch.testing.assert_close(delta.values, final.deltas[name].values, rtol=1e-5, atol=1e-7, msg=name)
+    again.detach()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    report = {}
+    for dora_rank in (None, 3):
+        model = make_llama()
+        base = snapshot(model)
+        shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True, dora_rank=dora_rank, seed=1)
+        magnitude = model.model.layers[0].mlp.up_proj.shira_magnitude.detach().clone()
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1)
+        for batch in llama_batches(2, seed=20 + rank):
+            ddp(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        params = dict(model.named_parameters())
+        report[str(dora_rank)] = {
+            "everything": digest(torch.cat([p.detach().reshape(-1) for p in model.parameters()])),
+            "changed": assert_changes_within_masks(shira, base, model),
+            "verify": shira.verify(),
+            "magnitude_moved": not torch.equal(params["model.layers.0.mlp.up_proj.shira_magnitude"], magnitude),
+        }
+        if rank == 0:
+            torch.save({n: d.values for n, d in shira.extract().deltas.items()}, os.path.join(out, f"deltas{dora_rank}.pt"))
+        shira.detach()
+    report["fsdp2"] = _fsdp2_refusals(rank)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+def _fsdp2_refusals(rank: int) -> list[str]:
+    """The errors of attach(dora=True) after fully_shard, and of a forward after fully_shard of a model attached before."""
+    from torch.distributed.fsdp import fully_shard
+
+    messages = []
+    model = make_llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    try:
+        shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True)
+    except ShiraError as error:
+        messages.append(str(error))
+    model = make_llama()
+    shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    try:
+        model(**llama_batches(1, seed=rank)[0])
+    except ShiraError as error:
+        messages.append(str(error))
+    shira.detach()
+    return messages
+
+
+def test_two_process_ddp_equals_one_process_on_the_whole_batch_and_fsdp2_is_refused(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1  # replicas equal, the DoRA tensors included
+    after, before = r0["fsdp2"]  # attach after fully_shard, fully_shard after attach
+    assert "dora=True cannot train weight 'model.layers.0.self_attn.q_proj.weight': it is sharded by fully_shard (FSDP2)" in after
+    assert "fully_shard (FSDP2) sharded 'model.layers.0.self_attn.q_proj.weight', which a handle attached with dora=True trains" in before
+    assert all("Train SHiRA-DoRA with DistributedDataParallel" in m for m in (after, before))
+    for dora_rank in (None, 3):
+        assert r0[str(dora_rank)]["changed"] > 0 and r0[str(dora_rank)]["verify"] == [] and r0[str(dora_rank)]["magnitude_moved"]
+        model = make_llama()  # one process on both ranks' batches: the mean of the ranks' mean losses
+        shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True, dora_rank=dora_rank, seed=1)
+        optimizer = torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1)
+        for a, b in zip(llama_batches(2, seed=20), llama_batches(2, seed=21)):
+            model(**{k: torch.cat([a[k], b[k]]) for k in a}).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        deltas = torch.load(tmp_path / f"deltas{dora_rank}.pt")
+        for name, delta in shira.extract().deltas.items():
+            torch.testing.assert_close(deltas[name], delta.values, rtol=1e-4, atol=1e-6, msg=name)
+        shira.detach()
+
+

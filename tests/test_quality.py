@@ -26,7 +26,8 @@ def run_quick(tmp_path, *extra):
 
 
 METHODS = ["lora", "dora", "peft_shira", "shira_struct", "shira_rand", "shira_wm", "shira_grad", "shira_snip",
-           "shira_rand_b4", "shira_rand_b8", "shira_rand_b16", "shira_snip_b4", "shira_snip_b8", "shira_snip_b16"]
+           "shira_rand_b4", "shira_rand_b8", "shira_rand_b16", "shira_snip_b4", "shira_snip_b8", "shira_snip_b16",
+           "shira_wm_dora", "shira_snip_dora"]
 FEWER = {"shira_rand_b4": 1, "shira_snip_b8": 1}  # --method-seeds: these train one seed, the others two
 
 

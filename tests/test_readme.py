@@ -101,4 +101,4 @@ def test_the_readme_has_its_blocks():
     markers = [marker for _, marker, _ in readme_blocks()]
     skipped = [m for m in markers if m is not None and m.startswith("skip")]
     standalone = [m for m in markers if m is None]
-    assert (len(markers), len(standalone), len(skipped)) == (8, 1, 1), markers
+    assert (len(markers), len(standalone), len(skipped)) == (9, 1, 1), markers

@@ -16,6 +16,9 @@ Methods (same targets: every Linear layer of the transformer blocks):
   target weight, ``mode="sparse"`` (proven equal to the dense hook mode in tests/test_compact.py).
 * ``shira_<mask>_b<B>`` (rand, snip; B = 4, 8, 16): the same with ``block=B``, masks made of aligned
   runs of B entries of a row (B = 16: one 64-byte line of a float32 weight), k rounded to whole blocks.
+* ``shira_<mask>_dora`` (wm, snip): SHiRA-DoRA, ``attach(..., dora=True)``: the same mask, trained
+  weight-decomposed (a magnitude per output row times the row-normalised direction; only the masked
+  entries change). Its trainable entries count the magnitudes too (k + out per weight).
 Baselines: ``head`` (encoder: frozen backbone, head only) and ``zero_shot`` (LM: no training).
 """
 
@@ -39,9 +42,9 @@ import tasks as T
 
 SHIRA_MASKS = list(shira_hooks.MASK_KINDS)
 BLOCK_MASKS = {"rand": [4, 8, 16], "snip": [4, 8, 16]}  # block variants: shira_<mask>_b<B>
-# SHiRA with DoRA's magnitude (issue 24), shira_<mask>_dora: list its masks here (e.g. "wm", "snip") once
-# shira_hooks.attach(..., dora=True) exists; prepare() passes dora=True for them. None yet.
-DORA_MASKS: list[str] = []
+# SHiRA-DoRA (paper §4.3.1), shira_<mask>_dora: attach(..., mode="sparse", dora=True), the cheap variant
+# (dora_rank=None: the k masked entries of the direction and a magnitude per output row train)
+DORA_MASKS: list[str] = ["wm", "snip"]
 METHODS = (["lora", "dora", "peft_shira"] + [f"shira_{m}" for m in SHIRA_MASKS]
            + [f"shira_{m}_b{b}" for m, blocks in BLOCK_MASKS.items() for b in blocks] + [f"shira_{m}_dora" for m in DORA_MASKS])
 LABELS = {"lora": "PEFT LoRA", "dora": "PEFT DoRA", "peft_shira": "PEFT SHiRA (rand)", "head": "head only (frozen backbone)",
@@ -250,7 +253,8 @@ def prepare(method: str, backend, model, *, sparsity: float, seed: int, calibrat
         handle = shira_hooks.attach(root, sparsity, mask, target_modules=backend.targets, calibration=calibration,
                                     loss_fn=loss_fn, seed=seed, mode="sparse", progress=False, block=block, **({"dora": True} if dora else {}))
         params = [p for n, p in root.named_parameters() if p.requires_grad]
-        return Prepared(model, params, head, handle.num_trainable, handle=handle)
+        trained = sum(p.numel() for p in params) if dora else handle.num_trainable  # DoRA: the magnitudes too
+        return Prepared(model, params, head, trained, handle=handle)
     from peft import LoraConfig, ShiraConfig, get_peft_model
 
     rank = lora_rank((m.weight.shape for m in target_linears(root, backend.targets).values()), sparsity)

@@ -6,7 +6,9 @@
 * ``config``: ``Config``, the frozen settings of a handle (mask, sparsity, seed, mode, block, ...);
 * ``target``: one trained weight (mask, base values, positions per device and layout), and the ``Mode``
   protocol of the object that says how it trains;
-* ``modes/``: one file per training mode (``dense``, ``compact``, ``sparse``) and the registry ``MODES``;
+* ``modes/``: one file per training mode (``dense``, ``compact``, ``sparse``; ``dora``: the SHiRA-DoRA variants of the
+  last two) and the registries ``MODES`` and ``DORA``;
+* ``dora``: the arithmetic of SHiRA-DoRA (effective masked entries, row norms);
 * ``calibration``: ``Calibration`` (scores, eager or lazy, the masks from them) and eager calibration;
 * ``gradients``: ``GradientHooks``, the post-accumulate-grad hook of every target weight;
 * ``follow``: ``Follower``, finding the weights again after ``fully_shard`` or a replacement;

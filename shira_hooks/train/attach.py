@@ -71,6 +71,17 @@ def _check_not_peft(model: nn.Module) -> None:
         )
 
 
+def _check_dora(dora: Any, dora_rank: Any) -> None:
+    if not isinstance(dora, bool):
+        raise ShiraError(f"dora={dora!r}; it must be True or False")
+    if dora_rank is None:
+        return
+    if not dora:
+        raise ShiraError(f"dora_rank={dora_rank!r} sets the rank of SHiRA-DoRA's factors; pass dora=True with it, or drop it")
+    if isinstance(dora_rank, bool) or not isinstance(dora_rank, int) or dora_rank < 1:
+        raise ShiraError(f"dora_rank={dora_rank!r}; it must be a positive int (the rank of the factors), or None to train the k entries")
+
+
 def resolve_seed(seed: Any, mask: Any) -> int:
     """``seed``, or a fresh random one agreed by every rank of a ``torch.distributed`` run.
 
@@ -109,6 +120,8 @@ def attach(
     progress: bool = True,
     mode: str = "dense",
     block: int = 1,
+    dora: bool = False,
+    dora_rank: int | None = None,
 ) -> ShiraHandle:
     """Make ``model`` train only a sparse mask of its target weights (SHiRA), with gradient hooks.
 
@@ -150,14 +163,22 @@ def attach(
             and a mask function must return whole runs. 16 (one 64-byte line in float32; 32 in
             bfloat16) makes ``apply``/``remove`` write whole cache lines and halves the adapter file
             (one index per block). Default 1: single entries.
+        dora: train the masked entries weight-decomposed, SHiRA-DoRA (paper §4.3.1; ``mode="compact"`` or
+            ``"sparse"``): the layer computes with ``W = W0 + M * (m * V / ||V||_row - W0)``, a trainable
+            magnitude ``<layer>.shira_magnitude`` per output row times the row-normalised direction V, so
+            only the k masked entries ever differ from W0. ``extract()`` gives a plain sparse adapter.
+            Not under FSDP2.
+        dora_rank: with ``dora``: None (default) trains V's k masked entries (``shira_values``; the row norms
+            cost O(k + out) per step); an int r trains V = W0 + B A instead, with factors
+            ``<layer>.shira_dora_a`` (r, in) and ``shira_dora_b`` (out, r): one dense (out, in) product per forward.
 
     Returns:
         A ``ShiraHandle``.
 
     Raises:
         ShiraError: bad arguments, no matching target, a weight already attached, a ``block`` that
-            does not divide a target's row length, or a calibration batch the loss cannot be
-            computed from. Nothing is left changed when it is raised.
+            does not divide a target's row length, a calibration batch the loss cannot be
+            computed from, or ``dora=True`` with ``mode="dense"`` or on an FSDP2-sharded weight. Nothing is left changed when it is raised.
 
     Example:
         >>> shira = shira_hooks.attach(model, sparsity=0.01, mask="snip", calibration=batches)
@@ -166,7 +187,8 @@ def attach(
         >>> shira.detach()
     """
     _check_arguments(model, sparsity, mask, calibration, calibration_steps)
-    training = modes.mode_class(mode)  # ShiraError for an unknown name
+    _check_dora(dora, dora_rank)
+    training = modes.mode_class(mode, dora)  # ShiraError for an unknown name, or dora=True with mode="dense"
     masks.check_block(block)
     training.check_attach(mask, masks.kind_of(mask), calibration)
     distributed.check_model(model)  # FSDP1, DeepSpeed: refused
@@ -200,5 +222,5 @@ def attach(
         training.check_layer(Layer(name, module_name, module, weight, owners.get(id(weight), 0), id(module) in read_directly))
         targets.append((name, module, weight))
 
-    config = Config(mask, float(sparsity), seed, mode, block, calibration_steps)
+    config = Config(mask, float(sparsity), seed, mode, block, calibration_steps, dora, dora_rank)
     return install(model, targets, config, freeze_others=freeze_others, calibration=calibration, loss_fn=loss_fn, progress=progress)

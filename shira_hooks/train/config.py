@@ -1,6 +1,6 @@
 """``Config``: the settings a handle was attached with, as one frozen value.
 
-What ``attach`` was asked for (mask, sparsity, seed, mode, block, calibration steps), checked by ``attach``
+What ``attach`` was asked for (mask, sparsity, seed, mode, block, calibration steps, DoRA), checked by ``attach``
 before a ``Config`` is made. The handle's resumable state (``state``) is written from its targets and its
 ``Config``; loading a state gives a new ``Config`` (``dataclasses.replace``) with the mask, sparsity and
 seed of the run that saved it.
@@ -25,6 +25,9 @@ class Config:
         mode: the training mode's name (``modes.MODES``).
         block: masks are aligned runs of ``block`` entries of a row (``masks.indices``).
         calibration_steps: backward passes that score a lazily calibrated grad/snip mask.
+        dora: the masked entries train weight-decomposed (SHiRA-DoRA, ``modes.dora``).
+        dora_rank: with ``dora``: None for the k trainable entries of the direction, or the rank of its
+            low-rank factors.
     """
 
     mask: str | masks.MaskFn
@@ -33,6 +36,8 @@ class Config:
     mode: str = "dense"
     block: int = 1
     calibration_steps: int = 8
+    dora: bool = False
+    dora_rank: int | None = None
 
     @property
     def mask_name(self) -> str:

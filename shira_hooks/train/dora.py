@@ -66,7 +66,9 @@ def low_rank_masked(base_values: torch.Tensor, weight: torch.Tensor, lora_b: tor
     """``rank=r``: ``V``'s masked entries and every row's norm, from the dense ``V = W0 + B A``.
 
     Args:
-        base_values: (k,) ``W0``'s masked entries; weight: ``W0`` (out, in), frozen.
+        base_values: (k,) ``W0``'s masked entries.
+        weight: (out, in), frozen: ``W0`` outside the mask; its masked entries are not read (a trained layer's
+            weight holds the effective entries there, not ``W0``).
         lora_b: (out, r), zeros at initialisation; lora_a: (r, in); rows, cols: (k,) int64 coordinates of the mask.
 
     Returns:
@@ -74,5 +76,8 @@ def low_rank_masked(base_values: torch.Tensor, weight: torch.Tensor, lora_b: tor
         The magnitude's initial value is these norms at initialisation (B = 0), computed the same way.
     """
     delta = _wide(lora_b) @ _wide(lora_a)  # (out, in): the variant's cost, one dense product per forward
-    norms = (_wide(weight.detach()) + delta).pow(2).sum(dim=1).sqrt()
-    return _wide(base_values) + delta[rows, cols], norms
+    values = _wide(base_values) + delta[rows, cols]  # (k,)
+    # V outside the mask, zero at it (the weight's masked entries are not W0), then the masked entries' squares
+    outside = (_wide(weight.detach()) + delta).index_put((rows, cols), values.new_zeros(()))
+    norms = outside.pow(2).sum(dim=1).index_add(0, rows, values.pow(2)).sqrt()
+    return values, norms

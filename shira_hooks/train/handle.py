@@ -123,7 +123,7 @@ class ShiraHandle:
         self._calibration = Calibration(self._targets, config)
         self._gradients = GradientHooks(self._targets, self._calibration)
         self._follower = Follower(model, self._targets, self._claimed, self._gradients, self)
-        self._steps = StepHooks(model, self._targets, self._follower, self._calibration, modes.mode_class(config.mode))
+        self._steps = StepHooks(model, self._targets, self._follower, self._calibration, modes.mode_class(config.mode, config.dora))
         self._finalizer: weakref.finalize | None = None
         self._attached = False
         self._serial = next(_SERIALS)  # attach order: every rank walks its handles in it (their collectives match)
@@ -173,7 +173,7 @@ class ShiraHandle:
             self._calibration.run(self.model, calibration, loss_fn, progress)
         # The masks are fixed now (Mode.check_attach refused lazy calibration where a mode needs them): the
         # targets take their mode. One whose weights do not train (compact) gets no dense dL/dW; detach() restores it.
-        modes.mode_class(self._config.mode).install(self._targets, self.model)
+        modes.mode_class(self._config.mode, self._config.dora).install(self._targets, self.model, self._config)
         for t in self._targets:
             flags.claim(self, t.param, target=True, wanted=t.mode.weight_trains)
 
@@ -223,6 +223,16 @@ class ShiraHandle:
     def mode(self) -> str:
         """How the masked entries train: "dense", "compact" or "sparse" (``modes``)."""
         return self._config.mode
+
+    @property
+    def dora(self) -> bool:
+        """Whether the masked entries train weight-decomposed (SHiRA-DoRA, ``attach(dora=True)``)."""
+        return self._config.dora
+
+    @property
+    def dora_rank(self) -> int | None:
+        """SHiRA-DoRA's rank: None (the k entries of the direction train) or the rank of its factors."""
+        return self._config.dora_rank
 
     @property
     def block(self) -> int:
@@ -275,7 +285,8 @@ class ShiraHandle:
         mask = self.mask if isinstance(self.mask, str) else getattr(self.mask, "__name__", "custom")
         width = max(len("weight"), *(len(t.name) for t in self._targets))
         lines = [
-            f"shira_hooks: mask={mask!r} sparsity={self.sparsity:g}{f' block={self.block}' if self.block > 1 else ''} ({state})",
+            f"shira_hooks: mask={mask!r} sparsity={self.sparsity:g}{f' block={self.block}' if self.block > 1 else ''}"
+            f"{self._dora_words().replace(',', '')} ({state})",
         ]
         if self.frozen:
             shown = ", ".join(self.frozen[:8]) + (", ..." if len(self.frozen) > 8 else "")
@@ -290,8 +301,13 @@ class ShiraHandle:
     def __repr__(self) -> str:
         return (
             f"ShiraHandle({len(self._targets)} weights, {self.num_trainable:,} trainable entries, "
-            f"mask={self.mask!r}, mode={self.mode!r}, calibrated={self.calibrated}, attached={self._attached})"
+            f"mask={self.mask!r}, mode={self.mode!r}{self._dora_words()}, calibrated={self.calibrated}, attached={self._attached})"
         )
+
+    def _dora_words(self) -> str:
+        if not self.dora:
+            return ""
+        return ", dora=True" + (f", dora_rank={self.dora_rank}" if self.dora_rank is not None else "")
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise ``ShiraError`` now, not at its first step, if ``optimizer`` cannot train the targets exactly.

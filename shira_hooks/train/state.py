@@ -2,8 +2,9 @@
 
 Functions of the handle's targets and its ``Config``, never of the handle itself: ``ShiraHandle.state_dict``
 / ``load_state_dict`` / ``save_state`` / ``load_state`` call these after following replaced parameters.
-A target's mode may add tensors of its own to its entry (``Mode.state``, under ``"mode"``); the modes of
-today add none, and their states are as before.
+A target's mode may add tensors of its own to its entry (``Mode.state``, under ``"mode"``): the SHiRA-DoRA
+variants add their magnitude and direction tensors, and the state records ``"dora": {"rank": ...}``; the
+other modes add none, and their states are as before.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def state_dict(targets: list[Target], config: Config) -> dict[str, Any]:
     """
     for t in targets:  # masks and originals only: no values to write (no collective under FSDP2)
         t.follow()
-    return {
+    state = {
         "format": STATE_FORMAT,
         "format_version": STATE_VERSION,
         "mask": config.mask_name,
@@ -48,6 +49,16 @@ def state_dict(targets: list[Target], config: Config) -> dict[str, Any]:
         "block": config.block,
         "targets": {t.name: _entry(t) for t in targets},
     }
+    if config.dora:  # only then: states without DoRA stay as they were
+        state["dora"] = {"rank": config.dora_rank}
+    return state
+
+
+def _dora_words(dora: Any) -> str:
+    """A state's or a config's DoRA setting as attach's arguments."""
+    if not isinstance(dora, dict):
+        return "dora=False"
+    return "dora=True" + (f", dora_rank={dora.get('rank')}" if dora.get("rank") is not None else "")
 
 
 def _entry(t: Target) -> dict[str, Any]:
@@ -86,6 +97,13 @@ def load_state_dict(targets: list[Target], state: dict[str, Any], config: Config
         raise ShiraError(
             f"the state's masks are made of runs of block={saved_block!r} entries, the handle was attached with "
             f"block={block}; attach with block={saved_block!r}, as the run that saved it"
+        )
+    saved_dora = state.get("dora")  # absent: saved without DoRA
+    ours_dora = {"rank": config.dora_rank} if config.dora else None
+    if saved_dora != ours_dora:
+        raise ShiraError(
+            f"the state was saved by a handle attached with {_dora_words(saved_dora)}, this handle was attached with "
+            f"{_dora_words(ours_dora)}; attach with {_dora_words(saved_dora)}, as the run that saved it"
         )
     saved = state["targets"]
     ours = {t.name: t for t in targets}

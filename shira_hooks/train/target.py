@@ -12,7 +12,7 @@ Under FSDP2 the weight, its gradient and its optimizer state are ``DTensor``s sh
 rows, while ``current()`` and ``restored()`` gather the full weight (collectives).
 
 How the masked entries train is the target's ``mode``, an object of one of the classes in ``modes``
-(``Dense``, ``Compact``, ``Sparse``) that follows the ``Mode`` protocol below. The protocol lives here,
+(``Dense``, ``Compact``, ``Sparse``, and the SHiRA-DoRA variants of the last two) that follows the ``Mode`` protocol below. The protocol lives here,
 beside the ``Target`` that holds a mode, so that the modes import this module and not the other way round.
 """
 
@@ -27,6 +27,7 @@ from torch import nn
 from .. import distributed, masks
 from .._base import check_dense, digest, is_dense, layout_key, storage_flat, storage_index
 from ..errors import ShiraError
+from .config import Config
 
 # The fix, in every message that refuses a replaced target weight or mode parameter (``follow``, the modes).
 REPLACED_FIX = (
@@ -69,8 +70,8 @@ class Mode(Protocol):
     Each ``Target`` holds one mode object (``target.mode``). Until its mode is installed (``install``, after
     the masks are fixed) and after ``detach``, a target holds a ``modes.Dense()``: calibration scores the
     dense gradient. The class-level part runs at ``attach``; the object's methods take the target they
-    belong to. A mode may own trainable tensors of its own (the k ``shira_values`` of the compact modes; a
-    trainable magnitude for a DoRA variant): ``trained`` names them for the step hooks, ``follow_own`` and
+    belong to. A mode may own trainable tensors of its own (the k ``shira_values`` of the compact modes; the
+    magnitude and factors of the DoRA variants): ``trained`` names them for the step hooks, ``follow_own`` and
     ``adopt`` carry them through replacements and ``fully_shard``, ``state``/``check_state``/``load`` through
     the handle's resumable state.
     """
@@ -92,8 +93,9 @@ class Mode(Protocol):
         """Refuse, at ``attach``, a target layer this mode cannot train (raises ``ShiraError``)."""
 
     @classmethod
-    def install(cls, targets: list["Target"], model: nn.Module) -> None:
-        """Give every target (masks fixed) a mode object of this class and register what it needs."""
+    def install(cls, targets: list["Target"], model: nn.Module, config: Config) -> None:
+        """Give every target (masks fixed) a mode object of this class and register what it needs (``config``: the
+        handle's settings, such as the DoRA variant's rank and the seed of its factors)."""
 
     def uninstall(self, target: "Target") -> None:
         """Undo ``install`` for ``target``: its weight holds the trained entries, nothing of the mode stays."""

@@ -46,6 +46,7 @@ from torch import nn
 from ... import distributed, masks
 from ..._base import storage_flat
 from ...errors import ShiraError
+from ..config import Config
 from ..target import REPLACED_FIX, Layer, Target, describe
 from .read_check import FirstForwardCheck
 
@@ -78,7 +79,7 @@ class Compact:
         positions: Callable[[torch.Tensor], torch.Tensor], shared: Any = None, rows: distributed.RowSlice | None = None,
     ):
         self.weight, self.values, self.positions, self.rows = weight, values, positions, rows
-        self.synced = values._version
+        self.synced = self.versions()
         self.seen = False
         self.managed = False
         self.hooks: list = []
@@ -142,12 +143,12 @@ class Compact:
         return None
 
     @classmethod
-    def install(cls, targets: list[Target], model: nn.Module) -> None:
+    def install(cls, targets: list[Target], model: nn.Module, config: Config) -> None:
         """Register every target layer's ``shira_values`` and hooks, and one first-forward check for them all."""
         shared = cls.shared()
         installed = []
         for target in targets:
-            target.mode = mode = cls.register(target, shared)
+            target.mode = mode = cls.register(target, shared, config)
             installed.append(mode)
         # Under FSDP2 the layer computes with the all-gathered weight and FSDP itself reads the sharded one
         # outside the layer (its all-gather), so the read check cannot tell a functional use there.
@@ -160,7 +161,7 @@ class Compact:
                 mode.check = check
 
     @classmethod
-    def register(cls, target: Target, shared: Any) -> "Compact":
+    def register(cls, target: Target, shared: Any, config: Config) -> "Compact":
         """Register ``<layer>.shira_values`` (the weight's masked entries now) and the layer's two hooks."""
         module, weight, indices = target.module, target.param, target.indices
         values = storage_flat(distributed.local(weight.detach())).index_select(0, target.positions(weight)).clone()  # FSDP2: this rank's rows
@@ -172,10 +173,14 @@ class Compact:
             values = nn.Parameter(values)
         module.register_parameter(VALUES, values)
         mode = cls(weight, values, indices, target.positions, shared, rows)
+        mode.hook(module)
+        return mode
+
+    def hook(self, module: nn.Module) -> None:
+        """Register the layer's forward pre-hook and forward hook."""
         # Bound methods of the mode object, not closures: a deep copy or a pickle of the module carries them with a
         # copy of it, so a copied layer's hooks act on the copy's values and weight, never the original's.
-        mode.hooks = [module.register_forward_pre_hook(mode.pre_forward), module.register_forward_hook(mode.post_forward, with_kwargs=True)]
-        return mode
+        self.hooks = [module.register_forward_pre_hook(self.pre_forward), module.register_forward_hook(self.post_forward, with_kwargs=True)]
 
     def uninstall(self, target: Target) -> None:
         """Write the values into the weight, unregister them and remove the hooks (under FSDP2 a collective).
@@ -186,8 +191,9 @@ class Compact:
         self.sync(force=True)
         if self.managed:
             self.values.requires_grad_(False)
-        elif VALUES in target.module._parameters:  # also values that replaced ours (load_state_dict(assign=True))
-            del target.module._parameters[VALUES]
+        else:
+            for name in self.names():  # also parameters that replaced ours (load_state_dict(assign=True))
+                target.module._parameters.pop(name, None)
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
@@ -202,14 +208,37 @@ class Compact:
 
     def post_forward(self, module: nn.Module, args, kwargs, output):
         """The layer's forward hook: taps the output so that its backward gives the values' gradient."""
-        values = module._parameters.get(VALUES, self.values)  # under FSDP2: the all-gathered values, in the forward
-        if torch.is_grad_enabled() and values.requires_grad:
+        values = self.tap_values(module)
+        if values is not None:
             x = args[0] if args else kwargs["input"]
             tapped = _whole_base(output)
             inputs, transposed = self.saved_input(x)
             tapped = _Tap.apply(tapped, values, inputs, self, transposed)
             return tapped if tapped is output else tapped.view(output.shape)
         return None
+
+    def tap_values(self, module: nn.Module) -> torch.Tensor | None:
+        """(k,) what the layer's masked weight entries are, for the tap (its gradient flows into them), or None
+        when nothing trains in this forward: the module's current ``shira_values`` (under FSDP2: the
+        all-gathered values, in the forward)."""
+        values = module._parameters.get(VALUES, self.values)
+        return values if torch.is_grad_enabled() and values.requires_grad else None
+
+    def names(self) -> tuple[str, ...]:
+        """The names of the parameters the mode registered on the layer."""
+        return (VALUES,)
+
+    def versions(self) -> Any:
+        """The version counters of the trained tensors (a write is due when they moved)."""
+        return self.values._version
+
+    def entries(self) -> torch.Tensor:
+        """(k,) the entries the weight must hold at the mask now (no autograd); under FSDP2 the ones in this
+        rank's rows (a collective)."""
+        values = self.values.detach()
+        if self.rows is not None:
+            values = distributed.gather(values)[self.rows.start : self.rows.stop]
+        return values
 
     def saved_input(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """What the tap saves for the backward: the layer input X (..., in) as it is, not transposed."""
@@ -234,26 +263,24 @@ class Compact:
         FSDP2 only forced writes happen (they all-gather the values: a collective that every rank
         makes at the same step), and each rank writes the entries in its rows.
         """
-        if force or (self.rows is None and self.values._version != self.synced):
+        if force or (self.rows is None and self.versions() != self.synced):
             weight = self.weight.detach()
-            values = self.values.detach()
-            if self.rows is not None:
-                values = distributed.gather(values)[self.rows.start : self.rows.stop]
+            values = self.entries()
             storage_flat(distributed.local(weight)).index_copy_(0, self.positions(weight), values.to(weight.device, weight.dtype))
-            self.synced = self.values._version
+            self.synced = self.versions()
 
     # --------------------------------------------------------------------- the handle's steps
     def trained(self, target: Target) -> tuple[nn.Parameter, ...]:
         return (self.values,)
 
     def held_by(self, target: Target, members: dict[int, Any] | set[int]) -> bool:
-        return id(target.param) in members or id(self.values) in members
+        return id(target.param) in members or any(id(p) in members for p in self.trained(target))
 
     def frozen(self, target: Target) -> bool:
-        return not self.values.requires_grad
+        return not any(p.requires_grad for p in self.trained(target))
 
     def flag_changed(self, target: Target) -> bool:
-        return not self.values.requires_grad  # the values train; the handle registered them trainable
+        return not all(p.requires_grad for p in self.trained(target))  # the handle registered them trainable
 
     def got_gradient(self, target: Target) -> bool:
         return target.grad_seen or self.seen
@@ -262,23 +289,26 @@ class Compact:
         return None  # the optimizer's state is of the k values: nothing outside the mask
 
     def before_step(self, target: Target, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> bool:
-        """Keep the values as they are before the step (per optimizer: one optimizer's step may run another's
-        inside it, as ZeroRedundancyOptimizer does); refuse an optimizer that holds the weight but not them."""
-        if id(self.values) not in members:
+        """Keep the trained tensors it holds as they are before the step (per optimizer: one optimizer's step may
+        run another's inside it, as ZeroRedundancyOptimizer does); refuse an optimizer that holds the weight
+        but none of them."""
+        held = [p for p in self.trained(target) if id(p) in members]
+        if not held:
+            names = " and ".join(f"'{name}'" for name in self.names())
             raise ShiraError(
                 f"{type(optimizer).__name__} holds target weight '{target.name}' but not its "
-                f"'{VALUES}' (mode={self.name!r} trains those k entries instead of the weight): it "
+                f"{names} (mode={self.name!r} trains those instead of the weight): it "
                 f"was built before attach() and would train nothing. Build the optimizer after attach()"
             )
-        self._before[optimizer] = distributed.local(self.values).detach().clone()
+        self._before[optimizer] = [(p, distributed.local(p).detach().clone()) for p in held]
         return False
 
     def step_changed(self, optimizer: torch.optim.Optimizer, members: set[int]) -> bool | None:
-        """Whether the step changed the values bit for bit (None: they were not in it)."""
-        before = self._before.pop(optimizer, None)
-        if before is None or id(self.values) not in members:
+        """Whether the step changed a trained tensor bit for bit (None: none of them was in it)."""
+        before = [(p, old) for p, old in self._before.pop(optimizer, ()) if id(p) in members]
+        if not before:
             return None
-        return not _same_bits(distributed.local(self.values).detach(), before)
+        return any(not _same_bits(distributed.local(p).detach(), old) for p, old in before)
 
     def sharded(self) -> torch.Tensor | None:
         return self.values if distributed.is_sharded(self.values) else None
@@ -289,24 +319,32 @@ class Compact:
 
     # ----------------------------------------------------------------- replaced parameters
     def follow_own(self, target: Target, verb: str | None) -> None:
-        """The layer's ``shira_values`` were replaced (``load_state_dict(assign=True)``). They are the trained
-        entries, so a (k,) parameter of the weight's dtype is followed and written into the weight; anything
-        else is refused. (Values that ``fully_shard`` sharded are followed by ``adopt``.)"""
+        """The layer's ``shira_values`` (or another parameter of ``names()``) were replaced
+        (``load_state_dict(assign=True)``). They are what trains, so a parameter of the same shape and dtype is
+        followed and the weight written from it; anything else is refused. (Values that ``fully_shard`` sharded
+        are followed by ``adopt``.)"""
         if self.managed:
             return
-        values = target.module._parameters.get(VALUES)
-        if values is self.values:
-            return
-        old = self.values
-        if not (isinstance(values, nn.Parameter) and values.shape == old.shape and values.dtype == old.dtype and values.device.type != "meta"):
-            layer = target.name.rpartition(".")[0]
-            raise ShiraError(
-                f"{f'cannot {verb}: ' if verb else ''}'{layer}.{VALUES}' (the {old.numel()} trained entries of "
-                f"'{target.name}') is no longer the parameter shira_hooks registered: the layer holds {describe(values)} now. {REPLACED_FIX}"
-            )
-        self.values = values
-        target.replaced.append(weakref.ref(old))
-        self.write(target)
+        replaced = False
+        for name, old in zip(self.names(), self.trained(target)):
+            now = target.module._parameters.get(name)
+            if now is old:
+                continue
+            if not (isinstance(now, nn.Parameter) and now.shape == old.shape and now.dtype == old.dtype and now.device.type != "meta"):
+                layer = target.name.rpartition(".")[0]
+                raise ShiraError(
+                    f"{f'cannot {verb}: ' if verb else ''}'{layer}.{name}' ({describe(old)}, trained for "
+                    f"'{target.name}') is no longer the parameter shira_hooks registered: the layer holds {describe(now)} now. {REPLACED_FIX}"
+                )
+            self.replace_own(name, now)
+            target.replaced.append(weakref.ref(old))
+            replaced = True
+        if replaced:
+            self.write(target)
+
+    def replace_own(self, name: str, param: nn.Parameter) -> None:
+        """Train ``param``, now in the layer in place of the parameter ``name`` the mode registered."""
+        self.values = param
 
     def adopt(self, target: Target, weight: nn.Parameter) -> None:
         """Train the DTensors that ``fully_shard`` put in place of the weight and of ``shira_values``.
@@ -319,7 +357,7 @@ class Compact:
         distributed.check_values(values, weight, where)
         self.rows = distributed.row_slice(target.indices, weight, where)
         self.weight, self.values, self.managed = weight, values, True
-        self.synced = values._version
+        self.synced = self.versions()
         if self.check is not None:  # FSDP2 reads the sharded weights outside their layers (its all-gather)
             self.check.remove()
 
@@ -354,7 +392,7 @@ class Compact:
             distributed.local(self.values).copy_(full[start:stop])
         else:
             self.values.copy_(full)
-        self.synced = self.values._version
+        self.synced = self.versions()
 
 
 class _Tap(torch.autograd.Function):

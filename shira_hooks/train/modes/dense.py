@@ -16,6 +16,7 @@ from torch import nn
 
 from ... import masks
 from .. import flags
+from ..config import Config
 from ..target import Layer, Target
 
 
@@ -37,7 +38,7 @@ class Dense:
         """Any layer type, tied weights included."""
 
     @classmethod
-    def install(cls, targets: list[Target], model: nn.Module) -> None:
+    def install(cls, targets: list[Target], model: nn.Module, config: Config) -> None:
         """Nothing beyond the gradient hooks every target has: each target gets a ``Dense()``."""
         for target in targets:
             target.mode = cls()
