@@ -14,6 +14,7 @@ from pathlib import Path
 import evidence as E
 import stats
 from claims import judge, p_text, points
+
 from methods import BLOCK_MASKS
 
 KEY = re.compile(r"float32/(shira|shira_packed)/b(\d+)/unset")

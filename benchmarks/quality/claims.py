@@ -11,6 +11,7 @@ import statistics
 
 import evidence as E
 import stats
+
 from methods import LABELS, METHODS
 
 ALPHA = 0.05

@@ -27,10 +27,10 @@ from evidence import (
     task_groups,
     with_interval,
 )
-from methods import LABELS, METHODS
 
 from shira_hooks.tools import atomic_write, report_header
 
+from methods import LABELS, METHODS
 
 HERE = Path(__file__).resolve().parent
 

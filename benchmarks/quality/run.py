@@ -56,11 +56,12 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # this folder, then the checkout (run without installing)
 import blocks  # noqa: E402
-import methods as M  # noqa: E402
-import tasks as T  # noqa: E402
+
 from shira_hooks.masks import CALIBRATED_KINDS  # noqa: E402
 from shira_hooks.tools import atomic_write, command_line, machine  # noqa: E402
 
+import methods as M  # noqa: E402
+import tasks as T  # noqa: E402
 
 CACHE = Path(os.environ.get("SHIRA_HOOKS_CACHE", Path.home() / ".cache" / "shira_hooks")) / "quality"
 # The pilot's candidates per model (``--pilot``); the tasks kept are the three whose LoRA validation
