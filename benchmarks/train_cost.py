@@ -123,24 +123,32 @@ def worker(args) -> dict:
     model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
-    if args.live:  # ascending lengths: memory grows with the tokens, so the peak so far is the peak at this length
-        peaks = {}
-        for length in sorted({args.length, *args.live_lengths}):
-            train_steps(model, optimizer, device, g, args.batch, length, args.warmup + args.steps)
-            peaks[str(length)] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"method": args.worker, "live_peak_mb": peaks}
+    if args.live and not args.timed_too:
+        return {"method": args.worker, "live_peak_mb": live_peaks(args, model, optimizer, device, g)}
     times = train_steps(model, optimizer, device, g, args.batch, args.length, args.warmup + args.steps)[args.warmup:]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the diagnostic pass below
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.length), generator=g).to(device)
     saved_mb = saved_activations_mb(model, ids)
     state_mb = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)) / 2**20
+    live = {"live_peak_mb": live_peaks(args, model, optimizer, device, g)} if args.live else {}  # --quick: one process does both
     return {
+        **live,
         "saved_activations_mb": saved_mb, "optimizer_state_mb": state_mb,
         "method": args.worker, "config": args.config, "source": source, "layers": model.config.num_hidden_layers,
         "parameters": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "shira_" not in n),
         "trainable": trainable, "times": times, "peak_rss_mb": peak_rss_mb, "rss_after_model_mb": rss_model,
         "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
+
+
+def live_peaks(args, model, optimizer, device, g: torch.Generator) -> dict[str, float]:
+    """Peak RSS (MB) after training at each length, ascending: memory grows with the tokens, so the
+    peak so far is the peak at this length."""
+    peaks = {}
+    for length in sorted({args.length, *args.live_lengths}):
+        train_steps(model, optimizer, device, g, args.batch, length, args.warmup + args.steps)
+        peaks[str(length)] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peaks
 
 
 def train_steps(model, optimizer, device, g: torch.Generator, batch: int, length: int, steps: int) -> list[float]:
@@ -194,6 +202,8 @@ def spawn(args, method: str, config: str, layers: int | None, *, steps: int, war
                "--batch", str(args.batch), "--length", str(args.length), "--threads", str(args.threads), "--sparsity", str(args.sparsity), *extra]
     if layers:
         command += ["--layers", str(layers)]
+    if args.quick:  # a smoke run: the worker in this process (no start-up per method; its memory numbers mean nothing)
+        return worker(parser().parse_args(command[2:]))
     done = subprocess.run(command, capture_output=True, text=True, env=None if env is None else {**os.environ, **env})
     if done.returncode != 0:
         raise SystemExit(f"{method} on {config} failed:\n{done.stderr[-3000:]}")
@@ -201,19 +211,22 @@ def spawn(args, method: str, config: str, layers: int | None, *, steps: int, war
 
 
 def run_all(args, config: str, layers: int | None) -> list[dict]:
-    """``args.rounds`` timed processes per method (forward then reverse order), then one live-memory process."""
+    """``args.rounds`` timed processes per method (forward then reverse order), then one live-memory process.
+    With ``--quick`` (a smoke run of every path, its numbers meaningless) the worker runs in this process and does both."""
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    lengths = args.live_lengths if config == "smollm2" or args.quick else []
+    live_args = ["--live", "--live-lengths", *map(str, lengths)]
+    both = dict(extra=[*live_args, "--timed-too"], env=RETURNING_MALLOC) if args.quick else {}
     for round_ in range(args.rounds):
         for method in args.methods if round_ % 2 == 0 else reversed(args.methods):
-            runs[method].append(spawn(args, method, config, layers, steps=args.steps, warmup=args.warmup))
+            runs[method].append(spawn(args, method, config, layers, steps=args.steps, warmup=args.warmup, **both))
             last = runs[method][-1]
             print(f"{config:8} round {round_ + 1} {LABELS[method]:34} step {statistics.median(last['times']):.3f} s  peak RSS {last['peak_rss_mb']:,.0f} MB", flush=True)
     rows = []
-    lengths = args.live_lengths if config == "smollm2" or args.quick else []
     for method in args.methods:
-        live = spawn(args, method, config, layers, steps=args.live_steps, warmup=1, extra=["--live", "--live-lengths", *map(str, lengths)], env=RETURNING_MALLOC)
         first, times = runs[method][0], [t for run in runs[method] for t in run["times"]]
-        row = {k: v for k, v in first.items() if k != "times"}
+        live = first if args.quick else spawn(args, method, config, layers, steps=args.live_steps, warmup=1, extra=live_args, env=RETURNING_MALLOC)
+        row = {k: v for k, v in first.items() if k not in ("times", "live_peak_mb")}
         row.update(step_median_s=statistics.median(times), step_min_s=min(times), step_max_s=max(times), steps=len(times), rounds=args.rounds,
                    peak_rss_mb=max(run["peak_rss_mb"] for run in runs[method]), peak_live_rss_mb=live["live_peak_mb"][str(args.length)],
                    live_peak_by_length=live["live_peak_mb"])
@@ -299,28 +312,33 @@ def ratios(rows: list[dict]) -> list[str]:
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per process and round")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sparsity", type=float, default=0.01)
-    parser.add_argument("--rounds", type=int, default=3, help="timed processes per method, alternating the order of the methods")
-    parser.add_argument("--live-steps", type=int, default=2, help="steps of the live-memory process per length (after one warm-up step)")
-    parser.add_argument("--live-lengths", type=int, nargs="*", default=[256],
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per process and round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sparsity", type=float, default=0.01)
+    p.add_argument("--rounds", type=int, default=3, help="timed processes per method, alternating the order of the methods")
+    p.add_argument("--live-steps", type=int, default=2, help="steps of the live-memory process per length (after one warm-up step)")
+    p.add_argument("--live-lengths", type=int, nargs="*", default=[256],
                         help="longer sequences at which the live-memory process of the SmolLM2 config also measures the peak")
-    parser.add_argument("--large-layers", type=int, default=4, help="layers of the wide config (0 skips it)")
-    parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--results", metavar="RESULTS.md")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    parser.add_argument("--config", default="smollm2", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
-    parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--live", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    p.add_argument("--large-layers", type=int, default=4, help="layers of the wide config (0 skips it)")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--results", metavar="RESULTS.md")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--config", default="smollm2", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    p.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--live", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--timed-too", action="store_true", help=argparse.SUPPRESS)  # --live after the timed steps, in one process
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0

@@ -77,7 +77,7 @@ def test_train_cost_quick(tmp_path):
     assert len(set(shira)) == 1  # the three modes train the same entries
     for r in rows:
         assert r["step_min_s"] <= r["step_median_s"] <= r["step_max_s"] and r["peak_rss_mb"] >= r["rss_after_model_mb"] > 0
-        assert r["steps"] == 2 * r["rounds"] and r["peak_live_rss_mb"] > 0  # --quick: one round of two timed steps, and the live-memory process
+        assert r["steps"] == 2 * r["rounds"] and r["peak_live_rss_mb"] > 0  # --quick: one round of two timed steps, the live peaks in the same process
         assert set(r["live_peak_by_length"]) == {"16", "32"} and r["live_peak_by_length"]["32"] >= r["peak_live_rss_mb"]
     by = {r["method"]: r for r in rows}
     # compact/sparse keep optimizer state for the k entries only; dense hooks for whole target weights
