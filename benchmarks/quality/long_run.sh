@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The long quality run of issues 24 and 25: the encoder's SHiRA-DoRA comparison at 3 seeds (about an hour), the LM's
-# main methods with the DoRA variants at 3 seeds (seed by seed), then the encoder with every method at 3 seeds, then
-# the LM's block variants one seed at a time, as far as time allows. No cost stage.
+# The long quality run of issues 24 and 25: on the encoder (about a minute a cell), the SHiRA-DoRA comparison and
+# the block-size sweep at 3 seeds (a few hours); the LM's main methods with the DoRA variants at 3 seeds (seed by
+# seed); the encoder's other methods; the LM's block variants one seed at a time, as far as time allows. No cost stage.
 #
 #   setsid nohup benchmarks/quality/long_run.sh > /dev/null 2>&1 &     # from the checkout's root
 #   tail -f benchmarks/quality/long_run.log                            # one timestamped line per cell
@@ -33,6 +33,7 @@ RUN_ARGS=(--lazy-test)
 
 MAIN=(lora dora peft_shira shira_struct shira_rand shira_wm shira_grad shira_snip shira_wm_dora shira_snip_dora)
 DORA_CMP=(head lora dora shira_wm shira_snip shira_wm_dora shira_snip_dora)  # issue 24: SHiRA-DoRA vs SHiRA-WM and PEFT DoRA
+SWEEP=(head lora shira_rand shira_snip shira_rand_b4 shira_snip_b4 shira_rand_b8 shira_snip_b8 shira_rand_b16 shira_snip_b16)  # issue 25's block sizes
 BLOCKS=(shira_rand_b16 shira_snip_b16 shira_rand_b8 shira_snip_b8 shira_rand_b4 shira_snip_b4)
 
 stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date '+%F %T')" "$line"; done; }
@@ -57,8 +58,11 @@ trap 'exit 143' TERM INT  # bash runs this once the current step ends: killing t
 trap 'log "-- exits with status $?"' EXIT
 log "-- long run starts on $(uname -n): $("$PYTHON" -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())')"
 
-# 0. The encoder's SHiRA-DoRA comparison: its methods, grid, 3 seeds, tests, fusion (part 2 reuses these cells).
+# 0. On the encoder, the SHiRA-DoRA comparison, then the block-size sweep: grid, 3 seeds, tests, fusion (part 2
+#    reuses these cells).
 step "$SCRATCH" --models encoder --methods "${DORA_CMP[@]}" --stages grid seeds test fusion
+step "$OUT" --stages report
+step "$SCRATCH" --models encoder --methods "${SWEEP[@]}" --stages grid seeds test fusion
 step "$OUT" --stages report
 
 # 1. The LM's main methods seed by seed (the grid and seed 0 on every task, then seeds 1 and 2), each seed
