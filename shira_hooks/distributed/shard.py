@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -206,7 +207,7 @@ def check_model(model: nn.Module) -> None:
 
 # ------------------------------------------------------------------------------ the watch
 # model -> weak references to the bound methods to call before its forward passes
-_WATCHED: "weakref.WeakKeyDictionary[nn.Module, list[weakref.WeakMethod]]" = weakref.WeakKeyDictionary()
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, list[weakref.WeakMethod]] = weakref.WeakKeyDictionary()
 _HOOK: list = []  # the global forward pre-hook handle, while some model is watched
 
 

@@ -13,7 +13,8 @@ import os
 import secrets
 import sys
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 

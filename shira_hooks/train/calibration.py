@@ -8,8 +8,9 @@ target's gradient to ``Calibration.accumulate`` and drops it, and the mask is fi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn

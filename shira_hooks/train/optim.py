@@ -42,8 +42,8 @@ is attached or detached or the optimizer's param groups change in number or size
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -129,11 +129,11 @@ class _Guard:
         return None if any(method is None for method in methods) else methods
 
 
-_LIVE: "weakref.WeakKeyDictionary[object, _Guard]" = weakref.WeakKeyDictionary()  # attached handle -> its guard
+_LIVE: weakref.WeakKeyDictionary[object, _Guard] = weakref.WeakKeyDictionary()  # attached handle -> its guard
 _HOOKS: list = []  # the global step pre/post hook handles, while a handle is attached
-_PENDING: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _PendingStep]" = weakref.WeakKeyDictionary()
+_PENDING: weakref.WeakKeyDictionary[torch.optim.Optimizer, _PendingStep] = weakref.WeakKeyDictionary()
 # optimizer -> (key, weak references to the guards of the handles whose model it trains): the verdict of ``related``
-_RELATED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[tuple, list]]" = weakref.WeakKeyDictionary()
+_RELATED: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[tuple, list]] = weakref.WeakKeyDictionary()
 _generation = 0  # bumped at every attach and detach: cached verdicts are then taken again
 
 

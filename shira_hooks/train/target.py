@@ -18,8 +18,9 @@ beside the ``Target`` that holds a mode, so that the modes import this module an
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -93,32 +94,32 @@ class Mode(Protocol):
         """Refuse, at ``attach``, a target layer this mode cannot train (raises ``ShiraError``)."""
 
     @classmethod
-    def install(cls, targets: list["Target"], model: nn.Module, config: Config) -> None:
+    def install(cls, targets: list[Target], model: nn.Module, config: Config) -> None:
         """Give every target (masks fixed) a mode object of this class and register what it needs (``config``: the
         handle's settings, such as the DoRA variant's rank and the seed of its factors)."""
 
-    def uninstall(self, target: "Target") -> None:
+    def uninstall(self, target: Target) -> None:
         """Undo ``install`` for ``target``: its weight holds the trained entries, nothing of the mode stays."""
 
-    def trained(self, target: "Target") -> tuple[nn.Parameter, ...]:
+    def trained(self, target: Target) -> tuple[nn.Parameter, ...]:
         """The parameters an optimizer must hold to train ``target``."""
 
-    def held_by(self, target: "Target", members: dict[int, Any] | set[int]) -> bool:
+    def held_by(self, target: Target, members: dict[int, Any] | set[int]) -> bool:
         """Whether an optimizer with these parameter ids holds ``target``'s weight or a tensor of its mode."""
 
-    def frozen(self, target: "Target") -> bool:
+    def frozen(self, target: Target) -> bool:
         """Whether something set ``requires_grad=False`` on a tensor that trains (so nothing does)."""
 
-    def flag_changed(self, target: "Target") -> bool:
+    def flag_changed(self, target: Target) -> bool:
         """Whether other code changed a trained tensor's flag since the handle set it (``detach``)."""
 
-    def got_gradient(self, target: "Target") -> bool:
+    def got_gradient(self, target: Target) -> bool:
         """Whether a gradient for ``target`` arrived since ``attach``."""
 
-    def optimizer_state_problem(self, target: "Target", state: dict) -> tuple[str, int] | None:
+    def optimizer_state_problem(self, target: Target, state: dict) -> tuple[str, int] | None:
         """(key, entries) of optimizer state that would move entries outside the mask, or None."""
 
-    def before_step(self, target: "Target", optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> bool:
+    def before_step(self, target: Target, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> bool:
         """Before a step of ``optimizer`` that holds the target: whether the step uses the weight's masked
         dense gradient (the weight-decay guard then decays its masked entries)."""
 
@@ -129,25 +130,25 @@ class Mode(Protocol):
         """A tensor of the mode sharded by FSDP2 (a DTensor), over whose mesh the ranks agree on which layers a
         step changed (writing them is a collective), or None."""
 
-    def write(self, target: "Target") -> None:
+    def write(self, target: Target) -> None:
         """Make the weight hold the mode's trained entries now (a collective under FSDP2)."""
 
-    def follow_own(self, target: "Target", verb: str | None) -> None:
+    def follow_own(self, target: Target, verb: str | None) -> None:
         """Follow (or refuse) replacements of the parameters the mode registered on the layer."""
 
-    def adopt(self, target: "Target", weight: nn.Parameter) -> None:
+    def adopt(self, target: Target, weight: nn.Parameter) -> None:
         """``fully_shard`` replaced the weight (and the layer's other parameters) with DTensors: follow them."""
 
-    def weight_replaced(self, target: "Target", old: nn.Parameter, new: nn.Parameter) -> None:
+    def weight_replaced(self, target: Target, old: nn.Parameter, new: nn.Parameter) -> None:
         """User code put ``new`` (holding the base outside the mask) in place of the weight ``old``."""
 
-    def state(self, target: "Target") -> dict[str, torch.Tensor]:
+    def state(self, target: Target) -> dict[str, torch.Tensor]:
         """Tensors of the mode to keep in the handle's resumable state (besides indices and originals)."""
 
-    def check_state(self, target: "Target", entry: dict[str, Any]) -> None:
+    def check_state(self, target: Target, entry: dict[str, Any]) -> None:
         """Refuse a state entry this mode cannot load (raises ``ShiraError``), before anything changes."""
 
-    def load(self, target: "Target", entry: dict[str, Any]) -> None:
+    def load(self, target: Target, entry: dict[str, Any]) -> None:
         """Take the mask (and tensors) of a loaded state entry; ``target`` already holds its indices."""
 
 

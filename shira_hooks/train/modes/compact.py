@@ -38,7 +38,8 @@ all-gathers for the next forward.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, ClassVar, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -161,7 +162,7 @@ class Compact:
                 mode.check = check
 
     @classmethod
-    def register(cls, target: Target, shared: Any, config: Config) -> "Compact":
+    def register(cls, target: Target, shared: Any, config: Config) -> Compact:
         """Register ``<layer>.shira_values`` (the weight's masked entries now) and the layer's two hooks."""
         module, weight, indices = target.module, target.param, target.indices
         values = storage_flat(distributed.local(weight.detach())).index_select(0, target.positions(weight)).clone()  # FSDP2: this rank's rows

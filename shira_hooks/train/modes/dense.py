@@ -9,7 +9,8 @@ every target holds while its mask is being chosen, and after ``detach``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn

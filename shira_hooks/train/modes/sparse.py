@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -30,13 +31,13 @@ class Sparse(Compact):
 
     def __init__(
         self, weight: nn.Parameter, values: nn.Parameter, indices: torch.Tensor,
-        positions: Callable[[torch.Tensor], torch.Tensor], shared: "InputTransposes", rows: distributed.RowSlice | None = None,
+        positions: Callable[[torch.Tensor], torch.Tensor], shared: InputTransposes, rows: distributed.RowSlice | None = None,
     ):
         self.transposes = shared  # shared by the sparse layers of one handle
         super().__init__(weight, values, indices, positions, shared, rows)
 
     @classmethod
-    def shared(cls) -> "InputTransposes":
+    def shared(cls) -> InputTransposes:
         return InputTransposes()
 
     def use_mask(self, indices: torch.Tensor) -> None:
