@@ -195,7 +195,7 @@ def attach(
     distributed.check_model(model)  # FSDP1, DeepSpeed: refused
     _check_not_peft(model)
     seed = resolve_seed(seed, mask)
-    names = {}
+    names: dict[int, str] = {}  # id(param) -> its first name
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), name)
     owners: dict[int, int] = {}  # id(weight) -> number of modules using it

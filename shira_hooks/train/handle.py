@@ -357,6 +357,7 @@ class ShiraHandle:
         self._sync()
         deltas = {}
         for t in self._targets:
+            assert t.indices is not None and t.originals is not None  # _require_calibrated: every mask is fixed
             values = t.current().float() - t.originals.float()
             deltas[t.name] = SparseDelta(tuple(t.param.shape), t.param.dtype, t.indices.clone(), values.cpu(), digest(t.originals), self.block)
         return SparseAdapter(
@@ -462,8 +463,8 @@ class ShiraHandle:
             flags.own(t.param, self)
             t.hook_gradient(self._gradients.hook(position))
         for param, original in zip(self._claimed.params, originals):
-            t = targets.get(id(param))
-            flags.claim(self, param, target=t is not None, wanted=t is not None and t.mode.weight_trains, original=original)
+            target = targets.get(id(param))
+            flags.claim(self, param, target=target is not None, wanted=target is not None and target.mode.weight_trains, original=original)
 
     def __copy__(self) -> ShiraHandle:
         """Refused: a shallow copy would be a second handle on the same parameters."""

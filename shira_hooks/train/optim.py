@@ -125,8 +125,13 @@ class _Guard:
 
     def bound(self) -> tuple[Callable, ...] | None:
         """(holds_any, before_step, after_step) while the handle lives, else None."""
-        methods = tuple(ref() for ref in self.methods)
-        return None if any(method is None for method in methods) else methods
+        methods = []
+        for ref in self.methods:
+            method = ref()
+            if method is None:
+                return None
+            methods.append(method)
+        return tuple(methods)
 
 
 _LIVE: weakref.WeakKeyDictionary[object, _Guard] = weakref.WeakKeyDictionary()  # attached handle -> its guard
@@ -162,7 +167,7 @@ def related(optimizer: torch.optim.Optimizer) -> list[tuple[Callable, ...]]:
     if cached is not None and cached[0] == key:
         return [methods for methods in (guard.bound() for guard in (ref() for ref in cached[1]) if guard is not None) if methods is not None]
     ids = {id(p) for group in groups for p in group["params"]}
-    found = [guard for guard in _guards() if guard.bound()[0](ids)]
+    found = [guard for guard in _guards() if (bound := guard.bound()) is not None and bound[0](ids)]
     _RELATED[optimizer] = (key, [weakref.ref(guard) for guard in found])
     return [methods for methods in (guard.bound() for guard in found) if methods is not None]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from .. import distributed, masks
 from .._base import check_dense, digest, is_dense, layout_key, storage_flat, storage_index
 from ..errors import ShiraError
 from .config import Config
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 # The fix, in every message that refuses a replaced target weight or mode parameter (``follow``, the modes).
 REPLACED_FIX = (
@@ -126,7 +129,7 @@ class Mode(Protocol):
     def step_changed(self, optimizer: torch.optim.Optimizer, members: set[int]) -> bool | None:
         """After the step: whether it changed the mode's tensors (None: the mode took no part in it)."""
 
-    def sharded(self) -> torch.Tensor | None:
+    def sharded(self) -> DTensor | None:
         """A tensor of the mode sharded by FSDP2 (a DTensor), over whose mesh the ranks agree on which layers a
         step changed (writing them is a collective), or None."""
 
@@ -201,6 +204,7 @@ class Target:
 
         For a DTensor: the positions in this rank's shard (``storage``) of the masked entries in its rows.
         """
+        assert self.indices is not None, "positions of a mask that is not fixed yet"  # callers run once it is fixed
         shard = distributed.local(tensor)
         key = layout_key(shard) + (distributed.row_range(tensor) if shard is not tensor else ())
         found = self._positions.get(key)
@@ -227,6 +231,7 @@ class Target:
         Of a ``Shard(0)`` DTensor on a 1-D mesh (FSDP2) only the masked entries travel: each rank reads those in its rows and
         they are all-gathered (O(k), not the whole weight, at every ``extract`` and checkpoint).
         """
+        assert self.indices is not None, "values at a mask that is not fixed yet"  # set_indices sets it first
         weight = self.param.detach()
         if distributed.is_row_sharded(weight):
             rows = distributed.row_slice(self.indices, weight, f"target weight '{self.name}'")
@@ -263,6 +268,8 @@ class Target:
 
         Of a DTensor: the full weight, gathered (a collective).
         """
+        # Callers check ``indices`` (calibration has no base to put back); set_indices sets both together.
+        assert self.indices is not None and self.originals is not None, "restored() before the mask is fixed"
         param = self.param if param is None else param
         if distributed.is_sharded(param):
             weight = distributed.gather(param.detach()).clone().reshape(-1)  # (numel,) row-major
@@ -317,7 +324,7 @@ class Target:
             outside = torch.count_nonzero(flat) - torch.count_nonzero(flat.index_select(0, index))
             if distributed.is_sharded(value):
                 distributed.all_reduce(outside)
-            outside = int(outside)
-            if outside:
-                return key, outside
+            count = int(outside)
+            if count:
+                return key, count
         return None

@@ -42,7 +42,8 @@ class Sparse(Compact):
 
     def use_mask(self, indices: torch.Tensor) -> None:
         """Take the mask (sorted logical indices): its CSR pattern on the weight's device."""
-        self.pattern = csr_pattern(indices.to(self.weight.device, torch.int64), tuple(self.weight.shape))
+        rows, cols = self.weight.shape  # an nn.Linear's (out, in): check_layer takes nothing else
+        self.pattern = csr_pattern(indices.to(self.weight.device, torch.int64), (rows, cols))
 
     def __getstate__(self) -> dict:
         """A CSR tensor has no storage that ``copy.deepcopy`` could copy: the pattern travels as its row
