@@ -35,6 +35,17 @@ _RESOURCE_ERRORS = tuple(
 )
 
 
+def _length(batches: Iterable) -> int | None:
+    """How many batches there are, for the progress bar, or None when ``batches`` cannot tell (a generator; a
+    ``DataLoader`` over an ``IterableDataset``, whose ``__len__`` raises TypeError)."""
+    if not isinstance(batches, Sized):
+        return None
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
 def _progress(batches: Iterable, enabled: bool, total: int | None) -> Iterable:
     if not enabled:
         return batches
@@ -121,7 +132,7 @@ def run_calibration(
     count = 0
     world, device = distributed.world_size(), next(iter(model.parameters())).device
     try:
-        for position, batch in enumerate(_progress(_agreed(batches, world, device), progress, len(batches) if isinstance(batches, Sized) else None)):
+        for position, batch in enumerate(_progress(_agreed(batches, world, device), progress, _length(batches))):
             compute_loss(model, batch, loss_fn, position).backward()
             if after_pass is not None:
                 after_pass()
