@@ -51,7 +51,7 @@ def train_adapter(model, tokenizer, train: list[dict], name: str, args) -> shira
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     rows, rng = [common.encode(tokenizer, formatted(e, name)) for e in train], random.Random(name)
     model.train()
-    for step in range(1, args.steps + 1):
+    for _ in range(args.steps):
         loss = model(**common.collate(rng.sample(rows, args.batch_size), tokenizer.pad_token_id)).loss
         loss.backward()
         optimizer.step()

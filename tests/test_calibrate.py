@@ -78,3 +78,22 @@ def test_a_batch_the_model_cannot_take_still_raises_shira_error():
     with pytest.raises(ShiraError, match=r"could not compute a loss from calibration batch 1 \(TypeError"):
         shira_hooks.attach(model, 0.05, "grad", calibration=[mlp_batches(1)[0], ("text", None)], loss_fn=mlp_loss, progress=False)
     assert _state(model) == state
+
+
+def test_a_loader_over_an_iterable_dataset_calibrates_like_a_list():
+    """A DataLoader over an IterableDataset has ``__len__`` but raises TypeError from it (the dataset has no
+    length): calibration takes it as a stream and chooses the masks the same batches in a list give."""
+    batches = mlp_batches(3)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(batches)
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=None)
+    with pytest.raises(TypeError):
+        len(loader)
+    with shira_hooks.attach(make_mlp(), 0.05, "snip", calibration=batches, loss_fn=mlp_loss, progress=False) as expected:
+        with shira_hooks.attach(make_mlp(), 0.05, "snip", calibration=loader, loss_fn=mlp_loss, progress=False) as streamed:
+            assert list(streamed.masks) == list(expected.masks) == streamed.target_names
+            for name, indices in expected.masks.items():
+                assert torch.equal(streamed.masks[name], indices)

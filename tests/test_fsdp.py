@@ -532,8 +532,9 @@ def test_fsdp1_is_refused():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FSDP1 does not run on CPU)")
 def test_real_fsdp1_is_refused(tmp_path):
-    from conftest import make_mlp
     from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from conftest import make_mlp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1)
@@ -605,8 +606,9 @@ def test_the_watch_hook_goes_with_detach_and_with_the_model():
     """The global forward pre-hook that follows fully_shard lives only while a handle watches a model."""
     import gc
 
-    from conftest import make_mlp
     from torch.nn.modules.module import _global_forward_pre_hooks
+
+    from conftest import make_mlp
 
     model = make_mlp()
     shira = shira_hooks.attach(model, 0.1, "rand", seed=0)

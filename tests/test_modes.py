@@ -8,7 +8,8 @@ import shira_hooks
 from shira_hooks import ShiraError
 from shira_hooks.train import MODES
 from shira_hooks.train.modes import Dense
-from conftest import make_mlp, mlp_batches, mlp_loss, mlp_steps
+
+from conftest import make_mlp, mlp_batches, mlp_steps
 
 
 class Scaled(Dense):

@@ -30,13 +30,19 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Literal, TypeGuard
 
 import torch
 from torch import nn
 
 from ..errors import ShiraError
+
+if TYPE_CHECKING:  # torch.distributed may be missing at run time (a build without it); only the checker reads these
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+    from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
 
 SUPPORTED = (
     "shira_hooks supports DistributedDataParallel and FSDP2 (torch.distributed.fsdp.fully_shard, with the default "
@@ -69,7 +75,7 @@ def world_size() -> int:
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
-def all_reduce(tensor: torch.Tensor, op: Literal["sum", "max", "min"] = "sum", *, mesh=None) -> torch.Tensor:
+def all_reduce(tensor: torch.Tensor, op: Literal["sum", "max", "min"] = "sum", *, mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Reduce ``tensor`` in place over the ranks (a collective: every rank must call it); returns it.
 
     Args:
@@ -89,13 +95,13 @@ def broadcast_int(value: int) -> int:
     return int(agreed.item())
 
 
-def is_sharded(tensor: torch.Tensor | None) -> bool:
+def is_sharded(tensor: torch.Tensor | None) -> TypeIs[DTensor]:
     """Whether ``tensor`` is a ``DTensor`` (an FSDP2 parameter or gradient)."""
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
-def is_row_sharded(tensor: torch.Tensor | None) -> bool:
+def is_row_sharded(tensor: torch.Tensor | None) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a DTensor split by rows over a 1-D mesh (``Shard(0)``, FSDP2's default)."""
     if not is_sharded(tensor) or tensor.device_mesh.ndim != 1:
         return False
@@ -139,7 +145,7 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gather_rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def gather_rows(values: torch.Tensor, like: DTensor) -> torch.Tensor:
     """(numel,) the per-entry ``values`` of every rank's shard of ``like``, in logical order (a collective).
 
     ``values``: (local numel,) on this rank, for the entries of its shard of ``like`` (a DTensor).
@@ -206,7 +212,7 @@ def check_model(model: nn.Module) -> None:
 
 # ------------------------------------------------------------------------------ the watch
 # model -> weak references to the bound methods to call before its forward passes
-_WATCHED: "weakref.WeakKeyDictionary[nn.Module, list[weakref.WeakMethod]]" = weakref.WeakKeyDictionary()
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, list[weakref.WeakMethod]] = weakref.WeakKeyDictionary()
 _HOOK: list = []  # the global forward pre-hook handle, while some model is watched
 
 
@@ -268,7 +274,7 @@ class RowSlice:
         return self.stop - self.start
 
 
-def row_slice(indices: torch.Tensor, weight: torch.Tensor, where: str) -> RowSlice:
+def row_slice(indices: torch.Tensor, weight: DTensor, where: str) -> RowSlice:
     """The ``RowSlice`` of a mask (sorted logical indices) for this rank's shard of a ``Shard(0)`` DTensor weight.
 
     Raises:
@@ -290,7 +296,7 @@ def row_slice(indices: torch.Tensor, weight: torch.Tensor, where: str) -> RowSli
 
 
 @torch.no_grad()
-def gather_slices(part: torch.Tensor, rows: RowSlice, mesh) -> torch.Tensor:
+def gather_slices(part: torch.Tensor, rows: RowSlice, mesh: DeviceMesh) -> torch.Tensor:
     """(k,) every rank's ``part`` (its ``RowSlice`` of the masked values) in mask order (a collective, O(k))."""
     counts = [b - a for a, b in zip(rows.bounds, rows.bounds[1:])]
     width = max(1, max(counts))
@@ -301,8 +307,12 @@ def gather_slices(part: torch.Tensor, rows: RowSlice, mesh) -> torch.Tensor:
     return torch.cat([out[r * width : r * width + c] for r, c in enumerate(counts)])
 
 
-def check_values(values: torch.Tensor, weight: torch.Tensor, where: str) -> None:
-    """``shira_values`` sharded by ``fully_shard`` must be a (k,) ``Shard(0)`` DTensor on the weight's 1-D mesh."""
+def check_values(values: torch.Tensor | None, weight: DTensor, where: str) -> None:
+    """``shira_values`` sharded by ``fully_shard`` must be a (k,) ``Shard(0)`` DTensor on the weight's 1-D mesh.
+
+    Raises:
+        ShiraError: ``values`` is not such a DTensor (or is missing), naming ``where`` and its placements.
+    """
     from torch.distributed.tensor import Shard
 
     if not (is_sharded(values) and values.device_mesh == weight.device_mesh and tuple(values.placements) == (Shard(0),)):
@@ -314,7 +324,7 @@ def check_values(values: torch.Tensor, weight: torch.Tensor, where: str) -> None
         )
 
 
-def shard_values(full: torch.Tensor, weight: torch.Tensor) -> nn.Parameter:
+def shard_values(full: torch.Tensor, weight: DTensor) -> nn.Parameter:
     """``shira_values`` as a (k,) ``Shard(0)`` DTensor parameter on the weight's mesh (torch.chunk of the k
     entries, as ``fully_shard`` would shard it), from the (k,) values that every rank holds."""
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -322,7 +332,7 @@ def shard_values(full: torch.Tensor, weight: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(distribute_tensor(full, weight.device_mesh, [Shard(0)], src_data_rank=None))
 
 
-def values_grad(grad: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def values_grad(grad: torch.Tensor, values: DTensor) -> torch.Tensor:
     """The DTensor gradient of a ``shard_values`` parameter from this rank's (k,) gradient (a collective, O(k)).
 
     Averaged over the ranks, as FSDP2 averages the gradients it reduces: the gradient of the global batch.

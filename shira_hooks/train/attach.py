@@ -13,7 +13,8 @@ import os
 import secrets
 import sys
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
@@ -194,7 +195,7 @@ def attach(
     distributed.check_model(model)  # FSDP1, DeepSpeed: refused
     _check_not_peft(model)
     seed = resolve_seed(seed, mask)
-    names = {}
+    names: dict[int, str] = {}  # id(param) -> its first name
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), name)
     owners: dict[int, int] = {}  # id(weight) -> number of modules using it

@@ -8,8 +8,9 @@ target's gradient to ``Calibration.accumulate`` and drops it, and the mask is fi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +35,17 @@ _RESOURCE_ERRORS = tuple(
 )
 
 
+def _length(batches: Iterable) -> int | None:
+    """How many batches there are, for the progress bar, or None when ``batches`` cannot tell (a generator; a
+    ``DataLoader`` over an ``IterableDataset``, whose ``__len__`` raises TypeError)."""
+    if not isinstance(batches, Sized):
+        return None
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
 def _progress(batches: Iterable, enabled: bool, total: int | None) -> Iterable:
     if not enabled:
         return batches
@@ -53,6 +65,7 @@ def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, position:
             model or ``loss_fn`` (as is any BaseException such as KeyboardInterrupt).
     """
     fix = "pass loss_fn=lambda model, batch: <scalar loss>"
+    loss: object  # whatever loss_fn or the model returned: checked below
     try:
         if loss_fn is not None:
             loss = loss_fn(model, batch)
@@ -119,7 +132,7 @@ def run_calibration(
     count = 0
     world, device = distributed.world_size(), next(iter(model.parameters())).device
     try:
-        for position, batch in enumerate(_progress(_agreed(batches, world, device), progress, len(batches) if hasattr(batches, "__len__") else None)):
+        for position, batch in enumerate(_progress(_agreed(batches, world, device), progress, _length(batches))):
             compute_loss(model, batch, loss_fn, position).backward()
             if after_pass is not None:
                 after_pass()
@@ -183,6 +196,7 @@ def mask_from_scores(
             f"target weight '{name}' received no gradient from the calibration batches, so "
             f"mask={kind.name!r} cannot score it; exclude it with target_modules"
         )
+    assert kind.score is not None, f"mask kind {kind.name!r} has no score"  # callers pass a kind that needs_scores
     scores = kind.score(scores, distributed.local(weight))  # this rank's rows of the weight under FSDP2
     if distributed.is_sharded(weight):
         scores = distributed.gather_rows(scores, weight)
@@ -238,6 +252,7 @@ class Calibration:
     def fix_unscored(self) -> None:
         """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""
         kind = masks.kind_of(self.config.mask)
+        assert kind.select is not None, f"mask kind {kind.name!r} has no select"  # attach calls this for kinds without scores
         for target in self.targets:
             weight = target.param.detach()  # under FSDP2 a DTensor: its shape and numel are the full weight's
             if kind.reads_values:  # struct and rand need only the shape

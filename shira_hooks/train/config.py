@@ -48,7 +48,7 @@ class Config:
         """k of a weight of ``numel`` entries; 0 for a mask function (its result sets k)."""
         return masks.budget(numel, self.sparsity, self.block) if isinstance(self.mask, str) else 0
 
-    def picklable(self) -> "Config":
+    def picklable(self) -> Config:
         """This config with a mask function replaced by ``"custom"`` (a function may not pickle; a copy's
         masks are fixed already, so it never calls it)."""
         return self if isinstance(self.mask, str) else dataclasses.replace(self, mask="custom")

@@ -19,6 +19,7 @@ Two things replace a target's ``nn.Parameter`` after ``attach``:
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from ..errors import ShiraError
 from . import flags
 from .gradients import GradientHooks
 from .target import REPLACED_FIX, Target, describe
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 class Follower:
@@ -107,6 +111,7 @@ class Follower:
                             f"module.{t.attr} = nn.Parameter(...), an FSDP1 or DeepSpeed wrapper), so the handle's masks, "
                             f"stored originals and hooks no longer apply to it. {REPLACED_FIX}"
                         )
+                    assert isinstance(now, nn.Parameter)  # _replacement_problem refused anything else
                     self._follow_replacement(position, now)
                     moved = True
             if check:  # the parameters the target's mode registered on the layer (compact: shira_values)
@@ -203,7 +208,7 @@ def _drop_grad_hook(t: Target) -> None:
         t.grad_hook = None
 
 
-def _unseen_gradient(param: nn.Parameter) -> bool:
+def _unseen_gradient(param: DTensor) -> bool:
     """Whether a sharded parameter first seen at a step carries a gradient that matters, on any rank.
 
     An all-zero gradient (``torch.distributed.checkpoint``'s lr-0 step that builds optimizer state before

@@ -9,7 +9,7 @@ optimizer changes anything during calibration. In the compact modes the weight g
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -37,8 +37,9 @@ import itertools
 import logging
 import os
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,14 +71,14 @@ class _KeepAlive:
 
     __slots__ = ("handle",)
 
-    def __init__(self, handle: "ShiraHandle"):
+    def __init__(self, handle: ShiraHandle):
         self.handle = handle
 
 
 _SERIALS = itertools.count()
 
 
-def attached(model: nn.Module) -> list["ShiraHandle"]:
+def attached(model: nn.Module) -> list[ShiraHandle]:
     """The handles attached to ``model``'s weights, in attach order (``shira_hooks.applied`` is its
     counterpart for adapters applied with ``apply``).
 
@@ -356,6 +357,7 @@ class ShiraHandle:
         self._sync()
         deltas = {}
         for t in self._targets:
+            assert t.indices is not None and t.originals is not None  # _require_calibrated: every mask is fixed
             values = t.current().float() - t.originals.float()
             deltas[t.name] = SparseDelta(tuple(t.param.shape), t.param.dtype, t.indices.clone(), values.cpu(), digest(t.originals), self.block)
         return SparseAdapter(
@@ -461,14 +463,14 @@ class ShiraHandle:
             flags.own(t.param, self)
             t.hook_gradient(self._gradients.hook(position))
         for param, original in zip(self._claimed.params, originals):
-            t = targets.get(id(param))
-            flags.claim(self, param, target=t is not None, wanted=t is not None and t.mode.weight_trains, original=original)
+            target = targets.get(id(param))
+            flags.claim(self, param, target=target is not None, wanted=target is not None and target.mode.weight_trains, original=original)
 
-    def __copy__(self) -> "ShiraHandle":
+    def __copy__(self) -> ShiraHandle:
         """Refused: a shallow copy would be a second handle on the same parameters."""
         raise ShiraError("a shira_hooks handle cannot be copied on its own; copy.deepcopy the model that attach() got")
 
-    def __deepcopy__(self, memo: dict) -> "ShiraHandle":
+    def __deepcopy__(self, memo: dict) -> ShiraHandle:
         """Part of ``copy.deepcopy(model)``; refused for the handle alone or a part of the model (the copy
         would bring a second copy of the whole model with it)."""
         if self._attached and id(self.model) not in memo:
@@ -483,7 +485,7 @@ class ShiraHandle:
         copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return copied
 
-    def __enter__(self) -> "ShiraHandle":
+    def __enter__(self) -> ShiraHandle:
         return self
 
     def __exit__(self, *exc) -> None:

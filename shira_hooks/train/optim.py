@@ -42,8 +42,8 @@ is attached or detached or the optimizer's param groups change in number or size
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -125,15 +125,20 @@ class _Guard:
 
     def bound(self) -> tuple[Callable, ...] | None:
         """(holds_any, before_step, after_step) while the handle lives, else None."""
-        methods = tuple(ref() for ref in self.methods)
-        return None if any(method is None for method in methods) else methods
+        methods = []
+        for ref in self.methods:
+            method = ref()
+            if method is None:
+                return None
+            methods.append(method)
+        return tuple(methods)
 
 
-_LIVE: "weakref.WeakKeyDictionary[object, _Guard]" = weakref.WeakKeyDictionary()  # attached handle -> its guard
+_LIVE: weakref.WeakKeyDictionary[object, _Guard] = weakref.WeakKeyDictionary()  # attached handle -> its guard
 _HOOKS: list = []  # the global step pre/post hook handles, while a handle is attached
-_PENDING: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _PendingStep]" = weakref.WeakKeyDictionary()
+_PENDING: weakref.WeakKeyDictionary[torch.optim.Optimizer, _PendingStep] = weakref.WeakKeyDictionary()
 # optimizer -> (key, weak references to the guards of the handles whose model it trains): the verdict of ``related``
-_RELATED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[tuple, list]]" = weakref.WeakKeyDictionary()
+_RELATED: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[tuple, list]] = weakref.WeakKeyDictionary()
 _generation = 0  # bumped at every attach and detach: cached verdicts are then taken again
 
 
@@ -162,7 +167,7 @@ def related(optimizer: torch.optim.Optimizer) -> list[tuple[Callable, ...]]:
     if cached is not None and cached[0] == key:
         return [methods for methods in (guard.bound() for guard in (ref() for ref in cached[1]) if guard is not None) if methods is not None]
     ids = {id(p) for group in groups for p in group["params"]}
-    found = [guard for guard in _guards() if guard.bound()[0](ids)]
+    found = [guard for guard in _guards() if (bound := guard.bound()) is not None and bound[0](ids)]
     _RELATED[optimizer] = (key, [weakref.ref(guard) for guard in found])
     return [methods for methods in (guard.bound() for guard in found) if methods is not None]
 

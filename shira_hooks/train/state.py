@@ -62,6 +62,8 @@ def _dora_words(dora: Any) -> str:
 
 
 def _entry(t: Target) -> dict[str, Any]:
+    # ShiraHandle.state_dict refuses a handle that is still calibrating, so every mask is fixed here.
+    assert t.indices is not None and t.originals is not None, f"state of '{t.name}' before its mask is fixed"
     entry = {
         "shape": list(t.param.shape),
         "dtype": dtype_name(t.param.dtype),

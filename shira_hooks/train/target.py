@@ -18,8 +18,9 @@ beside the ``Target`` that holds a mode, so that the modes import this module an
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from .. import distributed, masks
 from .._base import check_dense, digest, is_dense, layout_key, storage_flat, storage_index
 from ..errors import ShiraError
 from .config import Config
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 # The fix, in every message that refuses a replaced target weight or mode parameter (``follow``, the modes).
 REPLACED_FIX = (
@@ -93,61 +97,61 @@ class Mode(Protocol):
         """Refuse, at ``attach``, a target layer this mode cannot train (raises ``ShiraError``)."""
 
     @classmethod
-    def install(cls, targets: list["Target"], model: nn.Module, config: Config) -> None:
+    def install(cls, targets: list[Target], model: nn.Module, config: Config) -> None:
         """Give every target (masks fixed) a mode object of this class and register what it needs (``config``: the
         handle's settings, such as the DoRA variant's rank and the seed of its factors)."""
 
-    def uninstall(self, target: "Target") -> None:
+    def uninstall(self, target: Target) -> None:
         """Undo ``install`` for ``target``: its weight holds the trained entries, nothing of the mode stays."""
 
-    def trained(self, target: "Target") -> tuple[nn.Parameter, ...]:
+    def trained(self, target: Target) -> tuple[nn.Parameter, ...]:
         """The parameters an optimizer must hold to train ``target``."""
 
-    def held_by(self, target: "Target", members: dict[int, Any] | set[int]) -> bool:
+    def held_by(self, target: Target, members: dict[int, Any] | set[int]) -> bool:
         """Whether an optimizer with these parameter ids holds ``target``'s weight or a tensor of its mode."""
 
-    def frozen(self, target: "Target") -> bool:
+    def frozen(self, target: Target) -> bool:
         """Whether something set ``requires_grad=False`` on a tensor that trains (so nothing does)."""
 
-    def flag_changed(self, target: "Target") -> bool:
+    def flag_changed(self, target: Target) -> bool:
         """Whether other code changed a trained tensor's flag since the handle set it (``detach``)."""
 
-    def got_gradient(self, target: "Target") -> bool:
+    def got_gradient(self, target: Target) -> bool:
         """Whether a gradient for ``target`` arrived since ``attach``."""
 
-    def optimizer_state_problem(self, target: "Target", state: dict) -> tuple[str, int] | None:
+    def optimizer_state_problem(self, target: Target, state: dict) -> tuple[str, int] | None:
         """(key, entries) of optimizer state that would move entries outside the mask, or None."""
 
-    def before_step(self, target: "Target", optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> bool:
+    def before_step(self, target: Target, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> bool:
         """Before a step of ``optimizer`` that holds the target: whether the step uses the weight's masked
         dense gradient (the weight-decay guard then decays its masked entries)."""
 
     def step_changed(self, optimizer: torch.optim.Optimizer, members: set[int]) -> bool | None:
         """After the step: whether it changed the mode's tensors (None: the mode took no part in it)."""
 
-    def sharded(self) -> torch.Tensor | None:
+    def sharded(self) -> DTensor | None:
         """A tensor of the mode sharded by FSDP2 (a DTensor), over whose mesh the ranks agree on which layers a
         step changed (writing them is a collective), or None."""
 
-    def write(self, target: "Target") -> None:
+    def write(self, target: Target) -> None:
         """Make the weight hold the mode's trained entries now (a collective under FSDP2)."""
 
-    def follow_own(self, target: "Target", verb: str | None) -> None:
+    def follow_own(self, target: Target, verb: str | None) -> None:
         """Follow (or refuse) replacements of the parameters the mode registered on the layer."""
 
-    def adopt(self, target: "Target", weight: nn.Parameter) -> None:
+    def adopt(self, target: Target, weight: nn.Parameter) -> None:
         """``fully_shard`` replaced the weight (and the layer's other parameters) with DTensors: follow them."""
 
-    def weight_replaced(self, target: "Target", old: nn.Parameter, new: nn.Parameter) -> None:
+    def weight_replaced(self, target: Target, old: nn.Parameter, new: nn.Parameter) -> None:
         """User code put ``new`` (holding the base outside the mask) in place of the weight ``old``."""
 
-    def state(self, target: "Target") -> dict[str, torch.Tensor]:
+    def state(self, target: Target) -> dict[str, torch.Tensor]:
         """Tensors of the mode to keep in the handle's resumable state (besides indices and originals)."""
 
-    def check_state(self, target: "Target", entry: dict[str, Any]) -> None:
+    def check_state(self, target: Target, entry: dict[str, Any]) -> None:
         """Refuse a state entry this mode cannot load (raises ``ShiraError``), before anything changes."""
 
-    def load(self, target: "Target", entry: dict[str, Any]) -> None:
+    def load(self, target: Target, entry: dict[str, Any]) -> None:
         """Take the mask (and tensors) of a loaded state entry; ``target`` already holds its indices."""
 
 
@@ -200,6 +204,7 @@ class Target:
 
         For a DTensor: the positions in this rank's shard (``storage``) of the masked entries in its rows.
         """
+        assert self.indices is not None, "positions of a mask that is not fixed yet"  # callers run once it is fixed
         shard = distributed.local(tensor)
         key = layout_key(shard) + (distributed.row_range(tensor) if shard is not tensor else ())
         found = self._positions.get(key)
@@ -226,6 +231,7 @@ class Target:
         Of a ``Shard(0)`` DTensor on a 1-D mesh (FSDP2) only the masked entries travel: each rank reads those in its rows and
         they are all-gathered (O(k), not the whole weight, at every ``extract`` and checkpoint).
         """
+        assert self.indices is not None, "values at a mask that is not fixed yet"  # set_indices sets it first
         weight = self.param.detach()
         if distributed.is_row_sharded(weight):
             rows = distributed.row_slice(self.indices, weight, f"target weight '{self.name}'")
@@ -262,6 +268,8 @@ class Target:
 
         Of a DTensor: the full weight, gathered (a collective).
         """
+        # Callers check ``indices`` (calibration has no base to put back); set_indices sets both together.
+        assert self.indices is not None and self.originals is not None, "restored() before the mask is fixed"
         param = self.param if param is None else param
         if distributed.is_sharded(param):
             weight = distributed.gather(param.detach()).clone().reshape(-1)  # (numel,) row-major
@@ -316,7 +324,7 @@ class Target:
             outside = torch.count_nonzero(flat) - torch.count_nonzero(flat.index_select(0, index))
             if distributed.is_sharded(value):
                 distributed.all_reduce(outside)
-            outside = int(outside)
-            if outside:
-                return key, outside
+            count = int(outside)
+            if count:
+                return key, count
         return None

@@ -38,7 +38,8 @@ all-gathers for the next forward.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, ClassVar, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,6 +50,9 @@ from ...errors import ShiraError
 from ..config import Config
 from ..target import REPLACED_FIX, Layer, Target, describe
 from .read_check import FirstForwardCheck
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 VALUES = "shira_values"
 
@@ -161,9 +165,10 @@ class Compact:
                 mode.check = check
 
     @classmethod
-    def register(cls, target: Target, shared: Any, config: Config) -> "Compact":
+    def register(cls, target: Target, shared: Any, config: Config) -> Compact:
         """Register ``<layer>.shira_values`` (the weight's masked entries now) and the layer's two hooks."""
         module, weight, indices = target.module, target.param, target.indices
+        assert indices is not None, f"'{target.name}': install before its mask is fixed"  # check_attach: masks known at attach
         values = storage_flat(distributed.local(weight.detach())).index_select(0, target.positions(weight)).clone()  # FSDP2: this rank's rows
         rows = None
         if distributed.is_sharded(weight):  # FSDP2: every rank's rows' entries, then this rank's chunk of the k
@@ -222,6 +227,7 @@ class Compact:
         when nothing trains in this forward: the module's current ``shira_values`` (under FSDP2: the
         all-gathered values, in the forward)."""
         values = module._parameters.get(VALUES, self.values)
+        assert values is not None, f"the layer's {VALUES} is None"  # only register_parameter(VALUES, None) puts None there
         return values if torch.is_grad_enabled() and values.requires_grad else None
 
     def names(self) -> tuple[str, ...]:
@@ -310,7 +316,7 @@ class Compact:
             return None
         return any(not _same_bits(distributed.local(p).detach(), old) for p, old in before)
 
-    def sharded(self) -> torch.Tensor | None:
+    def sharded(self) -> DTensor | None:
         return self.values if distributed.is_sharded(self.values) else None
 
     def write(self, target: Target) -> None:
@@ -353,8 +359,10 @@ class Compact:
             ShiraError: the values are not sharded as ``Shard(0)`` on the weight's 1-D mesh.
         """
         where = f"'{target.name.rpartition('.')[0]}.{VALUES}'"
+        assert distributed.is_sharded(weight) and target.indices is not None  # Follower adopts DTensors; masks fixed at attach
         values = target.module._parameters.get(VALUES)
         distributed.check_values(values, weight, where)
+        assert values is not None  # check_values refused anything but a DTensor
         self.rows = distributed.row_slice(target.indices, weight, where)
         self.weight, self.values, self.managed = weight, values, True
         self.synced = self.versions()
@@ -383,9 +391,11 @@ class Compact:
     def load(self, target: Target, entry: dict[str, Any]) -> None:
         """Take the loaded mask (k as before) and the weight's entries at it as the values, on every rank (same
         parameter objects, new entries: the weight holds the trained values)."""
+        assert target.indices is not None  # the state's indices were set on the target before this call
         self.use_mask(target.indices)
         full = target.current()
         if self.rows is not None:
+            assert distributed.is_sharded(self.weight)  # rows are kept for an FSDP2-sharded weight only
             self.rows = distributed.row_slice(target.indices, self.weight, "the loaded mask")
         if distributed.is_sharded(self.values):  # this rank's chunk of the k entries
             start, stop = distributed.row_range(self.values)
@@ -424,7 +434,9 @@ class _Tap(torch.autograd.Function):
         x = inputs.float().t() if ctx.transposed else inputs.reshape(-1, inputs.shape[-1]).float()
         grad = mode.grad_at_mask(dy, x)  # (k,)
         if ctx.sharded:  # values sharded by install (FSDP2): average over the ranks, keep this rank's chunk
-            return grad_output, distributed.values_grad(grad, mode.values), None, None, None
+            values = mode.values
+            assert distributed.is_sharded(values)  # the tapped values were the mode's own DTensor (ctx.sharded)
+            return grad_output, distributed.values_grad(grad, values), None, None, None
         return grad_output, grad.to(ctx.dtype), None, None, None
 
 
@@ -433,11 +445,12 @@ def _whole_base(output: torch.Tensor) -> torch.Tensor:
     would make autograd copy its gradient twice per layer (CopySlices), so the result it views is
     tapped instead and viewed again, when the view is that whole result in the same memory order."""
     base = output._base
-    whole = (
+    if (
         base is not None and output.is_contiguous() and base.is_contiguous()
         and output.numel() == base.numel() and output.data_ptr() == base.data_ptr()
-    )
-    return base if whole else output
+    ):
+        return base
+    return output
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

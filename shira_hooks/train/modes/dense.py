@@ -9,7 +9,8 @@ every target holds while its mask is being chosen, and after ``detach``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from ... import masks
 from .. import flags
 from ..config import Config
 from ..target import Layer, Target
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 class Dense:
@@ -71,7 +75,7 @@ class Dense:
     def step_changed(self, optimizer: torch.optim.Optimizer, members: set[int]) -> bool | None:
         return None  # the optimizer changed the weight itself: nothing to write
 
-    def sharded(self) -> torch.Tensor | None:
+    def sharded(self) -> DTensor | None:
         return None
 
     def write(self, target: Target) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ from ..config import Config
 from ..target import Layer, Target
 from .compact import VALUES, Compact
 from .sparse import Sparse
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 MAGNITUDE = "shira_magnitude"
 DORA_A = "shira_dora_a"
@@ -178,7 +181,7 @@ class DoraCompact(Compact):
     def trained(self, target: Target) -> tuple[nn.Parameter, ...]:
         return tuple(self.tensors.values())
 
-    def sharded(self) -> torch.Tensor | None:
+    def sharded(self) -> DTensor | None:
         return None
 
     # ----------------------------------------------------------------- replaced parameters

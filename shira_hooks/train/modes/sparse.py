@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -30,18 +31,19 @@ class Sparse(Compact):
 
     def __init__(
         self, weight: nn.Parameter, values: nn.Parameter, indices: torch.Tensor,
-        positions: Callable[[torch.Tensor], torch.Tensor], shared: "InputTransposes", rows: distributed.RowSlice | None = None,
+        positions: Callable[[torch.Tensor], torch.Tensor], shared: InputTransposes, rows: distributed.RowSlice | None = None,
     ):
         self.transposes = shared  # shared by the sparse layers of one handle
         super().__init__(weight, values, indices, positions, shared, rows)
 
     @classmethod
-    def shared(cls) -> "InputTransposes":
+    def shared(cls) -> InputTransposes:
         return InputTransposes()
 
     def use_mask(self, indices: torch.Tensor) -> None:
         """Take the mask (sorted logical indices): its CSR pattern on the weight's device."""
-        self.pattern = csr_pattern(indices.to(self.weight.device, torch.int64), tuple(self.weight.shape))
+        rows, cols = self.weight.shape  # an nn.Linear's (out, in): check_layer takes nothing else
+        self.pattern = csr_pattern(indices.to(self.weight.device, torch.int64), (rows, cols))
 
     def __getstate__(self) -> dict:
         """A CSR tensor has no storage that ``copy.deepcopy`` could copy: the pattern travels as its row
