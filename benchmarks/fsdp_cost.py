@@ -140,7 +140,12 @@ def run_case(method: str, wrapper: str, args, rank: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := RSS now; the model build is not training
     times = [step() for _ in range(args.steps)]
     return {
-        **case, "source": source, "trainable": trainable, "times": times, "peak_mb": _status_mb("VmHWM"), "baseline_mb": baseline,
+        **case,
+        "source": source,
+        "trainable": trainable,
+        "times": times,
+        "peak_mb": _status_mb("VmHWM"),
+        "baseline_mb": baseline,
         "parameters_mb": _local_mb(model.parameters()),
         "optimizer_state_mb": _local_mb(t for state in optimizer.state.values() for t in state.values()),
     }
@@ -170,14 +175,50 @@ def _free_port() -> int:
 
 def launch(args, cases: list[str]) -> list[dict]:
     """Run ``cases`` in order in one set of rank processes; every rank's result of every case."""
-    base = {**os.environ, **train_cost.RETURNING_MALLOC, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(args.world)}
-    command = [sys.executable, __file__, "--worker", "--cases", *cases, "--config", args.config, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--batch", str(args.batch), "--length", str(args.length),
-               "--threads", str(args.threads), "--sparsity", str(args.sparsity), "--layout", args.layout, "--attach", args.attach]
+    base = {
+        **os.environ,
+        **train_cost.RETURNING_MALLOC,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(args.world),
+    }
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--cases",
+        *cases,
+        "--config",
+        args.config,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch",
+        str(args.batch),
+        "--length",
+        str(args.length),
+        "--threads",
+        str(args.threads),
+        "--sparsity",
+        str(args.sparsity),
+        "--layout",
+        args.layout,
+        "--attach",
+        args.attach,
+    ]
     if args.layers:
         command += ["--layers", str(args.layers)]
-    ranks = [subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(args.world)]
+    ranks = [
+        subprocess.Popen(
+            command,
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(args.world)
+    ]
     results = []
     for process in ranks:
         out, err = process.communicate()
@@ -199,7 +240,11 @@ def run_all(args) -> list[dict]:
                 results = launch(args, [case])
                 runs[case] += results
                 done = [r for r in results if "refused" not in r]
-                shown = f"peak {max(r['peak_mb'] for r in done):,.0f} MB/rank, step {statistics.median(done[0]['times']):.3f} s" if done else "refused"
+                shown = (
+                    f"peak {max(r['peak_mb'] for r in done):,.0f} MB/rank, step {statistics.median(done[0]['times']):.3f} s"
+                    if done
+                    else "refused"
+                )
                 print(f"round {round_ + 1} {case:22} {shown}  (load {os.getloadavg()[0]:.1f})", flush=True)
     rows = []
     for case, results in runs.items():
@@ -212,13 +257,24 @@ def run_all(args) -> list[dict]:
         peaks = {str(rank): max(r["peak_mb"] for r in results if r["rank"] == rank) for rank in range(args.world)}
         above = max(r["peak_mb"] - r["baseline_mb"] for r in results)
         first = results[0]
-        rows.append({
-            "method": method, "wrapper": wrapper, "trainable": first["trainable"], "source": first["source"],
-            "step_median_s": statistics.median(times), "step_min_s": min(times), "step_max_s": max(times), "steps": len(times),
-            "peak_mb_by_rank": peaks, "peak_mb": max(peaks.values()), "peak_above_process_mb": above,
-            "process_mb": max(r["baseline_mb"] for r in results),
-            "parameters_mb": max(r["parameters_mb"] for r in results), "optimizer_state_mb": max(r["optimizer_state_mb"] for r in results),
-        })
+        rows.append(
+            {
+                "method": method,
+                "wrapper": wrapper,
+                "trainable": first["trainable"],
+                "source": first["source"],
+                "step_median_s": statistics.median(times),
+                "step_min_s": min(times),
+                "step_max_s": max(times),
+                "steps": len(times),
+                "peak_mb_by_rank": peaks,
+                "peak_mb": max(peaks.values()),
+                "peak_above_process_mb": above,
+                "process_mb": max(r["baseline_mb"] for r in results),
+                "parameters_mb": max(r["parameters_mb"] for r in results),
+                "optimizer_state_mb": max(r["optimizer_state_mb"] for r in results),
+            }
+        )
     return rows
 
 
@@ -240,7 +296,9 @@ def markdown(rows: list[dict], info: dict, command: str, args, load: tuple[str, 
     ]
     for r in rows:
         if "refused" in r:
-            lines.append(f"| {LABELS[r['method']]} | {LABELS[r['wrapper']]} | refused: {r['refused'].split('. ')[0]} | | | | | |")
+            lines.append(
+                f"| {LABELS[r['method']]} | {LABELS[r['wrapper']]} | refused: {r['refused'].split('. ')[0]} | | | | | |"
+            )
             continue
         lines.append(
             f"| {LABELS[r['method']]} | {LABELS[r['wrapper']]} | {r['trainable']:,} | {r['peak_mb']:,.0f} "
@@ -268,11 +326,17 @@ def targets(rows: list[dict]) -> list[str]:
             if ref is None or "refused" in ref:
                 continue
             ratio = mine["peak_mb"] / ref["peak_mb"]
-            above = f"{mine['peak_above_process_mb'] / ref['peak_above_process_mb']:.2f}x" if ref["peak_above_process_mb"] >= 1 else "n/a"
+            above = (
+                f"{mine['peak_above_process_mb'] / ref['peak_above_process_mb']:.2f}x"
+                if ref["peak_above_process_mb"] >= 1
+                else "n/a"
+            )
             met = "met" if ratio <= goal else "missed"
             target = f" (target for mode='sparse': <= {goal}x, {met})" if mode == "shira_sparse" else ""
-            out.append(f"- {LABELS[mode]} under FSDP2: per-rank peak {ratio:.2f}x {LABELS[other[0]]} under {LABELS[other[1]]}{target}, "
-                       f"{above} above the process; step time {mine['step_median_s'] / ref['step_median_s']:.2f}x.")
+            out.append(
+                f"- {LABELS[mode]} under FSDP2: per-rank peak {ratio:.2f}x {LABELS[other[0]]} under {LABELS[other[1]]}{target}, "
+                f"{above} above the process; step time {mine['step_median_s'] / ref['step_median_s']:.2f}x."
+            )
     return out
 
 
@@ -289,10 +353,18 @@ def main(argv=None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--world", type=int, default=2, help="ranks (processes)")
-    parser.add_argument("--attach", default="after", choices=["after", "before"], help="SHiRA attaches after or before fully_shard")
-    parser.add_argument("--layout", default="layers", choices=["layers", "accelerate"],
-                        help="FSDP2 units: decoder layers + root (torch defaults), or also embedding and head apart, all resharded after forward (Accelerate)")
-    parser.add_argument("--section", default="fsdp_cost", help="the RESULTS.md section to write (another run of other sizes)")
+    parser.add_argument(
+        "--attach", default="after", choices=["after", "before"], help="SHiRA attaches after or before fully_shard"
+    )
+    parser.add_argument(
+        "--layout",
+        default="layers",
+        choices=["layers", "accelerate"],
+        help="FSDP2 units: decoder layers + root (torch defaults), or also embedding and head apart, all resharded after forward (Accelerate)",
+    )
+    parser.add_argument(
+        "--section", default="fsdp_cost", help="the RESULTS.md section to write (another run of other sizes)"
+    )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--results", metavar="RESULTS.md")
     parser.add_argument("--quick", action="store_true")
@@ -304,7 +376,15 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     if args.quick:
-        args.config, args.layers, args.steps, args.warmup, args.batch, args.length, args.rounds = "tiny", None, 1, 1, 2, 16, 1
+        args.config, args.layers, args.steps, args.warmup, args.batch, args.length, args.rounds = (
+            "tiny",
+            None,
+            1,
+            1,
+            2,
+            16,
+            1,
+        )
     import peft  # noqa: F401  (its version goes into the machine line)
 
     before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -314,7 +394,13 @@ def main(argv=None) -> int:
     command = command_line("python benchmarks/fsdp_cost.py", argv)
     text = markdown(rows, info, command, args, (before, after))
     print(text)
-    publish(args.section, text, {"command": command, "machine": info, "load": [before, after], "rows": rows}, args.json, args.results)
+    publish(
+        args.section,
+        text,
+        {"command": command, "machine": info, "load": [before, after], "rows": rows},
+        args.json,
+        args.results,
+    )
     return 0
 
 

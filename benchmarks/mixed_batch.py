@@ -45,9 +45,16 @@ def build_model(quick: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=1024 if quick else 49152, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-        num_hidden_layers=2 if quick else LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+        vocab_size=1024 if quick else 49152,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=2 if quick else LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval().requires_grad_(False)
@@ -80,7 +87,10 @@ def kernel_choice(route: list[str], tokens: int, timing: dict) -> dict:
     values = [torch.randn(k, generator=g) * 1e-3 for _ in ADAPTERS]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dense = [torch.zeros(weight.numel()).index_put_((i,), v).view(out_features, in_features) for i, v in zip(indices, values)]
+        dense = [
+            torch.zeros(weight.numel()).index_put_((i,), v).view(out_features, in_features)
+            for i, v in zip(indices, values)
+        ]
         csr = [d.to_sparse_csr() for d in dense]
         csr_t = [d.t().contiguous().to_sparse_csr() for d in dense]  # S^T (in, out), for a dense left operand
     y = torch.nn.functional.linear(x, weight)
@@ -103,7 +113,9 @@ def kernel_choice(route: list[str], tokens: int, timing: dict) -> dict:
     def gather():  # gather the k input columns, scale, scatter-add into the output columns
         for i, v, r, xi in zip(indices, values, rows, xs):
             contrib = xi[:, i % in_features] * v  # (n*T, k)
-            delta = torch.zeros(xi.shape[0], out_features).index_add_(1, torch.div(i, in_features, rounding_mode="floor"), contrib)
+            delta = torch.zeros(xi.shape[0], out_features).index_add_(
+                1, torch.div(i, in_features, rounding_mode="floor"), contrib
+            )
             y.index_add_(0, r, delta.view(len(r), tokens, out_features))
 
     def dense_delta():  # the delta as a dense weight: one full product per adapter's rows
@@ -136,8 +148,14 @@ def kernel_choice(route: list[str], tokens: int, timing: dict) -> dict:
         "dense x @ CSR(S^T), index_add_": (dense_left, lambda: None),
         "gather + index_add_ (k columns)": (gather, lambda: None),
         "dense delta product": (dense_delta, lambda: None),
-        "bfloat16: layer's own product x W^T (all rows)": (lambda: torch.nn.functional.linear(x16, weight16), lambda: None),
-        "bfloat16, chosen: float32 CSR sparse.mm on the cast x^T block, add_ into the bfloat16 output": (ours_bf16, lambda: None),
+        "bfloat16: layer's own product x W^T (all rows)": (
+            lambda: torch.nn.functional.linear(x16, weight16),
+            lambda: None,
+        ),
+        "bfloat16, chosen: float32 CSR sparse.mm on the cast x^T block, add_ into the bfloat16 output": (
+            ours_bf16,
+            lambda: None,
+        ),
         "bfloat16: gather + index_add_ (k columns) in bfloat16": (gather_bf16, lambda: None),
     }
     with warnings.catch_warnings():
@@ -170,8 +188,14 @@ def run(args) -> dict:
 
     lora = peft_lora(copy.deepcopy(model), rank)
     row = {
-        "layers": model.config.num_hidden_layers, "targets": len(weights), "sparsity": args.sparsity, "rows": rows, "tokens": tokens,
-        "new_tokens": new_tokens, "entries_per_adapter": adapters["a0"].num_entries, "rank": rank,
+        "layers": model.config.num_hidden_layers,
+        "targets": len(weights),
+        "sparsity": args.sparsity,
+        "rows": rows,
+        "tokens": tokens,
+        "new_tokens": new_tokens,
+        "entries_per_adapter": adapters["a0"].num_entries,
+        "rank": rank,
         "lora_params_per_adapter": sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n and ".a0." in n),
         "max_abs_logit_diff_vs_apply": worst,
     }
@@ -180,13 +204,20 @@ def run(args) -> dict:
         with mixed.route(route):
             mixed_model(input_ids=ids)
 
-    fast = dict(warmup=1, repeats=3, budget=0.5, settle=0) if args.quick else dict(warmup=2, repeats=args.repeats, budget=args.budget, settle=0)
-    forward = time_interleaved({
-        "base": (lambda: model(input_ids=ids), lambda: None),
-        "base + idle MixedAdapters hooks (no route)": (lambda: mixed_model(input_ids=ids), lambda: None),
-        "MixedAdapters mixed forward": (mixed_forward, lambda: None),
-        "PEFT LoRA adapter_names= mixed forward": (lambda: lora(input_ids=ids, adapter_names=route), lambda: None),
-    }, **fast)
+    fast = (
+        dict(warmup=1, repeats=3, budget=0.5, settle=0)
+        if args.quick
+        else dict(warmup=2, repeats=args.repeats, budget=args.budget, settle=0)
+    )
+    forward = time_interleaved(
+        {
+            "base": (lambda: model(input_ids=ids), lambda: None),
+            "base + idle MixedAdapters hooks (no route)": (lambda: mixed_model(input_ids=ids), lambda: None),
+            "MixedAdapters mixed forward": (mixed_forward, lambda: None),
+            "PEFT LoRA adapter_names= mixed forward": (lambda: lora(input_ids=ids, adapter_names=route), lambda: None),
+        },
+        **fast,
+    )
     row["forward"] = {name: s[0] for name, s in forward.items()}
     print("forward timed; generate next", file=sys.stderr, flush=True)
 
@@ -199,11 +230,17 @@ def run(args) -> dict:
     lengths = {"base": model.generate(ids, **options).shape[1], "mixed": mixed_generate().shape[1]}
     if set(lengths.values()) != {tokens + new_tokens}:  # min_new_tokens keeps every method at the same length
         raise RuntimeError(f"generate() lengths {lengths}; expected {tokens + new_tokens}")
-    generate = time_interleaved({
-        "base": (lambda: model.generate(ids, **options), lambda: None),
-        "MixedAdapters mixed generate": (mixed_generate, lambda: None),
-        "PEFT LoRA adapter_names= mixed generate": (lambda: lora.generate(input_ids=ids, adapter_names=route, **options), lambda: None),
-    }, **dict(fast, repeats=3 if args.quick else args.generate_repeats))
+    generate = time_interleaved(
+        {
+            "base": (lambda: model.generate(ids, **options), lambda: None),
+            "MixedAdapters mixed generate": (mixed_generate, lambda: None),
+            "PEFT LoRA adapter_names= mixed generate": (
+                lambda: lora.generate(input_ids=ids, adapter_names=route, **options),
+                lambda: None,
+            ),
+        },
+        **dict(fast, repeats=3 if args.quick else args.generate_repeats),
+    )
     row["generate"] = {name: s[0] for name, s in generate.items()}
     print("generate timed; kernels next", file=sys.stderr, flush=True)
     row["kernel"] = kernel_choice(route, tokens, dict(fast, repeats=3 if args.quick else 30))
@@ -234,7 +271,9 @@ def markdown(row: dict, info: dict, command: str, load: tuple[list[str], list[st
     rng = lambda s: f"{s.min * 1e3:.1f}-{s.max * 1e3:.1f}"
     fwd, gen, base = row["forward"], row["generate"], row["forward"]["base"].median
     new = row["rows"] * row["new_tokens"]
-    lines = report_header("`benchmarks/mixed_batch.py`: mixed-adapter batches (MixedAdapters vs PEFT LoRA adapter_names=)", command, info) + [
+    lines = report_header(
+        "`benchmarks/mixed_batch.py`: mixed-adapter batches (MixedAdapters vs PEFT LoRA adapter_names=)", command, info
+    ) + [
         f"Load average before / after: {' '.join(load[0])} / {' '.join(load[1])}.",
         "",
         *loaded_warning(list(load), int(info["cores"])),
@@ -248,14 +287,23 @@ def markdown(row: dict, info: dict, command: str, load: tuple[list[str], list[st
     ]
     for name, stats in fwd.items():
         lines.append(f"| {name} | {ms(stats)} | {rng(stats)} | {stats.median / base:.2f}x |")
-    lines += ["", f"| generate(), {row['new_tokens']} new tokens per row, greedy | median ms | min-max ms | tokens/s (median) |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        f"| generate(), {row['new_tokens']} new tokens per row, greedy | median ms | min-max ms | tokens/s (median) |",
+        "|---|---:|---:|---:|",
+    ]
     for name, stats in gen.items():
         lines.append(f"| {name} | {ms(stats)} | {rng(stats)} | {new / stats.median:.1f} |")
     kernel = row["kernel"]
     layer = next(iter(kernel.values())).median
-    lines += ["", f"Kernel choice, one 1536x576 weight at 1%, the same {row['rows']} rows x {row['tokens']} tokens over 4 adapters (the delta only; "
-              f"ratios against the float32 layer's product):", "",
-              "| kernel | median ms | min-max ms | vs the layer's own product |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        f"Kernel choice, one 1536x576 weight at 1%, the same {row['rows']} rows x {row['tokens']} tokens over 4 adapters (the delta only; "
+        f"ratios against the float32 layer's product):",
+        "",
+        "| kernel | median ms | min-max ms | vs the layer's own product |",
+        "|---|---:|---:|---:|",
+    ]
     for name, stats in kernel.items():
         lines.append(f"| {name} | {ms(stats)} | {rng(stats)} | {stats.median / layer:.2f}x |")
     mixed, lora = fwd["MixedAdapters mixed forward"].median, fwd["PEFT LoRA adapter_names= mixed forward"].median
@@ -306,7 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line("python benchmarks/mixed_batch.py", argv)
     text = markdown(row, info, command, (load_before, load_after))
     print(text)
-    publish(section_name(args.threads), text, {"command": command, "machine": info, "load_before": load_before, "load_after": load_after, "result": row}, args.json, args.results)
+    publish(
+        section_name(args.threads),
+        text,
+        {"command": command, "machine": info, "load_before": load_before, "load_after": load_after, "result": row},
+        args.json,
+        args.results,
+    )
     return 0
 
 

@@ -72,13 +72,19 @@ class Attention(nn.Module):
         super().__init__()
         head = HIDDEN // HEADS
         self.q_proj, self.o_proj = nn.Linear(HIDDEN, HIDDEN, bias=False), nn.Linear(HIDDEN, HIDDEN, bias=False)
-        self.k_proj, self.v_proj = nn.Linear(HIDDEN, KV_HEADS * head, bias=False), nn.Linear(HIDDEN, KV_HEADS * head, bias=False)
+        self.k_proj, self.v_proj = (
+            nn.Linear(HIDDEN, KV_HEADS * head, bias=False),
+            nn.Linear(HIDDEN, KV_HEADS * head, bias=False),
+        )
 
 
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
-        self.gate_proj, self.up_proj = nn.Linear(HIDDEN, INTERMEDIATE, bias=False), nn.Linear(HIDDEN, INTERMEDIATE, bias=False)
+        self.gate_proj, self.up_proj = (
+            nn.Linear(HIDDEN, INTERMEDIATE, bias=False),
+            nn.Linear(HIDDEN, INTERMEDIATE, bias=False),
+        )
         self.down_proj = nn.Linear(INTERMEDIATE, HIDDEN, bias=False)
 
 
@@ -123,13 +129,24 @@ def build_model(layers: int, dtype: torch.dtype, llama: bool = False) -> nn.Modu
 def llama_model(layers: int) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config)
 
 
 def target_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in TARGETS}
+    return {
+        f"{n}.weight": m.weight
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.split(".")[-1] in TARGETS
+    }
 
 
 def random_adapter(weights: dict, sparsity: float, seed: int, block: int) -> shira_hooks.SparseAdapter:
@@ -140,7 +157,14 @@ def random_adapter(weights: dict, sparsity: float, seed: int, block: int) -> shi
         k = masks.budget(weight.numel(), sparsity, block)
         indices = masks.rand_mask(weight.numel(), k, masks.generator_for(seed, name), block)
         base = weight.detach().reshape(-1)[indices.long()]
-        deltas[name] = shira_hooks.SparseDelta(tuple(weight.shape), weight.dtype, indices, torch.randn(k, generator=g) * 1e-3, shira_hooks.digest(base), block)
+        deltas[name] = shira_hooks.SparseDelta(
+            tuple(weight.shape),
+            weight.dtype,
+            indices,
+            torch.randn(k, generator=g) * 1e-3,
+            shira_hooks.digest(base),
+            block,
+        )
     return shira_hooks.SparseAdapter(deltas, {"mask": "rand"})
 
 
@@ -185,9 +209,16 @@ def raw_plan(weights, adapters, block: int, packed: bool):
             written.append((base.float() + delta.values).to(flat.dtype))
             targets.append(flat)
         if packed:
-            rows, originals, written, targets = [torch.cat(rows)], [torch.cat(originals)], [torch.cat(written)], [targets[0]]
+            rows, originals, written, targets = (
+                [torch.cat(rows)],
+                [torch.cat(originals)],
+                [torch.cat(written)],
+                [targets[0]],
+            )
         shaped = (lambda t: t.view(-1, block)) if block > 1 else (lambda t: t)  # block 1: the library's 1-D writes
-        plans.append([(shaped(flat), r, shaped(o), shaped(n)) for flat, r, o, n in zip(targets, rows, originals, written)])
+        plans.append(
+            [(shaped(flat), r, shaped(o), shaped(n)) for flat, r, o, n in zip(targets, rows, originals, written)]
+        )
     return plans
 
 
@@ -214,7 +245,13 @@ def addmm_bound(weights, rank: int):
     pairs = []
     for w in weights.values():
         out, inp = w.shape
-        pairs.append((w.detach(), (torch.randn(out, rank, generator=g) * 0.01).to(w.dtype), (torch.randn(rank, inp, generator=g) * 0.01).to(w.dtype)))
+        pairs.append(
+            (
+                w.detach(),
+                (torch.randn(out, rank, generator=g) * 0.01).to(w.dtype),
+                (torch.randn(rank, inp, generator=g) * 0.01).to(w.dtype),
+            )
+        )
 
     def fuse():
         for w, b, a in pairs:
@@ -313,7 +350,14 @@ def pack_memory(args) -> dict:
         else:
             packed.unpack()
         peaks[phase] = {"start_mb": start, "peak_mb": _status_kb("VmHWM") / 1024, "end_mb": _status_kb("VmRSS") / 1024}
-    return {"samples": [0.0], "rank": None, "target_mb": target_mb, "before_mb": before, "chunk_mb": args.chunk_mb, "phases": peaks}
+    return {
+        "samples": [0.0],
+        "rank": None,
+        "target_mb": target_mb,
+        "before_mb": before,
+        "chunk_mb": args.chunk_mb,
+        "phases": peaks,
+    }
 
 
 # --------------------------------------------------------------------------------------- parent
@@ -325,22 +369,46 @@ def cases(quick: bool, extras: bool, blocks: list[int] = ()) -> list[dict]:
         rows += [
             dict(dtype=dtype, method="shira", block=1, label="shira_hooks switch, unstructured"),
             dict(dtype=dtype, method="shira", block=block, label=f"shira_hooks switch, block={block}"),
-            dict(dtype=dtype, method="shira_packed", block=block, label=f"shira_hooks switch on packed weights, block={block}"),
+            dict(
+                dtype=dtype,
+                method="shira_packed",
+                block=block,
+                label=f"shira_hooks switch on packed weights, block={block}",
+            ),
             dict(dtype=dtype, method="raw", block=1, label="raw bound: 2 index_copy_ per weight, unstructured"),
             dict(dtype=dtype, method="raw", block=block, label=f"raw bound: 2 index_copy_ per weight, block={block}"),
-            dict(dtype=dtype, method="packed", block=block, label=f"packed raw bound: 2 index_copy_ for all weights, block={block}"),
+            dict(
+                dtype=dtype,
+                method="packed",
+                block=block,
+                label=f"packed raw bound: 2 index_copy_ for all weights, block={block}",
+            ),
             dict(dtype=dtype, method="addmm", label="in-place LoRA bound: addmm_ fuse + unfuse"),
             dict(dtype=dtype, method="lora", allocator="warm", label="PEFT LoRA merge + unmerge, warm allocator"),
         ]
         if dtype == "float32":
             rows += [
-                dict(dtype=dtype, method="shira_packed", block=1, label="shira_hooks switch on packed weights, unstructured"),
-                dict(dtype=dtype, method="packed", block=1, label="packed raw bound: 2 index_copy_ for all weights, unstructured"),
+                dict(
+                    dtype=dtype,
+                    method="shira_packed",
+                    block=1,
+                    label="shira_hooks switch on packed weights, unstructured",
+                ),
+                dict(
+                    dtype=dtype,
+                    method="packed",
+                    block=1,
+                    label="packed raw bound: 2 index_copy_ for all weights, unstructured",
+                ),
             ]
         if dtype == "float32" or extras:
-            rows.append(dict(dtype=dtype, method="lora", allocator="cold", label="PEFT LoRA merge + unmerge, cold pages"))
+            rows.append(
+                dict(dtype=dtype, method="lora", allocator="cold", label="PEFT LoRA merge + unmerge, cold pages")
+            )
         if dtype == "float32":
-            rows.append(dict(dtype=dtype, method="lora", allocator="unset", label="PEFT LoRA merge + unmerge, allocator unset"))
+            rows.append(
+                dict(dtype=dtype, method="lora", allocator="unset", label="PEFT LoRA merge + unmerge, allocator unset")
+            )
         if dtype == "float32" and extras:
             rows += [
                 dict(dtype=dtype, method="peft_shira", label="PEFT SHiRA merge + unmerge"),
@@ -348,12 +416,20 @@ def cases(quick: bool, extras: bool, blocks: list[int] = ()) -> list[dict]:
             ]
     have = {(r["dtype"], r["method"], r.get("block", 1)) for r in rows}
     for block in blocks:
-        for method, label in (("shira_packed", "shira_hooks switch on packed weights"), ("shira", "shira_hooks switch"),
-                              ("packed", "packed raw bound: 2 index_copy_ for all weights")):
+        for method, label in (
+            ("shira_packed", "shira_hooks switch on packed weights"),
+            ("shira", "shira_hooks switch"),
+            ("packed", "packed raw bound: 2 index_copy_ for all weights"),
+        ):
             if ("float32", method, block) not in have:
                 rows.append(dict(dtype="float32", method=method, block=block, label=f"{label}, block={block}"))
     if quick:  # one of each kind of worker, float32
-        rows = [r for r in rows if r["dtype"] == "float32" and (r.get("block", 1) > 1 or r["method"] == "addmm" or r.get("allocator") == "cold")]
+        rows = [
+            r
+            for r in rows
+            if r["dtype"] == "float32"
+            and (r.get("block", 1) > 1 or r["method"] == "addmm" or r.get("allocator") == "cold")
+        ]
     for row in rows:
         row["key"] = f"{row['dtype']}/{row['method']}/b{row.get('block', 1)}/{row.get('allocator', 'unset')}"
     return rows
@@ -362,9 +438,26 @@ def cases(quick: bool, extras: bool, blocks: list[int] = ()) -> list[dict]:
 def run_case(case: dict, args) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(ALLOCATOR[case.get("allocator", "unset")])
-    command = [sys.executable, __file__, "--worker", json.dumps(case), "--layers", str(args.layers), "--sparsity", str(args.sparsity),
-               "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--budget", str(args.budget),
-               "--chunk-mb", str(args.chunk_mb)] + (["--llama"] if args.llama else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        json.dumps(case),
+        "--layers",
+        str(args.layers),
+        "--sparsity",
+        str(args.sparsity),
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--budget",
+        str(args.budget),
+        "--chunk-mb",
+        str(args.chunk_mb),
+    ] + (["--llama"] if args.llama else [])
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"worker {case['key']} failed:\n{done.stderr[-3000:]}")
@@ -417,21 +510,32 @@ def reference_ms() -> float:
 def summarize(samples: list[list[float]]) -> dict:
     pooled = [s for round_ in samples for s in round_]
     medians = [statistics.median(r) for r in samples]
-    return {"median": statistics.median(pooled), "min": min(pooled), "max": max(pooled), "round_medians": medians, "n": len(pooled)}
+    return {
+        "median": statistics.median(pooled),
+        "min": min(pooled),
+        "max": max(pooled),
+        "round_medians": medians,
+        "n": len(pooled),
+    }
 
 
 def markdown(rows: list[dict], results: dict, moved: dict, info: dict, command: str, extra: dict) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"
     lines = report_header("`benchmarks/switch_model.py`: one adapter switch, whole model", command, info) + [
         f"Weights: the {extra['targets']} target Linear weights of SmolLM2-135M's config ({extra['layers']} layers"
-        + (", a transformers `LlamaForCausalLM`" if extra.get("llama") else ", a plain module tree") + f"), sparsity "
+        + (", a transformers `LlamaForCausalLM`" if extra.get("llama") else ", a plain module tree")
+        + f"), sparsity "
         f"{extra['sparsity']:g} (rand masks; block masks round k to whole blocks), LoRA rank {extra['rank']} (parameter count "
         f"matched to the SHiRA budget). Each method ran in its own processes, {extra['rounds']} rounds alternating the methods' "
         f"order; times are over all timed switches of all rounds; `per-round medians` shows how much a method moved "
         f"between processes. Load average before / after: {extra['load_before']} / {extra['load_after']}"
-        + (f"; a yardstick of how busy the machine was, one `index_copy_` of 1% scattered entries into a 4096 x 4096 float32 "
-           f"weight, took {extra['reference_ms'][0]:.2f} / {extra['reference_ms'][1]:.2f} ms before / after (about 0.2 ms on a quiet "
-           f"machine here)." if "reference_ms" in extra else "."),
+        + (
+            f"; a yardstick of how busy the machine was, one `index_copy_` of 1% scattered entries into a 4096 x 4096 float32 "
+            f"weight, took {extra['reference_ms'][0]:.2f} / {extra['reference_ms'][1]:.2f} ms before / after (about 0.2 ms on a quiet "
+            f"machine here)."
+            if "reference_ms" in extra
+            else "."
+        ),
         "",
         "Allocator states (glibc `malloc`, set through its environment tunables): warm = `MALLOC_MMAP_THRESHOLD_`, "
         "`MALLOC_TRIM_THRESHOLD_` and `MALLOC_TOP_PAD_` at 1 GiB, so a freed delta stays in the heap and the next one "
@@ -446,52 +550,88 @@ def markdown(rows: list[dict], results: dict, moved: dict, info: dict, command: 
         block = 16 if dtype == "float32" else 32
         by = {r["key"]: results[r["key"]] for r in mine}
         headline = by.get(f"{dtype}/shira_packed/b{block}/unset")
-        lines += [f"### {dtype}", "", f"| method | median ms | min-max ms | per-round medians ms | x packed block={block} switch |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"### {dtype}",
+            "",
+            f"| method | median ms | min-max ms | per-round medians ms | x packed block={block} switch |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for r in mine:
             s = by[r["key"]]
             x = s["median"] / headline["median"] if headline else None
             ratio = "-" if x is None else f"{x:.2f}x" if x < 1 else f"{x:.1f}x"
-            lines.append(f"| {r['label']} | {ms(s['median'])} | {ms(s['min'])}-{ms(s['max'])} | {' / '.join(ms(m) for m in s['round_medians'])} | {ratio} |")
+            lines.append(
+                f"| {r['label']} | {ms(s['median'])} | {ms(s['min'])}-{ms(s['max'])} | {' / '.join(ms(m) for m in s['round_medians'])} | {ratio} |"
+            )
         m = moved.get(dtype)
         if m:
-            lines += ["", f"Bytes of weight memory per switch: unstructured {m['lines_b1'] / 1e6:.1f} MB (64-byte lines holding an entry, read "
-                      f"and written), block={block} {m[f'lines_b{block}'] / 1e6:.1f} MB, the entries themselves {m['entries_b1'] / 1e6:.1f} MB; "
-                      f"a dense fuse + unfuse {m['dense'] / 1e6:.0f} MB (every entry read and written twice, before PEFT's temporaries)."]
+            lines += [
+                "",
+                f"Bytes of weight memory per switch: unstructured {m['lines_b1'] / 1e6:.1f} MB (64-byte lines holding an entry, read "
+                f"and written), block={block} {m[f'lines_b{block}'] / 1e6:.1f} MB, the entries themselves {m['entries_b1'] / 1e6:.1f} MB; "
+                f"a dense fuse + unfuse {m['dense'] / 1e6:.0f} MB (every entry read and written twice, before PEFT's temporaries).",
+            ]
         # by and dtype bound now (the lambdas are used within this iteration only, but say so)
         get = lambda key, by=by, dtype=dtype: by.get(f"{dtype}/{key}")
-        times = lambda key, of, get=get: get(key)["median"] / get(of)["median"] if get(key) and get(of) else float("nan")
+        times = lambda key, of, get=get: (
+            get(key)["median"] / get(of)["median"] if get(key) and get(of) else float("nan")
+        )
         if headline:
-            cold = f"; {times('lora/b1/cold', f'shira_packed/b{block}/unset'):.0f}x against cold pages" if get("lora/b1/cold") else ""
-            lines += ["", f"**Packed block={block} switch** (medians; PEFT at steady state = warm allocator): "
-                      f"{times('addmm/b1/unset', f'shira_packed/b{block}/unset'):.1f}x faster than in-place `addmm_` fuse + unfuse (target 20x), "
-                      f"{times('lora/b1/warm', f'shira_packed/b{block}/unset'):.0f}x faster than PEFT LoRA merge + unmerge (target 100x{cold}), "
-                      f"{times(f'shira_packed/b{block}/unset', f'packed/b{block}/unset'):.2f}x the time of the packed raw bound (target 1.3x or less), "
-                      f"{times(f'shira/b{block}/unset', f'shira_packed/b{block}/unset'):.1f}x faster than the same switch unpacked."]
+            cold = (
+                f"; {times('lora/b1/cold', f'shira_packed/b{block}/unset'):.0f}x against cold pages"
+                if get("lora/b1/cold")
+                else ""
+            )
+            lines += [
+                "",
+                f"**Packed block={block} switch** (medians; PEFT at steady state = warm allocator): "
+                f"{times('addmm/b1/unset', f'shira_packed/b{block}/unset'):.1f}x faster than in-place `addmm_` fuse + unfuse (target 20x), "
+                f"{times('lora/b1/warm', f'shira_packed/b{block}/unset'):.0f}x faster than PEFT LoRA merge + unmerge (target 100x{cold}), "
+                f"{times(f'shira_packed/b{block}/unset', f'packed/b{block}/unset'):.2f}x the time of the packed raw bound (target 1.3x or less), "
+                f"{times(f'shira/b{block}/unset', f'shira_packed/b{block}/unset'):.1f}x faster than the same switch unpacked.",
+            ]
         if get(f"shira/b{block}/unset"):
-            lines += ["", f"Unpacked (one write per weight): block={block} switch {times(f'shira/b{block}/unset', f'raw/b{block}/unset'):.2f}x "
-                      f"and unstructured switch {times('shira/b1/unset', 'raw/b1/unset'):.2f}x the time of their per-weight raw bounds "
-                      f"(target 1.3x or less); block={block} {times('addmm/b1/unset', f'shira/b{block}/unset'):.1f}x faster than `addmm_`."]
+            lines += [
+                "",
+                f"Unpacked (one write per weight): block={block} switch {times(f'shira/b{block}/unset', f'raw/b{block}/unset'):.2f}x "
+                f"and unstructured switch {times('shira/b1/unset', 'raw/b1/unset'):.2f}x the time of their per-weight raw bounds "
+                f"(target 1.3x or less); block={block} {times('addmm/b1/unset', f'shira/b{block}/unset'):.1f}x faster than `addmm_`.",
+            ]
         if get("shira_packed/b1/unset"):
-            lines += ["", f"Unstructured on packed weights: {times('shira_packed/b1/unset', 'packed/b1/unset'):.2f}x its packed raw bound, "
-                      f"{times('addmm/b1/unset', 'shira_packed/b1/unset'):.1f}x faster than `addmm_`, "
-                      f"{times('shira/b1/unset', 'shira_packed/b1/unset'):.2f}x faster than unpacked (scattered entries are bound by memory "
-                      f"latency, not by calls)."]
+            lines += [
+                "",
+                f"Unstructured on packed weights: {times('shira_packed/b1/unset', 'packed/b1/unset'):.2f}x its packed raw bound, "
+                f"{times('addmm/b1/unset', 'shira_packed/b1/unset'):.1f}x faster than `addmm_`, "
+                f"{times('shira/b1/unset', 'shira_packed/b1/unset'):.2f}x faster than unpacked (scattered entries are bound by memory "
+                f"latency, not by calls).",
+            ]
         lines.append("")
     sizes = sorted({r.get("block", 1) for r in rows if r["dtype"] == "float32" and r["method"] == "shira_packed"})
     if len(sizes) > 2:
-        lines += ["### Block size (float32): switch time", "", "| block | packed switch ms | per-weight switch ms | packed raw bound ms |", "|---:|---:|---:|---:|"]
+        lines += [
+            "### Block size (float32): switch time",
+            "",
+            "| block | packed switch ms | per-weight switch ms | packed raw bound ms |",
+            "|---:|---:|---:|---:|",
+        ]
         for size in sizes:
-            cell = lambda method, size=size: ms(results[key]["median"]) if (key := f"float32/{method}/b{size}/unset") in results else "-"
+            cell = lambda method, size=size: (
+                ms(results[key]["median"]) if (key := f"float32/{method}/b{size}/unset") in results else "-"
+            )
             lines.append(f"| {size} | {cell('shira_packed')} | {cell('shira')} | {cell('packed')} |")
         lines.append("")
     memory = extra.get("pack_memory")
     if memory:
         p, u = memory["phases"]["pack"], memory["phases"]["unpack"]
-        lines += ["### Memory of `pack`", "", f"Target weights {memory['target_mb']:.0f} MB (float32), arenas of at most {memory['chunk_mb']:g} MB. "
-                  f"Resident before packing {p['start_mb']:.0f} MB; peak while packing {p['peak_mb']:.0f} MB "
-                  f"(**{p['peak_mb'] - p['start_mb']:.0f} MB above**, target: at most one chunk), after {p['end_mb']:.0f} MB; "
-                  f"peak while unpacking {u['peak_mb'] - u['start_mb']:.0f} MB above its start, after {u['end_mb']:.0f} MB.", ""]
+        lines += [
+            "### Memory of `pack`",
+            "",
+            f"Target weights {memory['target_mb']:.0f} MB (float32), arenas of at most {memory['chunk_mb']:g} MB. "
+            f"Resident before packing {p['start_mb']:.0f} MB; peak while packing {p['peak_mb']:.0f} MB "
+            f"(**{p['peak_mb'] - p['start_mb']:.0f} MB above**, target: at most one chunk), after {p['end_mb']:.0f} MB; "
+            f"peak while unpacking {u['peak_mb'] - u['start_mb']:.0f} MB above its start, after {u['end_mb']:.0f} MB.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -502,17 +642,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed switches per process (at least 3 switches)")
+    parser.add_argument(
+        "--budget", type=float, default=4.0, help="seconds of timed switches per process (at least 3 switches)"
+    )
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--results", metavar="RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="2 layers, 1 round, a few workers")
-    parser.add_argument("--extras", action="store_true", help="also PEFT SHiRA merge + unmerge, PEFT LoRA hot-swap, and bfloat16 cold pages")
+    parser.add_argument(
+        "--extras",
+        action="store_true",
+        help="also PEFT SHiRA merge + unmerge, PEFT LoRA hot-swap, and bfloat16 cold pages",
+    )
     parser.add_argument("--render", metavar="JSON", help="write the report of an earlier run's JSON again (no timing)")
-    parser.add_argument("--llama", action="store_true", help="the weights of a transformers LlamaForCausalLM with the same config")
-    parser.add_argument("--blocks", type=int, nargs="*", default=[], help="also time the packed and per-weight switches at these float32 block sizes")
-    parser.add_argument("--chunk-mb", type=float, default=256, help="arena size for pack (and for the memory measurement)")
-    parser.add_argument("--section", default="switch_model", help="the RESULTS.md section (and JSON name) this run writes")
+    parser.add_argument(
+        "--llama", action="store_true", help="the weights of a transformers LlamaForCausalLM with the same config"
+    )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the packed and per-weight switches at these float32 block sizes",
+    )
+    parser.add_argument(
+        "--chunk-mb", type=float, default=256, help="arena size for pack (and for the memory measurement)"
+    )
+    parser.add_argument(
+        "--section", default="switch_model", help="the RESULTS.md section (and JSON name) this run writes"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -538,8 +696,12 @@ def main(argv: list[str] | None = None) -> int:
             out = run_case(case, args)
             samples[case["key"]].append(out["samples"])
             rank = out["rank"]
-            print(f"round {round_ + 1}/{args.rounds} {case['key']:32} median {statistics.median(out['samples']) * 1e3:8.1f} ms "
-                  f"({len(out['samples'])} switches, process {time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+            print(
+                f"round {round_ + 1}/{args.rounds} {case['key']:32} median {statistics.median(out['samples']) * 1e3:8.1f} ms "
+                f"({len(out['samples'])} switches, process {time.perf_counter() - started:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     reference_after = reference_ms()
     pack_mem = run_case({"method": "pack_memory", "dtype": "float32", "key": "pack_memory"}, args)
@@ -549,13 +711,29 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine()
     command = command_line("python benchmarks/switch_model.py", argv)
-    extra = {"layers": args.layers, "targets": args.layers * len(TARGETS), "sparsity": args.sparsity, "rank": rank, "rounds": args.rounds,
-             "load_before": " ".join(load_before), "load_after": " ".join(load_after),
-             "reference_ms": [round(reference_before, 3), round(reference_after, 3)], "llama": args.llama,
-             "pack_memory": {k: v for k, v in pack_mem.items() if k not in ("samples", "rank")}}
+    extra = {
+        "layers": args.layers,
+        "targets": args.layers * len(TARGETS),
+        "sparsity": args.sparsity,
+        "rank": rank,
+        "rounds": args.rounds,
+        "load_before": " ".join(load_before),
+        "load_after": " ".join(load_after),
+        "reference_ms": [round(reference_before, 3), round(reference_after, 3)],
+        "llama": args.llama,
+        "pack_memory": {k: v for k, v in pack_mem.items() if k not in ("samples", "rank")},
+    }
     text = markdown(rows, results, moved, info, command, extra)
     print(text)
-    payload = {"command": command, "machine": info, "section": args.section, **extra, "cases": rows, "results": results, "bytes": moved}
+    payload = {
+        "command": command,
+        "machine": info,
+        "section": args.section,
+        **extra,
+        "cases": rows,
+        "results": results,
+        "bytes": moved,
+    }
     publish(args.section, text, payload, args.json, args.results)
     return 0
 

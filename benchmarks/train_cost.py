@@ -49,13 +49,29 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 from shira_hooks.masks import lora_rank  # noqa: E402
 from shira_hooks.tools import command_line, machine, publish, report_header  # noqa: E402
 
-METHODS = ["full", "shira_dense", "shira_compact", "shira_sparse", "shira_sparse_dora", "shira_sparse_dora_r", "peft_lora",
-           "peft_lora_dropout", "peft_shira", "peft_dora"]
+METHODS = [
+    "full",
+    "shira_dense",
+    "shira_compact",
+    "shira_sparse",
+    "shira_sparse_dora",
+    "shira_sparse_dora_r",
+    "peft_lora",
+    "peft_lora_dropout",
+    "peft_shira",
+    "peft_dora",
+]
 LABELS = {
-    "full": "full fine-tuning", "shira_dense": "shira_hooks mode='dense' (hooks)", "shira_compact": "shira_hooks mode='compact'",
-    "shira_sparse": "shira_hooks mode='sparse'", "shira_sparse_dora": "shira_hooks mode='sparse', dora=True",
-    "shira_sparse_dora_r": "shira_hooks mode='sparse', dora_rank=hidden/32", "peft_lora": "PEFT LoRA", "peft_lora_dropout": "PEFT LoRA, dropout 0.05",
-    "peft_shira": "PEFT SHiRA", "peft_dora": "PEFT DoRA",
+    "full": "full fine-tuning",
+    "shira_dense": "shira_hooks mode='dense' (hooks)",
+    "shira_compact": "shira_hooks mode='compact'",
+    "shira_sparse": "shira_hooks mode='sparse'",
+    "shira_sparse_dora": "shira_hooks mode='sparse', dora=True",
+    "shira_sparse_dora_r": "shira_hooks mode='sparse', dora_rank=hidden/32",
+    "peft_lora": "PEFT LoRA",
+    "peft_lora_dropout": "PEFT LoRA, dropout 0.05",
+    "peft_shira": "PEFT SHiRA",
+    "peft_dora": "PEFT DoRA",
 }
 # SHiRA-WM-DoRA in the paper (§4.3.1) masks a rank-128 DoRA on LLaMA-7B, hidden size 4096 (128 * (4096 + 4096) is
 # 6.25% of a 4096 x 4096 weight): dora_rank=r here is the model's hidden size over 4096 / 128.
@@ -66,11 +82,37 @@ DORA_RANK_DIVISOR = 4096 // 128
 LORA_DROPOUT = 0.05
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-    "large": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "smollm2": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    ),
+    "large": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
 }
-SMOLLM2_CACHE = Path(os.environ.get("SHIRA_HOOKS_CACHE", Path.home() / ".cache" / "shira_hooks")) / "SmolLM2-135M-Instruct"
+SMOLLM2_CACHE = (
+    Path(os.environ.get("SHIRA_HOOKS_CACHE", Path.home() / ".cache" / "shira_hooks")) / "SmolLM2-135M-Instruct"
+)
 
 
 def build(config_name: str, layers: int | None):
@@ -89,13 +131,19 @@ def prepare(method: str, model, sparsity: float):
     """Make ``model`` train with ``method``; returns (model to call, trainable entries)."""
     if method == "full":
         return model, sum(p.numel() for p in model.parameters())
-    shapes = [m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS]
+    shapes = [
+        m.weight.shape
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS
+    ]
     if method.startswith("shira_"):
         import shira_hooks
 
         mode, dora, low_rank = method.removeprefix("shira_").partition("_dora")  # "sparse", "_dora", "_r"
         dora_rank = max(1, model.config.hidden_size // DORA_RANK_DIVISOR) if low_rank else None
-        handle = shira_hooks.attach(model, sparsity, "rand", target_modules=TARGETS, mode=mode, dora=bool(dora), dora_rank=dora_rank)
+        handle = shira_hooks.attach(
+            model, sparsity, "rand", target_modules=TARGETS, mode=mode, dora=bool(dora), dora_rank=dora_rank
+        )
         if handle.dora:  # the DoRA tensors: a magnitude per output row, and the k entries or the factors
             return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
         return model, handle.num_trainable
@@ -125,18 +173,30 @@ def worker(args) -> dict:
     g = torch.Generator().manual_seed(0)
     if args.live and not args.timed_too:
         return {"method": args.worker, "live_peak_mb": live_peaks(args, model, optimizer, device, g)}
-    times = train_steps(model, optimizer, device, g, args.batch, args.length, args.warmup + args.steps)[args.warmup:]
+    times = train_steps(model, optimizer, device, g, args.batch, args.length, args.warmup + args.steps)[args.warmup :]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the diagnostic pass below
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.length), generator=g).to(device)
     saved_mb = saved_activations_mb(model, ids)
-    state_mb = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)) / 2**20
-    live = {"live_peak_mb": live_peaks(args, model, optimizer, device, g)} if args.live else {}  # --quick: one process does both
+    state_mb = (
+        sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
+        / 2**20
+    )
+    live = (
+        {"live_peak_mb": live_peaks(args, model, optimizer, device, g)} if args.live else {}
+    )  # --quick: one process does both
     return {
         **live,
-        "saved_activations_mb": saved_mb, "optimizer_state_mb": state_mb,
-        "method": args.worker, "config": args.config, "source": source, "layers": model.config.num_hidden_layers,
+        "saved_activations_mb": saved_mb,
+        "optimizer_state_mb": state_mb,
+        "method": args.worker,
+        "config": args.config,
+        "source": source,
+        "layers": model.config.num_hidden_layers,
         "parameters": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "shira_" not in n),
-        "trainable": trainable, "times": times, "peak_rss_mb": peak_rss_mb, "rss_after_model_mb": rss_model,
+        "trainable": trainable,
+        "times": times,
+        "peak_rss_mb": peak_rss_mb,
+        "rss_after_model_mb": rss_model,
         "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
 
@@ -171,7 +231,9 @@ def train_steps(model, optimizer, device, g: torch.Generator, batch: int, length
 def saved_activations_mb(model, ids: torch.Tensor) -> float:
     """MB that autograd keeps for the backward of one step: distinct storages saved by the graph,
     parameters and buffers excluded (where the methods differ besides the optimizer state)."""
-    own = {p.untyped_storage().data_ptr() for p in model.parameters()} | {b.untyped_storage().data_ptr() for b in model.buffers()}
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
+        b.untyped_storage().data_ptr() for b in model.buffers()
+    }
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -198,8 +260,27 @@ RETURNING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_":
 
 
 def spawn(args, method: str, config: str, layers: int | None, *, steps: int, warmup: int, extra=(), env=None) -> dict:
-    command = [sys.executable, __file__, "--worker", method, "--config", config, "--steps", str(steps), "--warmup", str(warmup),
-               "--batch", str(args.batch), "--length", str(args.length), "--threads", str(args.threads), "--sparsity", str(args.sparsity), *extra]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--config",
+        config,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--batch",
+        str(args.batch),
+        "--length",
+        str(args.length),
+        "--threads",
+        str(args.threads),
+        "--sparsity",
+        str(args.sparsity),
+        *extra,
+    ]
     if layers:
         command += ["--layers", str(layers)]
     if args.quick:  # a smoke run: the worker in this process (no start-up per method; its memory numbers mean nothing)
@@ -221,23 +302,44 @@ def run_all(args, config: str, layers: int | None) -> list[dict]:
         for method in args.methods if round_ % 2 == 0 else reversed(args.methods):
             runs[method].append(spawn(args, method, config, layers, steps=args.steps, warmup=args.warmup, **both))
             last = runs[method][-1]
-            print(f"{config:8} round {round_ + 1} {LABELS[method]:34} step {statistics.median(last['times']):.3f} s  peak RSS {last['peak_rss_mb']:,.0f} MB", flush=True)
+            print(
+                f"{config:8} round {round_ + 1} {LABELS[method]:34} step {statistics.median(last['times']):.3f} s  peak RSS {last['peak_rss_mb']:,.0f} MB",
+                flush=True,
+            )
     rows = []
     for method in args.methods:
         first, times = runs[method][0], [t for run in runs[method] for t in run["times"]]
-        live = first if args.quick else spawn(args, method, config, layers, steps=args.live_steps, warmup=1, extra=live_args, env=RETURNING_MALLOC)
+        live = (
+            first
+            if args.quick
+            else spawn(
+                args, method, config, layers, steps=args.live_steps, warmup=1, extra=live_args, env=RETURNING_MALLOC
+            )
+        )
         row = {k: v for k, v in first.items() if k not in ("times", "live_peak_mb")}
-        row.update(step_median_s=statistics.median(times), step_min_s=min(times), step_max_s=max(times), steps=len(times), rounds=args.rounds,
-                   peak_rss_mb=max(run["peak_rss_mb"] for run in runs[method]), peak_live_rss_mb=live["live_peak_mb"][str(args.length)],
-                   live_peak_by_length=live["live_peak_mb"])
+        row.update(
+            step_median_s=statistics.median(times),
+            step_min_s=min(times),
+            step_max_s=max(times),
+            steps=len(times),
+            rounds=args.rounds,
+            peak_rss_mb=max(run["peak_rss_mb"] for run in runs[method]),
+            peak_live_rss_mb=live["live_peak_mb"][str(args.length)],
+            live_peak_by_length=live["live_peak_mb"],
+        )
         rows.append(row)
-        print(f"{config:8} {LABELS[method]:34} trainable {row['trainable']:>13,}  step {row['step_median_s']:.3f} s  peak RSS {row['peak_rss_mb']:,.0f} MB"
-              f"  live {row['peak_live_rss_mb']:,.0f} MB", flush=True)
+        print(
+            f"{config:8} {LABELS[method]:34} trainable {row['trainable']:>13,}  step {row['step_median_s']:.3f} s  peak RSS {row['peak_rss_mb']:,.0f} MB"
+            f"  live {row['peak_live_rss_mb']:,.0f} MB",
+            flush=True,
+        )
     return rows
 
 
 def markdown(groups: dict[str, list[dict]], info: dict, command: str) -> str:
-    lines = report_header("`benchmarks/train_cost.py`: training step time and peak memory (the paper's Table 6)", command, info)
+    lines = report_header(
+        "`benchmarks/train_cost.py`: training step time and peak memory (the paper's Table 6)", command, info
+    )
     lines += [
         "Step time: median over all timed steps of all rounds (each round runs every method once, alternately in forward and reverse order). "
         "Peak RSS: the largest over the rounds, default allocator. Live peak: peak RSS of one more process per method "
@@ -257,7 +359,10 @@ def markdown(groups: dict[str, list[dict]], info: dict, command: str) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
-            vs = [f"{r[key] / lora[key]:.2f}" if lora else "-" for key in ("step_median_s", "peak_rss_mb", "peak_live_rss_mb")]
+            vs = [
+                f"{r[key] / lora[key]:.2f}" if lora else "-"
+                for key in ("step_median_s", "peak_rss_mb", "peak_live_rss_mb")
+            ]
             lines.append(
                 f"| {LABELS[r['method']]} | {r['trainable']:,} | {r['step_median_s']:.3f} ({r['step_min_s']:.3f}-{r['step_max_s']:.3f}) | "
                 f"{r['peak_rss_mb']:,.0f} | {r['peak_live_rss_mb']:,.0f} | {r['rss_after_model_mb']:,.0f} | {r['saved_activations_mb']:,.1f} | "
@@ -279,20 +384,28 @@ def by_length(rows: list[dict]) -> list[str]:
         "| method | " + " | ".join(f"{batch} x {n}" for n in lengths) + " |",
         "|---|" + "---:|" * len(lengths),
     ]
-    lines += [f"| {LABELS[r['method']]} | " + " | ".join(f"{r['live_peak_by_length'][str(n)]:,.0f}" for n in lengths) + " |" for r in rows]
+    lines += [
+        f"| {LABELS[r['method']]} | " + " | ".join(f"{r['live_peak_by_length'][str(n)]:,.0f}" for n in lengths) + " |"
+        for r in rows
+    ]
     by = {r["method"]: r for r in rows}
     lines.append("")
     modes, loras = compared(by)
     for mode in modes:
         for lora in loras:
-            ratio = ", ".join(f"{by[mode]['live_peak_by_length'][str(n)] / by[lora]['live_peak_by_length'][str(n)]:.2f}x at {batch} x {n}" for n in lengths)
+            ratio = ", ".join(
+                f"{by[mode]['live_peak_by_length'][str(n)] / by[lora]['live_peak_by_length'][str(n)]:.2f}x at {batch} x {n}"
+                for n in lengths
+            )
             lines.append(f"- {LABELS[mode]} / {LABELS[lora]}, live peak: {ratio}.")
     return lines + [""]
 
 
 def compared(by: dict[str, dict]) -> tuple[list[str], list[str]]:
     """The shira_hooks k-entry modes and the PEFT LoRA variants present in ``by``: the pairs the ratio lines compare."""
-    return [m for m in ("shira_compact", "shira_sparse") if m in by], [m for m in ("peft_lora", "peft_lora_dropout") if m in by]
+    return [m for m in ("shira_compact", "shira_sparse") if m in by], [
+        m for m in ("peft_lora", "peft_lora_dropout") if m in by
+    ]
 
 
 def ratios(rows: list[dict]) -> list[str]:
@@ -301,12 +414,19 @@ def ratios(rows: list[dict]) -> list[str]:
     by = {r["method"]: r for r in rows}
     modes, loras = compared(by)
     pairs = [(mode, loras) for mode in modes]
-    pairs += [(dora, [m for m in ("shira_sparse", "peft_dora") if m in by]) for dora in ("shira_sparse_dora", "shira_sparse_dora_r") if dora in by]
+    pairs += [
+        (dora, [m for m in ("shira_sparse", "peft_dora") if m in by])
+        for dora in ("shira_sparse_dora", "shira_sparse_dora_r")
+        if dora in by
+    ]
     out = []
     for mode, others in pairs:
         r = by[mode]
-        parts = [f"{r['step_median_s'] / by[m]['step_median_s']:.2f}x the step time, {r['peak_rss_mb'] / by[m]['peak_rss_mb']:.2f}x the peak RSS "
-                 f"and {r['peak_live_rss_mb'] / by[m]['peak_live_rss_mb']:.2f}x the live peak of {LABELS[m]}" for m in others]
+        parts = [
+            f"{r['step_median_s'] / by[m]['step_median_s']:.2f}x the step time, {r['peak_rss_mb'] / by[m]['peak_rss_mb']:.2f}x the peak RSS "
+            f"and {r['peak_live_rss_mb'] / by[m]['peak_live_rss_mb']:.2f}x the live peak of {LABELS[m]}"
+            for m in others
+        ]
         if parts:
             out.append(f"- {LABELS[mode]}: " + "; ".join(parts) + ".")
     return out
@@ -321,10 +441,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsity", type=float, default=0.01)
-    p.add_argument("--rounds", type=int, default=3, help="timed processes per method, alternating the order of the methods")
-    p.add_argument("--live-steps", type=int, default=2, help="steps of the live-memory process per length (after one warm-up step)")
-    p.add_argument("--live-lengths", type=int, nargs="*", default=[256],
-                        help="longer sequences at which the live-memory process of the SmolLM2 config also measures the peak")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="timed processes per method, alternating the order of the methods"
+    )
+    p.add_argument(
+        "--live-steps", type=int, default=2, help="steps of the live-memory process per length (after one warm-up step)"
+    )
+    p.add_argument(
+        "--live-lengths",
+        type=int,
+        nargs="*",
+        default=[256],
+        help="longer sequences at which the live-memory process of the SmolLM2 config also measures the peak",
+    )
     p.add_argument("--large-layers", type=int, default=4, help="layers of the wide config (0 skips it)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--results", metavar="RESULTS.md")
@@ -333,7 +462,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="smollm2", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     p.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--live", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--timed-too", action="store_true", help=argparse.SUPPRESS)  # --live after the timed steps, in one process
+    p.add_argument(
+        "--timed-too", action="store_true", help=argparse.SUPPRESS
+    )  # --live after the timed steps, in one process
     return p
 
 
@@ -343,7 +474,15 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args)))
         return 0
     if args.quick:
-        args.steps, args.warmup, args.batch, args.length, args.rounds, args.live_steps, args.live_lengths = 2, 1, 2, 16, 1, 1, [32]
+        args.steps, args.warmup, args.batch, args.length, args.rounds, args.live_steps, args.live_lengths = (
+            2,
+            1,
+            2,
+            16,
+            1,
+            1,
+            [32],
+        )
     import peft  # noqa: F401  (its version goes into the machine line)
 
     groups = {}
@@ -352,7 +491,9 @@ def main(argv=None) -> int:
     else:
         groups["smollm2"] = run_all(args, "smollm2", None)
         if args.large_layers:
-            groups[f"large ({args.large_layers} layers of TinyLlama-1.1B's width)"] = run_all(args, "large", args.large_layers)
+            groups[f"large ({args.large_layers} layers of TinyLlama-1.1B's width)"] = run_all(
+                args, "large", args.large_layers
+            )
     for rows in groups.values():
         for r in rows:
             r["batch"], r["batch_size"] = f"{args.batch} x {args.length}", args.batch

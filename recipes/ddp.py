@@ -66,7 +66,9 @@ def run(argv: list[str] | None = None) -> Result:
     steps, lr = args.steps or (20 if args.tiny else 40), (1e-2 if args.tiny else args.lr)
     rank, world, device = common.init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
-    _, test, model, tokenizer, shard, calibration = common.rank_data(args.model, args.tiny, args.batch_size, rank, world, device)
+    _, test, model, tokenizer, shard, calibration = common.rank_data(
+        args.model, args.tiny, args.batch_size, rank, world, device
+    )
 
     shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0)
     masks_equal = same_on_all_ranks(shira_hooks.digest(torch.cat([i.long() for i in shira.masks.values()])))
@@ -77,7 +79,9 @@ def run(argv: list[str] | None = None) -> Result:
     rng = random.Random(rank)
     losses = {}
     for step in range(1, steps + 1):
-        loss = ddp(**common.to_device(common.collate(rng.sample(shard, args.batch_size), tokenizer.pad_token_id), device)).loss
+        loss = ddp(
+            **common.to_device(common.collate(rng.sample(shard, args.batch_size), tokenizer.pad_token_id), device)
+        ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -85,10 +89,14 @@ def run(argv: list[str] | None = None) -> Result:
             losses[step] = loss.item()
             say(f"step {step}: loss (rank 0) {losses[step]:.4f}")
 
-    weights_equal = same_on_all_ranks(shira_hooks.digest(torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])))
+    weights_equal = same_on_all_ranks(
+        shira_hooks.digest(torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]))
+    )
     changed = shira.verify()
     exact = same_on_all_ranks(str(changed)) and not changed
-    say(f"replicas identical after training: {weights_equal}; entries changed outside the masks: {'none' if exact else changed}")
+    say(
+        f"replicas identical after training: {weights_equal}; entries changed outside the masks: {'none' if exact else changed}"
+    )
     result = Result(rank, world, shira.num_trainable, masks_equal, weights_equal, changed, exact, losses)
     if rank == 0:
         result.adapter = shira.extract().save(args.output_dir / "adapter.safetensors")

@@ -42,16 +42,30 @@ import shira_hooks
 SIZES = {
     "tiny": dict(
         unet=dict(block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8),
-        latent_size=8, prompt_tokens=4, batch_size=4, steps=12, lr=1e-2, eval_batches=2, denoise_steps=4,
+        latent_size=8,
+        prompt_tokens=4,
+        batch_size=4,
+        steps=12,
+        lr=1e-2,
+        eval_batches=2,
+        denoise_steps=4,
     ),
     "default": dict(
         unet=dict(block_out_channels=(64, 128), cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16),
-        latent_size=16, prompt_tokens=8, batch_size=4, steps=80, lr=1e-2, eval_batches=4, denoise_steps=10,
+        latent_size=16,
+        prompt_tokens=8,
+        batch_size=4,
+        steps=80,
+        lr=1e-2,
+        eval_batches=4,
+        denoise_steps=10,
     ),
 }
 LATENT_CHANNELS = 4
 # Stable Diffusion v1's noise schedule, without clipping (the synthetic latents are not in [-1, 1]).
-NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+NOISE_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False
+)
 # A synthetic "style": the per-channel mean of its latents, and the seed of its prompt embedding and data.
 STYLES = {"a": dict(offset=(1.0, -1.0, 1.0, -1.0), seed=1), "b": dict(offset=(-1.0, 1.0, -1.0, 1.0), seed=2)}
 SWITCH_REPEATS = 20  # timed a -> b -> a round trips after the denoising loop
@@ -62,8 +76,12 @@ def build_unet(size: dict) -> UNet2DConditionModel:
     """A two-level UNet, cross-attention in the outer level; the same seeded weights on every run."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=size["latent_size"], in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=size["latent_size"],
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         **size["unet"],
     )
     return unet.to(memory_format=torch.channels_last)
@@ -80,7 +98,9 @@ def make_style(offset: tuple, seed: int, size: dict) -> dict[str, torch.Tensor]:
 def make_batch(style: dict, size: dict, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Latents of the style, the noise to add, the timesteps and the prompt, all drawn now from ``g``."""
     b, s = size["batch_size"], size["latent_size"]
-    latents = style["offset"].view(1, -1, 1, 1) + 0.5 * torch.randn(b, LATENT_CHANNELS, s, s, generator=g)  # (B, C, H, W)
+    latents = style["offset"].view(1, -1, 1, 1) + 0.5 * torch.randn(
+        b, LATENT_CHANNELS, s, s, generator=g
+    )  # (B, C, H, W)
     return {
         "latents": latents.to(memory_format=torch.channels_last),
         "noise": torch.randn(b, LATENT_CHANNELS, s, s, generator=g).to(memory_format=torch.channels_last),
@@ -99,7 +119,9 @@ def diffusion_loss(unet: nn.Module, scheduler: DDPMScheduler, batch: dict) -> to
     return F.mse_loss(predict_noise(unet, scheduler, batch), batch["noise"])
 
 
-def denoise(unet: nn.Module, bank: shira_hooks.AdapterBank, styles: dict, size: dict, switch_times: list[float]) -> torch.Tensor:
+def denoise(
+    unet: nn.Module, bank: shira_hooks.AdapterBank, styles: dict, size: dict, switch_times: list[float]
+) -> torch.Tensor:
     """DDIM sampling of one latent: "a" (and its prompt) for the first half of the steps, "b" for the rest."""
     steps = size["denoise_steps"]
     scheduler = DDIMScheduler(**NOISE_SCHEDULE)
@@ -145,7 +167,9 @@ class Result:
     adapters: dict[str, Trained] = field(default_factory=dict)
     shared_fraction: float = 0.0  # share of entries the two adapters have in common
     held_out_loss: dict[str, list[float]] = field(default_factory=dict)  # "base", "a", "b" active -> loss on style a, b
-    reproduction_gap: dict[str, float] = field(default_factory=dict)  # adapter -> largest |difference| from the trained UNet
+    reproduction_gap: dict[str, float] = field(
+        default_factory=dict
+    )  # adapter -> largest |difference| from the trained UNet
     samples_identical: bool = False  # two denoising runs with switches, bit for bit
     switch_ms_median: float = 0.0
     changed_after_deactivate: list[str] = field(default_factory=list)  # weights not the base bit for bit
@@ -157,8 +181,12 @@ def run(argv: list[str] | None = None) -> Result:
     """Train, switch and check as the module docstring says; prints its progress and returns what it measured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--mode", default="dense", choices=["dense", "sparse"],
-                        help="dense: every Conv2d and Linear weight; sparse: the Linear weights only, mode='sparse'")
+    parser.add_argument(
+        "--mode",
+        default="dense",
+        choices=["dense", "sparse"],
+        help="dense: every Conv2d and Linear weight; sparse: the Linear weights only, mode='sparse'",
+    )
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--mask", default="snip", choices=shira_hooks.MASK_KINDS)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter")
@@ -173,18 +201,27 @@ def run(argv: list[str] | None = None) -> Result:
     unet = build_unet(size)
     base = {name: p.detach().clone() for name, p in unet.named_parameters()}  # clone keeps channels_last
     convs = [m.weight for m in unet.modules() if isinstance(m, nn.Conv2d)]
-    result = Result(sum(p.numel() for p in unet.parameters()), (sum(w.is_contiguous(memory_format=torch.channels_last) for w in convs), len(convs)))
+    result = Result(
+        sum(p.numel() for p in unet.parameters()),
+        (sum(w.is_contiguous(memory_format=torch.channels_last) for w in convs), len(convs)),
+    )
     failures = result.failures
-    print(f"UNet2DConditionModel: {result.parameters:,} parameters, {size['latent_size']}x{size['latent_size']} latents, "
-          f"{result.channels_last[0]}/{result.channels_last[1]} conv weights channels_last")
+    print(
+        f"UNet2DConditionModel: {result.parameters:,} parameters, {size['latent_size']}x{size['latent_size']} latents, "
+        f"{result.channels_last[0]}/{result.channels_last[1]} conv weights channels_last"
+    )
     train_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
 
     def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:  # the training loss, and attach's for the SNIP scores
         return diffusion_loss(model, train_scheduler, batch)
 
     styles = {name: make_style(**style, size=size) for name, style in STYLES.items()}
-    held_out = {name: [make_batch(styles[name], size, torch.Generator().manual_seed(100 + i)) for i in range(size["eval_batches"])]
-                for name in styles}
+    held_out = {
+        name: [
+            make_batch(styles[name], size, torch.Generator().manual_seed(100 + i)) for i in range(size["eval_batches"])
+        ]
+        for name in styles
+    }
 
     # ---------------------------------------------------------------- two adapters from one base
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -193,12 +230,22 @@ def run(argv: list[str] | None = None) -> Result:
         unet.load_state_dict(base)  # copies in place: same parameters, still channels_last
         g = torch.Generator().manual_seed(10 * STYLES[name]["seed"])
         batches = [make_batch(style, size, g) for _ in range(steps)]
-        shira = shira_hooks.attach(unet, args.sparsity, args.mask, target_modules=targets, mode=args.mode, progress=False,
-                                   calibration=batches[:2] if args.mask in shira_hooks.masks.CALIBRATED_KINDS else None, loss_fn=loss_fn)
+        shira = shira_hooks.attach(
+            unet,
+            args.sparsity,
+            args.mask,
+            target_modules=targets,
+            mode=args.mode,
+            progress=False,
+            calibration=batches[:2] if args.mask in shira_hooks.masks.CALIBRATED_KINDS else None,
+            loss_fn=loss_fn,
+        )
         counts = {kind.__name__: sum(isinstance(m, kind) for m in unet.modules()) for kind in targets}
         layers = " + ".join(f"{count} {kind}" for kind, count in counts.items())
-        print(f"adapter {name!r}: mode={args.mode!r}, mask={args.mask!r}, sparsity={args.sparsity:g}, "
-              f"targets {layers} ({len(shira.target_names)} weights), trainable entries: {shira.num_trainable:,}")
+        print(
+            f"adapter {name!r}: mode={args.mode!r}, mask={args.mask!r}, sparsity={args.sparsity:g}, "
+            f"targets {layers} ({len(shira.target_names)} weights), trainable entries: {shira.num_trainable:,}"
+        )
         optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
         start, step_losses = time.perf_counter(), {}
         for step, batch in enumerate(batches, 1):
@@ -216,7 +263,9 @@ def run(argv: list[str] | None = None) -> Result:
         with torch.no_grad():
             trained_predictions[name] = predict_noise(unet, train_scheduler, held_out[name][0])
         paths[name] = shira.extract().save(args.output_dir / f"{name}.safetensors")
-        result.adapters[name] = Trained(counts, len(shira.target_names), shira.num_trainable, step_losses, outside, paths[name])
+        result.adapters[name] = Trained(
+            counts, len(shira.target_names), shira.num_trainable, step_losses, outside, paths[name]
+        )
         shira.detach()
         print(f"  adapter: {paths[name]} ({paths[name].stat().st_size:,} bytes)")
     unet.load_state_dict(base)
@@ -236,10 +285,17 @@ def run(argv: list[str] | None = None) -> Result:
         print(f"  {'base' if active is None else 'adapter ' + active:<12}  " + "  ".join(f"{v:>10.4f}" for v in losses))
         if active is not None:
             with torch.no_grad():
-                gap = (predict_noise(unet, train_scheduler, held_out[active][0]) - trained_predictions[active]).abs().max().item()
+                gap = (
+                    (predict_noise(unet, train_scheduler, held_out[active][0]) - trained_predictions[active])
+                    .abs()
+                    .max()
+                    .item()
+                )
             result.reproduction_gap[active] = gap
-            print(f"  {'':<12}  first activation {1e3 * first_activation:.1f} ms; "
-                  f"reproduces the UNet it was trained in: max |difference| {gap:.2e}")
+            print(
+                f"  {'':<12}  first activation {1e3 * first_activation:.1f} ms; "
+                f"reproduces the UNet it was trained in: max |difference| {gap:.2e}"
+            )
             if gap > MAX_GAP:
                 failures.append(f"adapter {active!r} applied from its file differs from the trained UNet by {gap:.2e}")
     bank.deactivate()
@@ -249,8 +305,10 @@ def run(argv: list[str] | None = None) -> Result:
     again = denoise(unet, bank, styles, size, switch_times)
     same = result.samples_identical = torch.equal(bits(sample), bits(again))
     half = size["denoise_steps"] // 2
-    print(f"DDIM, {size['denoise_steps']} steps, 'a' for steps 1-{half} and 'b' for steps {half + 1}-{size['denoise_steps']}, "
-          f"run twice: samples identical bit for bit: {same}")
+    print(
+        f"DDIM, {size['denoise_steps']} steps, 'a' for steps 1-{half} and 'b' for steps {half + 1}-{size['denoise_steps']}, "
+        f"run twice: samples identical bit for bit: {same}"
+    )
     if not same:
         failures.append("two identical denoising runs with switches gave different samples")
     for _ in range(SWITCH_REPEATS):
@@ -260,15 +318,21 @@ def run(argv: list[str] | None = None) -> Result:
             switch_times.append(time.perf_counter() - start)
     entries = bank.adapters["a"].num_entries, bank.adapters["b"].num_entries
     result.switch_ms_median = 1e3 * statistics.median(switch_times)
-    print(f"switch a <-> b ({entries[0]:,} and {entries[1]:,} entries), {len(switch_times)} switches: median "
-          f"{result.switch_ms_median:.3f} ms (min {1e3 * min(switch_times):.3f}, max {1e3 * max(switch_times):.3f})")
+    print(
+        f"switch a <-> b ({entries[0]:,} and {entries[1]:,} entries), {len(switch_times)} switches: median "
+        f"{result.switch_ms_median:.3f} ms (min {1e3 * min(switch_times):.3f}, max {1e3 * max(switch_times):.3f})"
+    )
 
     bank.deactivate()
     params = dict(unet.named_parameters())
-    changed = result.changed_after_deactivate = [name for name, p in params.items() if not torch.equal(bits(p), bits(base[name]))]
+    changed = result.changed_after_deactivate = [
+        name for name, p in params.items() if not torch.equal(bits(p), bits(base[name]))
+    ]
     moved = result.layout_changed = [name for name, p in params.items() if p.stride() != base[name].stride()]
-    print(f"after bank.deactivate(): weights that differ from the base bit for bit: {changed or 'none'}; "
-          f"weights whose layout changed: {moved or 'none'}")
+    print(
+        f"after bank.deactivate(): weights that differ from the base bit for bit: {changed or 'none'}; "
+        f"weights whose layout changed: {moved or 'none'}"
+    )
     failures += [f"{name} is not the base after deactivate()" for name in changed]
     failures += [f"{name} changed its memory layout" for name in moved]
     for failure in failures:

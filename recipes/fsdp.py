@@ -60,7 +60,9 @@ def run(argv: list[str] | None = None) -> Result:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--mask", default="snip", choices=shira_hooks.MASK_KINDS)
-    parser.add_argument("--attach", default="after", choices=["after", "before"], help="attach after or before fully_shard")
+    parser.add_argument(
+        "--attach", default="after", choices=["after", "before"], help="attach after or before fully_shard"
+    )
     parser.add_argument("--mode", default="dense", choices=["dense", "compact", "sparse"], help="attach's mode")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4, help="per rank and micro-batch")
@@ -70,7 +72,9 @@ def run(argv: list[str] | None = None) -> Result:
     steps, lr = args.steps or (15 if args.tiny else 40), (1e-2 if args.tiny else args.lr)
     rank, world, device = common.init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
-    train, test, model, tokenizer, shard, calibration = common.rank_data(args.model, args.tiny, args.batch_size, rank, world, device)
+    train, test, model, tokenizer, shard, calibration = common.rank_data(
+        args.model, args.tiny, args.batch_size, rank, world, device
+    )
 
     def shard_model():
         for layer in model.model.layers:
@@ -78,13 +82,19 @@ def run(argv: list[str] | None = None) -> Result:
         fully_shard(model)
 
     if args.attach == "before":
-        shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0, mode=args.mode)
+        shira = shira_hooks.attach(
+            model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0, mode=args.mode
+        )
         shard_model()
     else:
         shard_model()
-        shira = shira_hooks.attach(model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0, mode=args.mode)
+        shira = shira_hooks.attach(
+            model, args.sparsity, args.mask, calibration=calibration, progress=rank == 0, mode=args.mode
+        )
     q_proj = model.model.layers[0].self_attn.q_proj.weight
-    say(f"{world} ranks; q_proj.weight {tuple(q_proj.shape)} is a {type(q_proj).__name__}, {tuple(q_proj.to_local().shape)} on each rank")
+    say(
+        f"{world} ranks; q_proj.weight {tuple(q_proj.shape)} is a {type(q_proj).__name__}, {tuple(q_proj.to_local().shape)} on each rank"
+    )
     say(f"trainable entries: {shira.num_trainable:,}; mode={args.mode!r}, attached {args.attach} fully_shard")
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -93,7 +103,9 @@ def run(argv: list[str] | None = None) -> Result:
     losses = {}
     for step in range(1, steps + 1):
         for _ in range(2):  # two micro-batches accumulated per step
-            loss = model(**common.to_device(common.collate(rng.sample(shard, args.batch_size), tokenizer.pad_token_id), device)).loss
+            loss = model(
+                **common.to_device(common.collate(rng.sample(shard, args.batch_size), tokenizer.pad_token_id), device)
+            ).loss
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -105,8 +117,18 @@ def run(argv: list[str] | None = None) -> Result:
     changed = shira.verify()  # every rank: gathers each weight
     adapter = shira.extract()  # every rank: gathers the masked entries
     say(f"entries changed outside the masks: {changed or 'none'}")
-    result = Result(rank, world, type(q_proj).__name__, tuple(q_proj.shape), tuple(q_proj.to_local().shape), args.mode, args.attach,
-                    shira.num_trainable, losses, changed)
+    result = Result(
+        rank,
+        world,
+        type(q_proj).__name__,
+        tuple(q_proj.shape),
+        tuple(q_proj.to_local().shape),
+        args.mode,
+        args.attach,
+        shira.num_trainable,
+        losses,
+        changed,
+    )
     if rank == 0:
         result.adapter = adapter.save(args.output_dir / "adapter.safetensors")
         print(f"adapter: {result.adapter}")

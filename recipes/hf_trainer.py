@@ -42,10 +42,17 @@ def run(argv: list[str] | None = None) -> Result:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true", help="tiny Llama + synthetic task, a few steps")
-    parser.add_argument("--sparsity", type=float, default=None, help=f"share of each target weight that trains (default: {common.SPARSITY}; --tiny: {common.TINY_SPARSITY})")
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help=f"share of each target weight that trains (default: {common.SPARSITY}; --tiny: {common.TINY_SPARSITY})",
+    )
     parser.add_argument("--mask", default="snip", choices=shira_hooks.MASK_KINDS)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {common.LR}; --tiny: {common.TINY_LR})")
+    parser.add_argument(
+        "--lr", type=float, default=None, help=f"learning rate (default: {common.LR}; --tiny: {common.TINY_LR})"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("runs/hf_trainer"))
     args = parser.parse_args(argv)
     steps = args.steps or (30 if args.tiny else 40)
@@ -57,12 +64,24 @@ def run(argv: list[str] | None = None) -> Result:
     rows = [common.encode(tokenizer, example) for example in train]
     accuracy_before = common.accuracy(model, tokenizer, test)
     print(f"task: {len(train)} train / {len(test)} test examples; accuracy before: {accuracy_before:.3f}")
-    print(f"sample before: {common.sample(model, tokenizer, test[0])!r} (answer: {test[0]['options'][test[0]['answer']]!r})")
+    print(
+        f"sample before: {common.sample(model, tokenizer, test[0])!r} (answer: {test[0]['options'][test[0]['answer']]!r})"
+    )
 
     training = TrainingArguments(
-        output_dir=str(args.output_dir), max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
-        weight_decay=0.01, lr_scheduler_type="linear", warmup_steps=steps // 10, logging_steps=max(1, steps // 6),
-        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=0, disable_tqdm=True,
+        output_dir=str(args.output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=lr,
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        warmup_steps=steps // 10,
+        logging_steps=max(1, steps // 6),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+        disable_tqdm=True,
         remove_unused_columns=False,
     )  # built first: under `accelerate launch` it starts torch.distributed, so attach() sums scores across ranks
 
@@ -74,7 +93,10 @@ def run(argv: list[str] | None = None) -> Result:
 
     callback = ShiraCallback(shira)
     trainer = Trainer(
-        model=model, args=training, train_dataset=rows, callbacks=[callback],
+        model=model,
+        args=training,
+        train_dataset=rows,
+        callbacks=[callback],
         data_collator=lambda batch: common.collate(batch, tokenizer.pad_token_id),
     )
     result = trainer.train()
@@ -86,7 +108,10 @@ def run(argv: list[str] | None = None) -> Result:
     report = Result(accuracy_before, trainable, trainer.is_world_process_zero())
     if report.main_process:
         report.training_loss, report.accuracy_after = result.training_loss, accuracy
-        report.changed_outside, report.adapter = callback.report["changed_outside_masks"], args.output_dir / ADAPTER_FILE
+        report.changed_outside, report.adapter = (
+            callback.report["changed_outside_masks"],
+            args.output_dir / ADAPTER_FILE,
+        )
         print(f"final training loss: {report.training_loss:.4f}")
         print(f"accuracy after: {accuracy:.3f}")
         print(f"sample after: {sample!r}")

@@ -41,11 +41,18 @@ def run(argv: list[str] | None = None) -> Result:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--sparsity", type=float, default=None, help=f"share of each target weight that trains (default: {common.SPARSITY}; --tiny: {common.TINY_SPARSITY})")
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help=f"share of each target weight that trains (default: {common.SPARSITY}; --tiny: {common.TINY_SPARSITY})",
+    )
     parser.add_argument("--mask", default="wm", choices=shira_hooks.MASK_KINDS)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {common.LR}; --tiny: {common.TINY_LR})")
+    parser.add_argument(
+        "--lr", type=float, default=None, help=f"learning rate (default: {common.LR}; --tiny: {common.TINY_LR})"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("runs/plain_pytorch"))
     args = parser.parse_args(argv)
     steps = args.steps or (30 if args.tiny else 40)

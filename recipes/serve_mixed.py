@@ -95,7 +95,12 @@ class Result:
     @property
     def ok(self) -> bool:
         """Every check held; mixed as exact as apply: no farther from float64 than twice apply's own rounding."""
-        return self.tokens_equal and self.mixed_error <= 2 * self.apply_error + 1e-5 and self.base_exact and self.weights_unchanged
+        return (
+            self.tokens_equal
+            and self.mixed_error <= 2 * self.apply_error + 1e-5
+            and self.base_exact
+            and self.weights_unchanged
+        )
 
 
 def run(argv: list[str] | None = None) -> Result:
@@ -113,7 +118,9 @@ def run(argv: list[str] | None = None) -> Result:
     torch.manual_seed(0)
 
     train, test = common.load_task(args.tiny)
-    model, tokenizer = common.load_model(args.model, args.tiny, common.texts_of([formatted(e, n) for e in train + test for n in FORMATS]))
+    model, tokenizer = common.load_model(
+        args.model, args.tiny, common.texts_of([formatted(e, n) for e in train + test for n in FORMATS])
+    )
     model.eval()
     started = time.perf_counter()
     adapters = {name: train_adapter(model, tokenizer, train, name, args) for name in FORMATS}
@@ -124,7 +131,9 @@ def run(argv: list[str] | None = None) -> Result:
     names = [*FORMATS, None]
     route = [names[row % len(names)] for row in range(args.rows)]
     tokenizer.padding_side = "left"
-    batch = tokenizer([common.prompt(e) for e in test[: args.rows]], return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(
+        [common.prompt(e) for e in test[: args.rows]], return_tensors="pt", padding=True, add_special_tokens=False
+    )
     options = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
     def mixed_generate():
@@ -173,13 +182,28 @@ def run(argv: list[str] | None = None) -> Result:
     base_exact = all(torch.equal(logits[row], reference[None][row]) for row, name in enumerate(route) if name is None)
     untouched = all(torch.equal(weights[key], p.detach()) for key, p in model.named_parameters())
     print(f"mixed generate equals generate with the row's adapter applied, on every row: {tokens_equal}")
-    print(f"mixed logits vs apply, largest difference: {gap:.2e}; from the float64 result: mixed {mixed_error:.2e}, apply {apply_error:.2e}")
+    print(
+        f"mixed logits vs apply, largest difference: {gap:.2e}; from the float64 result: mixed {mixed_error:.2e}, apply {apply_error:.2e}"
+    )
     print(f"base rows equal the base model bit for bit: {base_exact}; weights unchanged: {untouched}")
     generated = args.rows * args.new_tokens
-    print(f"one mixed generate() (best of 2): {mixed_s:.2f} s ({generated / mixed_s:.1f} tokens/s); switching (apply, generate the "
-          f"adapter's rows, remove, per adapter and the base; best of 2): {switching_s:.2f} s ({generated / switching_s:.1f} tokens/s)")
-    result = Result({name: adapter.num_entries for name, adapter in adapters.items()}, route, answers, tokens_equal, gap,
-                    mixed_error, apply_error, base_exact, untouched, mixed_s, switching_s)
+    print(
+        f"one mixed generate() (best of 2): {mixed_s:.2f} s ({generated / mixed_s:.1f} tokens/s); switching (apply, generate the "
+        f"adapter's rows, remove, per adapter and the base; best of 2): {switching_s:.2f} s ({generated / switching_s:.1f} tokens/s)"
+    )
+    result = Result(
+        {name: adapter.num_entries for name, adapter in adapters.items()},
+        route,
+        answers,
+        tokens_equal,
+        gap,
+        mixed_error,
+        apply_error,
+        base_exact,
+        untouched,
+        mixed_s,
+        switching_s,
+    )
     print("all exactness checks passed" if result.ok else "EXACTNESS CHECK FAILED")
     return result
 

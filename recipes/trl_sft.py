@@ -41,10 +41,17 @@ def run(argv: list[str] | None = None) -> Result:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"local folder or hub id (default: {common.DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--sparsity", type=float, default=None, help=f"share of each target weight that trains (default: {common.SPARSITY}; --tiny: {common.TINY_SPARSITY})")
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help=f"share of each target weight that trains (default: {common.SPARSITY}; --tiny: {common.TINY_SPARSITY})",
+    )
     parser.add_argument("--mask", default="snip", choices=shira_hooks.MASK_KINDS)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {common.LR}; --tiny: {common.TINY_LR})")
+    parser.add_argument(
+        "--lr", type=float, default=None, help=f"learning rate (default: {common.LR}; --tiny: {common.TINY_LR})"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("runs/trl_sft"))
     args = parser.parse_args(argv)
     steps = args.steps or (30 if args.tiny else 40)
@@ -63,21 +70,35 @@ def run(argv: list[str] | None = None) -> Result:
     report = Result(accuracy_before, shira.num_trainable, shira.calibration_steps, main_process=False)
 
     config = SFTConfig(
-        output_dir=str(args.output_dir), max_steps=steps + shira.calibration_steps, per_device_train_batch_size=8,
-        learning_rate=lr, weight_decay=0.01, lr_scheduler_type="linear", logging_steps=max(1, steps // 6),
-        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False, seed=0,
-        disable_tqdm=True, max_length=96,
+        output_dir=str(args.output_dir),
+        max_steps=steps + shira.calibration_steps,
+        per_device_train_batch_size=8,
+        learning_rate=lr,
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        logging_steps=max(1, steps // 6),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+        max_length=96,
         # TRL turns gradient checkpointing on by default under its old name, which transformers 5 warns about
         **({"activation_checkpointing": True} if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else {}),
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[ShiraCallback(shira)])
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[ShiraCallback(shira)]
+    )
     trainer.train()
     report.main_process = trainer.is_world_process_zero()
     if report.main_process:
         report.accuracy_after, report.changed_outside = common.accuracy(model, tokenizer, test), shira.verify()
         report.adapter = args.output_dir / ADAPTER_FILE
         print(f"accuracy after: {report.accuracy_after:.3f}")
-        print(f"sample after: {common.sample(model, tokenizer, test[0])!r} (answer: {test[0]['options'][test[0]['answer']]!r})")
+        print(
+            f"sample after: {common.sample(model, tokenizer, test[0])!r} (answer: {test[0]['options'][test[0]['answer']]!r})"
+        )
         print(f"entries changed outside the masks: {report.changed_outside or 'none'}")
         print(f"adapter: {report.adapter}")
     shira.detach()

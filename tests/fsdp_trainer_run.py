@@ -50,9 +50,20 @@ def main() -> None:
 
     torch.set_num_threads(1)
     args = TrainingArguments(
-        output_dir=str(out), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
-        weight_decay=0.1, max_grad_norm=0.05, save_strategy="steps", save_steps=2, report_to=[], disable_tqdm=True,
-        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), seed=0,
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        max_grad_norm=0.05,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
     )  # the FSDP2 options come from the accelerate config file
     model = make_llama()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -95,12 +106,16 @@ def main() -> None:
     model = make_llama()
     again = shira_hooks.attach(model, 0.05, "rand", seed=4, mode=mode)
     callback = ShiraCallback(again, resume_from=out / "checkpoint-2")
-    Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback]).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback]).train(
+        resume_from_checkpoint=str(out / "checkpoint-2")
+    )
     report["resumed_masks_equal"] = {n: i.tolist() for n, i in again.masks.items()} == report["masks"]
     report["resumed_verify"] = callback.report["changed_outside_masks"]
     if rank == 0:
         first, resumed = (shira_hooks.SparseAdapter.load(folder / ADAPTER_FILE) for folder in (out, out / "resumed"))
-        report["resumed_adapter_error"] = max(float((first.deltas[n].values - d.values).abs().max()) for n, d in resumed.deltas.items())
+        report["resumed_adapter_error"] = max(
+            float((first.deltas[n].values - d.values).abs().max()) for n, d in resumed.deltas.items()
+        )
     again.detach()
     shira.detach()
     (out / f"rank{rank}.json").write_text(json.dumps(report))

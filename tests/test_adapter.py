@@ -143,7 +143,9 @@ def killed_save(source, method: str, destination) -> None:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(source), method, str(destination)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_SAVE, str(source), method, str(destination)], capture_output=True, text=True
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
 
 
@@ -159,7 +161,9 @@ def test_the_next_save_deletes_the_temporary_files_of_killed_saves_and_nothing_e
 
     keep = [
         f".adapter.safetensors.{_host_tag()}-{os.getppid()}-abcd1234.tmp",  # a process that still runs
-        ".adapter.safetensors.0123abcd-999999-abcd1234.tmp" if _host_tag() != "0123abcd" else ".adapter.safetensors.0123abce-999999-abcd1234.tmp",
+        ".adapter.safetensors.0123abcd-999999-abcd1234.tmp"
+        if _host_tag() != "0123abcd"
+        else ".adapter.safetensors.0123abce-999999-abcd1234.tmp",
         ".adapter.safetensors.abcd1234.tmp",  # not named by this scheme: not provably ours
         f".other.safetensors.{_host_tag()}-{stale[0].split('-')[1]}-abcd1234.tmp",  # a killed save to another file
     ]
@@ -177,7 +181,10 @@ def _write(tmp_path, tensors, metadata, name="bad.safetensors"):
 
 
 def _valid(**changes):
-    tensors = {"lin.weight.indices": torch.tensor([1, 4, 7], dtype=torch.int32), "lin.weight.values": torch.tensor([0.1, -0.2, 0.3])}
+    tensors = {
+        "lin.weight.indices": torch.tensor([1, 4, 7], dtype=torch.int32),
+        "lin.weight.values": torch.tensor([0.1, -0.2, 0.3]),
+    }
     modules = {"lin.weight": {"shape": [3, 4], "dtype": "float32", "fingerprint": "00" * 8}}
     metadata = {"format": "shira_hooks.adapter", "format_version": "1", "modules": json.dumps(modules)}
     tensors.update(changes.pop("tensors", {}))
@@ -193,12 +200,30 @@ def _valid(**changes):
         (_valid(format_version="9"), r"bad.safetensors: unknown adapter format_version '9'"),
         (_valid(format="other"), r"bad.safetensors: not a shira_hooks adapter"),
         (_valid(drop=["lin.weight.values"]), r"missing tensor key\(s\) \['lin.weight.values'\]"),
-        (_valid(tensors={"extra.indices": torch.tensor([0], dtype=torch.int32)}), r"unexpected tensor key\(s\) \['extra.indices'\]"),
-        (_valid(tensors={"lin.weight.indices": torch.tensor([1, 4, 12], dtype=torch.int32)}), r"tensor 'lin.weight.indices': indices out of range \[1, 12\]"),
-        (_valid(tensors={"lin.weight.indices": torch.tensor([4, 1, 7], dtype=torch.int32)}), r"tensor 'lin.weight.indices': indices are not sorted"),
-        (_valid(tensors={"lin.weight.indices": torch.tensor([1, 4, 4], dtype=torch.int32)}), r"tensor 'lin.weight.indices': duplicate index 4"),
-        (_valid(tensors={"lin.weight.values": torch.tensor([0.1, 0.2])}), r"tensor 'lin.weight.values': 2 values for 3 indices"),
-        (_valid(tensors={"lin.weight.values": torch.tensor([0.1, float("nan"), 0.3])}), r"tensor 'lin.weight.values': 1 NaN/inf values"),
+        (
+            _valid(tensors={"extra.indices": torch.tensor([0], dtype=torch.int32)}),
+            r"unexpected tensor key\(s\) \['extra.indices'\]",
+        ),
+        (
+            _valid(tensors={"lin.weight.indices": torch.tensor([1, 4, 12], dtype=torch.int32)}),
+            r"tensor 'lin.weight.indices': indices out of range \[1, 12\]",
+        ),
+        (
+            _valid(tensors={"lin.weight.indices": torch.tensor([4, 1, 7], dtype=torch.int32)}),
+            r"tensor 'lin.weight.indices': indices are not sorted",
+        ),
+        (
+            _valid(tensors={"lin.weight.indices": torch.tensor([1, 4, 4], dtype=torch.int32)}),
+            r"tensor 'lin.weight.indices': duplicate index 4",
+        ),
+        (
+            _valid(tensors={"lin.weight.values": torch.tensor([0.1, 0.2])}),
+            r"tensor 'lin.weight.values': 2 values for 3 indices",
+        ),
+        (
+            _valid(tensors={"lin.weight.values": torch.tensor([0.1, float("nan"), 0.3])}),
+            r"tensor 'lin.weight.values': 1 NaN/inf values",
+        ),
         (_valid(tensors={"lin.weight.indices": torch.tensor([1.0, 4.0, 7.0])}), r"must be a 1-D int32/int64 tensor"),
     ],
 )
@@ -226,16 +251,34 @@ _W = {"dtype": "float32", "fingerprint": "00" * 8}
     "tensors_meta, pattern",
     [
         # the product overflows int64: it used to be reported as a weight of a negative number of entries
-        (_header({"w": {**_W, "shape": [2**40, 2**40]}}, "1"), r"module 'w': shape \[1099511627776, 1099511627776\] has 1,208,925,819,614,629,174,706,176 entries, more than an int64 index"),
-        (_header({"w": {**_W, "shape": ["a", "b"]}}, "1"), r"module 'w': shape \['a', 'b'\] is not a list of positive ints"),
+        (
+            _header({"w": {**_W, "shape": [2**40, 2**40]}}, "1"),
+            r"module 'w': shape \[1099511627776, 1099511627776\] has 1,208,925,819,614,629,174,706,176 entries, more than an int64 index",
+        ),
+        (
+            _header({"w": {**_W, "shape": ["a", "b"]}}, "1"),
+            r"module 'w': shape \['a', 'b'\] is not a list of positive ints",
+        ),
         (_header({"w": {**_W, "shape": [4, 0]}}, "1"), r"module 'w': shape \[4, 0\] is not a list of positive ints"),
         # "block": true was read as block 1, then reported as a count mismatch
-        (_header({"w": {**_W, "shape": [1, 16], "block": True}}), r"tensor 'w.indices': block=True is not a positive int dividing the row length 16"),
+        (
+            _header({"w": {**_W, "shape": [1, 16], "block": True}}),
+            r"tensor 'w.indices': block=True is not a positive int dividing the row length 16",
+        ),
         # a version-1 file with block fields was read as version 2
-        (_header({"w": {**_W, "shape": [1, 16], "block": 16}}, "1", {"w.indices": torch.tensor([0], dtype=torch.int32), "w.values": torch.ones(16)}),
-         r"module 'w': has a 'block' entry, which format_version 1 files do not have"),
+        (
+            _header(
+                {"w": {**_W, "shape": [1, 16], "block": 16}},
+                "1",
+                {"w.indices": torch.tensor([0], dtype=torch.int32), "w.values": torch.ones(16)},
+            ),
+            r"module 'w': has a 'block' entry, which format_version 1 files do not have",
+        ),
         (_header(["w"], "1"), r"metadata entry 'modules' is a JSON list"),
-        (_header({"w": {**_W, "shape": [1, 16], "dtype": ["float32"]}}, "1"), r"module 'w': unknown dtype \['float32'\]"),
+        (
+            _header({"w": {**_W, "shape": [1, 16], "dtype": ["float32"]}}, "1"),
+            r"module 'w': unknown dtype \['float32'\]",
+        ),
     ],
     ids=["overflowing-shape", "string-shape", "zero-dim", "block-true", "v1-with-block", "modules-list", "dtype-list"],
 )
@@ -258,7 +301,10 @@ def test_a_header_claiming_2_31_entries_is_refused_before_the_runs_are_expanded(
         raise AssertionError(f"expanding {blocks.numel()} runs of {block} before checking the value count")
 
     monkeypatch.setattr(shira_hooks.format.adapter, "expand_blocks", expand)
-    with pytest.raises(ShiraError, match=r"huge.safetensors: tensor 'w.indices': \(1,\) block numbers of 2147483648 entries each need 2,147,483,648 values, the file holds \(1,\)"):
+    with pytest.raises(
+        ShiraError,
+        match=r"huge.safetensors: tensor 'w.indices': \(1,\) block numbers of 2147483648 entries each need 2,147,483,648 values, the file holds \(1,\)",
+    ):
         SparseAdapter.load(path)
 
 
@@ -352,7 +398,14 @@ def test_save_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
     events = []
     real_replace, real_fsync = os.replace, os.fsync
     monkeypatch.setattr(os, "replace", lambda src, dst: (events.append("replace"), real_replace(src, dst))[1])
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file"), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os,
+        "fsync",
+        lambda fd: (
+            events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file"),
+            real_fsync(fd),
+        )[1],
+    )
     adapter.save(tmp_path / "out" / "adapter.safetensors")
     assert events == ["fsync file", "replace", "fsync folder"]
 
@@ -383,6 +436,7 @@ def test_load_memory_maps_instead_of_reading_the_file(tmp_path, monkeypatch):
             if str(file) in guarded:
                 raise AssertionError(f"{file} was read into Python memory")
             return real(file, *args, **kwargs)
+
         return call
 
     monkeypatch.setattr(pathlib.Path, "read_bytes", refuse(pathlib.Path.read_bytes))
@@ -399,7 +453,11 @@ def test_load_memory_maps_instead_of_reading_the_file(tmp_path, monkeypatch):
                     assert tensor.device.type == "cpu" and tensor.dtype == reference.dtype
                     assert torch.equal(tensor, reference), (kind, name, part)
                 original = adapter.deltas[name]
-                assert (delta.shape, delta.dtype, delta.fingerprint) == (original.shape, original.dtype, original.fingerprint)
+                assert (delta.shape, delta.dtype, delta.fingerprint) == (
+                    original.shape,
+                    original.dtype,
+                    original.fingerprint,
+                )
     with shira_hooks.attach(make_mlp(), 0.1, "rand", seed=99) as fresh:
         fresh.load_state(state_path)
         assert all(torch.equal(fresh.masks[name], masks[name]) for name in masks)
@@ -422,13 +480,17 @@ def test_apply_fuse_and_overlap_take_a_path_or_a_folder(tmp_path):
     adapter.save_pretrained(tmp_path / "hub")
     adapter.to_peft(tmp_path / "peft")
     for source in (str(file), file, tmp_path / "hub", str(tmp_path / "peft")):
-        with shira_hooks.apply(fresh, source, check_base=source != str(tmp_path / "peft")):  # PEFT folders have no fingerprints
+        with shira_hooks.apply(
+            fresh, source, check_base=source != str(tmp_path / "peft")
+        ):  # PEFT folders have no fingerprints
             assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
         assert all(torch.equal(p, base[n]) for n, p in fresh.named_parameters())
     fused = shira_hooks.fuse([str(file), tmp_path / "hub"], weights=[0.5, 0.5])
     assert all(torch.equal(fused.deltas[n].indices, d.indices) for n, d in adapter.deltas.items())
     assert shira_hooks.overlap(file, adapter).shared_fraction == 1.0
-    with pytest.raises(ShiraError, match=r"apply\(\): got a int, not a SparseAdapter or a path; pass SparseAdapter.load\(path\)"):
+    with pytest.raises(
+        ShiraError, match=r"apply\(\): got a int, not a SparseAdapter or a path; pass SparseAdapter.load\(path\)"
+    ):
         shira_hooks.apply(fresh, 3)
     with pytest.raises(ShiraError, match=r"fuse\(\): got a dict, not a SparseAdapter or a path"):
         shira_hooks.fuse([adapter, adapter.deltas])

@@ -32,7 +32,9 @@ def _trained(mask="rand", block=16, sparsity=0.05, seed=3, **kwargs):
     """A tiny Llama, a handle on it and the adapter of 3 AdamW steps."""
     model = make_llama()
     calibration = llama_batches(2) if mask in masks.CALIBRATED_KINDS else None
-    shira = shira_hooks.attach(model, sparsity, mask, seed=seed, block=block, calibration=calibration, progress=False, **kwargs)
+    shira = shira_hooks.attach(
+        model, sparsity, mask, seed=seed, block=block, calibration=calibration, progress=False, **kwargs
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     for batch in llama_batches(3, seed=seed):
         model(**batch).loss.backward()
@@ -70,7 +72,8 @@ def test_struct_blocks_hold_the_diagonal_then_whole_rows():
     for row in range(8):  # the block holding entry (r, r) of each diagonal row
         assert row * 64 + row in indices.tolist()
     counts = torch.bincount(rows, minlength=8)
-    assert sorted(counts.tolist()) == [16] * 6 + [32, 64]  # 8 diagonal blocks, then 3 fill a random row and 1 starts the next
+    # 8 diagonal blocks, then 3 fill a random row and 1 starts the next
+    assert sorted(counts.tolist()) == [16] * 6 + [32, 64]
 
 
 def test_wm_and_snip_rank_blocks_by_the_sum_of_their_scores():
@@ -95,7 +98,9 @@ def test_snip_block_mask_is_the_top_blocks_of_the_entry_scores():
         grads += weight.grad.abs()
     model.zero_grad()
     expected = masks.topk_mask((weight.detach() * grads).abs().reshape(-1), masks.budget(weight.numel(), 0.1, 16), 16)
-    with shira_hooks.attach(model, 0.1, "snip", target_modules=["layers.1"], block=16, calibration=batches, loss_fn=mlp_loss, progress=False) as shira:
+    with shira_hooks.attach(
+        model, 0.1, "snip", target_modules=["layers.1"], block=16, calibration=batches, loss_fn=mlp_loss, progress=False
+    ) as shira:
         assert torch.equal(shira.masks["layers.1.weight"], expected)
 
 
@@ -103,7 +108,10 @@ def test_snip_block_mask_is_the_top_blocks_of_the_entry_scores():
 def test_a_block_that_does_not_divide_a_row_names_the_weight_and_the_valid_blocks():
     model = make_mlp()  # rows of 16, 48, 32
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    with pytest.raises(ShiraError, match=r"block=32 does not divide the row length 16 of weight 'layers\.0\.weight' \(shape \(48, 16\).*Valid blocks for it: \[1, 2, 4, 8, 16\]"):
+    with pytest.raises(
+        ShiraError,
+        match=r"block=32 does not divide the row length 16 of weight 'layers\.0\.weight' \(shape \(48, 16\).*Valid blocks for it: \[1, 2, 4, 8, 16\]",
+    ):
         shira_hooks.attach(model, 0.1, "rand", seed=0, block=32)
     for bad in (0, -16, True, 2.0, "16"):
         with pytest.raises(ShiraError, match=r"block=.*it must be a positive int"):
@@ -123,7 +131,10 @@ def test_a_mask_function_must_return_whole_aligned_runs():
 
     with shira_hooks.attach(model, 0.1, whole, target_modules=["layers.1"], block=16) as shira:
         assert shira.masks["layers.1.weight"].tolist() == list(range(16)) + list(range(48, 64))
-    with pytest.raises(ShiraError, match=r"mask function for 'layers\.1\.weight' \(shape \(32, 48\)\) selected 16 entries that are not whole aligned runs of block=16"):
+    with pytest.raises(
+        ShiraError,
+        match=r"mask function for 'layers\.1\.weight' \(shape \(32, 48\)\) selected 16 entries that are not whole aligned runs of block=16",
+    ):
         shira_hooks.attach(model, 0.1, shifted, target_modules=["layers.1"], block=16)
 
 
@@ -134,7 +145,9 @@ def test_compact_modes_train_block_masks_as_the_dense_mode_does(mode):
     for run in ("dense", mode):
         model = make_mlp()
         base = snapshot(model)
-        shira = shira_hooks.attach(model, 0.1, "rand", seed=2, block=16, mode=run, target_modules=["layers.0", "layers.1"])
+        shira = shira_hooks.attach(
+            model, 0.1, "rand", seed=2, block=16, mode=run, target_modules=["layers.0", "layers.1"]
+        )
         mlp_steps(model, torch.optim.AdamW(model.parameters(), lr=1e-2), mlp_batches(3))
         assert assert_changes_within_masks(shira, base, model) > 0
         results[run] = (shira.extract(), snapshot(model))
@@ -159,7 +172,9 @@ def test_resume_keeps_the_block_and_refuses_another(tmp_path):
         assert all(torch.equal(again.masks[n], i) for n, i in masks_before.items())
         assert again.verify() == []
     with shira_hooks.attach(model, 0.05, "rand", seed=3) as unstructured:
-        with pytest.raises(ShiraError, match=r"runs of block=16 entries, the handle was attached with block=1; attach with block=16"):
+        with pytest.raises(
+            ShiraError, match=r"runs of block=16 entries, the handle was attached with block=1; attach with block=16"
+        ):
             unstructured.load_state(path)
         state = unstructured.state_dict()
         del state["block"]  # a state from before block masks loads as block 1
@@ -186,8 +201,16 @@ def test_the_file_stores_one_index_per_block_and_reads_back_exactly(tmp_path):
     unstructured = SparseAdapter({n: replace(d, block=1) for n, d in adapter.deltas.items()}, adapter.metadata)
     old = unstructured.save(tmp_path / "old.safetensors")
     with safe_open(str(old), "pt") as f:
-        assert f.metadata()["format_version"] == "1" and "block" not in json.loads(f.metadata()["modules"])["model.layers.0.self_attn.q_proj.weight"]
-    tensor_bytes = lambda p: sum(t.numel() * t.element_size() for t in (lambda f: [f.get_tensor(key) for key in f.keys()])(safe_open(str(p), "pt")))  # noqa: SIM118 (safe_open is not iterable)
+        assert (
+            f.metadata()["format_version"] == "1"
+            and "block" not in json.loads(f.metadata()["modules"])["model.layers.0.self_attn.q_proj.weight"]
+        )
+
+    def tensor_bytes(p):
+        with safe_open(str(p), "pt") as f:
+            names = list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
+            return sum(f.get_tensor(name).numel() * f.get_tensor(name).element_size() for name in names)
+
     assert tensor_bytes(path) == k * 4 + k // 16 * 4 and tensor_bytes(old) == k * 8  # 4.25 vs 8 bytes per entry
     back, old_back = SparseAdapter.load(path), SparseAdapter.load(old)
     assert old_back.block == 1
@@ -200,18 +223,34 @@ def test_the_file_stores_one_index_per_block_and_reads_back_exactly(tmp_path):
 
 def test_bad_block_files_and_deltas_are_refused(tmp_path):
     shape = (4, 32)
-    with pytest.raises(ShiraError, match=r"'w\.indices': block=16, but the 16 indices are not aligned runs of 16 entries within the rows of a \[4, 32\] weight"):
+    with pytest.raises(
+        ShiraError,
+        match=r"'w\.indices': block=16, but the 16 indices are not aligned runs of 16 entries within the rows of a \[4, 32\] weight",
+    ):
         SparseDelta(shape, torch.float32, torch.arange(8, 24, dtype=torch.int32), torch.zeros(16), "", 16).validate("w")
-    with pytest.raises(ShiraError, match=r"'w\.indices': block=16, but the 16 indices are not aligned runs"):  # straddles rows of 24
-        SparseDelta((4, 24), torch.float32, torch.arange(0, 16, dtype=torch.int32), torch.zeros(16), "", 16).validate("w")
-    good = SparseAdapter({"w": SparseDelta(shape, torch.float32, torch.arange(16, 48, dtype=torch.int32), torch.ones(32), "", 16)})
+    with pytest.raises(
+        ShiraError, match=r"'w\.indices': block=16, but the 16 indices are not aligned runs"
+    ):  # straddles rows of 24
+        SparseDelta((4, 24), torch.float32, torch.arange(0, 16, dtype=torch.int32), torch.zeros(16), "", 16).validate(
+            "w"
+        )
+    good = SparseAdapter(
+        {"w": SparseDelta(shape, torch.float32, torch.arange(16, 48, dtype=torch.int32), torch.ones(32), "", 16)}
+    )
     path = good.save(tmp_path / "a.safetensors")
     from safetensors.torch import save_file
 
     with safe_open(str(path), "pt") as f:
         meta, values = f.metadata(), f.get_tensor("w.values")
-    save_file({"w.indices": torch.tensor([1, 8], dtype=torch.int32), "w.values": values}, tmp_path / "bad.safetensors", metadata=meta)
-    with pytest.raises(ShiraError, match=r"bad\.safetensors: tensor 'w\.indices' \(block numbers, block=16\): indices out of range \[1, 8\]; a weight of 8 entries"):
+    save_file(
+        {"w.indices": torch.tensor([1, 8], dtype=torch.int32), "w.values": values},
+        tmp_path / "bad.safetensors",
+        metadata=meta,
+    )
+    with pytest.raises(
+        ShiraError,
+        match=r"bad\.safetensors: tensor 'w\.indices' \(block numbers, block=16\): indices out of range \[1, 8\]; a weight of 8 entries",
+    ):
         SparseAdapter.load(tmp_path / "bad.safetensors")
 
 
@@ -225,7 +264,9 @@ def test_whole_run_writes_equal_the_single_entry_path_bit_for_bit():
     adapter = shira.extract()
     shira.detach()
     unstructured = SparseAdapter({n: replace(d, block=1) for n, d in adapter.deltas.items()}, adapter.metadata)
-    other = SparseAdapter({n: replace(d, values=torch.randn(d.values.shape) * 1e-2) for n, d in adapter.deltas.items()})  # same entries
+    other = SparseAdapter(
+        {n: replace(d, values=torch.randn(d.values.shape) * 1e-2) for n, d in adapter.deltas.items()}
+    )  # same entries
     blocks, singles = make_llama(), make_llama()
     base = snapshot(blocks)
     for alpha in (1.0, 0.37):
@@ -251,7 +292,9 @@ def test_whole_run_writes_equal_the_single_entry_path_bit_for_bit():
     with apply(transposed, adapter):
         assert model_state(transposed).cache(adapter).prepared["model.layers.0.mlp.down_proj.weight"].runs is None
         for name, value in snapshot(transposed).items():
-            torch.testing.assert_close(value, _on(model, name), rtol=0, atol=1e-6)  # the trained model (W + S in float32)
+            torch.testing.assert_close(
+                value, _on(model, name), rtol=0, atol=1e-6
+            )  # the trained model (W + S in float32)
     assert all(torch.equal(v, base[n]) for n, v in snapshot(transposed).items())
     fresh = make_llama(seed=1)
     with pytest.raises(ShiraError, match="do not match the adapter's fingerprint"):
@@ -304,7 +347,9 @@ def test_peft_export_writes_block_adapters_as_ordinary_entries(tmp_path):
     back = SparseAdapter.from_peft(adapter.to_peft(tmp_path / "peft"), base=make_llama())
     assert back.block == 1
     for name, delta in adapter.deltas.items():
-        assert torch.equal(back.deltas[name].indices, delta.indices) and torch.equal(back.deltas[name].values, delta.values)
+        assert torch.equal(back.deltas[name].indices, delta.indices) and torch.equal(
+            back.deltas[name].values, delta.values
+        )
     import warnings
 
     with warnings.catch_warnings():
@@ -345,8 +390,18 @@ def test_trainer_callback_attaches_with_a_block_and_writes_a_block_adapter(tmp_p
 
     model = make_llama()
     callback = ShiraCallback(sparsity=0.05, mask="snip", block=16, calibration_batches=2, progress=False)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1,
-                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback]).train()
     adapter = SparseAdapter.load(tmp_path / ADAPTER_FILE)
     assert adapter.block == 16 and all(_aligned(d.indices, 16) for d in adapter.deltas.values())

@@ -72,11 +72,18 @@ def test_a_batch_the_model_cannot_take_still_raises_shira_error():
     def loss_fn(model, batch):
         return mlp_loss(model, batch["missing"])  # KeyError
 
-    with pytest.raises(ShiraError, match=r"could not compute a loss from calibration batch 0 \(KeyError: 'missing'\)\. Fix: pass loss_fn=") as raised:
-        shira_hooks.attach(model, 0.05, "snip", calibration=[{"x": torch.randn(2, 16)}], loss_fn=loss_fn, progress=False)
+    with pytest.raises(
+        ShiraError,
+        match=r"could not compute a loss from calibration batch 0 \(KeyError: 'missing'\)\. Fix: pass loss_fn=",
+    ) as raised:
+        shira_hooks.attach(
+            model, 0.05, "snip", calibration=[{"x": torch.randn(2, 16)}], loss_fn=loss_fn, progress=False
+        )
     assert isinstance(raised.value.__cause__, KeyError)
     with pytest.raises(ShiraError, match=r"could not compute a loss from calibration batch 1 \(TypeError"):
-        shira_hooks.attach(model, 0.05, "grad", calibration=[mlp_batches(1)[0], ("text", None)], loss_fn=mlp_loss, progress=False)
+        shira_hooks.attach(
+            model, 0.05, "grad", calibration=[mlp_batches(1)[0], ("text", None)], loss_fn=mlp_loss, progress=False
+        )
     assert _state(model) == state
 
 
@@ -92,8 +99,12 @@ def test_a_loader_over_an_iterable_dataset_calibrates_like_a_list():
     loader = torch.utils.data.DataLoader(Stream(), batch_size=None)
     with pytest.raises(TypeError):
         len(loader)
-    with shira_hooks.attach(make_mlp(), 0.05, "snip", calibration=batches, loss_fn=mlp_loss, progress=False) as expected:
-        with shira_hooks.attach(make_mlp(), 0.05, "snip", calibration=loader, loss_fn=mlp_loss, progress=False) as streamed:
+    with shira_hooks.attach(
+        make_mlp(), 0.05, "snip", calibration=batches, loss_fn=mlp_loss, progress=False
+    ) as expected:
+        with shira_hooks.attach(
+            make_mlp(), 0.05, "snip", calibration=loader, loss_fn=mlp_loss, progress=False
+        ) as streamed:
             assert list(streamed.masks) == list(expected.masks) == streamed.target_names
             for name, indices in expected.masks.items():
                 assert torch.equal(streamed.masks[name], indices)

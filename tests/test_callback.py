@@ -17,7 +17,9 @@ from conftest import assert_changes_within_masks, llama_batches, make_llama, sna
 
 class Tokens(torch.utils.data.Dataset):
     def __init__(self, n=48, seed=1):
-        self.items = [{"input_ids": row, "labels": row} for b in llama_batches(n // 4, seed=seed) for row in b["input_ids"]]
+        self.items = [
+            {"input_ids": row, "labels": row} for b in llama_batches(n // 4, seed=seed) for row in b["input_ids"]
+        ]
 
     def __len__(self):
         return len(self.items)
@@ -28,9 +30,21 @@ class Tokens(torch.utils.data.Dataset):
 
 def _args(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant", logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     settings.update(overrides)
     return TrainingArguments(**settings)
@@ -72,11 +86,23 @@ def test_sft_trainer(tmp_path):
     base = snapshot(model)
     shira = shira_hooks.attach(model, 0.02, "wm")
     config = SFTConfig(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1,
-        max_length=24, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, bf16=False, logging_steps=1,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        max_length=24,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        bf16=False,
+        logging_steps=1,
     )
     data = datasets.Dataset.from_dict({"text": tiny_texts(32)})
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[ShiraCallback(shira)])
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[ShiraCallback(shira)]
+    )
     trainer.train()
     assert assert_changes_within_masks(shira, base, model) > 0
     adapter = SparseAdapter.load(tmp_path / ADAPTER_FILE)
@@ -89,7 +115,9 @@ def test_sft_trainer(tmp_path):
 def test_resume_keeps_identical_masks_and_continues(tmp_path):
     def run(calibration_seed, resume=None, max_steps=6):
         model = make_llama()
-        shira = shira_hooks.attach(model, 0.02, "grad", calibration=llama_batches(2, seed=calibration_seed), progress=False)
+        shira = shira_hooks.attach(
+            model, 0.02, "grad", calibration=llama_batches(2, seed=calibration_seed), progress=False
+        )
         args = _args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=3)
         trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ShiraCallback(shira)])
         trainer.train(resume_from_checkpoint=resume)
@@ -114,7 +142,10 @@ def test_callback_refuses_a_model_without_handle(tmp_path):
         Trainer(model=make_llama(), args=_args(tmp_path), train_dataset=Tokens(), callbacks=[ShiraCallback()])
     other = make_llama()
     shira = shira_hooks.attach(other, 0.02, "rand")
-    with pytest.raises(ShiraError, match=r"the Trainer's model \(LlamaForCausalLM at 0x[0-9a-f]+\) is not the model the handle was attached"):
+    with pytest.raises(
+        ShiraError,
+        match=r"the Trainer's model \(LlamaForCausalLM at 0x[0-9a-f]+\) is not the model the handle was attached",
+    ):
         Trainer(model=make_llama(), args=_args(tmp_path), train_dataset=Tokens(), callbacks=[ShiraCallback(shira)])
     shira.detach()
 
@@ -197,15 +228,19 @@ def test_trainer_writes_the_hub_style_folder(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "shira_adapter.safetensors", "shira_config.json"]
     loaded, expected = SparseAdapter.from_pretrained(folder), shira.extract()
     assert loaded.metadata == {**expected.metadata, "base_model_name_or_path": "tiny-org/tiny-llama"}
-    assert list(loaded.deltas) == list(expected.deltas) == [
-        f"model.layers.{i}.{name}.weight" for i in range(2) for name in ("self_attn.q_proj", "mlp.down_proj")
-    ]
+    assert (
+        list(loaded.deltas)
+        == list(expected.deltas)
+        == [f"model.layers.{i}.{name}.weight" for i in range(2) for name in ("self_attn.q_proj", "mlp.down_proj")]
+    )
     for name, delta in expected.deltas.items():
         assert torch.equal(loaded.deltas[name].indices, delta.indices)
         assert torch.equal(loaded.deltas[name].values, delta.values.to(torch.bfloat16))
     config = json.loads((folder / "shira_config.json").read_text())
     assert (config["base_model_name_or_path"], config["values_dtype"], config["num_entries"]) == (
-        "tiny-org/tiny-llama", "bfloat16", shira.num_trainable,
+        "tiny-org/tiny-llama",
+        "bfloat16",
+        shira.num_trainable,
     )
     card = (folder / "README.md").read_text()
     assert "of 4 weights (`q_proj`, `down_proj`)" in card and 'base_model: "tiny-org/tiny-llama"' in card
@@ -224,14 +259,18 @@ def test_model_init_gives_each_train_run_its_own_handle(tmp_path):
         return models[-1]
 
     callback = ShiraCallback(sparsity=0.02, mask="rand", progress=False)
-    trainer = Trainer(model_init=model_init, args=_args(tmp_path / "a", max_steps=2), train_dataset=Tokens(), callbacks=[callback])
+    trainer = Trainer(
+        model_init=model_init, args=_args(tmp_path / "a", max_steps=2), train_dataset=Tokens(), callbacks=[callback]
+    )
     runs = []
     for folder in ("a", "b"):
         trainer.args.output_dir = str(tmp_path / folder)  # each trial's own output, as a search gives it
         trainer.train()
         model, shira = trainer.model, callback.handle
         assert shira.model is model and not shira.attached  # attached at train begin, detached at train end
-        assert all(p.requires_grad for p in model.parameters()) and not any("shira_values" in n for n, _ in model.named_parameters())
+        assert all(p.requires_grad for p in model.parameters()) and not any(
+            "shira_values" in n for n, _ in model.named_parameters()
+        )
         runs.append((models.index(model), model, shira, SparseAdapter.load(tmp_path / folder / ADAPTER_FILE)))
     assert runs[0][1] is not runs[1][1] and runs[0][2] is not runs[1][2]
     for seed, model, shira, adapter in runs:
@@ -254,7 +293,9 @@ def test_a_search_trial_writes_into_its_own_folder(tmp_path):
     named = TrainerState(global_step=2, trial_name="lr-0.01")
     callback.on_save(args, named, TrainerControl())
     callback.on_train_end(args, named, TrainerControl())
-    assert (tmp_path / "lr-0.01" / "checkpoint-2" / STATE_FILE).exists() and (tmp_path / "lr-0.01" / ADAPTER_FILE).exists()
+    assert (tmp_path / "lr-0.01" / "checkpoint-2" / STATE_FILE).exists() and (
+        tmp_path / "lr-0.01" / ADAPTER_FILE
+    ).exists()
     unnamed = TrainerState(trial_params={"learning_rate": 0.01})  # optuna: the Trainer's run-<number>
     callback.on_train_begin(args, unnamed, TrainerControl(), model=model)
     unnamed.global_step = 4
@@ -287,7 +328,9 @@ def test_the_hub_folder_names_a_hub_id_and_license_never_a_local_path(tmp_path):
     config = json.loads((folder / "shira_config.json").read_text())
     assert (config["base_model_name_or_path"], config["license"]) == ("org/the-base", "apache-2.0")
     card = (folder / "README.md").read_text()
-    assert card.startswith('---\nlibrary_name: shira_hooks\ntags:\n- shira\n- sparse-adapter\nbase_model: "org/the-base"\nlicense: apache-2.0\n---\n')
+    assert card.startswith(
+        '---\nlibrary_name: shira_hooks\ntags:\n- shira\n- sparse-adapter\nbase_model: "org/the-base"\nlicense: apache-2.0\n---\n'
+    )
     assert str(tmp_path) not in card and "shira_hooks adapter format version 2)" in card  # block=16: version 2
     assert SparseAdapter.from_pretrained(folder).metadata["license"] == "apache-2.0"
     shira.detach()

@@ -13,7 +13,9 @@ MODES = ["compact", "sparse"]
 
 
 def _train(model, steps=4, weight_decay=0.0, accumulate=2):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=weight_decay
+    )
     for i, batch in enumerate(llama_batches(steps * accumulate, seed=4)):
         (model(**batch).loss / accumulate).backward()
         if (i + 1) % accumulate == 0:
@@ -133,7 +135,9 @@ class _TwoReaders(nn.Module):
 def _sparse_run(change: str):
     """Forward and backward of ``_TwoReaders`` in mode="sparse": the storages of the saved (in, T) inputs, the two gradients."""
     model = _TwoReaders(change)
-    handle = shira_hooks.attach(model, 0.25, "rand", seed=0, target_modules=["a", "b"], mode="sparse", freeze_others=True)
+    handle = shira_hooks.attach(
+        model, 0.25, "rand", seed=0, target_modules=["a", "b"], mode="sparse", freeze_others=True
+    )
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = model(torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1)))
@@ -221,7 +225,9 @@ def test_a_weight_read_without_calling_its_module_is_refused(mode):
     """nn.MultiheadAttention reads out_proj.weight directly: refused at attach. Any other functional
     use is found in the model's first forward pass with gradients, before anything trains."""
     attention = nn.MultiheadAttention(16, 2)
-    with pytest.raises(ShiraError, match=rf"'out_proj' is the out_proj of an nn.MultiheadAttention.*mode='{mode}'.*Use mode='dense'"):
+    with pytest.raises(
+        ShiraError, match=rf"'out_proj' is the out_proj of an nn.MultiheadAttention.*mode='{mode}'.*Use mode='dense'"
+    ):
         shira_hooks.attach(attention, 0.1, "rand", target_modules=[nn.Linear], mode=mode)
     assert all(p.requires_grad for p in attention.parameters()) and not hasattr(attention.out_proj, "shira_values")
 
@@ -230,7 +236,9 @@ def test_a_weight_read_without_calling_its_module_is_refused(mode):
     shira = shira_hooks.attach(model, 0.25, "rand", mode=mode)
     with torch.no_grad():
         model(torch.randn(3, 8))  # inference is not checked, and not refused
-    with pytest.raises(ShiraError, match=rf"the weight of 'proj' is read without calling its module.*mode='{mode}'.*Use mode='dense'"):
+    with pytest.raises(
+        ShiraError, match=rf"the weight of 'proj' is read without calling its module.*mode='{mode}'.*Use mode='dense'"
+    ):
         model(torch.randn(3, 8))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
     shira.detach()
@@ -269,7 +277,10 @@ def test_optimizer_built_before_attach_is_refused_in_compact_mode():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # holds the weights, not the shira_values
     shira = shira_hooks.attach(model, 0.03, "rand", mode="sparse")
     model(**llama_batches(1)[0]).loss.backward()
-    with pytest.raises(ShiraError, match=r"AdamW holds target weight '.*' but not its 'shira_values'.*Build the optimizer after attach\(\)"):
+    with pytest.raises(
+        ShiraError,
+        match=r"AdamW holds target weight '.*' but not its 'shira_values'.*Build the optimizer after attach\(\)",
+    ):
         optimizer.step()
     shira.detach()
 
@@ -292,6 +303,9 @@ def test_a_step_that_leaves_the_values_writes_nothing():
     for v in values:
         v.grad = torch.ones_like(v)
     optimizer.step()
-    assert shira.verify() == [] and all(torch.equal(m.weight.view(-1)[shira.masks[f"{n}.weight"].long()], m.shira_values.detach())
-                                        for n, m in model.named_modules() if "shira_values" in m._parameters)
+    assert shira.verify() == [] and all(
+        torch.equal(m.weight.view(-1)[shira.masks[f"{n}.weight"].long()], m.shira_values.detach())
+        for n, m in model.named_modules()
+        if "shira_values" in m._parameters
+    )
     shira.detach()

@@ -63,7 +63,11 @@ def _worker(rank: int, world: int, port: int, out: str, lazy: bool, mode: str = 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("lazy, mode", [(False, "dense"), (True, "dense"), (False, "sparse"), (False, "compact")], ids=["eager", "lazy", "sparse", "compact"])
+@pytest.mark.parametrize(
+    "lazy, mode",
+    [(False, "dense"), (True, "dense"), (False, "sparse"), (False, "compact")],
+    ids=["eager", "lazy", "sparse", "compact"],
+)
 def test_two_process_ddp(tmp_path, lazy, mode):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), lazy, mode), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -72,7 +76,10 @@ def test_two_process_ddp(tmp_path, lazy, mode):
         from conftest import llama_batches, make_llama
 
         model = make_llama()
-        both = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(llama_batches(2, seed=10), llama_batches(2, seed=11))]
+        both = [
+            {k: torch.cat([a[k], b[k]]) for k in a}
+            for a, b in zip(llama_batches(2, seed=10), llama_batches(2, seed=11))
+        ]
         one = shira_hooks.attach(model, 0.02, "snip", calibration=both, progress=False)
         assert r0["masks"] == {n: digest(i) for n, i in one.masks.items()}
         one.detach()
@@ -161,17 +168,23 @@ def _routing_and_zero_worker(rank: int, world: int, port: int, out: str) -> None
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    shira = shira_hooks.attach(_TwoExperts(), 0.25, "grad", calibration=_routed_batches(rank), loss_fn=lambda m, b: m(*b), progress=False)
+    shira = shira_hooks.attach(
+        _TwoExperts(), 0.25, "grad", calibration=_routed_batches(rank), loss_fn=lambda m, b: m(*b), progress=False
+    )
     report = {"routed_masks": {n: i.tolist() for n, i in shira.masks.items()}}
     shira.detach()
     # compact values stepped by ZeroRedundancyOptimizer, whose step runs an inner optimizer's step
     model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
     shira = shira_hooks.attach(model, 0.25, "rand", seed=1, mode="compact")
-    optimizer = ZeroRedundancyOptimizer([p for p in model.parameters() if p.requires_grad], optimizer_class=torch.optim.SGD, lr=0.1)
+    optimizer = ZeroRedundancyOptimizer(
+        [p for p in model.parameters() if p.requires_grad], optimizer_class=torch.optim.SGD, lr=0.1
+    )
     model(torch.randn(4, 8)).pow(2).sum().backward()
     optimizer.step()
-    report["zero_stale"] = [float((layer.weight.detach().reshape(-1)[t.indices] - layer.shira_values.detach()).abs().max())
-                            for layer, t in zip(model, shira._targets)]
+    report["zero_stale"] = [
+        float((layer.weight.detach().reshape(-1)[t.indices] - layer.shira_values.detach()).abs().max())
+        for layer, t in zip(model, shira._targets)
+    ]
     shira.detach()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
@@ -185,8 +198,14 @@ def test_eager_calibration_with_routing_and_zero_redundancy_optimizer(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["routed_masks"] == r1["routed_masks"]
     passes = list(zip(_routed_batches(0), _routed_batches(1)))  # one process: pass p's loss is the ranks' mean
-    one = shira_hooks.attach(_TwoExperts(), 0.25, "grad", calibration=passes, progress=False,
-                             loss_fn=lambda m, pair: (m(*pair[0]) + m(*pair[1])) / 2)
+    one = shira_hooks.attach(
+        _TwoExperts(),
+        0.25,
+        "grad",
+        calibration=passes,
+        progress=False,
+        loss_fn=lambda m, pair: (m(*pair[0]) + m(*pair[1])) / 2,
+    )
     assert r0["routed_masks"] == {n: i.tolist() for n, i in one.masks.items()}
     one.detach()
     assert r0["zero_stale"] == r1["zero_stale"] == [0.0, 0.0]

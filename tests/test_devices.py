@@ -74,7 +74,9 @@ def test_channels_last_conv_weights_train_exactly(when):
 def test_a_layout_with_gaps_is_refused_by_name():
     model = make_mlp()
     model.layers[1].weight.data = torch.randn(96, 48)[::2]  # every other row of a bigger tensor
-    with pytest.raises(shira_hooks.ShiraError, match=r"weight 'layers.1.weight' \(module 'layers.1'\) has a layout with gaps"):
+    with pytest.raises(
+        shira_hooks.ShiraError, match=r"weight 'layers.1.weight' \(module 'layers.1'\) has a layout with gaps"
+    ):
         shira_hooks.attach(model, 0.05, "rand")
 
 
@@ -137,9 +139,19 @@ def test_cuda_model_moved_by_the_trainer_after_attach(tmp_path, mode):
     base = snapshot(model)
     shira = shira_hooks.attach(model, 0.03, "rand", mode=mode)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1,
-        max_grad_norm=1.0, optim="adamw_torch_fused", fp16=True, save_strategy="steps", save_steps=2, report_to=[],
-        disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        fp16=True,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[ShiraCallback(shira)])
     trainer.train()
@@ -167,7 +179,9 @@ def test_cuda_grad_scaler_with_fused_adamw_equals_the_run_without_it():
         model = make_mlp()
         shira = shira_hooks.attach(model, 0.05, "rand", seed=0)
         model.cuda()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=1.0, fused=True)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=1.0, fused=True
+        )
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16) if scaled else None
         for i, (x, y) in enumerate(mlp_batches(5)):
             if i == skip:

@@ -16,9 +16,16 @@ from conftest import assert_changes_within_masks, snapshot
 diffusers = pytest.importorskip("diffusers")
 
 UNET_CONFIG = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
 )
 CONV_AND_LINEAR = [nn.Conv2d, nn.Linear]
 
@@ -31,12 +38,15 @@ def make_unet(channels_last: bool = True) -> nn.Module:
 
 def unet_batches(n: int, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    return [{
-        "latents": torch.randn(2, 4, 8, 8, generator=g).to(memory_format=torch.channels_last),  # (B, C, H, W)
-        "noise": torch.randn(2, 4, 8, 8, generator=g).to(memory_format=torch.channels_last),
-        "timesteps": torch.randint(0, 1000, (2,), generator=g),
-        "encoder_hidden_states": torch.randn(2, 5, 32, generator=g),  # (B, L, D)
-    } for _ in range(n)]
+    return [
+        {
+            "latents": torch.randn(2, 4, 8, 8, generator=g).to(memory_format=torch.channels_last),  # (B, C, H, W)
+            "noise": torch.randn(2, 4, 8, 8, generator=g).to(memory_format=torch.channels_last),
+            "timesteps": torch.randint(0, 1000, (2,), generator=g),
+            "encoder_hidden_states": torch.randn(2, 5, 32, generator=g),  # (B, L, D)
+        }
+        for _ in range(n)
+    ]
 
 
 SCHEDULER = diffusers.DDPMScheduler(num_train_timesteps=1000)
@@ -80,17 +90,30 @@ def trained_adapter(seed: int, batches: list[dict]) -> tuple[shira_hooks.SparseA
 def test_dense_mode_on_a_channels_last_unet_is_exact_and_transfers_to_a_contiguous_one():
     unet = make_unet()
     strides = conv_strides(unet)
-    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in unet.modules() if isinstance(m, nn.Conv2d))
+    assert all(
+        m.weight.is_contiguous(memory_format=torch.channels_last) for m in unet.modules() if isinstance(m, nn.Conv2d)
+    )
     before = snapshot(unet)
     batches = unet_batches(3, seed=1)
-    shira = shira_hooks.attach(unet, 0.01, "snip", target_modules=CONV_AND_LINEAR, calibration=batches[:1],
-                               loss_fn=diffusion_loss, progress=False)
+    shira = shira_hooks.attach(
+        unet,
+        0.01,
+        "snip",
+        target_modules=CONV_AND_LINEAR,
+        calibration=batches[:1],
+        loss_fn=diffusion_loss,
+        progress=False,
+    )
     layers = [m for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert len(shira.target_names) == len(layers) == 83  # conv_in/out, resnets, proj_in/out, attention, ff, time embedding
+    assert (
+        len(shira.target_names) == len(layers) == 83
+    )  # conv_in/out, resnets, proj_in/out, attention, ff, time embedding
     assert shira.num_trainable == sum(max(1, round(0.01 * m.weight.numel())) for m in layers) == 7851
     train(unet, batches)
 
-    assert assert_changes_within_masks(shira, before, unet) == shira.num_trainable  # every masked entry moved, nothing else
+    assert (
+        assert_changes_within_masks(shira, before, unet) == shira.num_trainable
+    )  # every masked entry moved, nothing else
     assert shira.verify() == []
     assert conv_strides(unet) == strides  # still channels_last
     batch = unet_batches(1, seed=9)[0]
@@ -153,7 +176,9 @@ def test_sparse_mode_trains_the_unet_linear_layers_like_the_dense_mode():
     dense = shira_hooks.attach(dense_unet, 0.01, "wm", target_modules=nn.Linear)
     shira = shira_hooks.attach(unet, 0.01, "wm", target_modules=nn.Linear, mode="sparse")
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
-    assert len(trainable) == 50 and all(n.endswith(".shira_values") for n in trainable)  # to_q/k/v/out, ff, time embedding
+    assert len(trainable) == 50 and all(
+        n.endswith(".shira_values") for n in trainable
+    )  # to_q/k/v/out, ff, time embedding
     batches = unet_batches(3, seed=1)
     train(dense_unet, batches)
     train(unet, batches)
@@ -171,6 +196,8 @@ def test_sparse_mode_trains_the_unet_linear_layers_like_the_dense_mode():
 def test_sparse_mode_refuses_the_unet_convs_and_changes_nothing():
     unet = make_unet()
     flags = {name: p.requires_grad for name, p in unet.named_parameters()}
-    with pytest.raises(ShiraError, match=r"mode='sparse' supports nn.Linear targets only; 'conv_in' is a Conv2d. Narrow target_modules"):
+    with pytest.raises(
+        ShiraError, match=r"mode='sparse' supports nn.Linear targets only; 'conv_in' is a Conv2d. Narrow target_modules"
+    ):
         shira_hooks.attach(unet, 0.01, "wm", target_modules=CONV_AND_LINEAR, mode="sparse")
     assert {name: p.requires_grad for name, p in unet.named_parameters()} == flags

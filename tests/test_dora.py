@@ -160,7 +160,9 @@ def test_gradients_equal_a_dense_float64_reference(mode, rank):
         for layer in model.layers:
             layer.weight.mul_(2)
     base = snapshot(model)
-    shira = shira_hooks.attach(model, 0.1, "rand", seed=0, mode=mode, dora=True, dora_rank=rank, target_modules=[nn.Linear])
+    shira = shira_hooks.attach(
+        model, 0.1, "rand", seed=0, mode=mode, dora=True, dora_rank=rank, target_modules=[nn.Linear]
+    )
     if rank is not None:
         with torch.no_grad():  # B != 0 (else A's gradient is zero) and m != ||V||
             for layer in model.layers:
@@ -191,7 +193,9 @@ def test_training_changes_only_masked_entries_and_the_adapter_reproduces_it(mode
     assert all(not torch.equal(params[n], m) for n, m in magnitudes.items())  # the magnitude learns
     assert not torch.allclose(_logits(model), _logits(plain_model), atol=1e-4)  # DoRA trains otherwise than SHiRA
     adapter = shira.extract()
-    assert set(adapter.deltas) == set(shira.masks) and all(torch.equal(d.indices, shira.masks[n]) for n, d in adapter.deltas.items())
+    assert set(adapter.deltas) == set(shira.masks) and all(
+        torch.equal(d.indices, shira.masks[n]) for n, d in adapter.deltas.items()
+    )
     trained = _logits(model)
     fresh = make_llama()
     with shira_hooks.apply(fresh, adapter):
@@ -237,7 +241,8 @@ def test_a_state_of_another_dora_setting_is_refused():
     shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True)
     state = shira.state_dict()
     assert state["dora"] == {"rank": None} and set(state["targets"]["model.layers.0.mlp.up_proj.weight"]["mode"]) == {
-        "shira_values", "shira_magnitude"
+        "shira_values",
+        "shira_magnitude",
     }
     shira.detach()
     for kwargs, saved, ours in [
@@ -245,20 +250,28 @@ def test_a_state_of_another_dora_setting_is_refused():
         (dict(dora=True, dora_rank=4), "dora=True", r"dora=True, dora_rank=4"),
     ]:
         other = shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse", **kwargs)
-        with pytest.raises(ShiraError, match=rf"the state was saved by a handle attached with {saved}, this handle was attached with {ours}; attach with dora=True, as"):
+        with pytest.raises(
+            ShiraError,
+            match=rf"the state was saved by a handle attached with {saved}, this handle was attached with {ours}; attach with dora=True, as",
+        ):
             other.load_state_dict(state)
         other.detach()
     plain = shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse")
     state = plain.state_dict()
     plain.detach()
     other = shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse", dora=True)
-    with pytest.raises(ShiraError, match=r"saved by a handle attached with dora=False, this handle was attached with dora=True"):
+    with pytest.raises(
+        ShiraError, match=r"saved by a handle attached with dora=False, this handle was attached with dora=True"
+    ):
         other.load_state_dict(state)
     other.detach()
 
 
 def test_arguments_and_modes_that_cannot_train_dora_are_refused():
-    with pytest.raises(ShiraError, match=r"dora=True needs the masked entries as parameters of their own, which mode='dense' does not make; use mode='compact' or mode='sparse'"):
+    with pytest.raises(
+        ShiraError,
+        match=r"dora=True needs the masked entries as parameters of their own, which mode='dense' does not make; use mode='compact' or mode='sparse'",
+    ):
         shira_hooks.attach(make_llama(), 0.05, "wm", dora=True)
     with pytest.raises(ShiraError, match=r"dora_rank=4 sets the rank of SHiRA-DoRA's factors; pass dora=True with it"):
         shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse", dora_rank=4)
@@ -306,11 +319,23 @@ def test_trainer_trains_and_resumes_the_low_rank_variant(tmp_path):
         model = make_llama()
         shira = shira_hooks.attach(model, 0.02, "rand", seed=seed, mode="sparse", dora=True, dora_rank=2)
         args = TrainingArguments(
-            output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1,
-            lr_scheduler_type="constant", save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0,
-            disable_tqdm=True, dataloader_num_workers=0,
+            output_dir=str(tmp_path),
+            max_steps=4,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            weight_decay=0.1,
+            lr_scheduler_type="constant",
+            save_strategy="steps",
+            save_steps=2,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
         )
-        Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ShiraCallback(shira)]).train(resume_from_checkpoint=resume)
+        Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ShiraCallback(shira)]).train(
+            resume_from_checkpoint=resume
+        )
         return model, shira
 
     base = snapshot(make_llama())
@@ -318,7 +343,9 @@ def test_trainer_trains_and_resumes_the_low_rank_variant(tmp_path):
     assert assert_changes_within_masks(shira, base, model) > 0 and shira.verify() == []
     final = shira.extract()
     shira.detach()
-    _, again = run(resume=str(tmp_path / "checkpoint-2"), seed=5)  # another seed: other factors, unless the state restores them
+    _, again = run(
+        resume=str(tmp_path / "checkpoint-2"), seed=5
+    )  # another seed: other factors, unless the state restores them
     for name, delta in again.extract().deltas.items():
         torch.testing.assert_close(delta.values, final.deltas[name].values, rtol=1e-5, atol=1e-7, msg=name)
     again.detach()
@@ -356,7 +383,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
             "magnitude_moved": not torch.equal(params["model.layers.0.mlp.up_proj.shira_magnitude"], magnitude),
         }
         if rank == 0:
-            torch.save({n: d.values for n, d in shira.extract().deltas.items()}, os.path.join(out, f"deltas{dora_rank}.pt"))
+            torch.save(
+                {n: d.values for n, d in shira.extract().deltas.items()}, os.path.join(out, f"deltas{dora_rank}.pt")
+            )
         shira.detach()
     report["fsdp2"] = _fsdp2_refusals(rank)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -393,11 +422,21 @@ def test_two_process_ddp_equals_one_process_on_the_whole_batch_and_fsdp2_is_refu
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1  # replicas equal, the DoRA tensors included
     after, before = r0["fsdp2"]  # attach after fully_shard, fully_shard after attach
-    assert "dora=True cannot train weight 'model.layers.0.self_attn.q_proj.weight': it is sharded by fully_shard (FSDP2)" in after
-    assert "fully_shard (FSDP2) sharded 'model.layers.0.self_attn.q_proj.weight', which a handle attached with dora=True trains" in before
+    assert (
+        "dora=True cannot train weight 'model.layers.0.self_attn.q_proj.weight': it is sharded by fully_shard (FSDP2)"
+        in after
+    )
+    assert (
+        "fully_shard (FSDP2) sharded 'model.layers.0.self_attn.q_proj.weight', which a handle attached with dora=True trains"
+        in before
+    )
     assert all("Train SHiRA-DoRA with DistributedDataParallel" in m for m in (after, before))
     for dora_rank in (None, 3):
-        assert r0[str(dora_rank)]["changed"] > 0 and r0[str(dora_rank)]["verify"] == [] and r0[str(dora_rank)]["magnitude_moved"]
+        assert (
+            r0[str(dora_rank)]["changed"] > 0
+            and r0[str(dora_rank)]["verify"] == []
+            and r0[str(dora_rank)]["magnitude_moved"]
+        )
         model = make_llama()  # one process on both ranks' batches: the mean of the ranks' mean losses
         shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True, dora_rank=dora_rank, seed=1)
         optimizer = torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1)
@@ -409,5 +448,3 @@ def test_two_process_ddp_equals_one_process_on_the_whole_batch_and_fsdp2_is_refu
         for name, delta in shira.extract().deltas.items():
             torch.testing.assert_close(deltas[name], delta.values, rtol=1e-4, atol=1e-6, msg=name)
         shira.detach()
-
-

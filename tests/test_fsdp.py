@@ -133,26 +133,41 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         base = _full_weights(model)
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         shira, unsharded = _attach_and_shard(model, order, "rand", seed=SEED)
-        adapter, report[order] = _train_and_save(shira, model, base, train, os.path.join(out, f"{order}.safetensors"), rank)
-        report[order].update({
-            "adapter": digest(torch.cat([d.values for d in adapter.deltas.values()])),
-            "sharded": type(model.model.layers[0].self_attn.q_proj.weight).__name__,
-            "unsharded_alive": sum(r() is not None for r in unsharded),
-        })
+        adapter, report[order] = _train_and_save(
+            shira, model, base, train, os.path.join(out, f"{order}.safetensors"), rank
+        )
+        report[order].update(
+            {
+                "adapter": digest(torch.cat([d.values for d in adapter.deltas.values()])),
+                "sharded": type(model.model.layers[0].self_attn.q_proj.weight).__name__,
+                "unsharded_alive": sum(r() is not None for r in unsharded),
+            }
+        )
         shira.detach()
         report[order]["flags_restored"] = flags == {n: p.requires_grad for n, p in model.named_parameters()}
 
-    for mode, order in (("compact", "after"), ("sparse", "after"), ("sparse", "before")):  # the k values split across the ranks
+    for mode, order in (
+        ("compact", "after"),
+        ("sparse", "after"),
+        ("sparse", "before"),
+    ):  # the k values split across the ranks
         model = make_llama()
         base = _full_weights(model)
         # attached before: fully_shard shards shira_values with the weight; the handle follows both
         shira, unsharded = _attach_and_shard(model, order, "rand", seed=SEED, mode=mode)
-        _, report[f"{mode}_{order}"] = _train_and_save(shira, model, base, train, os.path.join(out, f"{mode}_{order}.safetensors"), rank)
+        _, report[f"{mode}_{order}"] = _train_and_save(
+            shira, model, base, train, os.path.join(out, f"{mode}_{order}.safetensors"), rank
+        )
         values = [m.shira_values for m in model.modules() if "shira_values" in m._parameters]
-        report[f"{mode}_{order}"].update({
-            "k": shira.num_trainable, "values": type(values[0]).__name__, "local": sum(v.to_local().numel() for v in values),
-            "layers": len(values), "unsharded_alive": sum(r() is not None for r in unsharded),  # the full weights before fully_shard
-        })
+        report[f"{mode}_{order}"].update(
+            {
+                "k": shira.num_trainable,
+                "values": type(values[0]).__name__,
+                "local": sum(v.to_local().numel() for v in values),
+                "layers": len(values),
+                "unsharded_alive": sum(r() is not None for r in unsharded),  # the full weights before fully_shard
+            }
+        )
         shira.detach()
         left = [p.requires_grad for n, p in model.named_parameters() if n.endswith("shira_values")]
         report[f"{mode}_{order}"]["left"] = [len(left), any(left)]  # shira_values still registered, trainable
@@ -166,7 +181,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         base = _full_weights(model)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         shira, _ = _attach_and_shard(model, "before", "rand", seed=SEED, mode=mode, shard={"mp_policy": policy})
-        _, report[f"bf16_{mode}"] = _train_and_save(shira, model, base, train, os.path.join(out, f"bf16_{mode}.safetensors"), rank)
+        _, report[f"bf16_{mode}"] = _train_and_save(
+            shira, model, base, train, os.path.join(out, f"bf16_{mode}.safetensors"), rank
+        )
         shira.detach()
 
     # grad/snip scored on the shards: eager (attach after fully_shard) and lazy (the first backward passes)
@@ -206,7 +223,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         base = _full_weights(model)
         state = os.path.join(out, "snip_state.safetensors")
         shira, _ = _attach_and_shard(model, order, "rand", seed=SEED + 1, mode="sparse", state=state)
-        _, report[f"resumed_{order}"] = _train_and_save(shira, model, base, train, os.path.join(out, f"resumed_{order}.safetensors"), rank)
+        _, report[f"resumed_{order}"] = _train_and_save(
+            shira, model, base, train, os.path.join(out, f"resumed_{order}.safetensors"), rank
+        )
         shira.detach()
 
     # refusals
@@ -270,7 +289,14 @@ def fsdp2(tmp_path_factory) -> Fsdp2Run:
 TRAIN = (STEPS * ACCUMULATE, 7)  # (micro-batches, seed) of the workers' training batches
 DENSE = ("before", "after")  # dense mode, attached before / after fully_shard
 SPLIT = ("compact_after", "sparse_after", "sparse_before")  # the k values split across the ranks
-EXACT = (*DENSE, *SPLIT, "bf16_dense", "bf16_sparse", "resumed_before", "resumed_after")  # reports with verify + outside
+EXACT = (
+    *DENSE,
+    *SPLIT,
+    "bf16_dense",
+    "bf16_sparse",
+    "resumed_before",
+    "resumed_after",
+)  # reports with verify + outside
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +316,10 @@ def rand_reference(probe) -> tuple[shira_hooks.SparseAdapter, torch.Tensor]:
 
 def _without_local(report: dict) -> dict:
     """The report less each rank's own share of the split values (the one part that differs by rank)."""
-    return {case: {k: v for k, v in part.items() if k != "local"} if case in SPLIT else part for case, part in report.items()}
+    return {
+        case: {k: v for k, v in part.items() if k != "local"} if case in SPLIT else part
+        for case, part in report.items()
+    }
 
 
 def test_every_rank_reports_the_same(fsdp2):
@@ -436,7 +465,11 @@ def test_shard1_is_refused_at_attach(fsdp2):
 def test_shard1_is_refused_at_the_first_forward(fsdp2):
     """Attached, then sharded by columns: the first forward refuses the placements."""
     error = fsdp2.report["shard1_forward"]
-    assert error is not None and error["type"] == "ShiraError" and re.search(r"placements \(Shard\(dim=1\),\)", error["message"]), error
+    assert (
+        error is not None
+        and error["type"] == "ShiraError"
+        and re.search(r"placements \(Shard\(dim=1\),\)", error["message"])
+    ), error
 
 
 FSDP2_CONFIG = """\
@@ -464,7 +497,17 @@ def test_hf_trainer_under_accelerate_fsdp2(tmp_path, mode):
         pytest.skip("accelerate is not installed")
     (tmp_path / "fsdp2.yaml").write_text(FSDP2_CONFIG)
     script = Path(__file__).parent / "fsdp_trainer_run.py"
-    command = [accelerate, "launch", "--config_file", str(tmp_path / "fsdp2.yaml"), "--main_process_port", str(_free_port()), str(script), str(tmp_path / "run"), mode]
+    command = [
+        accelerate,
+        "launch",
+        "--config_file",
+        str(tmp_path / "fsdp2.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+        str(tmp_path / "run"),
+        mode,
+    ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -477,7 +520,9 @@ def test_hf_trainer_under_accelerate_fsdp2(tmp_path, mode):
     assert r0["logits_error"] < 1e-5  # the saved adapter on a fresh base reproduces the trained model
     assert r0["checkpoint_masks_equal"] and r0["checkpoint_adapter"]
     # trainer.train(resume_from_checkpoint=checkpoint-2) with a handle attached with other masks: the same run
-    assert r0["resumed_masks_equal"] and r1["resumed_masks_equal"] and r0["resumed_verify"] == r1["resumed_verify"] == []
+    assert (
+        r0["resumed_masks_equal"] and r1["resumed_masks_equal"] and r0["resumed_verify"] == r1["resumed_verify"] == []
+    )
     assert r0["resumed_adapter_error"] < 1e-6, r0["resumed_adapter_error"]
 
 
@@ -564,7 +609,10 @@ def test_replaced_weight_is_refused_at_the_step():
     model.layers[0].weight = nn.Parameter(model.layers[0].weight.detach().clone())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randn(2, 16)).sum().backward()
-    with pytest.raises(shira_hooks.ShiraError, match="'layers.0.weight' is no longer the parameter.*received a gradient without the mask"):
+    with pytest.raises(
+        shira_hooks.ShiraError,
+        match="'layers.0.weight' is no longer the parameter.*received a gradient without the mask",
+    ):
         optimizer.step()
     shira.detach()
 
@@ -572,7 +620,20 @@ def test_replaced_weight_is_refused_at_the_step():
 def test_fsdp_recipe_with_torchrun(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "fsdp.py"
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", str(recipe), "--tiny", "--attach", "before", "--mode", "sparse", "--output-dir", str(tmp_path / "run")]
+    command = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(recipe),
+        "--tiny",
+        "--attach",
+        "before",
+        "--mode",
+        "sparse",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 ranks; q_proj.weight (64, 64) is a DTensor, (32, 64) on each rank" in done.stdout
@@ -591,14 +652,19 @@ def test_fsdp_cost_quick(tmp_path):
     rows = {(r["method"], r["wrapper"]): r for r in json.loads((tmp_path / "f.json").read_text())["rows"]}
     assert set(rows) == {(m, w) for m in ("full", "shira_dense", "shira_sparse", "peft_lora") for w in ("fsdp2", "ddp")}
     for r in rows.values():
-        assert r["step_min_s"] <= r["step_median_s"] <= r["step_max_s"] and r["peak_mb"] >= max(r["peak_mb_by_rank"].values()) > 0
+        assert (
+            r["step_min_s"] <= r["step_median_s"] <= r["step_max_s"]
+            and r["peak_mb"] >= max(r["peak_mb_by_rank"].values()) > 0
+        )
         assert r["peak_above_process_mb"] < r["peak_mb"] and r["process_mb"] > 0
     # FSDP2 holds half of every weight and of the optimizer state on each rank (the sparse mode's k values too)
     for method in ("full", "shira_dense", "shira_sparse"):
         assert rows[method, "fsdp2"]["parameters_mb"] < 0.6 * rows[method, "ddp"]["parameters_mb"]
         assert rows[method, "fsdp2"]["optimizer_state_mb"] < 0.6 * rows[method, "ddp"]["optimizer_state_mb"], method
     assert len({rows[m, w]["trainable"] for m in ("shira_dense", "shira_sparse") for w in ("fsdp2", "ddp")}) == 1
-    assert "- shira_hooks mode='sparse' under FSDP2: per-rank peak" in out and "(target for mode='sparse': <= 0.6x" in out
+    assert (
+        "- shira_hooks mode='sparse' under FSDP2: per-rank peak" in out and "(target for mode='sparse': <= 0.6x" in out
+    )
     assert "SHiRA attached before sharding" in out
 
 

@@ -40,11 +40,21 @@ def test_product_stats_equal_a_dense_reference(monkeypatch, chunk):
     # chunk=1 and 7 split the product into many blocks; 1 << 21 is the default (one block here)
     monkeypatch.setattr(fusion, "_PRODUCT_CHUNK", chunk)
     cases = []
-    for seed, (shape, sparsity) in enumerate([((12, 9), 0.2), ((9, 12), 0.5), ((6, 3, 2, 2), 0.3), ((1, 40), 0.1), ((20, 20), 0.05)]):
+    for seed, (shape, sparsity) in enumerate(
+        [((12, 9), 0.2), ((9, 12), 0.5), ((6, 3, 2, 2), 0.3), ((1, 40), 0.1), ((20, 20), 0.05)]
+    ):
         numel = int(torch.Size(shape).numel())
         k = budget(numel, sparsity)
-        cases.append((shape, rand_mask(numel, k, generator_for(seed, "a")), rand_mask(numel, k, generator_for(seed, "b"))))
-        cases.append((shape, struct_mask(shape, k, generator_for(seed, "a")), struct_mask(shape, k, generator_for(seed + 1, "a"))))
+        cases.append(
+            (shape, rand_mask(numel, k, generator_for(seed, "a")), rand_mask(numel, k, generator_for(seed, "b")))
+        )
+        cases.append(
+            (
+                shape,
+                struct_mask(shape, k, generator_for(seed, "a")),
+                struct_mask(shape, k, generator_for(seed + 1, "a")),
+            )
+        )
     for number, (shape, left, right) in enumerate(cases):
         a, b = _adapter(shape, left, 2 * number), _adapter(shape, right, 2 * number + 1)
         density, cosine = _dense_stats(a, b)
@@ -111,7 +121,9 @@ _CHILD = textwrap.dedent(
 def test_overlap_of_4096_square_adapters_stays_in_bounded_memory(kind):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "2"}
-    done = subprocess.run([sys.executable, "-c", _CHILD, kind], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, kind], capture_output=True, text=True, env=env, cwd=root, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     # blocks of A1^T A2 take ~100-150 MB here; enumerating the pairs of entries took 460 MB (rand) and 2 GB (struct)

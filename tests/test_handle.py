@@ -68,15 +68,36 @@ def test_summary_names_every_target():
         (dict(sparsity="1%"), r"sparsity='1%' is outside \(0, 1\]"),
         (dict(mask="magnitude"), r"unknown mask='magnitude'; use one of struct, rand, wm, grad, snip"),
         (dict(mask="wm", calibration=[1]), r"calibration= is only used by mask='grad' or 'snip', not mask='wm'"),
-        (dict(target_modules=["attention"]), r"target_modules=\['attention'\] matched no module with a weight; modules with weights include: layers.0, layers.1, layers.2"),
+        (
+            dict(target_modules=["attention"]),
+            r"target_modules=\['attention'\] matched no module with a weight; modules with weights include: layers.0, layers.1, layers.2",
+        ),
         (dict(target_modules=[3]), r"target_modules contains 3 \(int\)"),
-        (dict(mask="snip", calibration=[torch.randn(2, 16)], loss_fn=lambda m, b: m(b)), r"the loss of calibration batch 0 is a tensor of shape \(2, 6\); it must be a floating-point scalar"),
-        (dict(mask="grad", calibration=[[1, 2]]), r"calibration batch 0 is a list; without loss_fn a batch must be a dict"),
-        (dict(mask="grad", calibration=[{"inputs": torch.randn(2, 16)}]), r"could not compute a loss from calibration batch 0 \(TypeError"),
-        (dict(mask="grad", calibration=[{"x": torch.randn(2, 16)}]), r"model\(\*\*batch\) returned no loss for calibration batch 0"),
+        (
+            dict(mask="snip", calibration=[torch.randn(2, 16)], loss_fn=lambda m, b: m(b)),
+            r"the loss of calibration batch 0 is a tensor of shape \(2, 6\); it must be a floating-point scalar",
+        ),
+        (
+            dict(mask="grad", calibration=[[1, 2]]),
+            r"calibration batch 0 is a list; without loss_fn a batch must be a dict",
+        ),
+        (
+            dict(mask="grad", calibration=[{"inputs": torch.randn(2, 16)}]),
+            r"could not compute a loss from calibration batch 0 \(TypeError",
+        ),
+        (
+            dict(mask="grad", calibration=[{"x": torch.randn(2, 16)}]),
+            r"model\(\*\*batch\) returned no loss for calibration batch 0",
+        ),
         (dict(mask="grad", calibration=[]), r"calibration= yielded no batches"),
-        (dict(mask="grad", calibration=[torch.randn(2, 16)], loss_fn=lambda m, b: torch.tensor(1.0)), r"does not depend on any target weight"),
-        (dict(mask=lambda name, w: [10**6]), r"mask function for 'layers.0.weight' \(shape \(48, 16\)\) returned indices in \[1000000, 1000000\]"),
+        (
+            dict(mask="grad", calibration=[torch.randn(2, 16)], loss_fn=lambda m, b: torch.tensor(1.0)),
+            r"does not depend on any target weight",
+        ),
+        (
+            dict(mask=lambda name, w: [10**6]),
+            r"mask function for 'layers.0.weight' \(shape \(48, 16\)\) returned indices in \[1000000, 1000000\]",
+        ),
         (dict(calibration_steps=0), r"calibration_steps=0; it must be a positive int"),
     ],
 )
@@ -99,7 +120,10 @@ def test_attaching_twice_to_a_weight_raises():
     model = make_mlp()
     with shira_hooks.attach(model, 0.05, "rand", target_modules=["layers.1"]):
         flags = _flags(model)
-        with pytest.raises(ShiraError, match=r"weight 'layers.1.weight' \(module 'layers.1'\) already has a shira_hooks handle attached; call detach\(\)"):
+        with pytest.raises(
+            ShiraError,
+            match=r"weight 'layers.1.weight' \(module 'layers.1'\) already has a shira_hooks handle attached; call detach\(\)",
+        ):
             shira_hooks.attach(model, 0.05, "wm")
         assert _flags(model) == flags
         with shira_hooks.attach(model, 0.05, "wm", target_modules=["layers.0"], freeze_others=False) as other:
@@ -111,7 +135,9 @@ def test_eager_calibration_leaves_the_model_as_found():
     model.train()
     model.model.layers[0].eval()  # a mixed state must come back as it was
     modes = {n: m.training for n, m in model.named_modules()}
-    with shira_hooks.attach(model, 0.02, "snip", calibration=llama_batches(2), progress=False, freeze_others=False) as shira:
+    with shira_hooks.attach(
+        model, 0.02, "snip", calibration=llama_batches(2), progress=False, freeze_others=False
+    ) as shira:
         assert shira.calibrated
         assert {n: m.training for n, m in model.named_modules()} == modes
         assert all(p.grad is None for p in model.parameters())
@@ -137,7 +163,9 @@ def test_lazy_calibration_under_a_real_training_loop():
     assert len(optimizer.state) == len(shira.masks)
     # the lazy masks equal eager masks scored on the same batches
     eager_model = make_llama()
-    eager = shira_hooks.attach(eager_model, 0.02, "snip", calibration=batches[: shira.calibration_steps], progress=False)
+    eager = shira_hooks.attach(
+        eager_model, 0.02, "snip", calibration=batches[: shira.calibration_steps], progress=False
+    )
     for name, indices in shira.masks.items():
         assert torch.equal(indices, eager.masks[name]), name
     eager.detach()
@@ -321,7 +349,10 @@ def test_lazy_calibration_that_can_never_finish_is_reported_at_the_first_steps()
 
     with pytest.warns(UserWarning, match=r"1 of 13 target weights received no gradient.*'pooler.dense.weight'"):
         step()
-    with pytest.raises(ShiraError, match=r"target weight\(s\) have received none while every other target's mask is fixed: 'pooler.dense.weight'.*Exclude them with target_modules"):
+    with pytest.raises(
+        ShiraError,
+        match=r"target weight\(s\) have received none while every other target's mask is fixed: 'pooler.dense.weight'.*Exclude them with target_modules",
+    ):
         step()
     shira.detach()
 
@@ -330,16 +361,32 @@ def test_freeze_others_says_which_trainable_parameters_it_froze(caplog):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=3))
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=3,
+        )
+    )
     with caplog.at_level("INFO", logger="shira_hooks"):
         shira = shira_hooks.attach(model, 0.02, "rand")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "classifier.weight, classifier.bias" in warnings[0] and "not part of the SHiRA adapter" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "classifier.weight, classifier.bias" in warnings[0]
+        and "not part of the SHiRA adapter" in warnings[0]
+    )
     info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
     assert any(f"froze {len(shira.frozen)} trainable non-target parameter(s)" in m for m in info)
     assert "classifier.weight" in shira.frozen and "bert.embeddings.word_embeddings.weight" in shira.frozen
     assert f"frozen by freeze_others, not in the adapter: {len(shira.frozen)} parameter(s)" in shira.summary()
     shira.detach()
     caplog.clear()
-    with caplog.at_level("INFO", logger="shira_hooks"), shira_hooks.attach(model, 0.02, "rand", freeze_others=False) as quiet:
+    with (
+        caplog.at_level("INFO", logger="shira_hooks"),
+        shira_hooks.attach(model, 0.02, "rand", freeze_others=False) as quiet,
+    ):
         assert quiet.frozen == [] and not caplog.records

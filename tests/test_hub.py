@@ -105,7 +105,9 @@ def test_model_card(tmp_path):
     adapter = trained_adapter()
     adapter.save_pretrained(tmp_path / "a", base_model_name_or_path="org/base", revision="v1")
     card = (tmp_path / "a" / "README.md").read_text()
-    assert card.startswith('---\nlibrary_name: shira_hooks\ntags:\n- shira\n- sparse-adapter\nbase_model: "org/base"\n---\n')
+    assert card.startswith(
+        '---\nlibrary_name: shira_hooks\ntags:\n- shira\n- sparse-adapter\nbase_model: "org/base"\n---\n'
+    )
     assert "A SHiRA (Sparse High Rank Adapter) for `org/base` (revision `v1`)" in card
     assert "of 3 weights (`layers`): 125 entries of 2,496 (5.01%)" in card
     assert "| `layers.0.weight` | 48 x 16 | 38 | 4.95% |" in card
@@ -115,7 +117,10 @@ def test_model_card(tmp_path):
     assert 'model = AutoModelForCausalLM.from_pretrained("org/base", revision="v1")' in card
     assert 'adapter = shira_hooks.SparseAdapter.from_pretrained("path/to/this/folder")' in card
     assert "applied = shira_hooks.apply(model, adapter)" in card
-    assert 'adapter.to_peft("peft_folder")' in card and "`python -m shira_hooks convert --to-peft path/to/this/folder -o peft_folder`" in card
+    assert (
+        'adapter.to_peft("peft_folder")' in card
+        and "`python -m shira_hooks convert --to-peft path/to/this/folder -o peft_folder`" in card
+    )
     assert 'peft.PeftModel.from_pretrained(model, "peft_folder")' in card
 
 
@@ -131,7 +136,10 @@ def test_model_card_license_and_format_version(tmp_path):
     adapter = trained_adapter()
     adapter.save_pretrained(tmp_path / "a")
     card = (tmp_path / "a" / "README.md").read_text()
-    assert "license:" not in card.split("\n---\n")[0] and "License: not recorded (pass `license=` to `save_pretrained`" in card
+    assert (
+        "license:" not in card.split("\n---\n")[0]
+        and "License: not recorded (pass `license=` to `save_pretrained`" in card
+    )
     assert "shira_hooks adapter format version 1)" in card
     adapter.save_pretrained(tmp_path / "a", license="llama3.1")
     card = (tmp_path / "a" / "README.md").read_text()
@@ -230,9 +238,13 @@ def test_errors_before_anything_is_written(tmp_path):
         adapter.save_pretrained(target, dtype=torch.int32)
     with pytest.raises(ShiraError, match=r"base_model_name_or_path='' is empty; pass the base model's Hub id or path"):
         adapter.save_pretrained(target, base_model_name_or_path="")
-    with pytest.raises(ShiraError, match=r"base_model_name_or_path=3 is a int; pass the base model's Hub id or path as a str, or None"):
+    with pytest.raises(
+        ShiraError, match=r"base_model_name_or_path=3 is a int; pass the base model's Hub id or path as a str, or None"
+    ):
         adapter.save_pretrained(target, base_model_name_or_path=3)
-    with pytest.raises(ShiraError, match=r"revision='v1' given without base_model_name_or_path; pass the base model's id as well"):
+    with pytest.raises(
+        ShiraError, match=r"revision='v1' given without base_model_name_or_path; pass the base model's id as well"
+    ):
         adapter.save_pretrained(target, revision="v1")
     with pytest.raises(ShiraError, match=r"revision=1 is a int; pass a branch, tag or commit as a str, or None"):
         adapter.save_pretrained(target, base_model_name_or_path="org/base", revision=1)
@@ -250,7 +262,11 @@ def test_errors_before_anything_is_written(tmp_path):
         r"whole, so they would be lost. Save into a new folder \(e.g. .*outputs/shira_adapter\), or move them away",
     ):
         adapter.save_pretrained(tmp_path / "outputs")
-    assert listing(tmp_path) == ["file", "outputs"] and listing(tmp_path / "outputs") == [".git", "checkpoint-3", "shira_config.json"]
+    assert listing(tmp_path) == ["file", "outputs"] and listing(tmp_path / "outputs") == [
+        ".git",
+        "checkpoint-3",
+        "shira_config.json",
+    ]
 
 
 def test_a_symlinked_folder_is_written_through(tmp_path):
@@ -277,15 +293,33 @@ def edit_config(folder: Path, **changes) -> None:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"format_version": 2}, r"shira_config.json: unknown format_version 2; this shira_hooks reads version 1. Upgrade shira_hooks"),
+        (
+            {"format_version": 2},
+            r"shira_config.json: unknown format_version 2; this shira_hooks reads version 1. Upgrade shira_hooks",
+        ),
         ({"format_version": True}, r"shira_config.json: unknown format_version True; this shira_hooks reads version 1"),
-        ({"format": "peft"}, r"shira_config.json: format='peft', expected 'shira_hooks.adapter_folder'; not a shira_hooks adapter folder"),
-        ({"base_model_name_or_path": ""}, r"shira_config.json: 'base_model_name_or_path' is '', expected a non-empty string or null; fix it"),
+        (
+            {"format": "peft"},
+            r"shira_config.json: format='peft', expected 'shira_hooks.adapter_folder'; not a shira_hooks adapter folder",
+        ),
+        (
+            {"base_model_name_or_path": ""},
+            r"shira_config.json: 'base_model_name_or_path' is '', expected a non-empty string or null; fix it",
+        ),
         ({"revision": 5}, r"shira_config.json: 'revision' is 5, expected a string or null"),
-        ({"target_weights": []}, r"shira_config.json: 'target_weights' is \[\], expected a non-empty list of parameter names"),
+        (
+            {"target_weights": []},
+            r"shira_config.json: 'target_weights' is \[\], expected a non-empty list of parameter names",
+        ),
         ({"num_entries": "125"}, r"shira_config.json: 'num_entries' is '125', expected a positive integer"),
-        ({"num_entries": 124}, r"a: shira_config.json describes 3 weights and 124 entries, but shira_adapter.safetensors holds 3 weights and 125 entries; the files come from different saves"),
-        ({"target_weights": ["layers.0.weight"]}, r"shira_config.json describes 1 weights and 125 entries, but shira_adapter.safetensors holds 3 weights"),
+        (
+            {"num_entries": 124},
+            r"a: shira_config.json describes 3 weights and 124 entries, but shira_adapter.safetensors holds 3 weights and 125 entries; the files come from different saves",
+        ),
+        (
+            {"target_weights": ["layers.0.weight"]},
+            r"shira_config.json describes 1 weights and 125 entries, but shira_adapter.safetensors holds 3 weights",
+        ),
     ],
 )
 def test_from_pretrained_refuses_a_bad_config(tmp_path, changes, message):
@@ -299,7 +333,10 @@ def test_from_pretrained_errors(tmp_path):
     folder = write_folder(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"missing: no such folder"):
         SparseAdapter.from_pretrained(tmp_path / "missing")
-    with pytest.raises(ShiraError, match=r"shira_adapter.safetensors: is a file, not a folder; read a single adapter file with SparseAdapter.load\("):
+    with pytest.raises(
+        ShiraError,
+        match=r"shira_adapter.safetensors: is a file, not a folder; read a single adapter file with SparseAdapter.load\(",
+    ):
         SparseAdapter.from_pretrained(folder / "shira_adapter.safetensors")
     config = json.loads((folder / "shira_config.json").read_text())
     del config["num_entries"]
@@ -316,15 +353,22 @@ def test_from_pretrained_errors(tmp_path):
     with pytest.raises(ShiraError, match=r"shira_config.json: not valid JSON \('utf-8' codec can't decode"):
         SparseAdapter.from_pretrained(folder)
     (folder / "shira_config.json").unlink()
-    with pytest.raises(ShiraError, match=r"a: no shira_config.json, so it is not a folder written by SparseAdapter.save_pretrained \(shira_adapter.safetensors, shira_config.json, README.md\). Read a single"):
+    with pytest.raises(
+        ShiraError,
+        match=r"a: no shira_config.json, so it is not a folder written by SparseAdapter.save_pretrained \(shira_adapter.safetensors, shira_config.json, README.md\). Read a single",
+    ):
         SparseAdapter.from_pretrained(folder)
     (folder / "adapter_config.json").write_text("{}")
-    with pytest.raises(ShiraError, match=r"It holds adapter_config.json: a PEFT folder, loaded with peft.PeftModel.from_pretrained"):
+    with pytest.raises(
+        ShiraError, match=r"It holds adapter_config.json: a PEFT folder, loaded with peft.PeftModel.from_pretrained"
+    ):
         SparseAdapter.from_pretrained(folder)
 
     other = write_folder(tmp_path / "other")
     (other / "shira_adapter.safetensors").unlink()
-    with pytest.raises(ShiraError, match=r"a: has shira_config.json but no shira_adapter.safetensors; the folder is incomplete"):
+    with pytest.raises(
+        ShiraError, match=r"a: has shira_config.json but no shira_adapter.safetensors; the folder is incomplete"
+    ):
         SparseAdapter.from_pretrained(other)
     (other / "shira_adapter.safetensors").write_bytes(b"12345678garbage")
     with pytest.raises(ShiraError, match=r"shira_adapter.safetensors: not a safetensors file or truncated"):
@@ -345,7 +389,15 @@ def test_push_to_hub_uploads_the_folder(tmp_path, monkeypatch):
 
         def upload_folder(self, *, repo_id, folder_path, commit_message=None):
             config = json.loads((Path(folder_path) / "shira_config.json").read_text())
-            calls.append(("upload_folder", repo_id, listing(Path(folder_path)), config["base_model_name_or_path"], commit_message))
+            calls.append(
+                (
+                    "upload_folder",
+                    repo_id,
+                    listing(Path(folder_path)),
+                    config["base_model_name_or_path"],
+                    commit_message,
+                )
+            )
             return "commit-info"
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=HfApi))
@@ -357,7 +409,9 @@ def test_push_to_hub_uploads_the_folder(tmp_path, monkeypatch):
         ("upload_folder", "me/paint", FILES, "org/base", "Upload SHiRA adapter"),
     ]
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    with pytest.raises(ImportError, match=r"SparseAdapter.push_to_hub needs huggingface_hub: pip install huggingface_hub"):
+    with pytest.raises(
+        ImportError, match=r"SparseAdapter.push_to_hub needs huggingface_hub: pip install huggingface_hub"
+    ):
         adapter.push_to_hub("me/paint")
 
 

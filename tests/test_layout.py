@@ -38,7 +38,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             for alias in node.names:  # a submodule, unless the package binds the name to something else
                 module = f"{source}.{alias.name}"
                 bound = getattr(importlib.import_module(source), alias.name, None) if module in modules else None
-                found.add(module if module in modules and (bound is None or isinstance(bound, types.ModuleType)) else source)
+                found.add(
+                    module if module in modules and (bound is None or isinstance(bound, types.ModuleType)) else source
+                )
     return {module for module in found if module in modules and module != name}
 
 
@@ -54,7 +56,7 @@ def test_no_import_cycles(graph):
     def visit(module: str, path: list[str]) -> None:
         state[module] = 1
         for other in sorted(graph[module]):
-            assert state.get(other) != 1, "import cycle: " + " -> ".join([*path, module][path.index(other):] + [other])
+            assert state.get(other) != 1, "import cycle: " + " -> ".join([*path, module][path.index(other) :] + [other])
             if other not in state:
                 visit(other, path + [module])
         state[module] = 2
@@ -74,7 +76,9 @@ def test_imports_point_down_and_through_the_subpackage_init(graph):
             continue
         for other in imported:
             target = other.split(".")
-            if len(target) == 1:  # the package itself imports every layer: only tools (the demo, written as a user writes) may
+            if (
+                len(target) == 1
+            ):  # the package itself imports every layer: only tools (the demo, written as a user writes) may
                 if parts[1] != "tools":
                     wrong.append(f"{module} imports the package root")
                 continue
@@ -93,8 +97,12 @@ def test_recipes_and_benchmarks_import_public_names_only():
     for path in sorted([*ROOT.glob("recipes/*.py"), *ROOT.glob("benchmarks/**/*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("shira_hooks"):
-                public = set(importlib.import_module(node.module).__all__) | {sub for sub in LAYERS if not sub.startswith("_")}
-                wrong += [f"{path.name}: from {node.module} import {a.name}" for a in node.names if a.name not in public]
+                public = set(importlib.import_module(node.module).__all__) | {
+                    sub for sub in LAYERS if not sub.startswith("_")
+                }
+                wrong += [
+                    f"{path.name}: from {node.module} import {a.name}" for a in node.names if a.name not in public
+                ]
             elif isinstance(node, ast.Import):
                 wrong += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("shira_hooks.")]
     assert not wrong, "\n".join(wrong)

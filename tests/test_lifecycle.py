@@ -125,7 +125,9 @@ def test_a_copy_of_the_handle_or_of_a_part_is_refused():
     model = make_llama()
     shira = shira_hooks.attach(model, 0.05, "rand", seed=0, mode="sparse")
     for part in (shira, model.model.layers[0]):
-        with pytest.raises(ShiraError, match=r"copy.deepcopy reached a shira_hooks handle .* without copying the model"):
+        with pytest.raises(
+            ShiraError, match=r"copy.deepcopy reached a shira_hooks handle .* without copying the model"
+        ):
             copy.deepcopy(part)
     assert [h is shira for h in shira_hooks.handles(model)] == [True]
     shira.detach()
@@ -160,7 +162,9 @@ def test_ema_and_reference_model_copies():
     assert ema_shira.verify() == []
     for name, module in ema.module.named_modules():
         if "shira_values" in module._parameters:
-            assert torch.equal(module.weight.view(-1)[ema_shira.masks[f"{name}.weight"].long()], module.shira_values.detach())
+            assert torch.equal(
+                module.weight.view(-1)[ema_shira.masks[f"{name}.weight"].long()], module.shira_values.detach()
+            )
     with torch.no_grad():
         assert torch.equal(reference(ids).logits, before)  # frozen at the copy, while the original trained
     assert not any(p.requires_grad for p in reference.parameters())
@@ -186,13 +190,19 @@ def test_a_replaced_target_is_refused_by_every_verb(mode, tmp_path):
         "load a handle state": lambda: shira.load_state_dict({}),
     }
     for verb, call in verbs.items():
-        with pytest.raises(ShiraError, match=rf"cannot {verb}: target weight '{Q}' is no longer the parameter shira_hooks attached to.*entries outside the mask differ from the base.*load_state_dict without assign=True"):
+        with pytest.raises(
+            ShiraError,
+            match=rf"cannot {verb}: target weight '{Q}' is no longer the parameter shira_hooks attached to.*entries outside the mask differ from the base.*load_state_dict without assign=True",
+        ):
             call()
     with pytest.raises(ShiraError, match=rf"cannot save the handle's state: target weight '{Q}'"):
         shira.save_state(tmp_path / "state.safetensors")
     assert not (tmp_path / "state.safetensors").exists()
     model.to("meta")
-    with pytest.raises(ShiraError, match=rf"cannot verify: target weight '{Q}' is no longer the parameter.*a meta tensor has no values to train"):
+    with pytest.raises(
+        ShiraError,
+        match=rf"cannot verify: target weight '{Q}' is no longer the parameter.*a meta tensor has no values to train",
+    ):
         shira.verify()
     shira.detach()  # the way out still works
     assert all(p.requires_grad for p in model.parameters())  # restored on the parameters now in the model
@@ -210,7 +220,9 @@ def test_a_replacement_holding_the_same_weight_is_followed(mode):
     followed = shira.extract()
     assert all(torch.equal(followed.deltas[n].values, adapter.deltas[n].values) for n in adapter.deltas)
     model(**llama_batches(1, seed=4)[0]).loss.backward()
-    with pytest.raises(ShiraError, match=r"AdamW holds a parameter that '.*' \(or its 'shira_values'\) had before it was replaced"):
+    with pytest.raises(
+        ShiraError, match=r"AdamW holds a parameter that '.*' \(or its 'shira_values'\) had before it was replaced"
+    ):
         old_optimizer.step()  # it holds objects no longer in the model: it would train nothing
     old_optimizer.zero_grad()
     model.zero_grad()
@@ -218,7 +230,9 @@ def test_a_replacement_holding_the_same_weight_is_followed(mode):
     _train(model, 2, seed=5)  # an optimizer built after the load trains the new parameters, exactly
     assert assert_changes_within_masks(shira, loaded, model) > 0 and shira.verify() == []
     shira.detach()
-    assert all(p.requires_grad for p in model.parameters()) and not any("shira_values" in n for n, _ in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters()) and not any(
+        "shira_values" in n for n, _ in model.named_parameters()
+    )
 
 
 # ------------------------------------------------------------------------------ other optimizers
@@ -250,8 +264,15 @@ def test_a_stale_handle_leaves_other_optimizers_alone():
         assert not torch.equal(other.weight, before)  # the step ran, and nothing raised
         named = {f for f in run if not f.split(":")[1].startswith("<")}  # comprehensions aside
         if step == 0:  # the optimizer's first step: is it one over an attached model? (one pass over its ids)
-            assert named <= {"optim.py:_before_step", "optim.py:related", "optim.py:_guards", "optim.py:bound",
-                             "steps.py:holds_any", "dense.py:held_by", "optim.py:_after_step"}, run
+            assert named <= {
+                "optim.py:_before_step",
+                "optim.py:related",
+                "optim.py:_guards",
+                "optim.py:bound",
+                "steps.py:holds_any",
+                "dense.py:held_by",
+                "optim.py:_after_step",
+            }, run
         else:  # then the cached verdict, and nothing else
             assert named == {"optim.py:_before_step", "optim.py:related", "optim.py:_after_step"}, run
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # an optimizer over the stale model is still refused
@@ -284,10 +305,15 @@ def test_peft_on_top_of_an_attached_model_is_reported_and_keeps_its_flags(mode):
     assert {n for n, trains in flags.items() if trains} == {n for n in flags if "lora_" in n}  # PEFT froze the targets
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model(**llama_batches(1)[0]).loss.backward()
-    with pytest.warns(UserWarning, match=r"14 of 14 target weights cannot train: .*requires_grad=False, set after attach\(\) by other code \(peft.get_peft_model.*No SHiRA entry trains"):
+    with pytest.warns(
+        UserWarning,
+        match=r"14 of 14 target weights cannot train: .*requires_grad=False, set after attach\(\) by other code \(peft.get_peft_model.*No SHiRA entry trains",
+    ):
         optimizer.step()
     shira.detach()
-    assert {n: p.requires_grad for n, p in peft_model.named_parameters()} == flags  # PEFT's flags, not the pre-attach ones
+    assert {
+        n: p.requires_grad for n, p in peft_model.named_parameters()
+    } == flags  # PEFT's flags, not the pre-attach ones
 
 
 def test_targets_the_loss_never_reaches_are_reported():
@@ -295,7 +321,10 @@ def test_targets_the_loss_never_reaches_are_reported():
     shira = shira_hooks.attach(model, 0.05, "rand", seed=0, freeze_others=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.model.embed_tokens(llama_batches(1)[0]["input_ids"]).pow(2).mean().backward()  # no target takes part
-    with pytest.warns(UserWarning, match=r"none of the 14 target weights of the handle attached to LlamaForCausalLM has received a gradient, while other parameters of SGD have"):
+    with pytest.warns(
+        UserWarning,
+        match=r"none of the 14 target weights of the handle attached to LlamaForCausalLM has received a gradient, while other parameters of SGD have",
+    ):
         optimizer.step()
     shira.detach()
 
@@ -306,7 +335,10 @@ def test_attach_refuses_a_peft_model(mode):
     peft_model = peft.get_peft_model(make_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     flags = {n: p.requires_grad for n, p in peft_model.named_parameters()}
     for model in (peft_model, peft_model.base_model.model):
-        with pytest.raises(ShiraError, match=rf"attach\(\) got a PEFT model \({type(model).__name__}, whose '.*q_proj' is a PEFT Linear\).*merge_and_unload\(\)"):
+        with pytest.raises(
+            ShiraError,
+            match=rf"attach\(\) got a PEFT model \({type(model).__name__}, whose '.*q_proj' is a PEFT Linear\).*merge_and_unload\(\)",
+        ):
             shira_hooks.attach(model, 0.05, "rand", seed=0, mode=mode)
     assert {n: p.requires_grad for n, p in peft_model.named_parameters()} == flags
     assert not shira_hooks.handles(peft_model)

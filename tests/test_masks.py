@@ -30,7 +30,9 @@ def test_exact_budget_per_weight(mask, builder):
     else:
         loss_fn = None
     params = dict(model.named_parameters())
-    with shira_hooks.attach(model, 0.03, mask, target_modules=targets, calibration=calibration, loss_fn=loss_fn, progress=False) as shira:
+    with shira_hooks.attach(
+        model, 0.03, mask, target_modules=targets, calibration=calibration, loss_fn=loss_fn, progress=False
+    ) as shira:
         assert shira.calibrated
         for name, indices in shira.masks.items():
             numel = params[name].numel()
@@ -49,7 +51,9 @@ def test_lora_rank_matches_the_budget():
     per_rank = sum(o + i for o, i in shapes)
     assert all(abs(rank * per_rank - entries) <= abs(r * per_rank - entries) for r in range(1, 10))
     assert masks.lora_rank([(8, 8)], 0.001) == 1  # never zero
-    with pytest.raises(shira_hooks.ShiraError, match=r"lora_rank\(\) needs one or more \(out, in\) weight shapes, got \[\]"):
+    with pytest.raises(
+        shira_hooks.ShiraError, match=r"lora_rank\(\) needs one or more \(out, in\) weight shapes, got \[\]"
+    ):
         masks.lora_rank([], 0.01)
     with pytest.raises(shira_hooks.ShiraError, match=r"got \[\(8, 3, 3\)\]"):
         masks.lora_rank([(8, 3, 3)], 0.01)  # a conv weight
@@ -160,7 +164,9 @@ def _expected(kind, k=6):
 def test_grad_and_snip_known_answer_eager(kind):
     probe = Probe()
     batches = [torch.tensor(1.0), torch.tensor(-2.0)]  # the sign must not matter: scores use |g|
-    with shira_hooks.attach(probe, 6 / 64, kind, calibration=batches, loss_fn=lambda m, s: m(s), progress=False) as shira:
+    with shira_hooks.attach(
+        probe, 6 / 64, kind, calibration=batches, loss_fn=lambda m, s: m(s), progress=False
+    ) as shira:
         chosen = shira.masks["lin.weight"].long()
     assert torch.equal(chosen, _expected(kind))
     assert not torch.equal(_expected("grad"), _expected("snip"))  # the case tells the two apart
@@ -217,10 +223,15 @@ def test_mask_memory_is_small():
 def test_a_sparsity_above_one_half_warns_that_0_01_means_1_percent():
     """attach(model, sparsity=1), meant as 1%, used to train every entry without a word."""
     model = make_mlp()
-    with pytest.warns(UserWarning, match=r"attach\(sparsity=1\) trains 100% of every target weight; sparsity is a fraction, so 1% is sparsity=0.01") as caught:
+    with pytest.warns(
+        UserWarning,
+        match=r"attach\(sparsity=1\) trains 100% of every target weight; sparsity is a fraction, so 1% is sparsity=0.01",
+    ) as caught:
         shira = shira_hooks.attach(model, 1, "rand", seed=0)
     assert caught[0].filename == __file__  # points at the caller's line
-    assert shira.num_trainable == sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))  # it still does what was asked
+    assert shira.num_trainable == sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith("weight")
+    )  # it still does what was asked
     shira.detach()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -230,6 +241,7 @@ def test_a_sparsity_above_one_half_warns_that_0_01_means_1_percent():
 def test_a_mask_kind_is_one_registry_entry(monkeypatch):
     """Adding a kind is adding a MaskKind to masks.KINDS: attach, its budget, the lazy/eager choice and the
     adapter's metadata follow it; an unknown name lists the registered ones."""
+
     def last_entries(name, weight, k, seed, block):  # the k last entries of the weight
         return torch.arange(weight.numel() - k, weight.numel(), dtype=torch.int32)
 
@@ -240,8 +252,15 @@ def test_a_mask_kind_is_one_registry_entry(monkeypatch):
         k = masks.budget(weight.numel(), 0.05)
         assert torch.equal(shira.masks["layers.0.weight"].long(), torch.arange(weight.numel() - k, weight.numel()))
         assert shira.extract().metadata["mask"] == "last"
-    with pytest.raises(shira_hooks.ShiraError, match=r"calibration= is only used by mask='grad' or 'snip', not mask='last'"):
+    with pytest.raises(
+        shira_hooks.ShiraError, match=r"calibration= is only used by mask='grad' or 'snip', not mask='last'"
+    ):
         shira_hooks.attach(model, 0.05, "last", calibration=[torch.randn(2, 16)])
-    with pytest.raises(shira_hooks.ShiraError, match=r"unknown mask='nope'; use one of struct, rand, wm, grad, snip or a function"):
+    with pytest.raises(
+        shira_hooks.ShiraError, match=r"unknown mask='nope'; use one of struct, rand, wm, grad, snip or a function"
+    ):
         shira_hooks.attach(model, 0.05, "nope")
-    assert shira_hooks.MASK_KINDS == ("struct", "rand", "wm", "grad", "snip") and masks.CALIBRATED_KINDS == ("grad", "snip")
+    assert shira_hooks.MASK_KINDS == ("struct", "rand", "wm", "grad", "snip") and masks.CALIBRATED_KINDS == (
+        "grad",
+        "snip",
+    )

@@ -16,21 +16,39 @@ from conftest import llama_batches, make_llama, make_mlp, snapshot
 
 pytest.importorskip("transformers")
 
-HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks", "_backward_hooks")
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+)
 
 
-def random_adapter(model: nn.Module, seed: int, sparsity: float = 0.05, scale: float = 0.05, names=None) -> shira_hooks.SparseAdapter:
+def random_adapter(
+    model: nn.Module, seed: int, sparsity: float = 0.05, scale: float = 0.05, names=None
+) -> shira_hooks.SparseAdapter:
     """Random deltas on every Linear weight except the head (or on ``names``), fingerprinted on ``model``."""
     g = torch.Generator().manual_seed(seed)
     deltas = {}
     for name, module in model.named_modules():
         weight_name = f"{name}.weight"
-        if not isinstance(module, nn.Linear) or (names is None and name == "lm_head") or (names is not None and weight_name not in names):
+        if (
+            not isinstance(module, nn.Linear)
+            or (names is None and name == "lm_head")
+            or (names is not None and weight_name not in names)
+        ):
             continue
         numel = module.weight.numel()
         indices = masks.rand_mask(numel, masks.budget(numel, sparsity), masks.generator_for(seed, weight_name))
         base = module.weight.detach().reshape(-1)[indices.long()]
-        deltas[weight_name] = shira_hooks.SparseDelta(tuple(module.weight.shape), module.weight.dtype, indices, torch.randn(indices.numel(), generator=g) * scale, digest(base))
+        deltas[weight_name] = shira_hooks.SparseDelta(
+            tuple(module.weight.shape),
+            module.weight.dtype,
+            indices,
+            torch.randn(indices.numel(), generator=g) * scale,
+            digest(base),
+        )
     return shira_hooks.SparseAdapter(deltas, {"mask": "rand"})
 
 
@@ -60,7 +78,11 @@ def setup():
 
 
 def hook_state(model: nn.Module) -> dict:
-    return {(name, attr): list(getattr(module, attr).keys()) for name, module in model.named_modules() for attr in HOOK_DICTS}
+    return {
+        (name, attr): list(getattr(module, attr).keys())
+        for name, module in model.named_modules()
+        for attr in HOOK_DICTS
+    }
 
 
 def bits(model: nn.Module) -> dict:
@@ -68,7 +90,10 @@ def bits(model: nn.Module) -> dict:
 
 
 def same_bits(before: dict, model: nn.Module) -> bool:
-    return all(torch.equal(before[name].view(torch.int32), p.detach().view(torch.int32)) for name, p in model.named_parameters())
+    return all(
+        torch.equal(before[name].view(torch.int32), p.detach().view(torch.int32))
+        for name, p in model.named_parameters()
+    )
 
 
 @torch.no_grad()
@@ -209,7 +234,10 @@ def test_bad_input_is_refused_and_the_model_untouched(setup):
         MixedAdapters(model, {})
     embed = random_adapter(model, 6, names=None)
     embed = shira_hooks.SparseAdapter({**embed.deltas, **_embedding_delta(model)})
-    with pytest.raises(ShiraError, match=r"adapts 'model.embed_tokens.weight' \(Embedding.weight\); MixedAdapters serves nn.Linear weights only"):
+    with pytest.raises(
+        ShiraError,
+        match=r"adapts 'model.embed_tokens.weight' \(Embedding.weight\); MixedAdapters serves nn.Linear weights only",
+    ):
         MixedAdapters(model, {"e": embed})
     assert hook_state(model) == hooks
 
@@ -217,9 +245,14 @@ def test_bad_input_is_refused_and_the_model_untouched(setup):
         with pytest.raises(ShiraError, match=r"unknown adapter name\(s\) 'd'; the known ones are \['a', 'b', 'c'\]"):
             with mixed.route(["a", "d"]):
                 pass
-        with pytest.raises(ShiraError, match=r"layer 'model.layers.0.self_attn.q_proj' is already served by an open MixedAdapters"):
+        with pytest.raises(
+            ShiraError, match=r"layer 'model.layers.0.self_attn.q_proj' is already served by an open MixedAdapters"
+        ):
             MixedAdapters(model, adapters)
-        with pytest.raises(ShiraError, match=r"layer 'model.layers.0.self_attn.q_proj': its input has batch size 5 .*the route has 3 rows"):
+        with pytest.raises(
+            ShiraError,
+            match=r"layer 'model.layers.0.self_attn.q_proj': its input has batch size 5 .*the route has 3 rows",
+        ):
             with torch.no_grad(), mixed.route(["a", None, "b"]):
                 model(input_ids=ids)
         with pytest.raises(ShiraError, match="needs gradients; MixedAdapters is for inference"):
@@ -242,13 +275,24 @@ def test_bad_input_is_refused_and_the_model_untouched(setup):
 def _embedding_delta(model) -> dict:
     weight = model.model.embed_tokens.weight
     indices = torch.arange(0, weight.numel(), 97, dtype=torch.int32)
-    return {"model.embed_tokens.weight": shira_hooks.SparseDelta(tuple(weight.shape), weight.dtype, indices, torch.ones(indices.numel()), digest(weight.detach().reshape(-1)[indices.long()]))}
+    return {
+        "model.embed_tokens.weight": shira_hooks.SparseDelta(
+            tuple(weight.shape),
+            weight.dtype,
+            indices,
+            torch.ones(indices.numel()),
+            digest(weight.detach().reshape(-1)[indices.long()]),
+        )
+    }
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_two_dimensional_inputs_and_alpha_zero_on_an_mlp(dtype, atol):
     model = make_mlp().to(dtype).eval()
-    adapters = {"p": random_adapter(model, 1, scale=0.2, names=None), "q": random_adapter(model, 2, scale=0.2, names=None)}
+    adapters = {
+        "p": random_adapter(model, 1, scale=0.2, names=None),
+        "q": random_adapter(model, 2, scale=0.2, names=None),
+    }
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad():
         base = model(x)
@@ -280,14 +324,18 @@ def _mlp_rows(model, adapters, route, x, autocast=False):
     return out, applied, base
 
 
-def _assert_within_rounding(mixed: torch.Tensor, applied: torch.Tensor, base: torch.Tensor, reference: torch.Tensor) -> None:
+def _assert_within_rounding(
+    mixed: torch.Tensor, applied: torch.Tensor, base: torch.Tensor, reference: torch.Tensor
+) -> None:
     """The mixed row is as close to the float64 ``reference`` as rounding in its dtype allows.
 
     The bound is twice the larger of apply's own error and one unit of the dtype at the row's scale
     (float32 for float64 rows: the adapter's values are float32); the adapter must move the row by
     far more than that, so a row that missed its delta would fail.
     """
-    unit = torch.finfo(torch.float32 if mixed.dtype == torch.float64 else mixed.dtype).eps * float(reference.abs().max())
+    unit = torch.finfo(torch.float32 if mixed.dtype == torch.float64 else mixed.dtype).eps * float(
+        reference.abs().max()
+    )
     bound = 2 * max(float((applied.double() - reference).abs().max()), unit)
     assert float((applied - base).abs().max()) > 10 * bound
     assert float((mixed.double() - reference).abs().max()) <= bound
@@ -304,7 +352,10 @@ def _reference(model, adapters, name, x):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_rows_equal_apply_in_that_dtype_within_its_rounding(dtype):
     model = make_mlp().to(dtype).eval()
-    adapters = {"p": random_adapter(model, 1, scale=0.2, names=None), "q": random_adapter(model, 2, scale=0.2, names=None)}
+    adapters = {
+        "p": random_adapter(model, 1, scale=0.2, names=None),
+        "q": random_adapter(model, 2, scale=0.2, names=None),
+    }
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
     route = ["q", "p", None, "p"]
     out, applied, base = _mlp_rows(model, adapters, route, x)
@@ -316,7 +367,10 @@ def test_low_precision_rows_equal_apply_in_that_dtype_within_its_rounding(dtype)
 
 def test_rows_under_autocast_equal_apply_under_autocast():
     model = make_mlp().eval()
-    adapters = {"p": random_adapter(model, 1, scale=0.2, names=None), "q": random_adapter(model, 2, scale=0.2, names=None)}
+    adapters = {
+        "p": random_adapter(model, 1, scale=0.2, names=None),
+        "q": random_adapter(model, 2, scale=0.2, names=None),
+    }
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
     route = ["p", None, "q", "q"]
     out, applied, base = _mlp_rows(model, adapters, route, x, autocast=True)
@@ -355,10 +409,16 @@ def test_sequence_first_inputs_need_an_explicit_batch_dim_and_then_route_by_batc
     """(T, B, in) with T == B used to be routed by time step: rows off apply by 1.74, None rows off the base by 0.81."""
     model = _sequence_first_encoder()
     ffn = [f"layers.{i}.linear{j}.weight" for i in range(2) for j in (1, 2)]
-    adapters = {"p": random_adapter(model, 1, scale=0.3, names=ffn), "q": random_adapter(model, 2, scale=0.3, names=ffn)}
+    adapters = {
+        "p": random_adapter(model, 1, scale=0.3, names=ffn),
+        "q": random_adapter(model, 2, scale=0.3, names=ffn),
+    }
     x = torch.randn(4, 4, 16, generator=torch.Generator().manual_seed(0))  # (T, B, 16), T == B
     hooks = hook_state(model)
-    with pytest.raises(ShiraError, match=r"module 'layers.0.self_attn' \(MultiheadAttention\) has batch_first=False \(and 1 more\).*pass batch_dim=1"):
+    with pytest.raises(
+        ShiraError,
+        match=r"module 'layers.0.self_attn' \(MultiheadAttention\) has batch_first=False \(and 1 more\).*pass batch_dim=1",
+    ):
         MixedAdapters(model, adapters)
     assert hook_state(model) == hooks
     route = ["p", None, "q", "p"]
@@ -383,7 +443,9 @@ def test_sequence_first_inputs_need_an_explicit_batch_dim_and_then_route_by_batc
 def test_an_out_proj_that_multihead_attention_reads_directly_is_refused():
     model = _sequence_first_encoder()
     adapter = random_adapter(model, 1, names=["layers.0.self_attn.out_proj.weight", "layers.0.linear1.weight"])
-    with pytest.raises(ShiraError, match=r"adapts 'layers.0.self_attn.out_proj.weight', the out_proj of an nn.MultiheadAttention"):
+    with pytest.raises(
+        ShiraError, match=r"adapts 'layers.0.self_attn.out_proj.weight', the out_proj of an nn.MultiheadAttention"
+    ):
         MixedAdapters(model, {"p": adapter}, batch_dim=1)
 
 
@@ -399,7 +461,10 @@ def test_weights_sharing_memory_are_refused_and_weights_packed_side_by_side_are_
 
     packed = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
     arena = torch.cat([packed[0].weight.detach().reshape(-1), packed[2].weight.detach().reshape(-1)])
-    packed[0].weight.data, packed[2].weight.data = arena[:64].view(8, 8), arena[64:].view(8, 8)  # one buffer, no overlap
+    packed[0].weight.data, packed[2].weight.data = (
+        arena[:64].view(8, 8),
+        arena[64:].view(8, 8),
+    )  # one buffer, no overlap
     adapters = {"p": random_adapter(packed, 1, scale=0.3, names=["0.weight", "2.weight"])}
     x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -422,7 +487,10 @@ def test_adapters_may_be_given_as_paths(setup, tmp_path):
         with MixedAdapters(model, adapters) as mixed, mixed.route(["a", "b"]):
             expected = model(input_ids=ids[:2]).logits
     assert torch.equal(logits, expected)
-    with pytest.raises(ShiraError, match=r"MixedAdapters adapter 'a': got a int, not a SparseAdapter or a path; pass SparseAdapter.load\(path\)"):
+    with pytest.raises(
+        ShiraError,
+        match=r"MixedAdapters adapter 'a': got a int, not a SparseAdapter or a path; pass SparseAdapter.load\(path\)",
+    ):
         MixedAdapters(model, {"a": 3})
 
 

@@ -63,7 +63,9 @@ def test_a_state_without_the_mode_tensors_is_refused_before_anything_changes(mon
     dense = shira_hooks.attach(make_mlp(), 0.1, "rand", seed=0, progress=False)
     state = dense.state_dict()
     dense.detach()
-    assert all("mode" not in entry for entry in state["targets"].values())  # the built-in modes keep nothing: states as before
+    assert all(
+        "mode" not in entry for entry in state["targets"].values()
+    )  # the built-in modes keep nothing: states as before
     scaled = shira_hooks.attach(make_mlp(), 0.1, "rand", seed=3, mode="scaled", progress=False)
     masks = {name: indices.clone() for name, indices in scaled.masks.items()}
     with pytest.raises(ShiraError, match=r"has no per-row scale"):

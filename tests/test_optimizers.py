@@ -42,12 +42,19 @@ class Reference(nn.Module):
         self.model = model
         self.masks = {name: idx.long() for name, idx in masks.items()}
         self.base = {name: p.detach().clone() for name, p in model.named_parameters()}
-        self.values = nn.ParameterDict({
-            name.replace(".", "_"): nn.Parameter(self.base[name].reshape(-1)[idx].clone()) for name, idx in self.masks.items()
-        })
-        self.others = nn.ParameterDict({
-            name.replace(".", "_"): nn.Parameter(self.base[name].clone()) for name in self.base if name not in self.masks
-        })
+        self.values = nn.ParameterDict(
+            {
+                name.replace(".", "_"): nn.Parameter(self.base[name].reshape(-1)[idx].clone())
+                for name, idx in self.masks.items()
+            }
+        )
+        self.others = nn.ParameterDict(
+            {
+                name.replace(".", "_"): nn.Parameter(self.base[name].clone())
+                for name in self.base
+                if name not in self.masks
+            }
+        )
 
     def weights(self):
         out = {}
@@ -104,7 +111,9 @@ def test_param_groups_are_restored_after_each_step():
     shira = shira_hooks.attach(model, 0.05, "rand", freeze_others=False)
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2
+    )
     groups = [(id(g), [id(p) for p in g["params"]], g["weight_decay"]) for g in optimizer.param_groups]
     _train(model, optimizer, mlp_batches(4))
     assert [(id(g), [id(p) for p in g["params"]], g["weight_decay"]) for g in optimizer.param_groups] == groups
@@ -130,7 +139,9 @@ def test_unknown_optimizer_with_decay_raises_at_first_step():
     before = snapshot(model)
     optimizer = Lion([p for p in model.parameters() if p.requires_grad], weight_decay=0.1)
     mlp_loss(model, mlp_batches(1)[0]).backward()
-    with pytest.raises(shira_hooks.ShiraError, match=r"Lion has weight_decay=0.1 on target weight 'layers.0.weight'.*weight_decay=0"):
+    with pytest.raises(
+        shira_hooks.ShiraError, match=r"Lion has weight_decay=0.1 on target weight 'layers.0.weight'.*weight_decay=0"
+    ):
         optimizer.step()
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name])
@@ -210,11 +221,13 @@ def test_step_with_closure_is_guarded(name):
     before = snapshot(model)
     optimizer = OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad])
     for batch in mlp_batches(3):
+
         def closure(batch=batch):  # step() calls it at once, with this batch
             optimizer.zero_grad()
             loss = mlp_loss(model, batch)
             loss.backward()
             return loss
+
         optimizer.step(closure)
     assert assert_changes_within_masks(shira, before, model) > 0 and shira.verify() == []
     shira.detach()
@@ -226,7 +239,9 @@ def test_asgd_is_refused_because_it_decays_every_entry():
     before = snapshot(model)
     optimizer = torch.optim.ASGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     mlp_loss(model, mlp_batches(1)[0]).backward()
-    with pytest.raises(shira_hooks.ShiraError, match=r"ASGD multiplies every parameter .*lambd=0.0001.*Fix: ASGD\(\.\.\., lambd=0\)"):
+    with pytest.raises(
+        shira_hooks.ShiraError, match=r"ASGD multiplies every parameter .*lambd=0.0001.*Fix: ASGD\(\.\.\., lambd=0\)"
+    ):
         optimizer.step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     shira.detach()
@@ -320,7 +335,10 @@ def test_optimizer_state_from_before_attach_is_refused():
     shira = shira_hooks.attach(model, 0.05, "rand")
     before = snapshot(model)
     mlp_loss(model, mlp_batches(1, seed=2)[0]).backward()
-    with pytest.raises(shira_hooks.ShiraError, match=r"SGD has state 'momentum_buffer' for target weight 'layers.0.weight' that is nonzero at \d+ entries outside the mask.*Build the optimizer after attach\(\)"):
+    with pytest.raises(
+        shira_hooks.ShiraError,
+        match=r"SGD has state 'momentum_buffer' for target weight 'layers.0.weight' that is nonzero at \d+ entries outside the mask.*Build the optimizer after attach\(\)",
+    ):
         optimizer.step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     optimizer.state.clear()  # the documented fix
@@ -355,7 +373,9 @@ def test_maximize_keeps_the_sign_of_zero_weights_outside_the_mask(momentum):
         model.layers[0].weight[:, :8] = -0.0  # pruned entries
     shira = shira_hooks.attach(model, 0.05, "rand")
     before = snapshot(model)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=momentum, maximize=True)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=momentum, maximize=True
+    )
     mlp_steps(model, optimizer, mlp_batches(2))
     assert assert_changes_within_masks(shira, before, model) > 0  # bit for bit: the sign of zero too
     assert shira.verify() == []

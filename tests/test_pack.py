@@ -39,8 +39,14 @@ def _block_adapter(model, seed: int, block: int, sparsity: float = 0.05):
         chosen = torch.randperm(runs, generator=g)[: max(1, int(sparsity * runs))].sort().values
         index = (chosen[:, None] * block + torch.arange(block)).reshape(-1)
         base = param.detach().reshape(-1)[index]
-        deltas[name] = shira_hooks.SparseDelta(tuple(param.shape), param.dtype, index.int(), torch.randn(index.numel(), generator=g) * 0.1,
-                                               shira_hooks.digest(base), block)
+        deltas[name] = shira_hooks.SparseDelta(
+            tuple(param.shape),
+            param.dtype,
+            index.int(),
+            torch.randn(index.numel(), generator=g) * 0.1,
+            shira_hooks.digest(base),
+            block,
+        )
     return shira_hooks.SparseAdapter(deltas, {"mask": "rand"})
 
 
@@ -77,13 +83,18 @@ def test_pack_keeps_parameters_values_and_layouts_and_unpack_gives_them_back():
     assert starts == sorted(starts) and all(start % 4096 == 0 for start in starts)  # one arena, 4096-byte steps
     assert starts[-1] < 3 * 4096 and all(p.data_ptr() % 64 == 0 for p in weights)
     # each weight a storage of its own over the arena (safetensors' save_model needs that)
-    assert all(p.untyped_storage().data_ptr() == p.data_ptr() and p.untyped_storage().nbytes() == p.numel() * 4 for p in weights)
+    assert all(
+        p.untyped_storage().data_ptr() == p.data_ptr() and p.untyped_storage().nbytes() == p.numel() * 4
+        for p in weights
+    )
     assert _bits_equal(before, snapshot(model))
     x = torch.randn(2, 16)
     packed_ptrs = [p.data_ptr() for p in weights]
     packed.unpack()
     assert not packed.packed and packed.closed
-    assert all(p.data_ptr() != old for p, old in zip(weights, packed_ptrs))  # new storage, allocated while the arena lived
+    assert all(
+        p.data_ptr() != old for p, old in zip(weights, packed_ptrs)
+    )  # new storage, allocated while the arena lived
     for name, param in model.named_parameters():
         assert (param, param.requires_grad, param.stride(), param.dtype) == objects[name]
     assert _bits_equal(before, snapshot(model)) and model.tied.weight is model[2].weight
@@ -98,7 +109,12 @@ def test_chunks_hold_at_most_chunk_mb_and_group_by_dtype():
     model[5].to(torch.bfloat16)
     packed = shira_hooks.pack(model, chunk_mb=0.6)  # two float32 weights per arena
     rows = packed.arenas()
-    assert [(r["dtype"], r["weights"]) for r in rows] == [("float32", 2), ("float32", 2), ("float32", 1), ("bfloat16", 1)]
+    assert [(r["dtype"], r["weights"]) for r in rows] == [
+        ("float32", 2),
+        ("float32", 2),
+        ("float32", 1),
+        ("bfloat16", 1),
+    ]
     assert all(r["mb"] <= 0.6 for r in rows)
     packed.unpack()
     with pytest.raises(ShiraError, match=r"chunk_mb=0; it must be a positive number of MiB"):
@@ -117,9 +133,14 @@ def test_pack_refuses_what_it_cannot_pack_soundly_and_changes_nothing():
     shared.extra = nn.Linear(32, 48, bias=False)
     shared.extra.weight = nn.Parameter(shared.layers[1].weight.data)  # tied by storage, not by Parameter
     ptrs = [p.data_ptr() for p in shared.parameters()]
-    with pytest.raises(ShiraError, match=r"'layers.1.weight' shares its storage with 'extra.weight', which overlaps it.*b.weight = a.weight"):
+    with pytest.raises(
+        ShiraError,
+        match=r"'layers.1.weight' shares its storage with 'extra.weight', which overlaps it.*b.weight = a.weight",
+    ):
         shira_hooks.pack(shared)
-    with pytest.raises(ShiraError, match=r"'layers.1.weight' shares its storage with 'extra.weight', which is not packed with it"):
+    with pytest.raises(
+        ShiraError, match=r"'layers.1.weight' shares its storage with 'extra.weight', which is not packed with it"
+    ):
         shira_hooks.pack(shared, ["layers.0", "layers.1"])
     assert ptrs == [p.data_ptr() for p in shared.parameters()]  # nothing was re-homed
 
@@ -165,7 +186,9 @@ def test_stacking_and_out_of_order_removal_on_packed_weights():
     model = make_llama()
     base = snapshot(model)
     shira_hooks.pack(model)
-    adapters = [_block_adapter(model, seed, 4, sparsity=0.2) for seed in range(3)] + [_random_adapter(model, 9, sparsity=0.1)]
+    adapters = [_block_adapter(model, seed, 4, sparsity=0.2) for seed in range(3)] + [
+        _random_adapter(model, 9, sparsity=0.1)
+    ]
     rng = random.Random(0)
     handles = []
     for step in range(1500):
@@ -397,11 +420,15 @@ def test_the_cached_switch_plan_notices_every_change_to_the_model(packed):
     weight = new.down_proj.weight
     new.down_proj.weight = nn.Parameter(weight.detach().clone())
     with apply(model, adapter):
-        assert _bits_equal(_by_hand(base, adapter), snapshot(model)) and torch.equal(weight, base["model.layers.0.mlp.down_proj.weight"])
+        assert _bits_equal(_by_hand(base, adapter), snapshot(model)) and torch.equal(
+            weight, base["model.layers.0.mlp.down_proj.weight"]
+        )
     # a delta of the adapter replaced by another object
     name = "model.layers.1.self_attn.q_proj.weight"
     delta = adapter.deltas[name]
-    adapter.deltas[name] = shira_hooks.SparseDelta(delta.shape, delta.dtype, delta.indices, delta.values * 3, delta.fingerprint, delta.block)
+    adapter.deltas[name] = shira_hooks.SparseDelta(
+        delta.shape, delta.dtype, delta.indices, delta.values * 3, delta.fingerprint, delta.block
+    )
     with apply(model, adapter):
         assert _bits_equal(_by_hand(base, adapter), snapshot(model))
     # the same storage viewed transposed (same data_ptr, other strides): the adapter follows the new layout

@@ -20,14 +20,40 @@ QUALITY = ROOT / "benchmarks" / "quality"
 
 def run_quick(tmp_path, *extra):
     return subprocess.run(
-        [sys.executable, str(QUALITY / "run.py"), "--quick", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), *extra],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            str(QUALITY / "run.py"),
+            "--quick",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "out"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
 
-METHODS = ["lora", "dora", "peft_shira", "shira_struct", "shira_rand", "shira_wm", "shira_grad", "shira_snip",
-           "shira_rand_b4", "shira_rand_b8", "shira_rand_b16", "shira_snip_b4", "shira_snip_b8", "shira_snip_b16",
-           "shira_wm_dora", "shira_snip_dora"]
+METHODS = [
+    "lora",
+    "dora",
+    "peft_shira",
+    "shira_struct",
+    "shira_rand",
+    "shira_wm",
+    "shira_grad",
+    "shira_snip",
+    "shira_rand_b4",
+    "shira_rand_b8",
+    "shira_rand_b16",
+    "shira_snip_b4",
+    "shira_snip_b8",
+    "shira_snip_b16",
+    "shira_wm_dora",
+    "shira_snip_dora",
+]
 FEWER = {"shira_rand_b4": 1, "shira_snip_b8": 1}  # --method-seeds: these train one seed, the others two
 
 
@@ -48,12 +74,26 @@ def switch_times_json(path: Path) -> dict:
     args = argparse.Namespace(threads=1, layers=2, sparsity=0.01, llama=False, warmup=1, repeats=3, budget=0.2)
     threads = torch.get_num_threads()
     try:
-        cases = [c for c in switch_model.cases(False, False, [1, 4, 8, 16]) if c["dtype"] == "float32" and c["method"] in ("shira", "shira_packed")]
+        cases = [
+            c
+            for c in switch_model.cases(False, False, [1, 4, 8, 16])
+            if c["dtype"] == "float32" and c["method"] in ("shira", "shira_packed")
+        ]
         results = {c["key"]: switch_model.summarize([switch_model.worker(c, args)["samples"]]) for c in cases}
     finally:
         torch.set_num_threads(threads)  # the worker sets the thread count of this process
-    saved = {"command": "switch_model.worker at 2 layers (tests/test_quality.py)", "machine": machine(), "layers": 2, "targets": 2 * 7,
-             "sparsity": 0.01, "llama": False, "load_before": "-", "load_after": "-", "cases": cases, "results": results}
+    saved = {
+        "command": "switch_model.worker at 2 layers (tests/test_quality.py)",
+        "machine": machine(),
+        "layers": 2,
+        "targets": 2 * 7,
+        "sparsity": 0.01,
+        "llama": False,
+        "load_before": "-",
+        "load_after": "-",
+        "cases": cases,
+        "results": results,
+    }
     path.write_text(json.dumps(saved))
     return saved
 
@@ -78,15 +118,30 @@ def quick(tmp_path_factory) -> QuickRun:
     pytest.importorskip("matplotlib")
     folder = tmp_path_factory.mktemp("quality")
     switch = switch_times_json(folder / "switch_model.json")
-    run_quick(folder, "--lazy-test", "--method-seeds", *(f"{m}={n}" for m, n in FEWER.items()), "--switch-times", str(folder / "switch_model.json"))
+    run_quick(
+        folder,
+        "--lazy-test",
+        "--method-seeds",
+        *(f"{m}={n}" for m, n in FEWER.items()),
+        "--switch-times",
+        str(folder / "switch_model.json"),
+    )
     out = folder / "out"
-    return QuickRun(folder, json.loads((out / "results.json").read_text()), (out / "RESULTS.md").read_text(), (out / "quality.png").read_bytes(), switch)
+    return QuickRun(
+        folder,
+        json.loads((out / "results.json").read_text()),
+        (out / "RESULTS.md").read_text(),
+        (out / "quality.png").read_bytes(),
+        switch,
+    )
 
 
 @pytest.fixture(scope="module")
 def rerun(quick) -> tuple[str, dict]:
     """A rerun on the same cache, one method's seed limit lifted: (its output, the results it leaves)."""
-    again = run_quick(quick.folder, "--lazy-test", "--method-seeds", "shira_snip_b8=1", "--stages", "grid", "seeds", "test", "fusion")
+    again = run_quick(
+        quick.folder, "--lazy-test", "--method-seeds", "shira_snip_b8=1", "--stages", "grid", "seeds", "test", "fusion"
+    )
     return again, json.loads((quick.folder / "out" / "results.json").read_text())
 
 
@@ -154,11 +209,21 @@ def test_fusion_covers_every_method_and_seed_and_changes_at_most_the_union(quick
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_cost_is_measured(quick, kind):
     r = quick.results["models"][kind]
-    assert [c["method"] for c in r["cost"]] == ["shira_rand"] and r["cost"][0]["peak_rss_mb"] > 0 and r["cost"][0]["steps"] == 3
+    assert (
+        [c["method"] for c in r["cost"]] == ["shira_rand"]
+        and r["cost"][0]["peak_rss_mb"] > 0
+        and r["cost"][0]["steps"] == 3
+    )
 
 
 def test_report_has_every_section_per_model_and_the_plot(quick):
-    for heading in ("### 1. Single adapters", "### 2. Multi-adapter fusion", "### 3. Weights changed", "### 4. Training cost", "### 5. The paper's claims"):
+    for heading in (
+        "### 1. Single adapters",
+        "### 2. Multi-adapter fusion",
+        "### 3. Weights changed",
+        "### 4. Training cost",
+        "### 5. The paper's claims",
+    ):
         assert quick.report.count(heading) == 2
     assert quick.plot[:4] == b"\x89PNG"
     assert "| PEFT DoRA |" in quick.report
@@ -172,7 +237,9 @@ def test_switch_times_travel_into_results_json(quick):
     assert sorted(copied["blocks"], key=int) == ["1", "4", "8", "16"]
     for block, times in copied["blocks"].items():
         for which, method in (("packed", "shira_packed"), ("per_weight", "shira")):
-            assert times[which] == {k: switch["results"][f"float32/{method}/b{block}/unset"][k] for k in ("median", "min", "max", "n")}
+            assert times[which] == {
+                k: switch["results"][f"float32/{method}/b{block}/unset"][k] for k in ("median", "min", "max", "n")
+            }
 
 
 def test_every_interval_of_the_report_contains_its_mean(quick):
@@ -185,14 +252,23 @@ def test_claims_are_judged_by_the_paired_test_or_marked_not_judged(quick):
     text = quick.report
     for method in ("shira_hooks wm", "PEFT SHiRA (rand)", "shira_hooks snip block=16"):
         line = next(x for x in text.splitlines() if x.startswith(f"- Single tasks, {method} vs PEFT LoRA: "))
-        assert INTERVAL.search(line) and re.search(r"p = [\d.e-]+ \(2 seeds x 36 test examples\): (no significant difference|above|below)", line)
+        assert INTERVAL.search(line) and re.search(
+            r"p = [\d.e-]+ \(2 seeds x 36 test examples\): (no significant difference|above|below)", line
+        )
     line = next(x for x in text.splitlines() if x.startswith("- Single tasks, shira_hooks rand block=4 vs PEFT LoRA: "))
     assert "(1 seed x 36 test examples): not judged, one seed" in line
-    assert text.count("- Fusion drop, shira_hooks wm vs PEFT LoRA: ") == 2 and text.count("- Weights changed by fusion, shira_hooks rand vs PEFT LoRA: ") == 2
+    assert (
+        text.count("- Fusion drop, shira_hooks wm vs PEFT LoRA: ") == 2
+        and text.count("- Weights changed by fusion, shira_hooks rand vs PEFT LoRA: ") == 2
+    )
     # the quick run trains shira_wm_dora and shira_snip_dora: each is judged against PEFT DoRA like the others against LoRA
     dora = [x for x in text.splitlines() if x.startswith("- Single tasks, ") and " vs PEFT DoRA: " in x]
     assert len(dora) == 2 * 2 and "- **SHiRA-DoRA vs DoRA**: no `shira_<mask>_dora` rows" not in text
-    assert all(INTERVAL.search(x) and re.search(r"p = [\d.e-]+ \(2 seeds x 36 test examples\): (no significant difference|above|below)", x) for x in dora)
+    assert all(
+        INTERVAL.search(x)
+        and re.search(r"p = [\d.e-]+ \(2 seeds x 36 test examples\): (no significant difference|above|below)", x)
+        for x in dora
+    )
 
 
 def test_block_size_table_and_pareto_figure(quick):
@@ -202,18 +278,26 @@ def test_block_size_table_and_pareto_figure(quick):
     for mask in ("rand", "snip"):
         for block in (1, 4, 8, 16):
             packed = copied["blocks"][str(block)]["packed"]
-            assert text.count(f"| {mask} | {block} | ") == 2 and text.count(f"| {1e3 * packed['median']:.1f} ({1e3 * packed['min']:.1f}-") >= 2
+            assert (
+                text.count(f"| {mask} | {block} | ") == 2
+                and text.count(f"| {1e3 * packed['median']:.1f} ({1e3 * packed['min']:.1f}-") >= 2
+            )
 
 
 def test_a_rerun_trains_only_what_is_not_cached(quick, rerun):
     """Here only shira_rand_b4's second seed (no longer limited to one), and the test and fusion stages take it up."""
     again, results = rerun
     trained = [line.split()[:4] for line in again.splitlines() if " val " in line]
-    assert sorted(trained) == sorted([kind, t, "shira_rand_b4", "lr=" + f"{quick.results['models'][kind]['chosen_lr']['shira_rand_b4']:g}"]
-                                     for kind in KINDS for t in quick.results["models"][kind]["tasks"])
+    assert sorted(trained) == sorted(
+        [kind, t, "shira_rand_b4", "lr=" + f"{quick.results['models'][kind]['chosen_lr']['shira_rand_b4']:g}"]
+        for kind in KINDS
+        for t in quick.results["models"][kind]["tasks"]
+    )
     tested = [line.split()[2:5] for line in again.splitlines() if "(fresh base model" in line]
     assert tested == [["shira_rand_b4", line[3], "seed=1"] for line in trained]
-    assert [line.split()[1:4] for line in again.splitlines() if " fused " in line] == [["fused", "shira_rand_b4", "seed=1"]] * 2
+    assert [line.split()[1:4] for line in again.splitlines() if " fused " in line] == [
+        ["fused", "shira_rand_b4", "seed=1"]
+    ] * 2
     assert {f["seed"] for f in results["models"]["lm"]["fusion"] if f["method"] == "shira_rand_b4"} == {0, 1}
     assert results["switch_times"] == quick.results["switch_times"]  # kept by a run without --switch-times
 
@@ -223,19 +307,53 @@ def test_merge_adds_one_method_at_a_given_rate_and_retrains_nothing_else(quick, 
     results = rerun[1]
     folder = quick.folder
     added = subprocess.run(
-        [sys.executable, str(QUALITY / "run.py"), "--quick", "--models", "encoder", "--methods", "shira_rand_b16", "--lr", "shira_rand_b16=0.03",
-         "--stages", "grid", "seeds", "fusion", "report", "--merge", str(folder / "out" / "results.json"),
-         "--cache", str(folder / "cache2"), "--out", str(folder / "out2")], capture_output=True, text=True, check=True).stdout
+        [
+            sys.executable,
+            str(QUALITY / "run.py"),
+            "--quick",
+            "--models",
+            "encoder",
+            "--methods",
+            "shira_rand_b16",
+            "--lr",
+            "shira_rand_b16=0.03",
+            "--stages",
+            "grid",
+            "seeds",
+            "fusion",
+            "report",
+            "--merge",
+            str(folder / "out" / "results.json"),
+            "--cache",
+            str(folder / "cache2"),
+            "--out",
+            str(folder / "out2"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     quick_encoder = results["models"]["encoder"]
-    assert " head " not in added and " lora " not in added and added.count(" val ") == len(quick_encoder["seeds"]) * len(quick_encoder["tasks"])
+    assert (
+        " head " not in added
+        and " lora " not in added
+        and added.count(" val ") == len(quick_encoder["seeds"]) * len(quick_encoder["tasks"])
+    )
     merged = json.loads((folder / "out2" / "results.json").read_text())
     assert merged["models"]["lm"] == results["models"]["lm"]
     assert merged["switch_times"] == quick.results["switch_times"]
     encoder, before = merged["models"]["encoder"], results["models"]["encoder"]
-    assert encoder["chosen_lr"] == {**before["chosen_lr"], "shira_rand_b16": 0.03} and encoder["fixed_lr"] == {"shira_rand_b16": 0.03}
-    assert [c for c in encoder["cells"] if c["method"] != "shira_rand_b16"] == [c for c in before["cells"] if c["method"] != "shira_rand_b16"]
+    assert encoder["chosen_lr"] == {**before["chosen_lr"], "shira_rand_b16": 0.03} and encoder["fixed_lr"] == {
+        "shira_rand_b16": 0.03
+    }
+    assert [c for c in encoder["cells"] if c["method"] != "shira_rand_b16"] == [
+        c for c in before["cells"] if c["method"] != "shira_rand_b16"
+    ]
     assert {c["lr"] for c in encoder["cells"] if c["method"] == "shira_rand_b16"} == {0.03}
-    assert "Not on the grid (`--lr`, the rate of the same mask without blocks): shira_hooks rand block=16 0.03." in (folder / "out2" / "RESULTS.md").read_text()
+    assert (
+        "Not on the grid (`--lr`, the rate of the same mask without blocks): shira_hooks rand block=16 0.03."
+        in (folder / "out2" / "RESULTS.md").read_text()
+    )
 
 
 def quality_modules():
@@ -248,13 +366,25 @@ def quality_modules():
 
 def test_split_keeps_the_training_rows_and_the_same_test_rows():
     _, tasks = quality_modules()
-    rows = [{"input": f"row {i}", "options": ["a", "b"], "answer": i % 2} for i in range(693)]  # intent_recognition's size
+    rows = [
+        {"input": f"row {i}", "options": ["a", "b"], "answer": i % 2} for i in range(693)
+    ]  # intent_recognition's size
     encoder = tasks.split("t", rows, test=300, val=150, train=300)
     lm = tasks.split("t", rows, test=300, val=40, train=300)
-    assert encoder.sizes == {"train": 300, "val": 150, "test": 243} and lm.sizes == {"train": 353, "val": 40, "test": 300}
-    assert lm.test[:243] == encoder.test and {r["input"] for r in lm.train + lm.val + lm.test} == {r["input"] for r in rows}
-    assert tasks.split("t", rows, test=300, val=40, train=300).test_digest() == lm.test_digest() != encoder.test_digest()
-    with pytest.raises(ValueError, match="task 't' has 693 rows: too few for 150 validation rows, at least 543 training rows"):
+    assert encoder.sizes == {"train": 300, "val": 150, "test": 243} and lm.sizes == {
+        "train": 353,
+        "val": 40,
+        "test": 300,
+    }
+    assert lm.test[:243] == encoder.test and {r["input"] for r in lm.train + lm.val + lm.test} == {
+        r["input"] for r in rows
+    }
+    assert (
+        tasks.split("t", rows, test=300, val=40, train=300).test_digest() == lm.test_digest() != encoder.test_digest()
+    )
+    with pytest.raises(
+        ValueError, match="task 't' has 693 rows: too few for 150 validation rows, at least 543 training rows"
+    ):
         tasks.split("t", rows, test=300, val=150, train=543)
 
 
@@ -357,8 +487,12 @@ def test_switch_times_refuses_a_file_without_them(tmp_path):
     sys.path[:0] = [str(QUALITY), str(ROOT)]
     import blocks
 
-    (tmp_path / "bench.json").write_text(json.dumps({"results": {"float32/addmm/b1/unset": {"median": 0.1, "min": 0.1, "max": 0.1, "n": 3}}}))
-    with pytest.raises(SystemExit, match=r"bench.json: no float32 shira_hooks switch times in it .* --blocks 1 4 8 16 --json PATH"):
+    (tmp_path / "bench.json").write_text(
+        json.dumps({"results": {"float32/addmm/b1/unset": {"median": 0.1, "min": 0.1, "max": 0.1, "n": 3}}})
+    )
+    with pytest.raises(
+        SystemExit, match=r"bench.json: no float32 shira_hooks switch times in it .* --blocks 1 4 8 16 --json PATH"
+    ):
         blocks.read_switch_times(tmp_path / "bench.json")
     with pytest.raises(SystemExit, match=r"missing.json: cannot read it as JSON"):
         blocks.read_switch_times(tmp_path / "missing.json")

@@ -64,8 +64,15 @@ def setup_trainer() -> dict:
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir="out", max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no",
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir="out",
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     data = [{"input_ids": row, "labels": row} for batch in llama_batches(4) for row in batch["input_ids"]]
     return {**setup_llama(), "Trainer": Trainer, "args": args, "data": data}
@@ -75,13 +82,17 @@ SETUPS = {"llama": setup_llama, "adapters": setup_adapters, "trainer": setup_tra
 
 
 # ------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("marker, code", [(m, c) for _, m, c in readme_blocks()], ids=[i for i, _, _ in readme_blocks()])
+@pytest.mark.parametrize(
+    "marker, code", [(m, c) for _, m, c in readme_blocks()], ids=[i for i, _, _ in readme_blocks()]
+)
 def test_readme_block_runs(marker, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # files a block writes land in an empty folder
     namespace: dict = {"__name__": "__readme__"}
     if marker is not None:
         kind = re.fullmatch(r"(skip|setup=(\w+))(?: \((.*)\))?", marker)
-        assert kind is not None, f"unknown readme-test marker {marker!r}; use 'skip (reason)' or 'setup=NAME (what it defines)'"
+        assert kind is not None, (
+            f"unknown readme-test marker {marker!r}; use 'skip (reason)' or 'setup=NAME (what it defines)'"
+        )
         if kind[1] == "skip":
             assert kind[3], "a skipped block needs a reason: <!-- readme-test: skip (reason) -->"
             pytest.skip(f"documentation block not run: {kind[3]}")

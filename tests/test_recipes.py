@@ -25,7 +25,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path: Path, recipe: str, *args: str, launcher: tuple[str, ...] = (sys.executable,)) -> tuple[list[dict], str, str]:
+def _run(
+    tmp_path: Path, recipe: str, *args: str, launcher: tuple[str, ...] = (sys.executable,)
+) -> tuple[list[dict], str, str]:
     """Runs ``recipe`` with ``args`` (under ``launcher``) in ``tmp_path``: (each rank's result, stdout, stderr)."""
     command = [*launcher, str(DRIVER), str(tmp_path / "result-{rank}.json"), recipe, *args]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -71,7 +73,10 @@ def test_hf_trainer_recipe_with_accelerate_launch(tmp_path):
     assert results[1]["accuracy_after"] is None and results[1]["adapter"] is None
     assert out.count("accuracy after: ") == 1  # and only it prints its report
     assert results[0]["changed_outside"] == []
-    assert results[0]["adapter"] == str(tmp_path / "run" / "shira_adapter.safetensors") and Path(results[0]["adapter"]).exists()
+    assert (
+        results[0]["adapter"] == str(tmp_path / "run" / "shira_adapter.safetensors")
+        and Path(results[0]["adapter"]).exists()
+    )
 
 
 def test_diffusers_recipe_tiny(tmp_path):
@@ -79,7 +84,11 @@ def test_diffusers_recipe_tiny(tmp_path):
     [result], _, _ = _run(tmp_path, "diffusers_unet", "--tiny", "--output-dir", str(tmp_path / "run"))
     assert result["channels_last"] == [33, 33]  # every conv weight channels_last
     for trained in result["adapters"].values():
-        assert trained["targets"] == {"Conv2d": 33, "Linear": 50} and trained["weights"] == 83 and trained["num_trainable"] == 7851
+        assert (
+            trained["targets"] == {"Conv2d": 33, "Linear": 50}
+            and trained["weights"] == 83
+            and trained["num_trainable"] == 7851
+        )
         assert trained["changed_outside"] == []
     losses = result["held_out_loss"]  # "base", "a", "b" active -> held-out loss on style a, b
     assert losses["a"][0] < losses["base"][0] and losses["b"][1] < losses["base"][1]  # each adapter learned its style

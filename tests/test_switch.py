@@ -47,7 +47,9 @@ def _random_adapter(model, seed, sparsity=0.05, scale=0.1):
         k = max(1, int(sparsity * param.numel()))
         index = torch.randperm(param.numel(), generator=g)[:k].sort().values
         base = param.detach().reshape(-1)[index]
-        deltas[name] = SparseDelta(tuple(param.shape), param.dtype, index.int(), torch.randn(k, generator=g) * scale, digest(base))
+        deltas[name] = SparseDelta(
+            tuple(param.shape), param.dtype, index.int(), torch.randn(k, generator=g) * scale, digest(base)
+        )
     return SparseAdapter(deltas, {"mask": "rand"})
 
 
@@ -144,10 +146,26 @@ def test_overlap_known_answer():
 def _mutations(adapter, name):
     delta = adapter.deltas[name]
     return {
-        "missing module": ({"nope." + name: delta}, r"adapter module 'nope\..*' is not a parameter of the model.*strict=False"),
-        "shape": ({name: SparseDelta((2 * delta.shape[0], delta.shape[1]), delta.dtype, delta.indices, delta.values, delta.fingerprint)}, r"has shape \[\d+, \d+\], the model's weight is"),
-        "dtype": ({name: SparseDelta(delta.shape, torch.bfloat16, delta.indices, delta.values, delta.fingerprint)}, r"was trained on a bfloat16 weight, the model's is float32"),
-        "fingerprint": ({name: SparseDelta(delta.shape, delta.dtype, delta.indices, delta.values, "0" * 16)}, r"do not match the adapter's fingerprint"),
+        "missing module": (
+            {"nope." + name: delta},
+            r"adapter module 'nope\..*' is not a parameter of the model.*strict=False",
+        ),
+        "shape": (
+            {
+                name: SparseDelta(
+                    (2 * delta.shape[0], delta.shape[1]), delta.dtype, delta.indices, delta.values, delta.fingerprint
+                )
+            },
+            r"has shape \[\d+, \d+\], the model's weight is",
+        ),
+        "dtype": (
+            {name: SparseDelta(delta.shape, torch.bfloat16, delta.indices, delta.values, delta.fingerprint)},
+            r"was trained on a bfloat16 weight, the model's is float32",
+        ),
+        "fingerprint": (
+            {name: SparseDelta(delta.shape, delta.dtype, delta.indices, delta.values, "0" * 16)},
+            r"do not match the adapter's fingerprint",
+        ),
     }
 
 
@@ -357,7 +375,9 @@ def test_cache_is_bounded_and_clear_cache_drops_it(monkeypatch):
     base = snapshot(model)
     adapters = [_random_adapter(model, seed, sparsity=0.2) for seed in range(10)]
     hashed = []
-    monkeypatch.setattr(shira_hooks.serve.switch, "digest", lambda values: hashed.append(values.numel()) or digest(values))
+    monkeypatch.setattr(
+        shira_hooks.serve.switch, "digest", lambda values: hashed.append(values.numel()) or digest(values)
+    )
     for adapter in adapters:
         with apply(model, adapter):
             pass

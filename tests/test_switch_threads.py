@@ -29,7 +29,9 @@ def _adapters(model: nn.Module, count: int, sparsity: float = 0.2) -> list[Spars
                 k = int(sparsity * param.numel())
                 index = torch.randperm(param.numel(), generator=g)[:k].sort().values
                 base = param.detach().reshape(-1)[index]
-                deltas[name] = SparseDelta(tuple(param.shape), param.dtype, index.int(), torch.randn(k, generator=g), digest(base))
+                deltas[name] = SparseDelta(
+                    tuple(param.shape), param.dtype, index.int(), torch.randn(k, generator=g), digest(base)
+                )
         adapters.append(SparseAdapter(deltas))
     return adapters
 

@@ -19,7 +19,8 @@ def _tiny_bert():
 def _weights_under_encoder(model):
     """Parameter names of every module weight under ``encoder.``: its Linear and LayerNorm layers."""
     names = [
-        f"{name}.weight" for name, module in model.named_modules()
+        f"{name}.weight"
+        for name, module in model.named_modules()
         if name.startswith("encoder.") and isinstance(getattr(module, "weight", None), nn.Parameter)
     ]
     assert all(isinstance(model.get_submodule(n.removesuffix(".weight")), (nn.Linear, nn.LayerNorm)) for n in names)
@@ -65,7 +66,10 @@ def test_every_kind_of_spec_skips_modules_without_a_weight(spec):
 def test_only_containers_matched_still_lists_the_modules_with_weights():
     model = _tiny_bert()
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    with pytest.raises(ShiraError, match=r"target_modules='encoder\\\\.layer' matched no module with a weight; modules with weights include: embeddings.word_embeddings"):
+    with pytest.raises(
+        ShiraError,
+        match=r"target_modules='encoder\\\\.layer' matched no module with a weight; modules with weights include: embeddings.word_embeddings",
+    ):
         shira_hooks.attach(model, 0.05, "rand", target_modules=r"encoder\.layer")
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
 
@@ -81,7 +85,10 @@ class _Quantized(nn.Module):
 def test_a_matched_weight_that_cannot_train_still_raises():
     model = nn.Sequential(nn.Linear(4, 4), _Quantized(), nn.Embedding(10, 4, sparse=True))
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    with pytest.raises(ShiraError, match=r"target module '1' \(_Quantized\) has a torch.int8 weight; only floating-point weights can be trained"):
+    with pytest.raises(
+        ShiraError,
+        match=r"target module '1' \(_Quantized\) has a torch.int8 weight; only floating-point weights can be trained",
+    ):
         shira_hooks.attach(model, 0.5, "rand", target_modules=r"\d")
     with pytest.raises(ShiraError, match=r"target module '2' is an nn.Embedding with sparse=True"):
         shira_hooks.attach(model, 0.5, "rand", target_modules=["0", nn.Embedding])

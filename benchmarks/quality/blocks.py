@@ -46,12 +46,23 @@ def read_switch_times(path: Path) -> dict:
         if match := KEY.fullmatch(key):
             blocks.setdefault(match[2], {})[SWITCHES[match[1]]] = {k: summary[k] for k in ("median", "min", "max", "n")}
     if not blocks:
-        raise SystemExit(f"--switch-times {path}: no float32 shira_hooks switch times in it (keys like float32/shira_packed/b16/unset "
-                         f"under 'results'); {fix}")
-    return {"source": str(path), "command": saved.get("command"), "machine": saved.get("machine"), "layers": saved.get("layers"),
-            "targets": saved.get("targets"), "sparsity": saved.get("sparsity"), "llama": saved.get("llama"), "dtype": "float32",
-            "load_before": saved.get("load_before"), "load_after": saved.get("load_after"),
-            "blocks": {b: blocks[b] for b in sorted(blocks, key=int)}}
+        raise SystemExit(
+            f"--switch-times {path}: no float32 shira_hooks switch times in it (keys like float32/shira_packed/b16/unset "
+            f"under 'results'); {fix}"
+        )
+    return {
+        "source": str(path),
+        "command": saved.get("command"),
+        "machine": saved.get("machine"),
+        "layers": saved.get("layers"),
+        "targets": saved.get("targets"),
+        "sparsity": saved.get("sparsity"),
+        "llama": saved.get("llama"),
+        "dtype": "float32",
+        "load_before": saved.get("load_before"),
+        "load_after": saved.get("load_after"),
+        "blocks": {b: blocks[b] for b in sorted(blocks, key=int)},
+    }
 
 
 def variants(r: dict) -> list[tuple[str, int, str]]:
@@ -80,7 +91,12 @@ def versus_block_1(r: dict, method: str, plain: str, kind: str) -> str:
         return f"not tested ({why})"
     _, category = judge(comparison, why, "above", "below")
     interval = comparison.paired.interval
-    mark = {"above": "higher", "below": "lower", "level": "no significant difference", "not judged": "one seed: not judged"}[category]
+    mark = {
+        "above": "higher",
+        "below": "lower",
+        "level": "no significant difference",
+        "not judged": "one seed: not judged",
+    }[category]
     return f"{points(interval.mean)} [{points(interval.low)}, {points(interval.high)}], {p_text(comparison.paired.p)} ({mark})"
 
 
@@ -89,29 +105,44 @@ def section(r: dict, switch: dict | None) -> list[str]:
     rows = variants(r)
     if not any(block > 1 for _, block, _ in rows):
         return []
-    lines = ["", "### 6. Block size: accuracy against switch time", "",
-             "rand and snip masks at block 1 (unstructured), 4, 8 and 16 (aligned runs of that many entries of a row; float32). "
-             "Accuracy: test accuracy averaged over tasks, mean ± seed std [95% bootstrap interval]; vs block 1: the paired "
-             "difference from the same mask without blocks on the same examples and seeds, [interval], p of the sign-flip test "
-             "(see the claims above)."]
+    lines = [
+        "",
+        "### 6. Block size: accuracy against switch time",
+        "",
+        "rand and snip masks at block 1 (unstructured), 4, 8 and 16 (aligned runs of that many entries of a row; float32). "
+        "Accuracy: test accuracy averaged over tasks, mean ± seed std [95% bootstrap interval]; vs block 1: the paired "
+        "difference from the same mask without blocks on the same examples and seeds, [interval], p of the sign-flip test "
+        "(see the claims above).",
+    ]
     if switch:
         machine = switch.get("machine") or {}
-        lines += ["", f"Switch time: one whole-model adapter switch (`remove()` one adapter, `apply()` another; rand masks at "
-                      f"{switch.get('sparsity')} of each weight) on the {switch.get('targets')} target weights of SmolLM2-135M's config "
-                      f"({switch.get('layers')} layers), float32, median (min-max) ms; packed: after `shira_hooks.pack` (one write per "
-                      f"arena), per weight: one write per weight. From `{switch.get('command')}` on {machine.get('cpu', '?')} "
-                      f"(torch threads {machine.get('torch_threads', '?')}, load average {switch.get('load_before')} before), copied into "
-                      f"results.json by `run.py --switch-times`. Figure: `pareto.png`."]
+        lines += [
+            "",
+            f"Switch time: one whole-model adapter switch (`remove()` one adapter, `apply()` another; rand masks at "
+            f"{switch.get('sparsity')} of each weight) on the {switch.get('targets')} target weights of SmolLM2-135M's config "
+            f"({switch.get('layers')} layers), float32, median (min-max) ms; packed: after `shira_hooks.pack` (one write per "
+            f"arena), per weight: one write per weight. From `{switch.get('command')}` on {machine.get('cpu', '?')} "
+            f"(torch threads {machine.get('torch_threads', '?')}, load average {switch.get('load_before')} before), copied into "
+            f"results.json by `run.py --switch-times`. Figure: `pareto.png`.",
+        ]
     else:
-        lines += ["", "No switch times in results.json: add them with `run.py --stages report --switch-times SWITCH_MODEL.json`."]
-    lines += ["", "| mask | block | seeds | single-task avg % | vs block 1 | fused avg % | vs block 1 | switch ms, packed | switch ms, per weight |",
-              "|---|---:|---:|---:|---|---:|---|---:|---:|"]
+        lines += [
+            "",
+            "No switch times in results.json: add them with `run.py --stages report --switch-times SWITCH_MODEL.json`.",
+        ]
+    lines += [
+        "",
+        "| mask | block | seeds | single-task avg % | vs block 1 | fused avg % | vs block 1 | switch ms, packed | switch ms, per weight |",
+        "|---|---:|---:|---:|---|---:|---|---:|---:|",
+    ]
     for mask, block, method in rows:
         plain = f"shira_{mask}"
         single, fused = E.per_seed_average(r, method), E.fused_average(r, method)
-        lines.append(f"| {mask} | {block} | {len(single)} | {E.with_interval(single, E.average_groups(r, method, 'single'))} | "
-                     f"{versus_block_1(r, method, plain, 'single')} | {E.with_interval(fused, E.average_groups(r, method, 'fused'))} | "
-                     f"{versus_block_1(r, method, plain, 'fused')} | {switch_ms(switch, block, 'packed')} | {switch_ms(switch, block, 'per_weight')} |")
+        lines.append(
+            f"| {mask} | {block} | {len(single)} | {E.with_interval(single, E.average_groups(r, method, 'single'))} | "
+            f"{versus_block_1(r, method, plain, 'single')} | {E.with_interval(fused, E.average_groups(r, method, 'fused'))} | "
+            f"{versus_block_1(r, method, plain, 'fused')} | {switch_ms(switch, block, 'packed')} | {switch_ms(switch, block, 'per_weight')} |"
+        )
     return lines
 
 
@@ -140,13 +171,17 @@ def pareto(results: dict, path: Path) -> bool:
                         continue
                     groups = E.average_groups(r, method, "single" if series is E.per_seed_average else "fused")
                     mean = sum(values) / len(values)
-                    interval = stats.bootstrap(groups) if groups else stats.Interval(mean, mean, mean)  # no outcomes: no bar
+                    interval = (
+                        stats.bootstrap(groups) if groups else stats.Interval(mean, mean, mean)
+                    )  # no outcomes: no bar
                     low, high = interval.low, interval.high
                     points_.append((1e3 * s["median"], 100 * mean, 100 * (mean - low), 100 * (high - mean), block))
                 if not points_:
                     continue
                 xs, ys, below, above, sizes = zip(*points_)
-                ax.errorbar(xs, ys, yerr=[below, above], fmt=style + "o", color=color, capsize=3, label=f"{mask}, {what}")
+                ax.errorbar(
+                    xs, ys, yerr=[below, above], fmt=style + "o", color=color, capsize=3, label=f"{mask}, {what}"
+                )
                 for x, y, size in zip(xs, ys, sizes):
                     ax.annotate(f"b{size}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=color)
         ax.set_xscale("log")
@@ -154,7 +189,10 @@ def pareto(results: dict, path: Path) -> bool:
         ax.set_xticks(ticks, [f"{t:.1f}" for t in ticks])  # the measured times themselves, not powers of ten
         ax.minorticks_off()
         ax.set_title(r["model"], fontsize=10)
-        ax.set_xlabel(f"whole-model switch (packed, float32), ms, log scale; SmolLM2-135M config, {switch.get('targets')} weights", fontsize=9)
+        ax.set_xlabel(
+            f"whole-model switch (packed, float32), ms, log scale; SmolLM2-135M config, {switch.get('targets')} weights",
+            fontsize=9,
+        )
         ax.set_ylabel("test accuracy (%), average over tasks\nbars: 95% bootstrap interval", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()

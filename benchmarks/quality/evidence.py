@@ -118,7 +118,13 @@ def fused_task_groups(r: dict, method: str, task: str) -> list[np.ndarray] | Non
 def average_groups(r: dict, method: str, kind: str) -> list[np.ndarray] | None:
     """The outcomes behind a task-averaged value (single, fused or drop) over every seed it is shown for,
     or None if one of those seeds lacks them."""
-    shown = len(per_seed_average(r, method) if kind == "single" else fused_average(r, method) if kind == "fused" else drops(r, method))
+    shown = len(
+        per_seed_average(r, method)
+        if kind == "single"
+        else fused_average(r, method)
+        if kind == "fused"
+        else drops(r, method)
+    )
     table = outcome_table(r, method, kind)
     if not shown or len(table) != shown:
         return None
@@ -145,4 +151,6 @@ def compare(r: dict, first: str, second: str, kind: str) -> tuple[Comparison | N
     if not seeds:
         return None, f"no seed with outcomes for both ({first}: seeds {sorted(a)}, {second}: seeds {sorted(b)})"
     first_groups, second_groups = stacked(a, seeds), stacked(b, seeds)
-    return Comparison(stats.statistic(first_groups), stats.statistic(second_groups), stats.paired(first_groups, second_groups)), ""
+    return Comparison(
+        stats.statistic(first_groups), stats.statistic(second_groups), stats.paired(first_groups, second_groups)
+    ), ""

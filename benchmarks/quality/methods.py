@@ -45,10 +45,19 @@ BLOCK_MASKS = {"rand": [4, 8, 16], "snip": [4, 8, 16]}  # block variants: shira_
 # SHiRA-DoRA (paper §4.3.1), shira_<mask>_dora: attach(..., mode="sparse", dora=True), the cheap variant
 # (dora_rank=None: the k masked entries of the direction and a magnitude per output row train)
 DORA_MASKS: list[str] = ["wm", "snip"]
-METHODS = (["lora", "dora", "peft_shira"] + [f"shira_{m}" for m in SHIRA_MASKS]
-           + [f"shira_{m}_b{b}" for m, blocks in BLOCK_MASKS.items() for b in blocks] + [f"shira_{m}_dora" for m in DORA_MASKS])
-LABELS = {"lora": "PEFT LoRA", "dora": "PEFT DoRA", "peft_shira": "PEFT SHiRA (rand)", "head": "head only (frozen backbone)",
-          "zero_shot": "zero-shot (untrained)"}
+METHODS = (
+    ["lora", "dora", "peft_shira"]
+    + [f"shira_{m}" for m in SHIRA_MASKS]
+    + [f"shira_{m}_b{b}" for m, blocks in BLOCK_MASKS.items() for b in blocks]
+    + [f"shira_{m}_dora" for m in DORA_MASKS]
+)
+LABELS = {
+    "lora": "PEFT LoRA",
+    "dora": "PEFT DoRA",
+    "peft_shira": "PEFT SHiRA (rand)",
+    "head": "head only (frozen backbone)",
+    "zero_shot": "zero-shot (untrained)",
+}
 LABELS.update({f"shira_{m}": f"shira_hooks {m}" for m in SHIRA_MASKS})
 LABELS.update({f"shira_{m}_b{b}": f"shira_hooks {m} block={b}" for m, blocks in BLOCK_MASKS.items() for b in blocks})
 LABELS.update({f"shira_{m}_dora": f"shira_hooks {m} + DoRA" for m in DORA_MASKS})
@@ -102,7 +111,14 @@ class Encoder:
             from transformers import BertConfig, BertModel
 
             self.tokenizer = tiny_tokenizer()
-            self.config = BertConfig(vocab_size=len(self.tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+            self.config = BertConfig(
+                vocab_size=len(self.tokenizer),
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            )
             self._build = lambda: (torch.manual_seed(0), BertModel(self.config))[1]
             self.name = "tiny BERT (built from a config)"
         else:
@@ -139,7 +155,12 @@ class Encoder:
         """One character per row, in order: "1" where the model's answer is right, else "0"."""
         model.eval()
         hits: list[bool] = []
-        for start in tqdm(range(0, len(rows), self.eval_batch), desc=f"eval {task.name}", leave=False, disable=True if self.tiny else None):
+        for start in tqdm(
+            range(0, len(rows), self.eval_batch),
+            desc=f"eval {task.name}",
+            leave=False,
+            disable=True if self.tiny else None,
+        ):
             batch = self.batch(task, rows[start : start + self.eval_batch])
             hits += (model(batch["enc"], batch["options"]).argmax(-1) == batch["labels"]).tolist()
         model.train()
@@ -157,8 +178,18 @@ class CausalLM:
             from transformers import LlamaConfig, LlamaForCausalLM
 
             self.tokenizer = tiny_tokenizer()
-            config = LlamaConfig(vocab_size=len(self.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+            config = LlamaConfig(
+                vocab_size=len(self.tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=128,
+                pad_token_id=0,
+                bos_token_id=2,
+                eos_token_id=3,
+            )
             self._build = lambda: (torch.manual_seed(0), LlamaForCausalLM(config))[1]
             self.name = "tiny Llama (built from a config)"
         else:
@@ -197,20 +228,34 @@ class CausalLM:
         tails = [T.answer_ids(self.tokenizer, o) for o in row["options"]]
         width = max(len(t) for t in tails)
         head = T.prompt_ids(self.tokenizer, row)[-(self.max_length - width) :]
-        out = model(input_ids=torch.tensor([head]), use_cache=True, logits_to_keep=1)  # only the last position: 13% of a row's time on SmolLM2
+        out = model(
+            input_ids=torch.tensor([head]), use_cache=True, logits_to_keep=1
+        )  # only the last position: 13% of a row's time on SmolLM2
         first = torch.log_softmax(out.logits[0, -1].float(), -1)  # (V,) the first tail token
         cache = out.past_key_values
         cache.batch_repeat_interleave(len(tails))
-        ids = torch.tensor([t + [self.tokenizer.pad_token_id] * (width - len(t)) for t in tails])  # (options, width), right-padded
+        ids = torch.tensor(
+            [t + [self.tokenizer.pad_token_id] * (width - len(t)) for t in tails]
+        )  # (options, width), right-padded
         mask = torch.ones(len(tails), len(head) + width, dtype=torch.long)  # padding sits after every scored token
-        logp = torch.log_softmax(model(input_ids=ids, past_key_values=cache, attention_mask=mask).logits[:, :-1].float(), -1)  # (options, width-1, V)
-        return torch.stack([first[t[0]] + logp[i, torch.arange(len(t) - 1), torch.tensor(t[1:], dtype=torch.long)].sum() for i, t in enumerate(tails)])
+        logp = torch.log_softmax(
+            model(input_ids=ids, past_key_values=cache, attention_mask=mask).logits[:, :-1].float(), -1
+        )  # (options, width-1, V)
+        return torch.stack(
+            [
+                first[t[0]] + logp[i, torch.arange(len(t) - 1), torch.tensor(t[1:], dtype=torch.long)].sum()
+                for i, t in enumerate(tails)
+            ]
+        )
 
     @torch.no_grad()
     def correct(self, model, task: T.Task, rows: list[dict]) -> str:
         """One character per row, in order: "1" where the best-scored option is the answer, else "0"."""
         model.eval()
-        hits = [int(self.option_scores(model, r).argmax()) == r["answer"] for r in tqdm(rows, desc=f"eval {task.name}", leave=False, disable=True if self.tiny else None)]
+        hits = [
+            int(self.option_scores(model, r).argmax()) == r["answer"]
+            for r in tqdm(rows, desc=f"eval {task.name}", leave=False, disable=True if self.tiny else None)
+        ]
         model.train()
         return "".join("1" if hit else "0" for hit in hits)
 
@@ -223,7 +268,11 @@ def tiny_tokenizer():
 
 # ------------------------------------------------------------------------------------ methods
 def target_linears(root: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
-    return {n: m for n, m in root.named_modules() if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)}
+    return {
+        n: m
+        for n, m in root.named_modules()
+        if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+    }
 
 
 @dataclass
@@ -246,12 +295,24 @@ def prepare(method: str, backend, model, *, sparsity: float, seed: int, calibrat
             p.requires_grad_(False)
         return Prepared(model, [], head, 0)
     if method.startswith("shira_"):
+
         def loss_fn(_root, batch):
             return backend.loss(model, batch)
 
         mask, block, dora = shira_mask(method)
-        handle = shira_hooks.attach(root, sparsity, mask, target_modules=backend.targets, calibration=calibration,
-                                    loss_fn=loss_fn, seed=seed, mode="sparse", progress=False, block=block, **({"dora": True} if dora else {}))
+        handle = shira_hooks.attach(
+            root,
+            sparsity,
+            mask,
+            target_modules=backend.targets,
+            calibration=calibration,
+            loss_fn=loss_fn,
+            seed=seed,
+            mode="sparse",
+            progress=False,
+            block=block,
+            **({"dora": True} if dora else {}),
+        )
         params = [p for n, p in root.named_parameters() if p.requires_grad]
         trained = sum(p.numel() for p in params) if dora else handle.num_trainable  # DoRA: the magnitudes too
         return Prepared(model, params, head, trained, handle=handle)
@@ -259,7 +320,9 @@ def prepare(method: str, backend, model, *, sparsity: float, seed: int, calibrat
 
     rank = lora_rank((m.weight.shape for m in target_linears(root, backend.targets).values()), sparsity)
     if method in ("lora", "dora"):
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=backend.targets, use_dora=method == "dora")
+        config = LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=backend.targets, use_dora=method == "dora"
+        )
     elif method == "peft_shira":
         config = ShiraConfig(r=rank, target_modules=backend.targets, random_seed=seed)
     else:
@@ -317,9 +380,13 @@ def save_adapter(prepared: Prepared, method: str, path: Path) -> None:
         if "default" in getattr(module, "lora_A", {}):
             weight = _base_name(name) + ".weight"
             tensors[weight + ".lora_A"] = module.lora_A["default"].weight.detach().float().contiguous()
-            tensors[weight + ".lora_B"] = (module.lora_B["default"].weight.detach().float() * module.scaling["default"]).contiguous()
+            tensors[weight + ".lora_B"] = (
+                module.lora_B["default"].weight.detach().float() * module.scaling["default"]
+            ).contiguous()
             if "default" in module.lora_magnitude_vector:  # DoRA
-                tensors[weight + ".magnitude"] = module.lora_magnitude_vector["default"].weight.detach().float().contiguous()
+                tensors[weight + ".magnitude"] = (
+                    module.lora_magnitude_vector["default"].weight.detach().float().contiguous()
+                )
     atomic_write(path, save(tensors, metadata={"format": "lora-pairs"}))
 
 
@@ -330,9 +397,19 @@ def load_adapter(path: Path) -> SparseAdapter | dict[str, LowRank]:
             return SparseAdapter.load(path)
         keys = set(f.keys())
         names = sorted({k.rsplit(".", 1)[0] for k in keys})
-        return {n: LowRank(f.get_tensor(n + ".lora_A"), f.get_tensor(n + ".lora_B"),
-                           f.get_tensor(n + ".magnitude") if n + ".magnitude" in keys else None) for n in names}
+        return {
+            n: LowRank(
+                f.get_tensor(n + ".lora_A"),
+                f.get_tensor(n + ".lora_B"),
+                f.get_tensor(n + ".magnitude") if n + ".magnitude" in keys else None,
+            )
+            for n in names
+        }
 
 
 def head_state(backend, model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in model.head.state_dict().items()} if backend.kind == "encoder" else {}
+    return (
+        {k: v.detach().clone().contiguous() for k, v in model.head.state_dict().items()}
+        if backend.kind == "encoder"
+        else {}
+    )

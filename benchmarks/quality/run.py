@@ -68,11 +68,31 @@ CACHE = Path(os.environ.get("SHIRA_HOOKS_CACHE", Path.home() / ".cache" / "shira
 # accuracy clears the baseline and the majority answer by the widest margin, a tie going to the wider
 # margin over the majority alone (pilot.json; the table in RESULTS.md).
 CANDIDATES = {
-    "encoder": ["intent_recognition", "strategyqa", "winowhy", "epistemic_reasoning", "sports_understanding", "navigate"],
-    "lm": ["intent_recognition", "navigate", "winowhy", "epistemic_reasoning", "sports_understanding", "metaphor_boolean",
-           "hyperbaton", "reasoning_about_colored_objects", "language_identification", "social_support"],
+    "encoder": [
+        "intent_recognition",
+        "strategyqa",
+        "winowhy",
+        "epistemic_reasoning",
+        "sports_understanding",
+        "navigate",
+    ],
+    "lm": [
+        "intent_recognition",
+        "navigate",
+        "winowhy",
+        "epistemic_reasoning",
+        "sports_understanding",
+        "metaphor_boolean",
+        "hyperbaton",
+        "reasoning_about_colored_objects",
+        "language_identification",
+        "social_support",
+    ],
 }
-DEFAULT_TASKS = {"encoder": ["intent_recognition", "navigate", "winowhy"], "lm": ["intent_recognition", "winowhy", "reasoning_about_colored_objects"]}
+DEFAULT_TASKS = {
+    "encoder": ["intent_recognition", "navigate", "winowhy"],
+    "lm": ["intent_recognition", "winowhy", "reasoning_about_colored_objects"],
+}
 QUICK_TASKS = ["intent", "sentiment", "topic"]
 GRID = {"encoder": [3e-4, 1e-3, 3e-3], "lm": [3e-4, 1e-3, 3e-3]}
 # The LM's block variants train at the rate of their mask without blocks (an LM grid costs 3 cells a method).
@@ -95,7 +115,9 @@ class Run:
         self.settings = dict(QUICK if args.quick else SETTINGS[kind], sparsity=args.sparsity)
         self.backend = (M.Encoder if kind == "encoder" else M.CausalLM)(tiny=args.quick)
         self.grid = [1e-2, 3e-2] if args.quick else GRID[kind]
-        self.methods = [m for m in args.methods or M.METHODS if m in M.METHODS]  # the methods the training stages train (--methods)
+        self.methods = [
+            m for m in args.methods or M.METHODS if m in M.METHODS
+        ]  # the methods the training stages train (--methods)
         # the baseline trains unless --methods is given without it (its cells then come from --merge)
         self.train_baseline = not args.methods or baseline_of_kind(kind) in args.methods
         self.fixed_lr = dict(args.lr or [])  # --lr METHOD=RATE: no grid for that method
@@ -103,8 +125,20 @@ class Run:
         self.method_seeds = {m: self.seed_list(n) for m, n in (args.method_seeds or [])}  # --method-seeds METHOD=N
         names = args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS[kind])
         self.tasks = {n: self.load_task(n) for n in names}
-        key = json.dumps({"kind": kind, "quick": self.quick, **self.settings, "bs": self.backend.batch_size, "len": self.backend.max_length}, sort_keys=True)
-        self.folder = Path(args.cache or CACHE) / f"{kind}{'-quick' if self.quick else ''}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        key = json.dumps(
+            {
+                "kind": kind,
+                "quick": self.quick,
+                **self.settings,
+                "bs": self.backend.batch_size,
+                "len": self.backend.max_length,
+            },
+            sort_keys=True,
+        )
+        self.folder = (
+            Path(args.cache or CACHE)
+            / f"{kind}{'-quick' if self.quick else ''}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        )
 
     def seed_list(self, count: int) -> list[int]:
         return list(range(min(QUICK_SEEDS, count) if self.quick else count))
@@ -151,7 +185,9 @@ def linear_schedule(steps: int, warmup: int):
     return factor
 
 
-def train_cell(run: Run, task: T.Task, method: str, lr: float, seed: int, *, evaluate: bool = True, steps: int | None = None) -> tuple[dict, object]:
+def train_cell(
+    run: Run, task: T.Task, method: str, lr: float, seed: int, *, evaluate: bool = True, steps: int | None = None
+) -> tuple[dict, object]:
     """Train one (task, method, lr, seed); returns its record and the Prepared model."""
     backend, s = run.backend, run.settings
     steps = s["steps"] if steps is None else steps
@@ -172,11 +208,18 @@ def train_cell(run: Run, task: T.Task, method: str, lr: float, seed: int, *, eva
     times, losses = [], []
     if groups and steps:
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, max(1, round(s["warmup"] * steps))))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, linear_schedule(steps, max(1, round(s["warmup"] * steps)))
+        )
         model.train()
         # disable=None: a bar on a terminal, none in a log
-        bar = tqdm(T.batches(task.train, backend.batch_size, steps, seed=seed), total=steps, desc=f"{task.name} {method} lr={lr:g} seed={seed}",
-                   leave=False, disable=True if run.quick else None)
+        bar = tqdm(
+            T.batches(task.train, backend.batch_size, steps, seed=seed),
+            total=steps,
+            desc=f"{task.name} {method} lr={lr:g} seed={seed}",
+            leave=False,
+            disable=True if run.quick else None,
+        )
         for rows in bar:
             batch = backend.batch(task, rows)
             started = time.perf_counter()
@@ -188,8 +231,16 @@ def train_cell(run: Run, task: T.Task, method: str, lr: float, seed: int, *, eva
             times.append(time.perf_counter() - started)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        record.update(steps=steps, step_median_s=statistics.median(times), step_min_s=min(times), step_max_s=max(times), train_s=sum(times),
-                      step_times=[round(t, 4) for t in times], loss_first=statistics.fmean(losses[:10]), loss_last=statistics.fmean(losses[-10:]))
+        record.update(
+            steps=steps,
+            step_median_s=statistics.median(times),
+            step_min_s=min(times),
+            step_max_s=max(times),
+            train_s=sum(times),
+            step_times=[round(t, 4) for t in times],
+            loss_first=statistics.fmean(losses[:10]),
+            loss_last=statistics.fmean(losses[-10:]),
+        )
     if prepared.handle is not None:
         record["outside_mask_changes"] = len(prepared.handle.verify())
     if evaluate:
@@ -219,10 +270,15 @@ def cell(run: Run, task: T.Task, method: str, lr: float, seed: int) -> dict:
         atomic_write(folder / "head.safetensors", save(head))
     if prepared.handle is not None:
         prepared.handle.detach()
-    record.update(wall_s=round(time.perf_counter() - started, 2), threads=torch.get_num_threads())  # training, evaluation and saving
+    record.update(
+        wall_s=round(time.perf_counter() - started, 2), threads=torch.get_num_threads()
+    )  # training, evaluation and saving
     write_json(done, record)
-    print(f"  {run.kind:7} {task.name:22} {method:14} lr={lr:<7g} seed={seed}  val {record['val']:.3f}  test {record.get('test', float('nan')):.3f}  "
-          f"entries {record['entries']:,}  {record.get('step_median_s', 0):.3f} s/step  {record['wall_s']:.0f} s", flush=True)
+    print(
+        f"  {run.kind:7} {task.name:22} {method:14} lr={lr:<7g} seed={seed}  val {record['val']:.3f}  test {record.get('test', float('nan')):.3f}  "
+        f"entries {record['entries']:,}  {record.get('step_median_s', 0):.3f} s/step  {record['wall_s']:.0f} s",
+        flush=True,
+    )
     return record
 
 
@@ -255,9 +311,11 @@ def grid_of(run: Run, method: str) -> list[float]:
         return run.grid
     lr = chosen_lr(run, source)
     if lr is None:
-        raise SystemExit(f"{method} trains at the learning rate {source} chose on the grid (on the {run.kind}, block variants have no grid "
-                         f"of their own), and the grid of {source} on {next(iter(run.tasks))} is not finished: train {source} first "
-                         f"(--methods {source} {method}), or give the rate with --lr {method}=RATE")
+        raise SystemExit(
+            f"{method} trains at the learning rate {source} chose on the grid (on the {run.kind}, block variants have no grid "
+            f"of their own), and the grid of {source} on {next(iter(run.tasks))} is not finished: train {source} first "
+            f"(--methods {source} {method}), or give the rate with --lr {method}=RATE"
+        )
     return [lr]
 
 
@@ -294,7 +352,11 @@ def trained_seeds(run: Run, task: str, method: str, lr: float | None) -> list[in
         return []
     prefix = run.cell_dir(task, method, lr, 0).name.removesuffix("0")  # "lr<rate>-seed"
     folders = (run.folder / task / method).glob(prefix + "*")
-    return sorted(int(f.name.removeprefix(prefix)) for f in folders if f.name.removeprefix(prefix).isdigit() and (f / "cell.json").exists())
+    return sorted(
+        int(f.name.removeprefix(prefix))
+        for f in folders
+        if f.name.removeprefix(prefix).isdigit() and (f / "cell.json").exists()
+    )
 
 
 # --------------------------------------------------------------------------------------- fusion
@@ -348,11 +410,16 @@ def stage_test(run: Run) -> None:
                     model, _, _ = with_adapters(run, method, [folder], seed)
                 record["test_correct"] = evaluate(run, model, task, folder)
                 record["test"] = accuracy(record["test_correct"])
-                record["test_from"] = "fresh base model" + ("" if method == baseline_of(run) else " with the saved adapter applied")
+                record["test_from"] = "fresh base model" + (
+                    "" if method == baseline_of(run) else " with the saved adapter applied"
+                )
                 record["test_wall_s"] = round(time.perf_counter() - started, 2)
                 write_json(folder / "cell.json", record)
-                print(f"  {run.kind:7} {name:22} {method:14} lr={lr:<7g} seed={seed}  test {record['test']:.3f} ({record['test_from']})  "
-                      f"{record['test_wall_s']:.0f} s", flush=True)
+                print(
+                    f"  {run.kind:7} {name:22} {method:14} lr={lr:<7g} seed={seed}  test {record['test']:.3f} ({record['test_from']})  "
+                    f"{record['test_wall_s']:.0f} s",
+                    flush=True,
+                )
 
 
 @torch.no_grad()
@@ -371,8 +438,18 @@ def fused_accuracy(run: Run, method: str, seed: int) -> dict:
     total = sum(now.numel() for now, _ in weights.values())
     correct = {n: evaluate(run, model, task, folders[n]) for n, task in run.tasks.items()}
     all_params = sum(p.numel() for p in run.backend.root(model).parameters())
-    return {"method": method, "seed": seed, "accuracy": {n: accuracy(c) for n, c in correct.items()}, "correct": correct, "changed": changed,
-            "target_weights": total, "all_weights": all_params, "entries": entries, **overlaps, "wall_s": round(time.perf_counter() - started, 2)}
+    return {
+        "method": method,
+        "seed": seed,
+        "accuracy": {n: accuracy(c) for n, c in correct.items()},
+        "correct": correct,
+        "changed": changed,
+        "target_weights": total,
+        "all_weights": all_params,
+        "entries": entries,
+        **overlaps,
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
 
 
 def sparse_overlap(adapters) -> dict:
@@ -412,8 +489,12 @@ def stage_fusion(run: Run) -> list[dict]:
             row = fused_accuracy(run, method, seed)
             rows.append(row)
             write_json(path, rows)
-            print(f"  {run.kind:7} fused {method:14} seed={seed}  " + "  ".join(f"{t} {a:.3f}" for t, a in row["accuracy"].items())
-                  + f"  changed {100 * row['changed'] / row['target_weights']:.2f}% of target weights  {row['wall_s']:.0f} s", flush=True)
+            print(
+                f"  {run.kind:7} fused {method:14} seed={seed}  "
+                + "  ".join(f"{t} {a:.3f}" for t, a in row["accuracy"].items())
+                + f"  changed {100 * row['changed'] / row['target_weights']:.2f}% of target weights  {row['wall_s']:.0f} s",
+                flush=True,
+            )
     return rows
 
 
@@ -425,14 +506,28 @@ def stage_cost(run: Run, args) -> list[dict]:
         return json.loads(path.read_text())
     rows = []
     for method in ["shira_rand"] if run.quick else M.METHODS:  # --quick: one, to keep it short
-        command = [sys.executable, __file__, "--cost-worker", method, "--models", run.kind, "--sparsity", str(args.sparsity), "--cache", str(args.cache or CACHE)]
+        command = [
+            sys.executable,
+            __file__,
+            "--cost-worker",
+            method,
+            "--models",
+            run.kind,
+            "--sparsity",
+            str(args.sparsity),
+            "--cache",
+            str(args.cache or CACHE),
+        ]
         command += ["--quick"] if run.quick else []
         command += ["--tasks", *run.tasks]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"cost of {method} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"  {run.kind:7} cost {method:12} {rows[-1]['step_median_s']:.3f} s/step  peak RSS {rows[-1]['peak_rss_mb']:,.0f} MB", flush=True)
+        print(
+            f"  {run.kind:7} cost {method:12} {rows[-1]['step_median_s']:.3f} s/step  peak RSS {rows[-1]['peak_rss_mb']:,.0f} MB",
+            flush=True,
+        )
     atomic_write(path, json.dumps(rows, indent=1).encode())
     return rows
 
@@ -477,11 +572,23 @@ def collect(run: Run) -> dict:
                 cells.append({k: v for k, v in json.loads(path.read_text()).items() if k != "step_times"})
     chosen = {m: lr for m in M.METHODS if (lr := chosen_lr(run, m)) is not None}
     return {
-        "model": run.backend.name, "settings": run.settings, "batch_size": run.backend.batch_size, "max_length": run.backend.max_length,
-        "targets": run.backend.targets, "grid": run.grid, "seeds": run.seeds, "method_seeds": run.method_seeds, "chosen_lr": chosen,
-        "fixed_lr": run.fixed_lr, "lr_from": {m: source for m in chosen if (source := rate_source(run, m)) is not None},
-        "tasks": {n: {"sizes": t.sizes, "majority": t.majority(), "labels": t.labels, "test_digest": t.test_digest()} for n, t in run.tasks.items()},
-        "cells": cells, "fusion": json.loads((run.folder / "fusion.json").read_text()) if (run.folder / "fusion.json").exists() else [],
+        "model": run.backend.name,
+        "settings": run.settings,
+        "batch_size": run.backend.batch_size,
+        "max_length": run.backend.max_length,
+        "targets": run.backend.targets,
+        "grid": run.grid,
+        "seeds": run.seeds,
+        "method_seeds": run.method_seeds,
+        "chosen_lr": chosen,
+        "fixed_lr": run.fixed_lr,
+        "lr_from": {m: source for m in chosen if (source := rate_source(run, m)) is not None},
+        "tasks": {
+            n: {"sizes": t.sizes, "majority": t.majority(), "labels": t.labels, "test_digest": t.test_digest()}
+            for n, t in run.tasks.items()
+        },
+        "cells": cells,
+        "fusion": json.loads((run.folder / "fusion.json").read_text()) if (run.folder / "fusion.json").exists() else [],
         "cost": json.loads((run.folder / "cost.json").read_text()) if (run.folder / "cost.json").exists() else [],
         "cache_folder": run.folder.name,  # under --cache: <model>-<hash of the settings>
     }
@@ -497,44 +604,90 @@ def merge(fresh: dict, earlier: dict, trained: set[str]) -> dict:
             fresh["models"][kind] = old
             continue
         for key in ("cells", "fusion", "cost"):
-            new[key] = [row for row in old[key] if row["method"] not in trained] + [row for row in new[key] if row["method"] in trained]
-        new["chosen_lr"] = {**{m: lr for m, lr in old["chosen_lr"].items() if m not in trained}, **{m: lr for m, lr in new["chosen_lr"].items() if m in trained}}
+            new[key] = [row for row in old[key] if row["method"] not in trained] + [
+                row for row in new[key] if row["method"] in trained
+            ]
+        new["chosen_lr"] = {
+            **{m: lr for m, lr in old["chosen_lr"].items() if m not in trained},
+            **{m: lr for m, lr in new["chosen_lr"].items() if m in trained},
+        }
         new["fixed_lr"] = {m: lr for m, lr in new.get("fixed_lr", {}).items() if m in trained}
     if "switch_times" in earlier:
         fresh.setdefault("switch_times", earlier["switch_times"])
     fresh["command"] = f"{earlier['command']}`, then `{fresh['command']}"
     old = earlier["machine"]
-    fresh["machine"] = {**fresh["machine"], "rows merged from the earlier run": f"cpu {old.get('cpu')}, torch_threads {old.get('torch_threads')}"}
+    fresh["machine"] = {
+        **fresh["machine"],
+        "rows merged from the earlier run": f"cpu {old.get('cpu')}, torch_threads {old.get('torch_threads')}",
+    }
     return fresh
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["encoder", "lm"], choices=["encoder", "lm"])
-    parser.add_argument("--tasks", nargs="+", help=f"BIG-bench tasks, the first one for the learning-rate grid (default {DEFAULT_TASKS}); "
-                        "with --pilot, the candidates")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        help=f"BIG-bench tasks, the first one for the learning-rate grid (default {DEFAULT_TASKS}); "
+        "with --pilot, the candidates",
+    )
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     parser.add_argument("--pilot", action="store_true", help="run the task pilot instead (writes pilot.json)")
-    parser.add_argument("--lazy-test", action="store_true", help="test only the cells at the chosen rates, from their saved adapters (saves time on the LM)")
-    parser.add_argument("--methods", nargs="+", choices=M.METHODS + ["head", "zero_shot"], help="train only these methods in the grid and "
-                        "seeds stages (to share the work between processes; default all); the baseline (head, zero_shot) only if listed")
-    parser.add_argument("--merge", type=Path, help="an earlier results.json: keep its cells, fusion and cost rows of the methods this "
-                        "run does not train (with --methods; the cost stage then runs only if asked for in --stages)")
-    parser.add_argument("--lr", nargs="+", type=lambda text: (text.split("=")[0], float(text.split("=")[1])), metavar="METHOD=RATE",
-                        help="train METHOD at RATE instead of choosing its rate on the grid (e.g. a block variant at its unstructured mask's rate)")
+    parser.add_argument(
+        "--lazy-test",
+        action="store_true",
+        help="test only the cells at the chosen rates, from their saved adapters (saves time on the LM)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=M.METHODS + ["head", "zero_shot"],
+        help="train only these methods in the grid and "
+        "seeds stages (to share the work between processes; default all); the baseline (head, zero_shot) only if listed",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="an earlier results.json: keep its cells, fusion and cost rows of the methods this "
+        "run does not train (with --methods; the cost stage then runs only if asked for in --stages)",
+    )
+    parser.add_argument(
+        "--lr",
+        nargs="+",
+        type=lambda text: (text.split("=")[0], float(text.split("=")[1])),
+        metavar="METHOD=RATE",
+        help="train METHOD at RATE instead of choosing its rate on the grid (e.g. a block variant at its unstructured mask's rate)",
+    )
     parser.add_argument("--encoder-seeds", type=int, default=3)
     parser.add_argument("--lm-seeds", type=int, default=3)
-    parser.add_argument("--method-seeds", nargs="+", type=lambda text: (text.split("=")[0], int(text.split("=")[1])), metavar="METHOD=N",
-                        help="train METHOD at N seeds instead of --encoder-seeds / --lm-seeds (e.g. the block variants at 1 seed first); "
-                        "the test and fusion stages take every seed already trained")
+    parser.add_argument(
+        "--method-seeds",
+        nargs="+",
+        type=lambda text: (text.split("=")[0], int(text.split("=")[1])),
+        metavar="METHOD=N",
+        help="train METHOD at N seeds instead of --encoder-seeds / --lm-seeds (e.g. the block variants at 1 seed first); "
+        "the test and fusion stages take every seed already trained",
+    )
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache", type=Path, help=f"cell cache (default {CACHE})")
-    parser.add_argument("--out", type=Path, help="where results.json, RESULTS.md and the plots go (default: this folder; with --quick, the cache)")
-    parser.add_argument("--quick", action="store_true", help="tiny models and synthetic tasks: the whole pipeline in seconds")
-    parser.add_argument("--switch-times", type=Path, metavar="SWITCH_MODEL_JSON", help="copy the float32 switch time per block size of "
-                        "`benchmarks/switch_model.py --blocks 1 4 8 16 --json PATH` into results.json (kept by later runs) for the block-size "
-                        "table and pareto.png")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where results.json, RESULTS.md and the plots go (default: this folder; with --quick, the cache)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny models and synthetic tasks: the whole pipeline in seconds"
+    )
+    parser.add_argument(
+        "--switch-times",
+        type=Path,
+        metavar="SWITCH_MODEL_JSON",
+        help="copy the float32 switch time per block size of "
+        "`benchmarks/switch_model.py --blocks 1 4 8 16 --json PATH` into results.json (kept by later runs) for the block-size "
+        "table and pareto.png",
+    )
     parser.add_argument("--cost-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for method in dict(args.lr or []) | dict(args.method_seeds or []):
@@ -550,7 +703,9 @@ def main(argv=None) -> int:
     import peft  # noqa: F401  (its version goes into the machine line)
     import transformers  # noqa: F401
 
-    switch_times = blocks.read_switch_times(args.switch_times) if args.switch_times else None  # a bad file stops the run before any work
+    switch_times = (
+        blocks.read_switch_times(args.switch_times) if args.switch_times else None
+    )  # a bad file stops the run before any work
 
     out = args.out or ((args.cache or CACHE) / "quick-report" if args.quick else HERE)
     out.mkdir(parents=True, exist_ok=True)
@@ -558,13 +713,19 @@ def main(argv=None) -> int:
         path = out / "pilot.json"
         pilot = json.loads(path.read_text()) if path.exists() else {}
         for kind in args.models:
-            pilot[kind] = {"command": command_line("python benchmarks/quality/run.py", argv), **stage_pilot(Run(kind, args), args.tasks or CANDIDATES[kind])}
+            pilot[kind] = {
+                "command": command_line("python benchmarks/quality/run.py", argv),
+                **stage_pilot(Run(kind, args), args.tasks or CANDIDATES[kind]),
+            }
             atomic_write(path, json.dumps(pilot, indent=1).encode())
         return 0
     results = {"command": command_line("python benchmarks/quality/run.py", argv), "machine": machine(), "models": {}}
     for kind in args.models:
         run = Run(kind, args)
-        print(f"== {run.backend.name}: tasks {', '.join(f'{n} {t.sizes}' for n, t in run.tasks.items())}; cache {run.folder}", flush=True)
+        print(
+            f"== {run.backend.name}: tasks {', '.join(f'{n} {t.sizes}' for n, t in run.tasks.items())}; cache {run.folder}",
+            flush=True,
+        )
         if "grid" in args.stages:
             stage_grid(run)
         if "seeds" in args.stages:
@@ -577,16 +738,23 @@ def main(argv=None) -> int:
             stage_cost(run, args)
         results["models"][kind] = collect(run)
     if args.merge:
-        results = merge(results, json.loads(args.merge.read_text()), set(args.methods or M.METHODS + ["head", "zero_shot"]))
+        results = merge(
+            results, json.loads(args.merge.read_text()), set(args.methods or M.METHODS + ["head", "zero_shot"])
+        )
     earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     if switch_times or "switch_times" in earlier:  # given now, else kept from the results.json this run replaces
         results["switch_times"] = switch_times or earlier["switch_times"]
-        print(f"switch times per block size from {results['switch_times']['source']}" + ("" if switch_times else " (kept from the earlier results.json)"))
+        print(
+            f"switch times per block size from {results['switch_times']['source']}"
+            + ("" if switch_times else " (kept from the earlier results.json)")
+        )
     atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
     if "report" in args.stages:
         import report
 
-        report.write(results, out, pilot=json.loads((out / "pilot.json").read_text()) if (out / "pilot.json").exists() else None)
+        report.write(
+            results, out, pilot=json.loads((out / "pilot.json").read_text()) if (out / "pilot.json").exists() else None
+        )
     return 0
 
 

@@ -31,10 +31,14 @@ EXACT_UP_TO = 16  # examples that differ: at most 2**16 sign patterns enumerated
 SEED = 0  # every interval and p-value is reproducible
 TIE = 1e-12  # float slack when comparing a flipped statistic with the observed one
 
-BOOTSTRAP_TEXT = (f"95% bootstrap interval ({RESAMPLES:,} resamples of each task's test examples, one draw for all seeds, "
-                  "the statistic averaged over seeds; percentile method)")
-SIGN_FLIP_TEXT = (f"two-sided paired sign-flip test over test examples (each example's difference averaged over the seeds "
-                  f"both methods have; exact when at most {EXACT_UP_TO} examples differ, else {FLIPS:,} random sign patterns)")
+BOOTSTRAP_TEXT = (
+    f"95% bootstrap interval ({RESAMPLES:,} resamples of each task's test examples, one draw for all seeds, "
+    "the statistic averaged over seeds; percentile method)"
+)
+SIGN_FLIP_TEXT = (
+    f"two-sided paired sign-flip test over test examples (each example's difference averaged over the seeds "
+    f"both methods have; exact when at most {EXACT_UP_TO} examples differ, else {FLIPS:,} random sign patterns)"
+)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,9 @@ def _example_means(groups: list[np.ndarray]) -> list[np.ndarray]:
     for g in groups:
         g = np.asarray(g, dtype=np.float64)
         if g.ndim != 2 or g.shape[0] == 0 or g.shape[1] == 0:
-            raise ValueError(f"each task needs a (seeds, examples) array with at least one of each, got shape {g.shape}")
+            raise ValueError(
+                f"each task needs a (seeds, examples) array with at least one of each, got shape {g.shape}"
+            )
         means.append(g.mean(axis=0))
     return means
 
@@ -138,7 +144,9 @@ def sign_flip(groups: list[np.ndarray], flips: int = FLIPS, seed: int = SEED) ->
         rows = min(1000, flips - start)
         # random bits from random bytes (8 per byte: an order of magnitude faster than integers(0, 2));
         # flipping the examples whose bit is 1 turns the sum into total - 2 * (their sum)
-        bits = np.unpackbits(rng.integers(0, 256, size=(rows, (len(terms) + 7) // 8), dtype=np.uint8), axis=1)[:, : len(terms)]
+        bits = np.unpackbits(rng.integers(0, 256, size=(rows, (len(terms) + 7) // 8), dtype=np.uint8), axis=1)[
+            :, : len(terms)
+        ]
         hits += int(np.sum(np.abs(terms.sum() - 2 * (bits @ terms)) >= observed - TIE))
     return (1 + hits) / (1 + flips)
 
@@ -157,6 +165,13 @@ def paired(first: list[np.ndarray], second: list[np.ndarray]) -> Paired:
         ValueError: different numbers of tasks or different shapes.
     """
     if len(first) != len(second) or any(np.shape(a) != np.shape(b) for a, b in zip(first, second)):
-        raise ValueError(f"paired data need the same tasks, seeds and examples: {[np.shape(a) for a in first]} vs {[np.shape(b) for b in second]}")
+        raise ValueError(
+            f"paired data need the same tasks, seeds and examples: {[np.shape(a) for a in first]} vs {[np.shape(b) for b in second]}"
+        )
     diffs = [np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64) for a, b in zip(first, second)]
-    return Paired(bootstrap(diffs), sign_flip(diffs), seeds=int(np.shape(first[0])[0]), examples=sum(int(np.shape(a)[1]) for a in first))
+    return Paired(
+        bootstrap(diffs),
+        sign_flip(diffs),
+        seeds=int(np.shape(first[0])[0]),
+        examples=sum(int(np.shape(a)[1]) for a in first),
+    )

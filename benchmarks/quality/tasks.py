@@ -79,8 +79,10 @@ def split(name: str, examples: list[dict], *, test: int, val: int, train: int, s
     random.Random(seed).shuffle(examples)
     test = min(test, len(examples) - val - train)
     if test <= 0:
-        raise ValueError(f"task {name!r} has {len(examples)} rows: too few for {val} validation rows, at least {train} training rows "
-                         "and a test set; lower the validation or training sizes, or pick another task")
+        raise ValueError(
+            f"task {name!r} has {len(examples)} rows: too few for {val} validation rows, at least {train} training rows "
+            "and a test set; lower the validation or training sizes, or pick another task"
+        )
     option_lists = {tuple(e["options"]) for e in examples}
     labels = list(option_lists.pop()) if len(option_lists) == 1 else None
     return Task(name, examples[test + val :], examples[test : test + val], examples[:test], labels)
@@ -115,7 +117,9 @@ def synthetic(name: str, n: int = 64, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         answer = rng.randrange(len(options))
-        text = rng.choice(TEMPLATES[name][options[answer]]).format(a=rng.choice(FILLERS["a"]), b=rng.choice(FILLERS["b"]))
+        text = rng.choice(TEMPLATES[name][options[answer]]).format(
+            a=rng.choice(FILLERS["a"]), b=rng.choice(FILLERS["b"])
+        )
         rows.append({"input": text, "options": options, "answer": answer})
     return rows
 
@@ -143,12 +147,22 @@ def batches(examples: list[dict], batch_size: int, steps: int, seed: int):
 def encoder_inputs(tokenizer, task: Task, rows: list[dict], max_length: int) -> dict:
     """Classification: one sequence per example; multiple choice: one (input, option) pair per option."""
     if task.labels is not None:
-        enc = tokenizer([r["input"].strip() for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            [r["input"].strip() for r in rows],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         return {"enc": dict(enc), "labels": torch.tensor([r["answer"] for r in rows]), "options": None}
     first = [r["input"].strip() for r in rows for _ in r["options"]]
     second = [o for r in rows for o in r["options"]]
     enc = tokenizer(first, second, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"enc": dict(enc), "labels": torch.tensor([r["answer"] for r in rows]), "options": [len(r["options"]) for r in rows]}
+    return {
+        "enc": dict(enc),
+        "labels": torch.tensor([r["answer"] for r in rows]),
+        "options": [len(r["options"]) for r in rows],
+    }
 
 
 def prompt_ids(tokenizer, row: dict) -> list[int]:
@@ -170,5 +184,9 @@ def lm_rows(tokenizer, row: dict, option: int, max_length: int) -> dict:
 
 def lm_inputs(tokenizer, rows: list[dict], max_length: int, *, every_option: bool = False) -> dict:
     """A right-padded batch: the correct option of each row, or every option of every row (scoring)."""
-    items = [lm_rows(tokenizer, r, o, max_length) for r in rows for o in (range(len(r["options"])) if every_option else [r["answer"]])]
+    items = [
+        lm_rows(tokenizer, r, o, max_length)
+        for r in rows
+        for o in (range(len(r["options"])) if every_option else [r["answer"]])
+    ]
     return collate(items, tokenizer.pad_token_id)

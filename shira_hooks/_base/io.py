@@ -180,7 +180,9 @@ def digest(tensor: torch.Tensor, size: int = 8) -> str:
     return hashlib.blake2b(tensor_bytes(tensor), digest_size=size).hexdigest()
 
 
-def read_safetensors(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def read_safetensors(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu"
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """The (metadata, tensors) of a safetensors file, memory-mapped through ``safe_open``.
 
     Shared by ``SparseAdapter.load`` and ``ShiraHandle.load_state``, which validate the content.
@@ -194,7 +196,9 @@ def read_safetensors(path: str | os.PathLike, *, device: str | torch.device = "c
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ShiraError(f"{where}: device={device!r} is not a torch device ({error}); pass e.g. 'cpu' or 'cuda:0'") from None
+        raise ShiraError(
+            f"{where}: device={device!r} is not a torch device ({error}); pass e.g. 'cpu' or 'cuda:0'"
+        ) from None
     size = os.stat(path).st_size  # FileNotFoundError as before; the size explains the errors below
     if size < 8:
         raise ShiraError(f"{where}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
@@ -217,4 +221,6 @@ def _unreadable(where: str, size: int, device: torch.device, error: Exception) -
     # the header parsed, but the tensor bytes it lists do not fill the file (older safetensors: the enum name)
     if "not fully covered" in detail or "MetadataIncompleteBuffer" in detail:
         return ShiraError(f"{where}: truncated or corrupt safetensors file ({size} bytes: {detail}); {fix}")
-    return ShiraError(f"{where}: not a safetensors file or truncated ({size} bytes, header unreadable: {detail}); {fix}")
+    return ShiraError(
+        f"{where}: not a safetensors file or truncated ({size} bytes, header unreadable: {detail}); {fix}"
+    )

@@ -75,7 +75,9 @@ def world_size() -> int:
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
-def all_reduce(tensor: torch.Tensor, op: Literal["sum", "max", "min"] = "sum", *, mesh: DeviceMesh | None = None) -> torch.Tensor:
+def all_reduce(
+    tensor: torch.Tensor, op: Literal["sum", "max", "min"] = "sum", *, mesh: DeviceMesh | None = None
+) -> torch.Tensor:
     """Reduce ``tensor`` in place over the ranks (a collective: every rank must call it); returns it.
 
     Args:
@@ -152,7 +154,9 @@ def gather_rows(values: torch.Tensor, like: DTensor) -> torch.Tensor:
     """
     from torch.distributed.tensor import DTensor
 
-    shard = DTensor.from_local(values.reshape(local(like).shape), like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    shard = DTensor.from_local(
+        values.reshape(local(like).shape), like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    )
     return shard.full_tensor().reshape(-1)
 
 
@@ -175,7 +179,9 @@ def check_placements(tensor: torch.Tensor, where: str) -> None:
 def _refused_wrapper(module: nn.Module) -> str | None:
     """What is wrong with a module that wraps or partitions parameters in a way shira_hooks cannot mask, or None."""
     names = {(cls.__module__.split(".")[0], cls.__name__) for cls in type(module).__mro__}
-    if ("deepspeed", "DeepSpeedEngine") in names or any(top == "deepspeed" and name.endswith("Engine") for top, name in names):
+    if ("deepspeed", "DeepSpeedEngine") in names or any(
+        top == "deepspeed" and name.endswith("Engine") for top, name in names
+    ):
         return (
             f"a DeepSpeed engine ({type(module).__name__}): DeepSpeed ZeRO moves gradients into its own partitioned "
             f"buffers and steps flat fp32 copies, so per-weight gradient masks and the weight-decay guard never apply"
@@ -249,7 +255,9 @@ def _before_forward(module: nn.Module, args) -> None:
     inner = getattr(module, "module", None)  # DDP, FSDP1 and DeepSpeed keep the wrapped model here
     if isinstance(inner, nn.Module) and _WATCHED:
         problem = _refused_wrapper(module)
-        if problem and any(model is inner or any(m is model for m in inner.modules()) for model in list(_WATCHED.keys())):
+        if problem and any(
+            model is inner or any(m is model for m in inner.modules()) for model in list(_WATCHED.keys())
+        ):
             raise ShiraError(
                 f"a model with an attached shira_hooks handle was wrapped in {problem}. {SUPPORTED}. Fix: shard with "
                 f"fully_shard (FSDP2) instead, or use DDP"
@@ -289,8 +297,12 @@ def row_slice(indices: torch.Tensor, weight: DTensor, where: str) -> RowSlice:
     world, rank, rows = mesh.size(), mesh.get_local_rank(), weight.shape[0]
     per_rank = -(-rows // world)  # torch.chunk: ceil(rows / world) rows per rank, the last ones fewer or none
     if row_range(weight) != (min(rank * per_rank, rows), min((rank + 1) * per_rank, rows)):
-        raise ShiraError(f"{where}: this rank's rows {row_range(weight)} are not the torch.chunk split that FSDP2 uses; use mode='dense'")
-    ends = torch.tensor([min(r * per_rank, rows) * (weight.numel() // rows) for r in range(world + 1)], dtype=indices.dtype)
+        raise ShiraError(
+            f"{where}: this rank's rows {row_range(weight)} are not the torch.chunk split that FSDP2 uses; use mode='dense'"
+        )
+    ends = torch.tensor(
+        [min(r * per_rank, rows) * (weight.numel() // rows) for r in range(world + 1)], dtype=indices.dtype
+    )
     bounds = tuple(torch.searchsorted(indices.cpu(), ends).tolist())
     return RowSlice(bounds[rank], bounds[rank + 1], bounds)
 
@@ -315,7 +327,9 @@ def check_values(values: torch.Tensor | None, weight: DTensor, where: str) -> No
     """
     from torch.distributed.tensor import Shard
 
-    if not (is_sharded(values) and values.device_mesh == weight.device_mesh and tuple(values.placements) == (Shard(0),)):
+    if not (
+        is_sharded(values) and values.device_mesh == weight.device_mesh and tuple(values.placements) == (Shard(0),)
+    ):
         placements = tuple(values.placements) if is_sharded(values) else "not a DTensor"
         raise ShiraError(
             f"{where}: fully_shard sharded the weight but its values as {placements}; shira_hooks follows values "
@@ -342,4 +356,10 @@ def values_grad(grad: torch.Tensor, values: DTensor) -> torch.Tensor:
     torch.distributed.all_reduce(grad, group=values.device_mesh.get_group())
     grad.div_(values.device_mesh.size())
     start, stop = row_range(values)
-    return DTensor.from_local(grad[start:stop].to(values.dtype), values.device_mesh, values.placements, shape=values.shape, stride=values.stride())
+    return DTensor.from_local(
+        grad[start:stop].to(values.dtype),
+        values.device_mesh,
+        values.placements,
+        shape=values.shape,
+        stride=values.stride(),
+    )

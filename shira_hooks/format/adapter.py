@@ -64,21 +64,24 @@ def check_indices(indices: torch.Tensor, numel: int, where: str) -> None:
     """Raise ShiraError unless ``indices`` are 1-D integers, strictly increasing, within [0, numel)."""
     if indices.dtype not in _INDEX_DTYPES or indices.dim() != 1:
         raise ShiraError(
-            f"{where}: indices must be a 1-D int32/int64 tensor, got {indices.dtype} of shape "
-            f"{tuple(indices.shape)}"
+            f"{where}: indices must be a 1-D int32/int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}"
         )
     if indices.numel() == 0:
         raise ShiraError(f"{where}: no indices; an adapted weight needs at least one entry")
     low, high = int(indices.min()), int(indices.max())
     if low < 0 or high >= numel:
-        raise ShiraError(f"{where}: indices out of range [{low}, {high}]; a weight of {numel} entries allows [0, {numel - 1}]")
+        raise ShiraError(
+            f"{where}: indices out of range [{low}, {high}]; a weight of {numel} entries allows [0, {numel - 1}]"
+        )
     steps = indices[1:].to(torch.int64) - indices[:-1].to(torch.int64)
     if bool((steps == 0).any()):
         at = int(torch.nonzero(steps == 0)[0])
         raise ShiraError(f"{where}: duplicate index {int(indices[at])} at position {at + 1}; indices must be unique")
     if bool((steps < 0).any()):
         at = int(torch.nonzero(steps < 0)[0])
-        raise ShiraError(f"{where}: indices are not sorted (position {at + 1}: {int(indices[at + 1])} after {int(indices[at])}); sort them ascending")
+        raise ShiraError(
+            f"{where}: indices are not sorted (position {at + 1}: {int(indices[at + 1])} after {int(indices[at])}); sort them ascending"
+        )
 
 
 def check_shape(shape: object, where: str) -> tuple[int, ...]:
@@ -87,15 +90,21 @@ def check_shape(shape: object, where: str) -> tuple[int, ...]:
     Checked before anything is sized from it: a product that overflows would wrap to a negative
     entry count (and a huge one would size allocations). ``()`` is a scalar weight (one entry).
     """
-    if not isinstance(shape, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape):
+    if not isinstance(shape, (list, tuple)) or any(
+        isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape
+    ):
         raise ShiraError(f"{where}: shape {shape!r} is not a list of positive ints")
     dims = tuple(int(s) for s in shape)  # Python ints: their product cannot wrap around
     if math.prod(dims) >= 2**63:
-        raise ShiraError(f"{where}: shape {list(dims)} has {math.prod(dims):,} entries, more than an int64 index can address (2**63 - 1)")
+        raise ShiraError(
+            f"{where}: shape {list(dims)} has {math.prod(dims):,} entries, more than an int64 index can address (2**63 - 1)"
+        )
     return dims
 
 
-def _block_indices(blocks: torch.Tensor, values: torch.Tensor, block: object, shape: tuple[int, ...], where: str) -> torch.Tensor:
+def _block_indices(
+    blocks: torch.Tensor, values: torch.Tensor, block: object, shape: tuple[int, ...], where: str
+) -> torch.Tensor:
     """The flat indices of the runs a version-2 file stores by block number, validated first.
 
     Every size is checked against the tensors read from the file before the runs are expanded, so the
@@ -181,7 +190,9 @@ class SparseAdapter:
         True
     """
 
-    def __init__(self, deltas: Mapping[str, SparseDelta], metadata: Mapping[str, str] | None = None, *, context: str = ""):
+    def __init__(
+        self, deltas: Mapping[str, SparseDelta], metadata: Mapping[str, str] | None = None, *, context: str = ""
+    ):
         if not deltas:
             raise ShiraError(f"{context}a SparseAdapter needs at least one weight delta, got none")
         for name, delta in deltas.items():
@@ -217,11 +228,17 @@ class SparseAdapter:
     def to_bytes(self, *, dtype: torch.dtype = torch.float32) -> bytes:
         """The adapter as safetensors bytes, values stored as ``dtype`` (float32, bfloat16 or float16)."""
         if dtype not in _VALUE_DTYPES:
-            raise ShiraError(f"cannot store adapter values as {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
+            raise ShiraError(
+                f"cannot store adapter values as {dtype}; use torch.float32, torch.bfloat16 or torch.float16"
+            )
         tensors: dict[str, torch.Tensor] = {}
         modules: dict[str, dict[str, object]] = {}
         for name, delta in self.deltas.items():
-            modules[name] = {"shape": list(delta.shape), "dtype": dtype_name(delta.dtype), "fingerprint": delta.fingerprint}
+            modules[name] = {
+                "shape": list(delta.shape),
+                "dtype": dtype_name(delta.dtype),
+                "fingerprint": delta.fingerprint,
+            }
             if delta.block > 1:  # one index per run: its block number
                 blocks = block_starts(delta.indices, delta.block)
                 assert blocks is not None  # SparseDelta refuses a block > 1 whose indices are not aligned runs
@@ -276,7 +293,11 @@ class SparseAdapter:
 
     # ------------------------------------------------------------------ PEFT format (peft.py)
     def to_peft(
-        self, folder: str | os.PathLike, base_model_name_or_path: str | None = None, *, base: torch.nn.Module | None = None
+        self,
+        folder: str | os.PathLike,
+        base_model_name_or_path: str | None = None,
+        *,
+        base: torch.nn.Module | None = None,
     ) -> Path:
         """Write the adapter as a PEFT SHiRA adapter folder, which ``peft.PeftModel.from_pretrained`` loads.
 
@@ -327,7 +348,11 @@ class SparseAdapter:
 
     @classmethod
     def from_peft(
-        cls, source: str | os.PathLike | torch.nn.Module, *, base: torch.nn.Module | None = None, adapter_name: str | None = None
+        cls,
+        source: str | os.PathLike | torch.nn.Module,
+        *,
+        base: torch.nn.Module | None = None,
+        adapter_name: str | None = None,
     ) -> SparseAdapter:
         """Read a PEFT SHiRA adapter: a folder written by ``PeftModel.save_pretrained``, or a live ``PeftModel``.
 
@@ -420,7 +445,12 @@ class SparseAdapter:
             ['README.md', 'shira_adapter.safetensors', 'shira_config.json']
         """
         return formats.get("folder").write(
-            self, folder, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype, license=license
+            self,
+            folder,
+            base_model_name_or_path=base_model_name_or_path,
+            revision=revision,
+            dtype=dtype,
+            license=license,
         )
 
     @classmethod
@@ -491,8 +521,15 @@ class SparseAdapter:
         upload = formats.get("folder").upload
         assert upload is not None  # the folder format (hub.py) registers one
         return upload(
-            self, repo_id, base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype, license=license,
-            private=private, token=token, commit_message=commit_message,
+            self,
+            repo_id,
+            base_model_name_or_path=base_model_name_or_path,
+            revision=revision,
+            dtype=dtype,
+            license=license,
+            private=private,
+            token=token,
+            commit_message=commit_message,
         )
 
 
@@ -533,7 +570,9 @@ def read_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     """Read and validate an adapter file written by ``SparseAdapter.save`` (the ``file`` format)."""
     metadata, tensors = read_safetensors(path, device=device)
     if metadata.get("format") != FORMAT:
-        raise ShiraError(f"{path}: not a shira_hooks adapter (metadata format={metadata.get('format')!r}, expected {FORMAT!r})")
+        raise ShiraError(
+            f"{path}: not a shira_hooks adapter (metadata format={metadata.get('format')!r}, expected {FORMAT!r})"
+        )
     if metadata.get("format_version") not in _READABLE:
         raise ShiraError(
             f"{path}: unknown adapter format_version {metadata.get('format_version')!r}; this shira_hooks "
@@ -545,18 +584,28 @@ def read_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") ->
     except (KeyError, json.JSONDecodeError) as error:
         raise ShiraError(f"{path}: metadata entry 'modules' is missing or not JSON ({error})") from None
     if not isinstance(modules, dict) or not modules:
-        raise ShiraError(f"{path}: metadata entry 'modules' is a JSON {type(modules).__name__} {str(modules)[:80]}; expected a non-empty object {{name: {{shape, dtype, fingerprint}}}}")
+        raise ShiraError(
+            f"{path}: metadata entry 'modules' is a JSON {type(modules).__name__} {str(modules)[:80]}; expected a non-empty object {{name: {{shape, dtype, fingerprint}}}}"
+        )
     expected = {f"{name}.{part}" for name in modules for part in ("indices", "values")}
     missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
     if missing:
-        raise ShiraError(f"{path}: missing tensor key(s) {missing[:5]}; every module in the metadata needs .indices and .values")
+        raise ShiraError(
+            f"{path}: missing tensor key(s) {missing[:5]}; every module in the metadata needs .indices and .values"
+        )
     if extra:
         raise ShiraError(f"{path}: unexpected tensor key(s) {extra[:5]} not described in the metadata 'modules'")
     deltas = {}
     for name, info in modules.items():
         where = f"{path}: module '{name}'"
-        if not isinstance(info, dict) or not {"shape", "dtype", "fingerprint"} <= info.keys() or not isinstance(info["fingerprint"], str):
-            raise ShiraError(f"{where}: metadata {str(info)[:120]} is malformed; expected {{\"shape\": [...], \"dtype\": ..., \"fingerprint\": \"<hex>\"}}")
+        if (
+            not isinstance(info, dict)
+            or not {"shape", "dtype", "fingerprint"} <= info.keys()
+            or not isinstance(info["fingerprint"], str)
+        ):
+            raise ShiraError(
+                f'{where}: metadata {str(info)[:120]} is malformed; expected {{"shape": [...], "dtype": ..., "fingerprint": "<hex>"}}'
+            )
         shape = check_shape(info["shape"], where)
         dtype = parse_dtype(info["dtype"], where)
         indices, values = tensors[f"{name}.indices"], tensors[f"{name}.values"]

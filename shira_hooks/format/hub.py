@@ -104,19 +104,29 @@ def save_pretrained(
     return Path(folder)
 
 
-def _base_model(adapter: SparseAdapter, base: str | os.PathLike | None, revision: str | None) -> tuple[str | None, str | None]:
+def _base_model(
+    adapter: SparseAdapter, base: str | os.PathLike | None, revision: str | None
+) -> tuple[str | None, str | None]:
     """The base model id and revision to record: the arguments, else what the adapter's metadata says."""
     if base is None:
         base, revision = adapter.metadata.get("base_model_name_or_path"), revision or adapter.metadata.get("revision")
     if base is not None and not isinstance(base, (str, os.PathLike)):
-        raise ShiraError(f"base_model_name_or_path={base!r} is a {type(base).__name__}; pass the base model's Hub id or path as a str, or None")
+        raise ShiraError(
+            f"base_model_name_or_path={base!r} is a {type(base).__name__}; pass the base model's Hub id or path as a str, or None"
+        )
     base = os.fspath(base) if base is not None else None
     if base == "":
-        raise ShiraError("base_model_name_or_path='' is empty; pass the base model's Hub id or path (e.g. 'HuggingFaceTB/SmolLM2-135M'), or None")
+        raise ShiraError(
+            "base_model_name_or_path='' is empty; pass the base model's Hub id or path (e.g. 'HuggingFaceTB/SmolLM2-135M'), or None"
+        )
     if revision is not None and not isinstance(revision, str):
-        raise ShiraError(f"revision={revision!r} is a {type(revision).__name__}; pass a branch, tag or commit as a str, or None")
+        raise ShiraError(
+            f"revision={revision!r} is a {type(revision).__name__}; pass a branch, tag or commit as a str, or None"
+        )
     if revision is not None and base is None:
-        raise ShiraError(f"revision={revision!r} given without base_model_name_or_path; pass the base model's id as well, or leave revision out")
+        raise ShiraError(
+            f"revision={revision!r} given without base_model_name_or_path; pass the base model's id as well, or leave revision out"
+        )
     return base, revision
 
 
@@ -141,7 +151,9 @@ def _check_destination(folder: Path) -> None:
     if not folder.exists():
         return
     if not folder.is_dir():
-        raise ShiraError(f"{folder}: exists and is not a folder; save_pretrained writes a folder there. Pass a folder path")
+        raise ShiraError(
+            f"{folder}: exists and is not a folder; save_pretrained writes a folder there. Pass a folder path"
+        )
     foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in FOLDER_FILES)
     if foreign:
         raise ShiraError(
@@ -194,7 +206,9 @@ def _folder_mode(folder: Path) -> int:
         return 0o777 & ~umask()
 
 
-def folder_config(adapter: SparseAdapter, base: str | None, revision: str | None, dtype: torch.dtype, license: str | None = None) -> dict[str, Any]:
+def folder_config(
+    adapter: SparseAdapter, base: str | None, revision: str | None, dtype: torch.dtype, license: str | None = None
+) -> dict[str, Any]:
     """The content of ``shira_config.json`` (see the module docstring)."""
     metadata = adapter.metadata
     return {
@@ -232,69 +246,80 @@ def model_card(adapter: SparseAdapter, config: dict[str, Any]) -> str:
     if license is not None:
         front.append(f"license: {license}")
     front.append("---")
-    license_text = (f"License: `{license}`." if license is not None else
-                    "License: not recorded (pass `license=` to `save_pretrained`; an adapter is usually bound by its base model's license).")
+    license_text = (
+        f"License: `{license}`."
+        if license is not None
+        else "License: not recorded (pass `license=` to `save_pretrained`; an adapter is usually bound by its base model's license)."
+    )
     version = adapter.format_version
-    layout = ("flat row-major indices" if version == "1" else
-              "flat row-major indices, or for weights marked `block` B in the header the numbers of aligned runs of B entries")
+    layout = (
+        "flat row-major indices"
+        if version == "1"
+        else "flat row-major indices, or for weights marked `block` B in the header the numbers of aligned runs of B entries"
+    )
 
-    base_text = f"`{base}`" + (f" (revision `{revision}`)" if revision else "") if base else "its base model (not recorded)"
+    base_text = (
+        f"`{base}`" + (f" (revision `{revision}`)" if revision else "") if base else "its base model (not recorded)"
+    )
     numel = sum(delta.numel for delta in adapter.deltas.values())
     modules = list(dict.fromkeys(_module_kind(name) for name in adapter.deltas))
-    settings = ", ".join(
-        f"{key} `{config[key]}`" for key in ("mask", "sparsity", "seed") if config[key] is not None
-    ) or "not recorded"
+    settings = (
+        ", ".join(f"{key} `{config[key]}`" for key in ("mask", "sparsity", "seed") if config[key] is not None)
+        or "not recorded"
+    )
     rows = [
         f"| `{name}` | {' x '.join(map(str, delta.shape))} | {delta.indices.numel():,} | "
         f"{100 * delta.indices.numel() / delta.numel:.3g}% |"
         for name, delta in adapter.deltas.items()
     ]
     load_base = f'"{base}"' + (f', revision="{revision}"' if revision else "") if base else '"<base model>"'
-    return "\n".join([
-        *front,
-        "",
-        "# SHiRA adapter",
-        "",
-        f"A SHiRA (Sparse High Rank Adapter) for {base_text}, written by "
-        f"shira_hooks {__version__}. It holds the sparse deltas `S = W_new - W` "
-        f"of {len(adapter.deltas)} weights ({', '.join(f'`{m}`' for m in modules)}): "
-        f"{adapter.num_entries:,} entries of {numel:,} ({100 * adapter.num_entries / numel:.3g}%). "
-        f"Applying it overwrites those entries of the base weights in place; every other weight is unchanged.",
-        "",
-        f"Mask settings: {settings}. Values are stored as {config['values_dtype']}.",
-        "",
-        license_text,
-        "",
-        "| target weight | shape | k | % of the weight |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-        "## Files",
-        "",
-        f"- `{ADAPTER_FILE}`: the adapter (safetensors; for every weight `<name>.indices`, {layout}, "
-        f"and `<name>.values`, the deltas at them; shira_hooks adapter format version {version}).",
-        f"- `{CONFIG_FILE}`: the base model, the targets, the mask settings and the entry count.",
-        "",
-        "## Load it with shira_hooks",
-        "",
-        "```python",
-        "import shira_hooks",
-        "from transformers import AutoModelForCausalLM  # or the class that fits the base model",
-        "",
-        f"model = AutoModelForCausalLM.from_pretrained({load_base})",
-        'adapter = shira_hooks.SparseAdapter.from_pretrained("path/to/this/folder")',
-        "applied = shira_hooks.apply(model, adapter)  # in place; applied.remove() restores the base bit for bit",
-        "```",
-        "",
-        "For a copy on the Hub, download the folder first: `huggingface_hub.snapshot_download(repo_id)`.",
-        "",
-        "## Load it with PEFT",
-        "",
-        "Convert it to a PEFT SHiRA folder with `adapter.to_peft(\"peft_folder\")`, or on the command line "
-        "`python -m shira_hooks convert --to-peft path/to/this/folder -o peft_folder`, then load that folder "
-        "with `peft.PeftModel.from_pretrained(model, \"peft_folder\")`.",
-        "",
-    ])
+    return "\n".join(
+        [
+            *front,
+            "",
+            "# SHiRA adapter",
+            "",
+            f"A SHiRA (Sparse High Rank Adapter) for {base_text}, written by "
+            f"shira_hooks {__version__}. It holds the sparse deltas `S = W_new - W` "
+            f"of {len(adapter.deltas)} weights ({', '.join(f'`{m}`' for m in modules)}): "
+            f"{adapter.num_entries:,} entries of {numel:,} ({100 * adapter.num_entries / numel:.3g}%). "
+            f"Applying it overwrites those entries of the base weights in place; every other weight is unchanged.",
+            "",
+            f"Mask settings: {settings}. Values are stored as {config['values_dtype']}.",
+            "",
+            license_text,
+            "",
+            "| target weight | shape | k | % of the weight |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            "## Files",
+            "",
+            f"- `{ADAPTER_FILE}`: the adapter (safetensors; for every weight `<name>.indices`, {layout}, "
+            f"and `<name>.values`, the deltas at them; shira_hooks adapter format version {version}).",
+            f"- `{CONFIG_FILE}`: the base model, the targets, the mask settings and the entry count.",
+            "",
+            "## Load it with shira_hooks",
+            "",
+            "```python",
+            "import shira_hooks",
+            "from transformers import AutoModelForCausalLM  # or the class that fits the base model",
+            "",
+            f"model = AutoModelForCausalLM.from_pretrained({load_base})",
+            'adapter = shira_hooks.SparseAdapter.from_pretrained("path/to/this/folder")',
+            "applied = shira_hooks.apply(model, adapter)  # in place; applied.remove() restores the base bit for bit",
+            "```",
+            "",
+            "For a copy on the Hub, download the folder first: `huggingface_hub.snapshot_download(repo_id)`.",
+            "",
+            "## Load it with PEFT",
+            "",
+            'Convert it to a PEFT SHiRA folder with `adapter.to_peft("peft_folder")`, or on the command line '
+            "`python -m shira_hooks convert --to-peft path/to/this/folder -o peft_folder`, then load that folder "
+            'with `peft.PeftModel.from_pretrained(model, "peft_folder")`.',
+            "",
+        ]
+    )
 
 
 def _module_kind(name: str) -> str:
@@ -310,11 +335,15 @@ def from_pretrained(folder: str | os.PathLike, *, device: str | torch.device = "
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: no such folder")
     if not folder.is_dir():
-        raise ShiraError(f"{folder}: is a file, not a folder; read a single adapter file with SparseAdapter.load({str(folder)!r})")
+        raise ShiraError(
+            f"{folder}: is a file, not a folder; read a single adapter file with SparseAdapter.load({str(folder)!r})"
+        )
     config = read_config(folder)
     path = folder / ADAPTER_FILE
     if not path.is_file():
-        raise ShiraError(f"{folder}: has {CONFIG_FILE} but no {ADAPTER_FILE}; the folder is incomplete. Save it again with adapter.save_pretrained(folder)")
+        raise ShiraError(
+            f"{folder}: has {CONFIG_FILE} but no {ADAPTER_FILE}; the folder is incomplete. Save it again with adapter.save_pretrained(folder)"
+        )
     adapter = read_file(path, device=device)
     if sorted(config["target_weights"]) != sorted(adapter.deltas) or config["num_entries"] != adapter.num_entries:
         raise ShiraError(
@@ -333,7 +362,11 @@ def read_config(folder: Path) -> dict[str, Any]:
     """The validated ``shira_config.json`` of ``folder``; ShiraError naming the file and the fix otherwise."""
     path = folder / CONFIG_FILE
     if not path.is_file():
-        peft = " It holds adapter_config.json: a PEFT folder, loaded with peft.PeftModel.from_pretrained." if (folder / "adapter_config.json").exists() else ""
+        peft = (
+            " It holds adapter_config.json: a PEFT folder, loaded with peft.PeftModel.from_pretrained."
+            if (folder / "adapter_config.json").exists()
+            else ""
+        )
         raise ShiraError(
             f"{folder}: no {CONFIG_FILE}, so it is not a folder written by SparseAdapter.save_pretrained "
             f"({', '.join(FOLDER_FILES)}).{peft} Read a single adapter file with SparseAdapter.load(path)"
@@ -341,11 +374,17 @@ def read_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ShiraError(f"{path}: not valid JSON ({error}); save the folder again with adapter.save_pretrained(folder)") from None
+        raise ShiraError(
+            f"{path}: not valid JSON ({error}); save the folder again with adapter.save_pretrained(folder)"
+        ) from None
     if not isinstance(config, dict):
-        raise ShiraError(f"{path}: holds a JSON {type(config).__name__}, expected an object; save the folder again with adapter.save_pretrained(folder)")
+        raise ShiraError(
+            f"{path}: holds a JSON {type(config).__name__}, expected an object; save the folder again with adapter.save_pretrained(folder)"
+        )
     if config.get("format") != FOLDER_FORMAT:
-        raise ShiraError(f"{path}: format={config.get('format')!r}, expected {FOLDER_FORMAT!r}; not a shira_hooks adapter folder")
+        raise ShiraError(
+            f"{path}: format={config.get('format')!r}, expected {FOLDER_FORMAT!r}; not a shira_hooks adapter folder"
+        )
     version = config.get("format_version")
     if version != FOLDER_FORMAT_VERSION or isinstance(version, bool):
         raise ShiraError(
@@ -353,17 +392,28 @@ def read_config(folder: Path) -> dict[str, Any]:
             f"Upgrade shira_hooks to read newer folders"
         )
     checks = {
-        "base_model_name_or_path": (lambda v: v is None or (isinstance(v, str) and v != ""), "a non-empty string or null"),
+        "base_model_name_or_path": (
+            lambda v: v is None or (isinstance(v, str) and v != ""),
+            "a non-empty string or null",
+        ),
         "revision": (lambda v: v is None or isinstance(v, str), "a string or null"),
-        "license": (lambda v: v is None or (isinstance(v, str) and _LICENSE.fullmatch(v) is not None), "a Hub license id or null"),
-        "target_weights": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(n, str) for n in v), "a non-empty list of parameter names"),
+        "license": (
+            lambda v: v is None or (isinstance(v, str) and _LICENSE.fullmatch(v) is not None),
+            "a Hub license id or null",
+        ),
+        "target_weights": (
+            lambda v: isinstance(v, list) and bool(v) and all(isinstance(n, str) for n in v),
+            "a non-empty list of parameter names",
+        ),
         "num_entries": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
     }
     config.setdefault("license", None)  # folders written before the entry existed
     for key, (valid, allowed) in checks.items():
         if key not in config or not valid(config[key]):
             got = repr(config[key]) if key in config else "missing"
-            raise ShiraError(f"{path}: {key!r} is {got}, expected {allowed}; fix it or save the folder again with adapter.save_pretrained(folder)")
+            raise ShiraError(
+                f"{path}: {key!r} is {got}, expected {allowed}; fix it or save the folder again with adapter.save_pretrained(folder)"
+            )
     return config
 
 
@@ -387,7 +437,11 @@ def push_to_hub(
         raise ImportError("SparseAdapter.push_to_hub needs huggingface_hub: pip install huggingface_hub") from None
     with tempfile.TemporaryDirectory(prefix="shira_hub_") as scratch:
         folder = save_pretrained(
-            adapter, Path(scratch) / "adapter", base_model_name_or_path=base_model_name_or_path, revision=revision, dtype=dtype,
+            adapter,
+            Path(scratch) / "adapter",
+            base_model_name_or_path=base_model_name_or_path,
+            revision=revision,
+            dtype=dtype,
             license=license,
         )
         api = HfApi(token=token)
@@ -395,4 +449,6 @@ def push_to_hub(
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
 
 
-FOLDER = formats.Format("folder", recognises=Path.is_dir, read=from_pretrained, write=save_pretrained, upload=push_to_hub)
+FOLDER = formats.Format(
+    "folder", recognises=Path.is_dir, read=from_pretrained, write=save_pretrained, upload=push_to_hub
+)

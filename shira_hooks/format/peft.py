@@ -78,8 +78,11 @@ def _check_exportable(adapter: SparseAdapter, base: nn.Module | None) -> None:
     if unsupported:
         listed = ", ".join(f"'{name}' ({why})" for name, why in list(unsupported.items())[:_LISTED])
         more = f" and {len(unsupported) - _LISTED} more" if len(unsupported) > _LISTED else ""
-        keep = ("isinstance(base.get_submodule(n.rpartition('.')[0]), torch.nn.Linear)" if base is not None
-                else "n.endswith('.weight') and len(d.shape) == 2")
+        keep = (
+            "isinstance(base.get_submodule(n.rpartition('.')[0]), torch.nn.Linear)"
+            if base is not None
+            else "n.endswith('.weight') and len(d.shape) == 2"
+        )
         raise ShiraError(
             f"to_peft: PEFT SHiRA adapts only the weights of nn.Linear modules, and {len(unsupported)} of the adapter's "
             f"{len(adapter.deltas)} weights are not: {listed}{more}. Export the others with "
@@ -132,7 +135,12 @@ def free_indices(indices: torch.Tensor, count: int) -> torch.Tensor:
     return candidates[~torch.isin(candidates, indices)][:count]
 
 
-def to_peft(adapter: SparseAdapter, folder: str | os.PathLike, base_model_name_or_path: str | None = None, base: nn.Module | None = None) -> Path:
+def to_peft(
+    adapter: SparseAdapter,
+    folder: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    base: nn.Module | None = None,
+) -> Path:
     """Write ``adapter_model.safetensors`` then ``adapter_config.json``, each atomically (see SparseAdapter.to_peft)."""
     try:
         from peft import ShiraConfig
@@ -154,10 +162,17 @@ def to_peft(adapter: SparseAdapter, folder: str | os.PathLike, base_model_name_o
         path = PREFIX + module_path(name)
         tensors[f"{path}.shira_indices"] = torch.stack([flat // n, flat % n]).to(torch.int32)  # (2, K) rows, columns
         tensors[f"{path}.shira_weight"] = values
-        modules[name] = {"shape": [m, n], "dtype": dtype_name(delta.dtype), "fingerprint": delta.fingerprint, "entries": k}
+        modules[name] = {
+            "shape": [m, n],
+            "dtype": dtype_name(delta.dtype),
+            "fingerprint": delta.fingerprint,
+            "entries": k,
+        }
     header = {"format": "pt", MODULES_KEY: json.dumps(modules), METADATA_KEY: json.dumps(adapter.metadata)}
     config = ShiraConfig(
-        r=r, target_modules=sorted(module_path(name) for name in adapter.deltas), base_model_name_or_path=base_model_name_or_path,
+        r=r,
+        target_modules=sorted(module_path(name) for name in adapter.deltas),
+        base_model_name_or_path=base_model_name_or_path,
         inference_mode=True,
     ).to_dict()
     config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
@@ -171,7 +186,9 @@ def _base_module(base: nn.Module, path: str, where: str) -> nn.Module:
     try:
         return base.get_submodule(path)
     except AttributeError:
-        raise ShiraError(f"{where}: the base model has no module '{path}'; pass the base model the adapter was trained on") from None
+        raise ShiraError(
+            f"{where}: the base model has no module '{path}'; pass the base model the adapter was trained on"
+        ) from None
 
 
 def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, torch.Tensor]]:
@@ -182,7 +199,9 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, str], dict[str
         raise ShiraError(f"from_peft: {folder} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     found = sorted(p.name for p in folder.iterdir())
     if CONFIG_NAME not in found:
-        raise ShiraError(f"{folder}: not a PEFT adapter folder, no {CONFIG_NAME} (found {found[:10]}); pass the folder PeftModel.save_pretrained wrote")
+        raise ShiraError(
+            f"{folder}: not a PEFT adapter folder, no {CONFIG_NAME} (found {found[:10]}); pass the folder PeftModel.save_pretrained wrote"
+        )
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -201,8 +220,11 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, str], dict[str
     if not isinstance(config.get("r"), int) or config["r"] < 1:
         raise ShiraError(f"{folder / CONFIG_NAME}: r={config.get('r')!r}; PEFT SHiRA needs a positive integer r")
     if WEIGHTS_NAME not in found:
-        fix = ("it is a pickle, which shira_hooks does not load; save it again with save_pretrained(folder, safe_serialization=True)"
-               if "adapter_model.bin" in found else "pass the folder PeftModel.save_pretrained wrote")
+        fix = (
+            "it is a pickle, which shira_hooks does not load; save it again with save_pretrained(folder, safe_serialization=True)"
+            if "adapter_model.bin" in found
+            else "pass the folder PeftModel.save_pretrained wrote"
+        )
         raise ShiraError(f"{folder}: no {WEIGHTS_NAME} (found {found[:10]}); {fix}")
     header, tensors = read_safetensors(folder / WEIGHTS_NAME)
     return config, header, tensors
@@ -213,22 +235,38 @@ def _folder_layers(where: str, tensors: dict[str, torch.Tensor]) -> dict[str, tu
     suffixes = (".shira_indices", ".shira_weight")
     odd = sorted(key for key in tensors if not (key.startswith(PREFIX) and key.endswith(suffixes)))
     if odd:
-        raise ShiraError(f"{where}: tensor key(s) {odd[:5]} are not SHiRA '{PREFIX}<module>.shira_weight/.shira_indices'; save the SHiRA adapter alone")
+        raise ShiraError(
+            f"{where}: tensor key(s) {odd[:5]} are not SHiRA '{PREFIX}<module>.shira_weight/.shira_indices'; save the SHiRA adapter alone"
+        )
     layers = {}
     for key in sorted(k for k in tensors if k.endswith(".shira_weight")):
-        path = key[len(PREFIX):-len(".shira_weight")]
+        path = key[len(PREFIX) : -len(".shira_weight")]
         indices, values = tensors.get(f"{PREFIX}{path}.shira_indices"), tensors[key]
-        if indices is None or indices.dim() != 2 or indices.shape[0] != 2 or values.dim() != 1 or indices.shape[1] != values.numel():
+        if (
+            indices is None
+            or indices.dim() != 2
+            or indices.shape[0] != 2
+            or values.dim() != 1
+            or indices.shape[1] != values.numel()
+        ):
             got = None if indices is None else list(indices.shape)
-            raise ShiraError(f"{where}: module '{path}': shira_indices {got} and shira_weight {list(values.shape)}; expected (2, K) and (K,)")
+            raise ShiraError(
+                f"{where}: module '{path}': shira_indices {got} and shira_weight {list(values.shape)}; expected (2, K) and (K,)"
+            )
         if values.numel() == 0:
-            raise ShiraError(f"{where}: module '{path}': K=0 entries; PEFT SHiRA keeps r*(m+n) >= 1 entries per module, the file is corrupt. Save the adapter again")
+            raise ShiraError(
+                f"{where}: module '{path}': K=0 entries; PEFT SHiRA keeps r*(m+n) >= 1 entries per module, the file is corrupt. Save the adapter again"
+            )
         layers[path] = (indices.to(torch.int64), values.float())  # float indices: PEFT's Windows files
-    missing = sorted(k for k in tensors if k.endswith(".shira_indices") and k.removesuffix("_indices") + "_weight" not in tensors)
+    missing = sorted(
+        k for k in tensors if k.endswith(".shira_indices") and k.removesuffix("_indices") + "_weight" not in tensors
+    )
     if missing:
         raise ShiraError(f"{where}: {missing[:5]} without their .shira_weight; save the adapter again")
     if not layers:
-        raise ShiraError(f"{where}: no SHiRA tensors in the file; pass a folder saved from a PeftModel with a ShiraConfig")
+        raise ShiraError(
+            f"{where}: no SHiRA tensors in the file; pass a folder saved from a PeftModel with a ShiraConfig"
+        )
     return layers
 
 
@@ -243,16 +281,22 @@ class _ShiraLayer(Protocol):
     def get_base_layer(self) -> nn.Linear: ...  # PEFT SHiRA adapts nn.Linear only
 
 
-def _live_layers(model: PeftModel, adapter_name: str | None) -> tuple[int, dict[str, Any], dict[str, tuple[torch.Tensor, ...]]]:
+def _live_layers(
+    model: PeftModel, adapter_name: str | None
+) -> tuple[int, dict[str, Any], dict[str, tuple[torch.Tensor, ...]]]:
     """(r, config as a dict, {module path: (indices, values * scaling, base weight)}) of a live PeftModel."""
     name = adapter_name or model.active_adapter
     configs = model.peft_config
     if name not in configs:
-        raise ShiraError(f"from_peft: the PeftModel has no adapter {name!r} (it has {sorted(configs)}); pass adapter_name=")
+        raise ShiraError(
+            f"from_peft: the PeftModel has no adapter {name!r} (it has {sorted(configs)}); pass adapter_name="
+        )
     config = cast("ShiraConfig", configs[name])  # a ShiraConfig once its peft_type is SHIRA, checked next
     kind = str(getattr(config.peft_type, "value", config.peft_type))  # PeftType is a str Enum
     if kind != "SHIRA":
-        raise ShiraError(f"from_peft: adapter {name!r} is a {kind} adapter, not SHIRA; from_peft reads PEFT SHiRA adapters only")
+        raise ShiraError(
+            f"from_peft: adapter {name!r} is a {kind} adapter, not SHIRA; from_peft reads PEFT SHiRA adapters only"
+        )
     if config.modules_to_save:
         raise ShiraError(
             f"from_peft: adapter {name!r} has modules_to_save={sorted(config.modules_to_save)} trained in full, which a "
@@ -269,7 +313,11 @@ def _live_layers(model: PeftModel, adapter_name: str | None) -> tuple[int, dict[
                 f"call peft_model.unmerge_adapter() first"
             )
         values = module.shira_weight[name].detach().float() * module.scaling[name]
-        layers[path.removeprefix(PREFIX)] = (module.shira_indices[name].to(torch.int64).cpu(), values.cpu(), module.get_base_layer().weight)
+        layers[path.removeprefix(PREFIX)] = (
+            module.shira_indices[name].to(torch.int64).cpu(),
+            values.cpu(),
+            module.get_base_layer().weight,
+        )
     if not layers:
         raise ShiraError(f"from_peft: no SHiRA layer holds adapter {name!r}")
     return config.r, {"mask_type": config.mask_type, "random_seed": config.random_seed}, layers
@@ -278,7 +326,9 @@ def _live_layers(model: PeftModel, adapter_name: str | None) -> tuple[int, dict[
 def _base_weight(base: nn.Module, path: str, where: str) -> torch.Tensor:
     weight = getattr(_base_module(base, path, where), "weight", None)
     if not isinstance(weight, torch.Tensor):
-        raise ShiraError(f"{where}: the base model's module '{path}' has no weight; pass the base model the adapter was trained on")
+        raise ShiraError(
+            f"{where}: the base model's module '{path}' has no weight; pass the base model the adapter was trained on"
+        )
     return weight
 
 
@@ -292,10 +342,14 @@ def _recorded(where: str, header: dict[str, str], layers: dict[str, tuple]) -> t
     try:
         modules, metadata = json.loads(header.get(MODULES_KEY, "{}")), json.loads(header.get(METADATA_KEY, "{}"))
     except json.JSONDecodeError as error:
-        raise ShiraError(f"{where}: header entry {MODULES_KEY!r} or {METADATA_KEY!r} is not JSON ({error}); {fix}") from None
+        raise ShiraError(
+            f"{where}: header entry {MODULES_KEY!r} or {METADATA_KEY!r} is not JSON ({error}); {fix}"
+        ) from None
     for key, value in ((MODULES_KEY, modules), (METADATA_KEY, metadata)):
         if not isinstance(value, dict):
-            raise ShiraError(f"{where}: header entry {key!r} is a JSON {type(value).__name__}, expected an object; {fix}")
+            raise ShiraError(
+                f"{where}: header entry {key!r} is a JSON {type(value).__name__}, expected an object; {fix}"
+            )
     recorded = {}
     for name, info in modules.items():
         path = name.removesuffix(".weight")
@@ -343,7 +397,9 @@ def _infer_shape(where: str, path: str, r: int, indices: torch.Tensor) -> tuple[
     return rows, cols
 
 
-def from_peft(source: str | os.PathLike | nn.Module, base: nn.Module | None, adapter_name: str | None) -> tuple[dict[str, SparseDelta], dict[str, str], str]:
+def from_peft(
+    source: str | os.PathLike | nn.Module, base: nn.Module | None, adapter_name: str | None
+) -> tuple[dict[str, SparseDelta], dict[str, str], str]:
     """(deltas, metadata, context) for SparseAdapter.from_peft, which documents the rules."""
     recorded: dict[str, dict] = {}
     metadata: dict[str, str] = {}
@@ -351,7 +407,9 @@ def from_peft(source: str | os.PathLike | nn.Module, base: nn.Module | None, ada
         from peft import PeftModel
 
         if not isinstance(source, PeftModel):
-            raise ShiraError(f"from_peft: got a {type(source).__name__}, not a peft.PeftModel; pass the model get_peft_model or PeftModel.from_pretrained returned, or its folder")
+            raise ShiraError(
+                f"from_peft: got a {type(source).__name__}, not a peft.PeftModel; pass the model get_peft_model or PeftModel.from_pretrained returned, or its folder"
+            )
         if base is not None:
             raise ShiraError("from_peft: base= is only for a folder; a PeftModel already holds its base weights")
         r, config, live = _live_layers(source, adapter_name)
@@ -366,13 +424,21 @@ def from_peft(source: str | os.PathLike | nn.Module, base: nn.Module | None, ada
         recorded, metadata = _recorded(where, header, layers)
         weights = {path: _base_weight(base, path, where) for path in layers} if base is not None else {}
     if not metadata:
-        metadata = {"mask": f"peft {config.get('mask_type', 'random')}", "seed": str(config.get("random_seed")), "created_by": f"PEFT ShiraConfig r={r}, read by shira_hooks.from_peft"}
+        metadata = {
+            "mask": f"peft {config.get('mask_type', 'random')}",
+            "seed": str(config.get("random_seed")),
+            "created_by": f"PEFT ShiraConfig r={r}, read by shira_hooks.from_peft",
+        }
 
     deltas = {}
     for path, (indices, values) in layers.items():
         info, weight = recorded.get(path), weights.get(path)
         if weight is not None:
-            if weight.dim() != 2 or r * sum(weight.shape) != values.numel() or (info and info["shape"] != list(weight.shape)):
+            if (
+                weight.dim() != 2
+                or r * sum(weight.shape) != values.numel()
+                or (info and info["shape"] != list(weight.shape))
+            ):
                 raise ShiraError(
                     f"{where}: module '{path}' holds {values.numel()} entries (r={r}, so m+n = {values.numel() / r:g}), but the "
                     f"base's weight has shape {list(weight.shape)}; pass the base model the adapter was trained on"
@@ -389,11 +455,13 @@ def from_peft(source: str | os.PathLike | nn.Module, base: nn.Module | None, ada
                 f"columns start at 0, the file is corrupt. Save the adapter again"
             )
         if int(indices[0].max()) >= m or int(indices[1].max()) >= n:
-            raise ShiraError(f"{where}: module '{path}': indices reach row {int(indices[0].max())}, column {int(indices[1].max())}, outside its {m}x{n} weight")
+            raise ShiraError(
+                f"{where}: module '{path}': indices reach row {int(indices[0].max())}, column {int(indices[1].max())}, outside its {m}x{n} weight"
+            )
         # to_peft's padding (after the first `entries` values) is dropped while it is still zero.
         keep = torch.ones(values.numel(), dtype=torch.bool)
         if info:
-            keep[info["entries"]:] = values[info["entries"]:] != 0
+            keep[info["entries"] :] = values[info["entries"] :] != 0
         flat = indices[0, keep] * n + indices[1, keep]
         # sorted; duplicates add, as in PEFT. check_invariants is explicit: left implicit, torch warns that it skips it
         coo = torch.sparse_coo_tensor(flat.unsqueeze(0), values[keep], (m * n,), check_invariants=True).coalesce()
@@ -415,14 +483,23 @@ def from_peft(source: str | os.PathLike | nn.Module, base: nn.Module | None, ada
 
 
 def read(
-    source: str | os.PathLike | nn.Module, *, device: str | torch.device = "cpu", base: nn.Module | None = None, adapter_name: str | None = None,
+    source: str | os.PathLike | nn.Module,
+    *,
+    device: str | torch.device = "cpu",
+    base: nn.Module | None = None,
+    adapter_name: str | None = None,
 ) -> SparseAdapter:
     """``SparseAdapter.from_peft`` (and ``formats.read`` of a PEFT folder): the adapter, its tensors on ``device``."""
     deltas, metadata, context = from_peft(source, base, adapter_name)
     device = torch.device(device)
     if device.type != "cpu":
-        deltas = {name: dataclasses.replace(d, indices=d.indices.to(device), values=d.values.to(device)) for name, d in deltas.items()}
+        deltas = {
+            name: dataclasses.replace(d, indices=d.indices.to(device), values=d.values.to(device))
+            for name, d in deltas.items()
+        }
     return SparseAdapter(deltas, metadata, context=context)
 
 
-FOLDER = formats.Format("peft", recognises=lambda path: path.is_dir() and (path / CONFIG_NAME).exists(), read=read, write=to_peft)
+FOLDER = formats.Format(
+    "peft", recognises=lambda path: path.is_dir() and (path / CONFIG_NAME).exists(), read=read, write=to_peft
+)

@@ -41,7 +41,9 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 def _base_model_id(model: Any) -> str | None:
     """The Hub id the model was loaded from (``config._name_or_path``); None for a local folder or a model built from a config."""
-    return hub_id(getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None))
+    return hub_id(
+        getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    )
 
 
 class ShiraCallback(TrainerCallback):
@@ -89,9 +91,13 @@ class ShiraCallback(TrainerCallback):
         **attach_kwargs: Any,
     ):
         if handle is not None and not isinstance(handle, ShiraHandle):
-            raise ShiraError(f"ShiraCallback(handle) needs what shira_hooks.attach() returned, got {type(handle).__name__}")
+            raise ShiraError(
+                f"ShiraCallback(handle) needs what shira_hooks.attach() returned, got {type(handle).__name__}"
+            )
         if handle is not None and attach_kwargs:
-            raise ShiraError(f"pass either a handle or attach arguments to ShiraCallback, not both (got {sorted(attach_kwargs)})")
+            raise ShiraError(
+                f"pass either a handle or attach arguments to ShiraCallback, not both (got {sorted(attach_kwargs)})"
+            )
         check_license(license)  # now, not after training
         self.handle = handle
         self.save_dtype = save_dtype
@@ -162,7 +168,11 @@ class ShiraCallback(TrainerCallback):
                 f"ShiraCallback cannot attach with mode={kwargs['mode']!r} at train begin: the Trainer has already built its "
                 f"optimizer, which would not see shira_values. Attach before building the Trainer and pass the handle"
             )
-        if kwargs.get("mask", "snip") in masks.CALIBRATED_KINDS and "calibration" not in kwargs and dataloader is not None:
+        if (
+            kwargs.get("mask", "snip") in masks.CALIBRATED_KINDS
+            and "calibration" not in kwargs
+            and dataloader is not None
+        ):
             device = next(model.parameters()).device
             batches = []
             for batch in dataloader:
@@ -198,7 +208,11 @@ class ShiraCallback(TrainerCallback):
         folder = self._checkpoint_dir(args, state)
         if not self.handle.calibrated:
             if state.is_world_process_zero:
-                logger.warning("shira_hooks: masks are still calibrating at step %d; %s holds no SHiRA state", state.global_step, folder)
+                logger.warning(
+                    "shira_hooks: masks are still calibrating at step %d; %s holds no SHiRA state",
+                    state.global_step,
+                    folder,
+                )
             return
         adapter = self.handle.extract()  # every rank: under FSDP2 it gathers the shards (a collective)
         if state.is_world_process_zero:
@@ -232,6 +246,10 @@ class ShiraCallback(TrainerCallback):
             adapter.save_pretrained(folder, base_model_name_or_path=base, dtype=self.save_dtype, license=self.license)
         level = logging.ERROR if changed else logging.INFO
         logger.log(
-            level, "shira_hooks: %s trainable entries; entries changed outside the masks: %s; adapter: %s; adapter folder: %s",
-            f"{self.handle.num_trainable:,}", changed or "none", self.report["adapter"], self.report["adapter_folder"],
+            level,
+            "shira_hooks: %s trainable entries; entries changed outside the masks: %s; adapter: %s; adapter folder: %s",
+            f"{self.handle.num_trainable:,}",
+            changed or "none",
+            self.report["adapter"],
+            self.report["adapter_folder"],
         )

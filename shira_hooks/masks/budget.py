@@ -12,7 +12,9 @@ from .indices import row_length
 def check_sparsity(sparsity: Any) -> None:
     """A ShiraError unless ``sparsity`` is a number in (0, 1]."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
-        raise ShiraError(f"sparsity={sparsity!r} is outside (0, 1]; it is the fraction of each weight that trains, e.g. 0.01")
+        raise ShiraError(
+            f"sparsity={sparsity!r} is outside (0, 1]; it is the fraction of each weight that trains, e.g. 0.01"
+        )
 
 
 def budget(numel: int, sparsity: float, block: int = 1) -> int:
@@ -29,7 +31,9 @@ def budget(numel: int, sparsity: float, block: int = 1) -> int:
 def check_block(block: Any) -> None:
     """A ShiraError unless ``block`` is a positive int."""
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ShiraError(f"block={block!r}; it must be a positive int: the length of the aligned runs a mask is made of (1 = single entries, 16 = a 64-byte line of float32)")
+        raise ShiraError(
+            f"block={block!r}; it must be a positive int: the length of the aligned runs a mask is made of (1 = single entries, 16 = a 64-byte line of float32)"
+        )
 
 
 def check_block_fits(block: int, name: str, shape: tuple[int, ...]) -> None:
@@ -51,6 +55,8 @@ def lora_rank(shapes: Iterable[tuple[int, ...]], sparsity: float) -> int:
     check_sparsity(sparsity)
     shapes = [tuple(s) for s in shapes]
     if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
-        raise ShiraError(f"lora_rank() needs one or more (out, in) weight shapes, got {shapes!r}; pass Linear weight shapes such as [(576, 576)]")
+        raise ShiraError(
+            f"lora_rank() needs one or more (out, in) weight shapes, got {shapes!r}; pass Linear weight shapes such as [(576, 576)]"
+        )
     entries = sum(budget(out * inp, sparsity) for out, inp in shapes)
     return max(1, round(entries / sum(out + inp for out, inp in shapes)))

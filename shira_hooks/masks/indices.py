@@ -67,7 +67,9 @@ def csr_pattern(index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 def csr_pattern_on(pattern: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``pattern`` on ``device``."""
-    return csr_zeros(pattern.crow_indices().to(device), pattern.col_indices().to(device), (pattern.shape[0], pattern.shape[1]))
+    return csr_zeros(
+        pattern.crow_indices().to(device), pattern.col_indices().to(device), (pattern.shape[0], pattern.shape[1])
+    )
 
 
 def csr_zeros(crow: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -75,7 +77,11 @@ def csr_zeros(crow: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) ->
     are one element expanded (no k-entry array); elsewhere a real array (the kernels there are not
     tested with a stride-0 array here)."""
     k = cols.numel()
-    zeros = torch.zeros(1, device=cols.device).expand(k) if cols.device.type == "cpu" else torch.zeros(k, device=cols.device)
+    zeros = (
+        torch.zeros(1, device=cols.device).expand(k)
+        if cols.device.type == "cpu"
+        else torch.zeros(k, device=cols.device)
+    )
     with warnings.catch_warnings():  # "sparse CSR support is in beta" and invariant-check notices
         warnings.simplefilter("ignore")
         return torch.sparse_csr_tensor(crow, cols, zeros, shape)

@@ -90,10 +90,14 @@ def kind_of(mask: str | MaskFn) -> MaskKind:
     """
     if callable(mask):
         return MaskKind(
-            "custom", "a function (name, weight) -> indices or a bool mask", reads_values=True,
+            "custom",
+            "a function (name, weight) -> indices or a bool mask",
+            reads_values=True,
             select=lambda name, weight, k, seed, block: user_mask(mask(name, weight), name, tuple(weight.shape), block),
         )
     kind = KINDS.get(mask) if isinstance(mask, str) else None
     if kind is None:
-        raise ShiraError(f"unknown mask={mask!r}; use one of {', '.join(MASK_KINDS)} or a function (name, weight) -> indices")
+        raise ShiraError(
+            f"unknown mask={mask!r}; use one of {', '.join(MASK_KINDS)} or a function (name, weight) -> indices"
+        )
     return kind

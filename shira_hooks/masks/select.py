@@ -128,8 +128,7 @@ def user_mask(result: Any, name: str, shape: tuple[int, ...], block: int = 1) ->
             raise ShiraError(f"{where} returned duplicate indices; return each flat index once")
     else:
         raise ShiraError(
-            f"{where} returned a tensor of dtype {tensor.dtype}; return integer flat indices "
-            f"or a boolean mask"
+            f"{where} returned a tensor of dtype {tensor.dtype}; return integer flat indices or a boolean mask"
         )
     if flat.numel() == 0:
         raise ShiraError(f"{where} selected no entries; select at least one")

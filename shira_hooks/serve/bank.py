@@ -41,7 +41,14 @@ class AdapterBank:
         >>> bank.deactivate()                                    # the base model again
     """
 
-    def __init__(self, model: nn.Module, adapters: Mapping[str, SparseAdapter | str | os.PathLike] | None = None, *, pack: bool = True, chunk_mb: float = 256):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: Mapping[str, SparseAdapter | str | os.PathLike] | None = None,
+        *,
+        pack: bool = True,
+        chunk_mb: float = 256,
+    ):
         self.model = model
         self.lock = threading.RLock()  # held by add, activate, deactivate and close
         self.adapters: dict[str, SparseAdapter] = {}
@@ -67,7 +74,12 @@ class AdapterBank:
             for name in adapter.deltas:
                 module = find_module(self.model, name)
                 attr = name.rsplit(".", 1)[-1]
-                if module is None or (param := module._parameters.get(attr)) is None or name in seen or owner_of(module) is not None:
+                if (
+                    module is None
+                    or (param := module._parameters.get(attr)) is None
+                    or name in seen
+                    or owner_of(module) is not None
+                ):
                     continue  # missing weights are apply's to report; packed ones stay where they are
                 seen.add(name)
                 targets.append((name, module, attr, param))
@@ -76,8 +88,12 @@ class AdapterBank:
         try:
             self.packed.append(pack_parameters(self.model, targets, self.chunk_mb))
         except ShiraError as error:  # the bank still switches, one write per weight
-            warnings.warn(f"AdapterBank: the weights were not packed ({error}); switching writes each weight on its own. "
-                          f"Pass pack=False to switch unpacked without this warning", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"AdapterBank: the weights were not packed ({error}); switching writes each weight on its own. "
+                f"Pass pack=False to switch unpacked without this warning",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def add(self, name: str, adapter: SparseAdapter | str | os.PathLike) -> None:
         """Register an adapter object, or load one from a file (and pack its weights, with ``pack=True``)."""

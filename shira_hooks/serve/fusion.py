@@ -18,7 +18,12 @@ from ..format import SparseAdapter, SparseDelta, as_adapter
 from ..masks import index_dtype
 
 
-def fuse(adapters: Sequence[SparseAdapter | str | os.PathLike], weights: Sequence[float] | None = None, *, base: nn.Module | None = None) -> SparseAdapter:
+def fuse(
+    adapters: Sequence[SparseAdapter | str | os.PathLike],
+    weights: Sequence[float] | None = None,
+    *,
+    base: nn.Module | None = None,
+) -> SparseAdapter:
     """One adapter whose delta is the weighted sum of the given ones (union of their entries).
 
     Applying the result equals applying the adapters one after the other with alphas ``weights``
@@ -61,19 +66,31 @@ def fuse(adapters: Sequence[SparseAdapter | str | os.PathLike], weights: Sequenc
         union = torch.unique(torch.cat([d.indices.to(torch.int64) for d, _ in parts]))  # sorted
         values = torch.zeros(union.numel(), dtype=torch.float32)
         for delta, w in parts:
-            values.index_add_(0, torch.searchsorted(union, delta.indices.to(torch.int64)), delta.values.float(), alpha=w)
-        same_entries = all(torch.equal(d.indices, first.indices) and d.fingerprint == first.fingerprint for d, _ in parts)
+            values.index_add_(
+                0, torch.searchsorted(union, delta.indices.to(torch.int64)), delta.values.float(), alpha=w
+            )
+        same_entries = all(
+            torch.equal(d.indices, first.indices) and d.fingerprint == first.fingerprint for d, _ in parts
+        )
         if name in params:
             flat = params[name].detach().reshape(-1)
             for delta, _ in parts:
                 if delta.fingerprint and digest(flat[delta.indices.to(torch.int64)]) != delta.fingerprint:
-                    raise ShiraError(f"module '{name}': an adapter's fingerprint does not match the base model given to fuse()")
+                    raise ShiraError(
+                        f"module '{name}': an adapter's fingerprint does not match the base model given to fuse()"
+                    )
             fingerprint = digest(flat[union])
         else:
             fingerprint = first.fingerprint if same_entries else ""
         block = math.gcd(*(d.block for d, _ in parts))
-        fused[name] = SparseDelta(first.shape, first.dtype, union.to(index_dtype(first.numel)), values, fingerprint, block)
-    metadata = {"mask": "fused", "fused_weights": json.dumps(weights), "fused_masks": json.dumps([a.metadata.get("mask", "?") for a in loaded])}
+        fused[name] = SparseDelta(
+            first.shape, first.dtype, union.to(index_dtype(first.numel)), values, fingerprint, block
+        )
+    metadata = {
+        "mask": "fused",
+        "fused_weights": json.dumps(weights),
+        "fused_masks": json.dumps([a.metadata.get("mask", "?") for a in loaded]),
+    }
     return SparseAdapter(fused, metadata)
 
 
@@ -110,10 +127,16 @@ class Overlap:
 
     def __str__(self) -> str:
         width = max([len("module")] + [len(n) for n in self.modules])
-        lines = [f"{'module':<{width}}  {'shared':>9}  {'of a':>9}  {'of b':>9}  {'A1^T A2 density':>15}  {'cosine':>8}"]
+        lines = [
+            f"{'module':<{width}}  {'shared':>9}  {'of a':>9}  {'of b':>9}  {'A1^T A2 density':>15}  {'cosine':>8}"
+        ]
         for name, m in self.modules.items():
-            lines.append(f"{name:<{width}}  {m.shared:>9,}  {m.entries_a:>9,}  {m.entries_b:>9,}  {m.product_density:>15.2e}  {m.product_cosine:>8.4f}")
-        lines.append(f"{'total':<{width}}  {self.shared:>9,}  {self.entries_a:>9,}  {self.entries_b:>9,}  ({100 * self.shared_fraction:.2f}% shared)")
+            lines.append(
+                f"{name:<{width}}  {m.shared:>9,}  {m.entries_a:>9,}  {m.entries_b:>9,}  {m.product_density:>15.2e}  {m.product_cosine:>8.4f}"
+            )
+        lines.append(
+            f"{'total':<{width}}  {self.shared:>9,}  {self.entries_a:>9,}  {self.entries_b:>9,}  ({100 * self.shared_fraction:.2f}% shared)"
+        )
         return "\n".join(lines)
 
 
@@ -163,8 +186,11 @@ def _product_stats(da: SparseDelta, db: SparseDelta) -> tuple[float, float]:
         last = max(first + 1, int(torch.searchsorted(reach, done + _PRODUCT_CHUNK, right=True)))
         lo, hi = int(starts[first]), int(starts[last])
         block = torch.sparse_coo_tensor(  # rows first..last-1 of A1^T, (last - first, rows), sorted (slot, row)
-            torch.stack([slot[lo:hi] - first, rows_a[lo:hi]]), values_a[lo:hi], (last - first, rows),
-            is_coalesced=True, check_invariants=False,
+            torch.stack([slot[lo:hi] - first, rows_a[lo:hi]]),
+            values_a[lo:hi],
+            (last - first, rows),
+            is_coalesced=True,
+            check_invariants=False,
         )
         with warnings.catch_warnings():  # sparse.mm goes through CSR, which warns that it is beta
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -188,7 +214,9 @@ def overlap(a: SparseAdapter | str | os.PathLike, b: SparseAdapter | str | os.Pa
     for name in a.deltas.keys() & b.deltas.keys():
         da, db = a.deltas[name], b.deltas[name]
         if da.shape != db.shape:
-            raise ShiraError(f"module '{name}': shapes differ ({list(da.shape)} vs {list(db.shape)}); compare adapters of one base model")
+            raise ShiraError(
+                f"module '{name}': shapes differ ({list(da.shape)} vs {list(db.shape)}); compare adapters of one base model"
+            )
         shared = int(torch.isin(da.indices.to(torch.int64), db.indices.to(torch.int64)).sum())
         density, cosine = _product_stats(da, db)
         modules[name] = ModuleOverlap(da.indices.numel(), db.indices.numel(), shared, density, cosine)

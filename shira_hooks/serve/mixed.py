@@ -87,7 +87,9 @@ class _Route:
                 group[-1][1] += 1
             else:
                 group.append([row, 1])
-        self.groups: list[tuple[int, list[tuple[int, int]]]] = [(p, [(r[0], r[1]) for r in rs]) for p, rs in sorted(runs.items())]
+        self.groups: list[tuple[int, list[tuple[int, int]]]] = [
+            (p, [(r[0], r[1]) for r in rs]) for p, rs in sorted(runs.items())
+        ]
         self._inputs: tuple[weakref.ref, int, torch.dtype, list[torch.Tensor]] | None = None
 
     def transposed_inputs(self, x: torch.Tensor, batch_dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -238,17 +240,23 @@ class MixedAdapters:
                 size is not ``len(names)``, or one that needs gradients.
         """
         if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or len(names) == 0:
-            raise ShiraError(f"route() takes one adapter name (or None) per batch row, as a non-empty list; got {names!r}")
+            raise ShiraError(
+                f"route() takes one adapter name (or None) per batch row, as a non-empty list; got {names!r}"
+            )
         unknown = sorted({repr(n) for n in names if n is not None and n not in self.names})
         if unknown:
-            raise ShiraError(f"route(): unknown adapter name(s) {', '.join(unknown)}; the known ones are {self.names} (or None for the base)")
+            raise ShiraError(
+                f"route(): unknown adapter name(s) {', '.join(unknown)}; the known ones are {self.names} (or None for the base)"
+            )
         if self._closed:
             raise ShiraError("route(): this MixedAdapters is closed; create a new one")
         plan = _Route(list(names), {name: i for i, name in enumerate(self.names)})
         with self._lock:
             if self._route is not None:
                 where = "this thread" if self._route.thread == plan.thread else "another thread"
-                raise ShiraError(f"route(): a route is already active (entered in {where}); routes cannot overlap, leave it first")
+                raise ShiraError(
+                    f"route(): a route is already active (entered in {where}); routes cannot overlap, leave it first"
+                )
             self._route = plan
         try:
             with self._switch_lock:
@@ -289,7 +297,9 @@ class MixedAdapters:
         with torch.autocast(y.device.type, enabled=False):  # autocast would cast the product to bfloat16
             self._add_groups(layer, route, x, rows, dtype)
 
-    def _add_groups(self, layer: _Layer, route: _Route, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> None:
+    def _add_groups(
+        self, layer: _Layer, route: _Route, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype
+    ) -> None:
         """rows[rows of adapter i] += the delta computed in ``dtype``; ``rows`` is the output viewed (B, ..., out)."""
         inner, out = rows.shape[1:-1], rows.shape[-1]
         blocks = None
@@ -341,9 +351,15 @@ def _check_batch_dim(model: nn.Module, batch_dim: int | None) -> int:
     """``batch_dim``, or 0 when None and no module of the model may feed its layers sequence-first inputs."""
     if batch_dim is not None:
         if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
-            raise ShiraError(f"batch_dim={batch_dim!r}; it must be a non-negative int: 0 for (B, T, in) inputs, 1 for (T, B, in)")
+            raise ShiraError(
+                f"batch_dim={batch_dim!r}; it must be a non-negative int: 0 for (B, T, in) inputs, 1 for (T, B, in)"
+            )
         return batch_dim
-    sequence_first = [(name or "<model>", type(module).__name__) for name, module in model.named_modules() if getattr(module, "batch_first", True) is False]
+    sequence_first = [
+        (name or "<model>", type(module).__name__)
+        for name, module in model.named_modules()
+        if getattr(module, "batch_first", True) is False
+    ]
     if sequence_first:
         (name, kind), more = sequence_first[0], len(sequence_first) - 1
         raise ShiraError(
@@ -354,13 +370,19 @@ def _check_batch_dim(model: nn.Module, batch_dim: int | None) -> int:
     return 0
 
 
-def _check_arguments(adapters: Mapping[str, SparseAdapter | str], alpha: float | Mapping[str, float]) -> tuple[list[str], list[float]]:
+def _check_arguments(
+    adapters: Mapping[str, SparseAdapter | str], alpha: float | Mapping[str, float]
+) -> tuple[list[str], list[float]]:
     """The adapter names, in order, and their alphas; ShiraError for bad ones."""
     if not isinstance(adapters, Mapping) or not adapters:
-        raise ShiraError(f"MixedAdapters needs a non-empty {{name: SparseAdapter}} mapping, got {type(adapters).__name__}")
+        raise ShiraError(
+            f"MixedAdapters needs a non-empty {{name: SparseAdapter}} mapping, got {type(adapters).__name__}"
+        )
     for name in adapters:
         if not isinstance(name, str):
-            raise ShiraError(f"adapter name {name!r} is a {type(name).__name__}; names must be strings (None means the base in route())")
+            raise ShiraError(
+                f"adapter name {name!r} is a {type(name).__name__}; names must be strings (None means the base in route())"
+            )
     names = list(adapters)
     given = dict(alpha) if isinstance(alpha, Mapping) else dict.fromkeys(names, alpha)
     extra = sorted(set(given) - set(names), key=str)
@@ -399,13 +421,18 @@ def _sharing(weight: torch.Tensor, memory: list[tuple[int, int, str, int, torch.
         return None
     low, high = _span(weight)
     return next(
-        (name for other_low, other_high, name, other, device in memory
-         if other != id(weight) and device == weight.device and other_low < high and low < other_high),
+        (
+            name
+            for other_low, other_high, name, other, device in memory
+            if other != id(weight) and device == weight.device and other_low < high and low < other_high
+        ),
         None,
     )
 
 
-def _target_layers(model: nn.Module, names: list[str], adapters: list[SparseAdapter], alphas: list[float]) -> list[_Layer]:
+def _target_layers(
+    model: nn.Module, names: list[str], adapters: list[SparseAdapter], alphas: list[float]
+) -> list[_Layer]:
     """One ``_Layer`` per adapted Linear (CSR deltas built); ShiraError for a target that is not one."""
     holders: dict[int, int] = {}  # id(param) -> number of modules holding it (tied weights)
     for module in model.modules():
@@ -453,5 +480,7 @@ def _target_layers(model: nn.Module, names: list[str], adapters: list[SparseAdap
             values = alpha * delta.values.to(module.weight.device, dtype)
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore")
-                layer.deltas[position] = torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), values, pattern.shape)
+                layer.deltas[position] = torch.sparse_csr_tensor(
+                    pattern.crow_indices(), pattern.col_indices(), values, pattern.shape
+                )
     return list(layers.values())

@@ -115,7 +115,11 @@ class PackedWeights:
         return [slot.name for slot in self._slots]
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else ("packed" if self.packed else "moved: repack() or the next apply packs it again")
+        state = (
+            "closed"
+            if self.closed
+            else ("packed" if self.packed else "moved: repack() or the next apply packs it again")
+        )
         return f"PackedWeights({len(self._slots)} weights in {len(self._live_arenas())} arenas, {state})"
 
     def __enter__(self) -> PackedWeights:
@@ -135,7 +139,12 @@ class PackedWeights:
 
     def _holds(self, slot: _Slot, param: torch.Tensor | None) -> bool:
         held = slot.param()
-        return held is not None and held is param and slot.arena >= 0 and _in_arena(held, self._arenas[slot.arena], slot.offset)
+        return (
+            held is not None
+            and held is param
+            and slot.arena >= 0
+            and _in_arena(held, self._arenas[slot.arena], slot.offset)
+        )
 
     @property
     def packed(self) -> bool:
@@ -152,8 +161,15 @@ class PackedWeights:
         for slot in self._slots:
             if self._holds(slot, self._current(slot)):
                 arena = self._arenas[slot.arena]
-                row = rows.setdefault(slot.arena, {"device": str(arena.device), "dtype": str(arena.dtype).removeprefix("torch."),
-                                                   "mb": arena.numel * arena.dtype.itemsize / 2**20, "weights": 0})
+                row = rows.setdefault(
+                    slot.arena,
+                    {
+                        "device": str(arena.device),
+                        "dtype": str(arena.dtype).removeprefix("torch."),
+                        "mb": arena.numel * arena.dtype.itemsize / 2**20,
+                        "weights": 0,
+                    },
+                )
                 row["weights"] += 1
         return [rows[i] for i in sorted(rows)]
 
@@ -169,10 +185,16 @@ class PackedWeights:
         """
         if self.closed:
             raise ShiraError("this PackedWeights was unpacked; call shira_hooks.pack(model) to pack the model again")
-        stale = {slot.arena for slot in self._slots if slot.module() is not None and not self._holds(slot, self._current(slot))}
+        stale = {
+            slot.arena
+            for slot in self._slots
+            if slot.module() is not None and not self._holds(slot, self._current(slot))
+        }
         if not stale:
             return 0
-        pairs = [(slot, param) for slot in self._slots if slot.arena in stale and (param := self._current(slot)) is not None]
+        pairs = [
+            (slot, param) for slot in self._slots if slot.arena in stale and (param := self._current(slot)) is not None
+        ]
         moving, params = [slot for slot, _ in pairs], [param for _, param in pairs]
         model = self._model()
         _validate([(s.name, p) for s, p in zip(moving, params)], model, others_packed=self._packed_ids(exclude=moving))
@@ -183,7 +205,11 @@ class PackedWeights:
 
     def _packed_ids(self, exclude: Iterable[_Slot] = ()) -> set[int]:
         skip = {id(s) for s in exclude}
-        return {id(p) for s in self._slots if id(s) not in skip and (p := self._current(s)) is not None and self._holds(s, p)}
+        return {
+            id(p)
+            for s in self._slots
+            if id(s) not in skip and (p := self._current(s)) is not None and self._holds(s, p)
+        }
 
     def unpack(self) -> None:
         """Give every packed weight storage of its own (same values, strides and ``Parameter``), one arena
@@ -237,7 +263,9 @@ class PackedWeights:
             storage = _alias(arena, offset, param.numel())
             if storage.data_ptr() == arena.data_ptr() and offset:  # no DLPack here: views of the arena's storage,
                 record.kept = arena  # which do not keep the arena tensor itself alive
-            view = torch.empty(0, dtype=dtype, device=device).set_(storage, storage_offset(storage, arena, offset), param.shape, param.stride())
+            view = torch.empty(0, dtype=dtype, device=device).set_(
+                storage, storage_offset(storage, arena, offset), param.shape, param.stride()
+            )
             storage_flat(view).copy_(storage_flat(param.detach()))
             param.data = view  # same Parameter, requires_grad and version counter; its old storage is freed
             slot.arena, slot.offset = len(self._arenas) - 1, offset
@@ -277,7 +305,9 @@ def any_packed() -> bool:
     return bool(_OWNERS.entries)
 
 
-def _validate(named: list[tuple[str, nn.Parameter]], model: nn.Module | None, others_packed: Collection[int] = frozenset()) -> None:
+def _validate(
+    named: list[tuple[str, nn.Parameter]], model: nn.Module | None, others_packed: Collection[int] = frozenset()
+) -> None:
     """Refuse, before anything is copied, weights that cannot be packed soundly (see ``pack``'s Raises)."""
     ids = {id(p) for _, p in named}
     for name, param in named:
@@ -297,7 +327,10 @@ def _validate(named: list[tuple[str, nn.Parameter]], model: nn.Module | None, ot
     # Storage shared with another tensor of the model: packing would give the weight storage of its own
     # and silently untie them. Non-overlapping views of one storage among the packed weights are fine.
     by_storage: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
-    for other_name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+    for other_name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
         if tensor.is_meta or distributed.is_sharded(tensor) or tensor.untyped_storage().nbytes() == 0:
             continue
         by_storage.setdefault((tensor.device, tensor.untyped_storage().data_ptr()), []).append((other_name, tensor))
@@ -337,9 +370,16 @@ def _slots_for(model: nn.Module, targets: Iterable[tuple[str, nn.Module, str, nn
     return slots
 
 
-def pack_parameters(model: nn.Module, targets: list[tuple[str, nn.Module, str, nn.Parameter]], chunk_mb: float = 256) -> PackedWeights:
+def pack_parameters(
+    model: nn.Module, targets: list[tuple[str, nn.Module, str, nn.Parameter]], chunk_mb: float = 256
+) -> PackedWeights:
     """``pack`` for explicit (parameter name, module, attribute, parameter) targets (used by ``AdapterBank``)."""
-    if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float)) or not math.isfinite(chunk_mb) or chunk_mb <= 0:
+    if (
+        isinstance(chunk_mb, bool)
+        or not isinstance(chunk_mb, (int, float))
+        or not math.isfinite(chunk_mb)
+        or chunk_mb <= 0
+    ):
         raise ShiraError(f"chunk_mb={chunk_mb!r}; it must be a positive number of MiB (the largest arena, default 256)")
     slots = _slots_for(model, targets)
     if not slots:
@@ -379,5 +419,7 @@ def pack(model: nn.Module, target_modules: TargetSpec = None, *, chunk_mb: float
         >>> with shira_hooks.apply(model, adapter):          # one index_copy_ per arena
         ...     output = model(**batch)
     """
-    targets = [(f"{name}.weight", module, "weight", weight) for name, module, weight in resolve_targets(model, target_modules)]
+    targets = [
+        (f"{name}.weight", module, "weight", weight) for name, module, weight in resolve_targets(model, target_modules)
+    ]
     return pack_parameters(model, targets, chunk_mb)

@@ -32,11 +32,14 @@ from . import packing
 from .state import Prepared, WeightState
 
 # Called through map() over all targets: one C-level pass each, no Python frame per weight.
-_expired = torch.UntypedStorage._expired  # (weak storage reference) -> whether the storage was freed (what torch.Storage._expired calls)
+_expired = (
+    torch.UntypedStorage._expired
+)  # (weak storage reference) -> whether the storage was freed (what torch.Storage._expired calls)
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _version = operator.attrgetter("_version")
 _call = weakref.ref.__call__
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32, or float64 for float64 weights: never less precise than the weight."""
@@ -171,9 +174,13 @@ def _unit(prep: Prepared, offset: int) -> int:
     return block if prep.runs is not None and offset % block == 0 else 1
 
 
-def _groups(targets: list[tuple[WeightState, Prepared]], params: list[nn.Parameter], holders: list[tuple[nn.Module, str]]) -> list:
+def _groups(
+    targets: list[tuple[WeightState, Prepared]], params: list[nn.Parameter], holders: list[tuple[nn.Module, str]]
+) -> list:
     """Weights packed in one arena share a write per unit; the others write alone."""
-    by_arena: dict[int, tuple[torch.Tensor, list[tuple[int, WeightState, Prepared, int]]]] = {}  # (position, weight, prep, offset)
+    by_arena: dict[
+        int, tuple[torch.Tensor, list[tuple[int, WeightState, Prepared, int]]]
+    ] = {}  # (position, weight, prep, offset)
     groups: list = []
     for position, ((weight, prep), param, (module, attr)) in enumerate(zip(targets, params, holders)):
         owner = packing.owner_of(module)
@@ -190,14 +197,24 @@ def _groups(targets: list[tuple[WeightState, Prepared]], params: list[nn.Paramet
             by_unit.setdefault(_unit(member[2], member[3]), []).append(member)
         for unit, same in by_unit.items():
             position, weight, prep, _ = same[0]
-            groups.append(_Shared(arena, same, unit) if len(same) > 1 else _Single(position, weight, prep, params[position]))
+            groups.append(
+                _Shared(arena, same, unit) if len(same) > 1 else _Single(position, weight, prep, params[position])
+            )
     return groups
 
 
 class SwitchPlan:
     """The prepared writes of one adapter on one model (module docstring)."""
 
-    def __init__(self, model: nn.Module, adapter, targets: list[tuple[str, WeightState, Prepared]], skipped: list[str], verified: bool, epoch: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter,
+        targets: list[tuple[str, WeightState, Prepared]],
+        skipped: list[str],
+        verified: bool,
+        epoch: int,
+    ):
         self.targets = [(weight, prep) for _, weight, prep in targets]
         self.skipped = list(skipped)
         self.verified = verified  # built under check_base=True: fingerprints were checked at these tokens

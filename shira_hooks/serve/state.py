@@ -137,7 +137,12 @@ class WeightState:
         self.reset(param)
 
     def reset(self, param: nn.Parameter) -> None:
-        self.ptr, self.strides, self.shape, self.dtype = param.data_ptr(), param.stride(), tuple(param.shape), param.dtype
+        self.ptr, self.strides, self.shape, self.dtype = (
+            param.data_ptr(),
+            param.stride(),
+            tuple(param.shape),
+            param.dtype,
+        )
         # The storage itself, weakly: a new storage that the allocator put at the old address (after
         # ``param.data = ...`` or a re-pack) has the same data_ptr, but this reference has expired.
         self.storage_ref = StorageWeakRef(param.untyped_storage())
@@ -251,9 +256,13 @@ class ModelState:
     def held_bytes(self) -> int:
         """Bytes of the tensors kept for the model's adapters that are not the adapters' own (tests, debugging)."""
         with self.lock:
-            tensors = [t for _, cache in self.caches.items() for prep in cache.prepared.values() for t in prep.tensors()]
+            tensors = [
+                t for _, cache in self.caches.items() for prep in cache.prepared.values() for t in prep.tensors()
+            ]
             tensors += [t for _, cache in self.caches.items() if cache.plan is not None for t in cache.plan.tensors()]
-        storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}  # views counted once
+        storages = {
+            (t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors
+        }  # views counted once
         return sum(storages.values())
 
 

@@ -98,7 +98,16 @@ class AppliedAdapter:
     strongly (``handle.adapter``).
     """
 
-    def __init__(self, model: nn.Module, adapter: SparseAdapter, alpha: float, skipped: list[str], state: ModelState, cache: AdapterCache, targets: list):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: SparseAdapter,
+        alpha: float,
+        skipped: list[str],
+        state: ModelState,
+        cache: AdapterCache,
+        targets: list,
+    ):
         self._model = weakref.ref(model)
         self.adapter = adapter
         self.alpha = alpha
@@ -266,7 +275,14 @@ def _repack_moved(model: nn.Module, adapter: SparseAdapter) -> None:
         owner.repack()
 
 
-def _check(model: nn.Module, adapter: SparseAdapter, state: ModelState, cache: AdapterCache, strict: bool, check_base: bool | str):
+def _check(
+    model: nn.Module,
+    adapter: SparseAdapter,
+    state: ModelState,
+    cache: AdapterCache,
+    strict: bool,
+    check_base: bool | str,
+):
     """Validate every module before anything is written; returns ([(name, weight, prep)], skipped names)."""
     _materialize_all(state)
     targets, skipped = [], []
@@ -283,7 +299,9 @@ def _check(model: nn.Module, adapter: SparseAdapter, state: ModelState, cache: A
             skipped.append(name)
             continue
         if tuple(param.shape) != tuple(delta.shape):
-            raise ShiraError(f"adapter module '{name}' has shape {list(delta.shape)}, the model's weight is {list(param.shape)}")
+            raise ShiraError(
+                f"adapter module '{name}' has shape {list(delta.shape)}, the model's weight is {list(param.shape)}"
+            )
         if check_base and param.dtype != delta.dtype:
             raise ShiraError(
                 f"adapter module '{name}' was trained on a {dtype_name(delta.dtype)} weight, the model's is "
@@ -310,7 +328,9 @@ def _check(model: nn.Module, adapter: SparseAdapter, state: ModelState, cache: A
             prep.base, prep.base_token, prep.alpha = _base_values(weight, param, prep), weight.token, None
         targets.append((name, weight, prep))
     if not targets:
-        raise ShiraError(f"none of the adapter's {len(adapter.deltas)} modules is a parameter of the model (e.g. '{next(iter(adapter.deltas))}')")
+        raise ShiraError(
+            f"none of the adapter's {len(adapter.deltas)} modules is a parameter of the model (e.g. '{next(iter(adapter.deltas))}')"
+        )
     return targets, skipped
 
 
@@ -360,7 +380,11 @@ def apply(
             planned = not state.stack and check_base != "always"  # the serving switch: nothing applied below
             # cache.plan holds only the SwitchPlans made below (state.py, which plan.py imports, names a protocol)
             plan = cast("SwitchPlan | None", cache.plan) if planned else None
-            params = plan.live(model, adapter, state.epoch) if plan is not None and _plan_fits(plan, model, strict, check_base) else None
+            params = (
+                plan.live(model, adapter, state.epoch)
+                if plan is not None and _plan_fits(plan, model, strict, check_base)
+                else None
+            )
             if plan is not None and plan.restructured:
                 state.drop_plans()  # they hold the children dicts of modules that may have left the model
             if params is None:
@@ -369,8 +393,12 @@ def apply(
                 checked, skipped = _check(model, adapter, state, cache, strict, check_base)
                 targets = [(weight, prep) for _, weight, prep in checked]
                 if planned:
-                    plan = cache.plan = SwitchPlan(model, adapter, checked, skipped, verified=bool(check_base), epoch=state.epoch)
-                    params = cast("list[nn.Parameter]", [weight.param() for weight, _ in targets])  # alive: just checked
+                    plan = cache.plan = SwitchPlan(
+                        model, adapter, checked, skipped, verified=bool(check_base), epoch=state.epoch
+                    )
+                    params = cast(
+                        "list[nn.Parameter]", [weight.param() for weight, _ in targets]
+                    )  # alive: just checked
             else:
                 assert plan is not None  # params came from plan.live
                 targets, skipped = plan.targets, list(plan.skipped)
@@ -456,4 +484,3 @@ def clear_cache(model: nn.Module | None = None) -> None:
     for state in states:
         with state.lock:
             state.clear()
-

@@ -37,11 +37,25 @@ from ..serve import apply
 from .help import DefaultsFormatter
 from .timing import command_line, machine, publish, report_header, time_interleaved
 
-DESCRIPTION = "CPU micro-benchmark of adapter loading: SHiRA apply+remove against LoRA fuse+unfuse, one square weight at a time."
+DESCRIPTION = (
+    "CPU micro-benchmark of adapter loading: SHiRA apply+remove against LoRA fuse+unfuse, one square weight at a time."
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = (
-    ("dim", 6), ("dtype", 9), ("r", 4), ("k", 9), ("LoRA addmm_", 12), ("LoRA PEFT", 11), ("SHiRA", 9),
-    ("index_copy_", 12), ("scatter_", 9), ("naive", 9), ("x addmm_", 9), ("x PEFT", 8), ("x best", 7), ("SHiRA/raw", 10),
+    ("dim", 6),
+    ("dtype", 9),
+    ("r", 4),
+    ("k", 9),
+    ("LoRA addmm_", 12),
+    ("LoRA PEFT", 11),
+    ("SHiRA", 9),
+    ("index_copy_", 12),
+    ("scatter_", 9),
+    ("naive", 9),
+    ("x addmm_", 9),
+    ("x PEFT", 8),
+    ("x best", 7),
+    ("SHiRA/raw", 10),
     ("spread", 7),
 )
 OUTLIER = 3.0  # a method whose slowest round is this many times its median is flagged: the machine, not the method
@@ -53,7 +67,17 @@ LEGEND = (
 )
 
 
-def bench_one(dim: int, dtype: torch.dtype, sparsity: float, rank: int | None, *, warmup: int, repeats: int, budget: float, seed: int = 0) -> dict:
+def bench_one(
+    dim: int,
+    dtype: torch.dtype,
+    sparsity: float,
+    rank: int | None,
+    *,
+    warmup: int,
+    repeats: int,
+    budget: float,
+    seed: int = 0,
+) -> dict:
     """All methods for one (dim, dtype), interleaved round-robin; returns a JSON-ready row (times in seconds).
 
     Every method works on its own copy of the weight, so that one method's writes (LoRA's rounding
@@ -93,11 +117,20 @@ def bench_one(dim: int, dtype: torch.dtype, sparsity: float, rank: int | None, *
         return (lora_b @ lora_a) * scale
 
     methods = {
-        "lora_addmm": (lambda: addmm_weight.addmm_(lora_b, lora_a, alpha=scale), lambda: addmm_weight.addmm_(lora_b, lora_a, alpha=-scale)),
+        "lora_addmm": (
+            lambda: addmm_weight.addmm_(lora_b, lora_a, alpha=scale),
+            lambda: addmm_weight.addmm_(lora_b, lora_a, alpha=-scale),
+        ),
         "lora_peft": (lambda: peft_weight.add_(peft_delta()), lambda: peft_weight.sub_(peft_delta())),
         "shira": (lambda: active.append(apply(holder, adapter)), lambda: active.pop().remove()),
-        "raw_bound": (lambda: raw_flat.index_copy_(0, index, written), lambda: raw_flat.index_copy_(0, index, originals)),
-        "raw_scatter": (lambda: scatter_flat.scatter_(0, index, written), lambda: scatter_flat.scatter_(0, index, originals)),
+        "raw_bound": (
+            lambda: raw_flat.index_copy_(0, index, written),
+            lambda: raw_flat.index_copy_(0, index, originals),
+        ),
+        "raw_scatter": (
+            lambda: scatter_flat.scatter_(0, index, written),
+            lambda: scatter_flat.scatter_(0, index, originals),
+        ),
         "naive": (naive_apply, lambda: naive_flat.index_copy_(0, index, originals)),
     }
     stats = time_interleaved(methods, warmup=warmup, repeats=repeats, budget=budget)
@@ -127,9 +160,20 @@ def _cells(row: dict) -> list[str]:
     pair = lambda name: f"{row[name]['pair']['median'] * 1e3:.3f}"
     widest = max(row["spread"].values())
     return [
-        str(row["dim"]), row["dtype"], str(row["rank"]), f"{row['entries']:,}", pair("lora_addmm"), pair("lora_peft"),
-        pair("shira"), pair("raw_bound"), pair("raw_scatter"), pair("naive"), f"{row['speedup_vs_addmm']:.1f}",
-        f"{row['speedup_vs_peft']:.1f}", f"{row['speedup_vs_best_lora']:.1f}", f"{row['shira_over_raw']:.2f}",
+        str(row["dim"]),
+        row["dtype"],
+        str(row["rank"]),
+        f"{row['entries']:,}",
+        pair("lora_addmm"),
+        pair("lora_peft"),
+        pair("shira"),
+        pair("raw_bound"),
+        pair("raw_scatter"),
+        pair("naive"),
+        f"{row['speedup_vs_addmm']:.1f}",
+        f"{row['speedup_vs_peft']:.1f}",
+        f"{row['speedup_vs_best_lora']:.1f}",
+        f"{row['shira_over_raw']:.2f}",
         f"{widest:.1f}" + (" !" if widest >= OUTLIER else ""),
     ]
 
@@ -143,7 +187,9 @@ def table_row(row: dict) -> str:
 
 
 def markdown(rows: list[dict], info: dict, command: str) -> str:
-    lines = report_header("`python -m shira_hooks.bench`: one weight, SHiRA apply+remove vs LoRA fuse+unfuse", command, info) + [
+    lines = report_header(
+        "`python -m shira_hooks.bench`: one weight, SHiRA apply+remove vs LoRA fuse+unfuse", command, info
+    ) + [
         "Times are medians in ms of one fuse+unfuse (LoRA) or apply+remove (SHiRA) round, the methods timed",
         "round-robin (alternately forward and reverse) so that a slow phase of the machine falls on all of them;",
         "before its timed round each method runs one untimed round, so these are steady-state figures (the memory",
@@ -161,15 +207,21 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
     by_dtype: dict[str, list[float]] = {}
     for row in rows:
         by_dtype.setdefault(row["dtype"], []).append(row["scatter_over_index_copy"])
-    lines += ["", "`scatter_` over `index_copy_` (the same writes): " + "; ".join(
-        f"{dtype} {min(values):.1f}x to {max(values):.1f}x (`scatter_` faster in {sum(v < 1 for v in values)} of {len(values)} sizes)"
-        for dtype, values in by_dtype.items()
-    ) + ". The library writes with `index_copy_`: one path for every dtype, never the slow one."]
+    lines += [
+        "",
+        "`scatter_` over `index_copy_` (the same writes): "
+        + "; ".join(
+            f"{dtype} {min(values):.1f}x to {max(values):.1f}x (`scatter_` faster in {sum(v < 1 for v in values)} of {len(values)} sizes)"
+            for dtype, values in by_dtype.items()
+        )
+        + ". The library writes with `index_copy_`: one path for every dtype, never the slow one.",
+    ]
     flagged = [(row, name) for row in rows for name in _outliers(row)]
     if flagged:
         lines += ["", "Rows flagged for their spread (slowest round / median):"] + [
             f"- {row['dim']} {row['dtype']} {name}: median {row[name]['pair']['median'] * 1e3:.3f} ms, slowest "
-            f"{row[name]['pair']['max'] * 1e3:.3f} ms ({row['spread'][name]:.1f}x)" for row, name in flagged
+            f"{row[name]['pair']['max'] * 1e3:.3f} ms ({row['spread'][name]:.1f}x)"
+            for row, name in flagged
         ]
     return "\n".join(lines)
 
@@ -182,11 +234,18 @@ def plot(rows: list[dict], path: str) -> None:
 
     dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
-    labels = {"lora_addmm": "LoRA fuse+unfuse (addmm_)", "lora_peft": "LoRA fuse+unfuse (PEFT-style)", "shira": "SHiRA apply+remove", "raw_bound": "2x index_copy_ (raw bound)"}
+    labels = {
+        "lora_addmm": "LoRA fuse+unfuse (addmm_)",
+        "lora_peft": "LoRA fuse+unfuse (PEFT-style)",
+        "shira": "SHiRA apply+remove",
+        "raw_bound": "2x index_copy_ (raw bound)",
+    }
     for ax, dtype in zip(axes[0], dtypes):
         chosen = [row for row in rows if row["dtype"] == dtype]
         for key, label in labels.items():
-            ax.plot([r["dim"] for r in chosen], [r[key]["pair"]["median"] * 1e3 for r in chosen], marker="o", label=label)
+            ax.plot(
+                [r["dim"] for r in chosen], [r[key]["pair"]["median"] * 1e3 for r in chosen], marker="o", label=label
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("weight dimension (square)")
@@ -199,17 +258,32 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shira_hooks.bench", description=DESCRIPTION, formatter_class=DefaultsFormatter)
-    parser.add_argument("--dims", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192], help="square weight sizes to time")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES), help="weight dtypes to time")
+    parser = argparse.ArgumentParser(
+        prog="python -m shira_hooks.bench", description=DESCRIPTION, formatter_class=DefaultsFormatter
+    )
+    parser.add_argument(
+        "--dims", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192], help="square weight sizes to time"
+    )
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES), help="weight dtypes to time"
+    )
     parser.add_argument("--sparsity", type=float, default=0.01, help="share of each weight the SHiRA adapter changes")
-    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the rank with as many parameters as --sparsity gives entries)")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="LoRA rank (default: the rank with as many parameters as --sparsity gives entries)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds per method before timing")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per method (at most)")
-    parser.add_argument("--budget", type=float, default=10.0, help="seconds per measurement before stopping early (>= 3 rounds)")
+    parser.add_argument(
+        "--budget", type=float, default=10.0, help="seconds per measurement before stopping early (>= 3 rounds)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows, machine and command as JSON")
-    parser.add_argument("--plot", metavar="PATH.png", help="also plot the times against the dimension (needs matplotlib)")
+    parser.add_argument(
+        "--plot", metavar="PATH.png", help="also plot the times against the dimension (needs matplotlib)"
+    )
     parser.add_argument("--results", metavar="RESULTS.md", help="write the table into this markdown file")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small dims, few repeats")
     args = parser.parse_args(argv)
@@ -221,18 +295,34 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     for key, value in info.items():
         print(f"{key}: {value}")
-    print(f"sparsity: {args.sparsity:g}, LoRA rank: {args.rank or 'matched'}, warmup {args.warmup}, repeats <= {args.repeats}, budget {args.budget:g} s")
+    print(
+        f"sparsity: {args.sparsity:g}, LoRA rank: {args.rank or 'matched'}, warmup {args.warmup}, repeats <= {args.repeats}, budget {args.budget:g} s"
+    )
     print("times: median ms per round (fuse+unfuse, apply+remove); methods interleaved round-robin")
     print(LEGEND)
     print(table_header())
     rows = []
     for dtype in args.dtypes:
         for dim in args.dims:
-            row = bench_one(dim, DTYPES[dtype], args.sparsity, args.rank, warmup=args.warmup, repeats=args.repeats, budget=args.budget)
+            row = bench_one(
+                dim,
+                DTYPES[dtype],
+                args.sparsity,
+                args.rank,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                budget=args.budget,
+            )
             rows.append(row)
             print(table_row(row), flush=True)
     command = command_line("python -m shira_hooks.bench", argv)
-    publish("bench", markdown(rows, info, command), {"command": command, "machine": info, "rows": rows}, args.json, args.results)
+    publish(
+        "bench",
+        markdown(rows, info, command),
+        {"command": command, "machine": info, "rows": rows},
+        args.json,
+        args.results,
+    )
     if args.plot:
         plot(rows, args.plot)
     return 0

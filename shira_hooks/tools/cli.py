@@ -52,14 +52,28 @@ def inspect(args: argparse.Namespace) -> int:
     for name, delta in adapter.deltas.items():
         k = delta.indices.numel()
         stored_indices = k // delta.block  # a block adapter's file holds one index per run
-        tensor_bytes = stored_indices * index_dtype(delta.numel // delta.block).itemsize + k * delta.values.element_size()
+        tensor_bytes = (
+            stored_indices * index_dtype(delta.numel // delta.block).itemsize + k * delta.values.element_size()
+        )
         total_bytes += tensor_bytes
         shape = "x".join(str(s) for s in delta.shape)
-        rows.append((name, shape, dtype_name(delta.dtype), dtype_name(delta.values.dtype), f"{k:,}",
-                     f"{100 * k / delta.numel:.2f}", f"{tensor_bytes:,}", "yes" if delta.fingerprint else "no"))
+        rows.append(
+            (
+                name,
+                shape,
+                dtype_name(delta.dtype),
+                dtype_name(delta.values.dtype),
+                f"{k:,}",
+                f"{100 * k / delta.numel:.2f}",
+                f"{tensor_bytes:,}",
+                "yes" if delta.fingerprint else "no",
+            )
+        )
     header = ("weight", "shape", "base dtype", "values", "k", "%", "bytes", "fingerprint")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print(f"{path}: shira_hooks adapter, {len(adapter.deltas)} weights, {adapter.num_entries:,} entries, {size:,} bytes on disk")
+    print(
+        f"{path}: shira_hooks adapter, {len(adapter.deltas)} weights, {adapter.num_entries:,} entries, {size:,} bytes on disk"
+    )
     if adapter.block > 1:
         print(f"  block {adapter.block} (one index per run of {adapter.block} entries in the file)")
     for key, value in sorted(adapter.metadata.items()):
@@ -68,9 +82,14 @@ def inspect(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     unverifiable = sum(1 for d in adapter.deltas.values() if not d.fingerprint)
-    print(f"total: {adapter.num_entries:,} entries, {total_bytes:,} bytes of indices and values; "
-          + ("every weight has a base fingerprint" if not unverifiable else
-             f"{unverifiable} weight(s) without a base fingerprint (apply cannot check their base)"))
+    print(
+        f"total: {adapter.num_entries:,} entries, {total_bytes:,} bytes of indices and values; "
+        + (
+            "every weight has a base fingerprint"
+            if not unverifiable
+            else f"{unverifiable} weight(s) without a base fingerprint (apply cannot check their base)"
+        )
+    )
     return 0
 
 
@@ -78,12 +97,16 @@ def fuse(args: argparse.Namespace) -> int:
     from ..serve import fuse as fuse_adapters
 
     if len(args.adapters) < 2:
-        raise ShiraError(f"fuse needs two or more adapters, got {len(args.adapters)} ({args.adapters[0]}); to copy or convert one, use convert or save it again")
+        raise ShiraError(
+            f"fuse needs two or more adapters, got {len(args.adapters)} ({args.adapters[0]}); to copy or convert one, use convert or save it again"
+        )
     adapters = [as_adapter(path) for path in args.adapters]
     base = _load_model(args.model) if args.model else None
     fused = fuse_adapters(adapters, args.weights, base=base)
     out = formats.write(fused, args.out)  # a .safetensors file, or a Hub-style folder
-    print(f"fused {len(adapters)} adapters (weights {args.weights or [1.0] * len(adapters)}): {fused.num_entries:,} entries -> {out}")
+    print(
+        f"fused {len(adapters)} adapters (weights {args.weights or [1.0] * len(adapters)}): {fused.num_entries:,} entries -> {out}"
+    )
     return 0
 
 
@@ -126,7 +149,9 @@ def _load_model(folder: str):
     except ImportError:
         raise ShiraError("loading a model needs transformers: pip install transformers") from None
     if not Path(folder, "config.json").exists():
-        raise ShiraError(f"{folder}: not a Hugging Face model folder (no config.json); give the folder save_pretrained wrote")
+        raise ShiraError(
+            f"{folder}: not a Hugging Face model folder (no config.json); give the folder save_pretrained wrote"
+        )
     config = transformers.AutoConfig.from_pretrained(folder)
     names = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, names[0], None) if names else None
@@ -151,38 +176,58 @@ def _run_demo(argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     formatter = DefaultsFormatter
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Sparse High Rank Adapters (SHiRA): inspect, fuse, convert and merge adapters, "
+        prog=PROG,
+        description="Sparse High Rank Adapters (SHiRA): inspect, fuse, convert and merge adapters, "
         "benchmark switching, or run the demo (the default when no verb is given).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 
-    p = verbs.add_parser("inspect", help="modules, shapes, k, %%, dtypes, bytes, metadata, fingerprints", formatter_class=formatter,
-                         description="Print what an adapter holds: per weight its shape, base dtype, value dtype, k, the share "
-                         "of the weight it adapts, bytes, and whether it has a base fingerprint; and the metadata.")
+    p = verbs.add_parser(
+        "inspect",
+        help="modules, shapes, k, %%, dtypes, bytes, metadata, fingerprints",
+        formatter_class=formatter,
+        description="Print what an adapter holds: per weight its shape, base dtype, value dtype, k, the share "
+        "of the weight it adapts, bytes, and whether it has a base fingerprint; and the metadata.",
+    )
     p.add_argument("adapter", help="a .safetensors file, a save_pretrained folder or a PEFT SHiRA folder")
 
-    p = verbs.add_parser("fuse", help="fuse adapters by (weighted) addition", formatter_class=formatter,
-                         description="One adapter whose delta is the weighted sum of the given ones (the union of their entries).")
+    p = verbs.add_parser(
+        "fuse",
+        help="fuse adapters by (weighted) addition",
+        formatter_class=formatter,
+        description="One adapter whose delta is the weighted sum of the given ones (the union of their entries).",
+    )
     p.add_argument("adapters", nargs="+", help="two or more adapters (files or folders)")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per adapter (default: 1 each)")
     p.add_argument("--model", default=None, help="the base model folder, to fingerprint the union of entries")
     p.add_argument("-o", "--out", required=True, help="a .safetensors file, or a folder (save_pretrained)")
 
-    p = verbs.add_parser("convert", help="to or from a PEFT SHiRA folder", formatter_class=formatter,
-                         description="Convert an adapter into a folder peft.PeftModel.from_pretrained loads, or a PEFT "
-                         "SHiRA adapter into a shira_hooks adapter.")
+    p = verbs.add_parser(
+        "convert",
+        help="to or from a PEFT SHiRA folder",
+        formatter_class=formatter,
+        description="Convert an adapter into a folder peft.PeftModel.from_pretrained loads, or a PEFT "
+        "SHiRA adapter into a shira_hooks adapter.",
+    )
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to-peft", action="store_true", help="shira_hooks adapter -> PEFT folder")
     direction.add_argument("--from-peft", action="store_true", help="PEFT SHiRA folder -> shira_hooks adapter")
     p.add_argument("input", help="the adapter to convert")
-    p.add_argument("-o", "--out", required=True, help="the folder (--to-peft), or a .safetensors file or folder (--from-peft)")
+    p.add_argument(
+        "-o", "--out", required=True, help="the folder (--to-peft), or a .safetensors file or folder (--from-peft)"
+    )
     p.add_argument("--base-model", default=None, help="--to-peft: base_model_name_or_path written into the PEFT config")
     p.add_argument("--model", default=None, help="--from-peft: the base model folder, to fingerprint the entries")
 
-    p = verbs.add_parser("merge", help="apply an adapter and save the merged model", formatter_class=formatter,
-                         description="Apply an adapter to a Hugging Face model folder and save_pretrained the result, "
-                         "for serving engines that know nothing of SHiRA.")
+    p = verbs.add_parser(
+        "merge",
+        help="apply an adapter and save the merged model",
+        formatter_class=formatter,
+        description="Apply an adapter to a Hugging Face model folder and save_pretrained the result, "
+        "for serving engines that know nothing of SHiRA.",
+    )
     p.add_argument("--model", required=True, help="the base model folder (config.json + weights)")
     p.add_argument("--adapter", required=True, help="the adapter to merge")
     p.add_argument("--alpha", type=float, default=1.0, help="the adapter's strength")
@@ -224,7 +269,10 @@ def _dispatch(argv: list[str]) -> int:
     if argv[0] not in VERBS and argv[0] not in ("-h", "--help"):
         close = difflib.get_close_matches(argv[0], VERBS, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        print(f"{PROG}: error: unknown verb {argv[0]!r}; {hint}the verbs are {', '.join(VERBS)} (see {PROG} --help)", file=sys.stderr)
+        print(
+            f"{PROG}: error: unknown verb {argv[0]!r}; {hint}the verbs are {', '.join(VERBS)} (see {PROG} --help)",
+            file=sys.stderr,
+        )
         return 2
     if argv[0] == "bench":
         return _run_bench(argv[1:])

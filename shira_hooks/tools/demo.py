@@ -66,9 +66,7 @@ def accuracy(model, inputs, labels) -> float:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m shira_hooks demo") -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=DESCRIPTION, formatter_class=DefaultsFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=DefaultsFormatter)
     parser.add_argument("--sparsity", type=float, default=0.02, help="fraction of each target weight that trains")
     parser.add_argument("--mask", default="snip", choices=shira_hooks.MASK_KINDS, help="how the entries are chosen")
     parser.add_argument("--steps", type=int, default=300, help="AdamW steps on each task")
@@ -92,8 +90,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m shira_hooks demo"
     print(shira.summary())
     loss = train(model, *task_b, steps=args.steps, lr=1e-2, weight_decay=0.1)
     changed_outside = shira.verify()
-    print(f"after SHiRA on task B ({args.steps} AdamW steps, weight_decay=0.1): loss {loss:.3f}, "
-          f"accuracy B {accuracy(model, *task_b):.3f}, A {accuracy(model, *task_a):.3f}")
+    print(
+        f"after SHiRA on task B ({args.steps} AdamW steps, weight_decay=0.1): loss {loss:.3f}, "
+        f"accuracy B {accuracy(model, *task_b):.3f}, A {accuracy(model, *task_a):.3f}"
+    )
     print(f"entries changed outside the masks: {'none' if not changed_outside else changed_outside}")
 
     adapter = shira.extract()
@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m shira_hooks demo"
     with torch.no_grad(), shira_hooks.apply(rebuilt, loaded):  # in place: ~2% of the entries overwritten
         gap = (rebuilt(inputs[-1024:]) - model(inputs[-1024:])).abs().max().item()
     restored = all(torch.equal(p, base[n]) for n, p in rebuilt.named_parameters())
-    print(f"base + loaded adapter reproduces the adapted model: max |logit difference| = {gap:.2e}; "
-          f"removed again, the base is {'bit-exact' if restored else 'NOT restored'}")
+    print(
+        f"base + loaded adapter reproduces the adapted model: max |logit difference| = {gap:.2e}; "
+        f"removed again, the base is {'bit-exact' if restored else 'NOT restored'}"
+    )
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0 if not changed_outside and gap <= 1e-4 and restored else 1
-

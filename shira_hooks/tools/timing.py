@@ -31,7 +31,9 @@ class Stats:
         return cls(statistics.median(samples), min(samples), max(samples), len(samples))
 
 
-def time_pair(first: Callable[[], object], second: Callable[[], object], *, warmup: int, repeats: int, budget: float) -> tuple[Stats, Stats, Stats]:
+def time_pair(
+    first: Callable[[], object], second: Callable[[], object], *, warmup: int, repeats: int, budget: float
+) -> tuple[Stats, Stats, Stats]:
     """Time ``first(); second()`` repeatedly (e.g. fuse then unfuse); returns stats of first, second, both.
 
     ``warmup`` untimed rounds, then up to ``repeats`` timed rounds, stopping early once ``budget``
@@ -57,7 +59,12 @@ def time_pair(first: Callable[[], object], second: Callable[[], object], *, warm
 
 
 def time_interleaved(
-    methods: Mapping[str, tuple[Callable[[], object], Callable[[], object]]], *, warmup: int, repeats: int, budget: float, settle: int = 1
+    methods: Mapping[str, tuple[Callable[[], object], Callable[[], object]]],
+    *,
+    warmup: int,
+    repeats: int,
+    budget: float,
+    settle: int = 1,
 ) -> dict[str, tuple[Stats, Stats, Stats]]:
     """``time_pair`` for several methods at once, interleaved round-robin.
 
@@ -132,7 +139,14 @@ def command_line(program: str, argv: list[str] | None) -> str:
 
 def report_header(title: str, command: str, info: dict[str, str]) -> list[str]:
     """The first lines of every benchmark section: title, command, machine."""
-    return [f"## {title}", "", f"Command: `{command}`", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), ""]
+    return [
+        f"## {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+        "",
+    ]
 
 
 def publish(section: str, text: str, payload: dict, json_path: str | None, results_path: str | None) -> None:
@@ -145,13 +159,19 @@ def publish(section: str, text: str, payload: dict, json_path: str | None, resul
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+    Path(path).write_text(
+        json.dumps(payload, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+    )
 
 
 def update_section(path: str | os.PathLike, section: str, markdown: str) -> None:
     """Replace (or append) the block between ``<!-- section:start -->`` and ``<!-- section:end -->``."""
     path = Path(path)
-    text = path.read_text() if path.exists() else "# Benchmark results\n\nEvery table below is written by the command shown with it; none is typed by hand.\n"
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmark results\n\nEvery table below is written by the command shown with it; none is typed by hand.\n"
+    )
     start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     block = f"{start}\n{markdown.rstrip()}\n{end}"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)

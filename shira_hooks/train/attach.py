@@ -37,14 +37,20 @@ def _check_arguments(model: Any, sparsity: Any, mask: Any, calibration: Any, cal
     if sparsity > 0.5:  # sparsity=1 meaning 1% would silently train every entry
         warnings.warn(
             f"attach(sparsity={sparsity!r}) trains {sparsity:.0%} of every target weight; sparsity is a fraction, so 1% "
-            f"is sparsity=0.01 (SHiRA trains about 1-2%)", UserWarning, stacklevel=3,
+            f"is sparsity=0.01 (SHiRA trains about 1-2%)",
+            UserWarning,
+            stacklevel=3,
         )
     kind = masks.kind_of(mask)  # ShiraError for an unknown name
     if calibration is not None and not kind.needs_scores:
         scored = " or ".join(repr(name) for name in masks.CALIBRATED_KINDS)
-        raise ShiraError(f"calibration= is only used by mask={scored}, not mask={mask!r}; drop calibration= or change the mask")
+        raise ShiraError(
+            f"calibration= is only used by mask={scored}, not mask={mask!r}; drop calibration= or change the mask"
+        )
     if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 1:
-        raise ShiraError(f"calibration_steps={calibration_steps!r}; it must be a positive int (backward passes used to score)")
+        raise ShiraError(
+            f"calibration_steps={calibration_steps!r}; it must be a positive int (backward passes used to score)"
+        )
 
 
 def _check_not_peft(model: nn.Module) -> None:
@@ -78,9 +84,13 @@ def _check_dora(dora: Any, dora_rank: Any) -> None:
     if dora_rank is None:
         return
     if not dora:
-        raise ShiraError(f"dora_rank={dora_rank!r} sets the rank of SHiRA-DoRA's factors; pass dora=True with it, or drop it")
+        raise ShiraError(
+            f"dora_rank={dora_rank!r} sets the rank of SHiRA-DoRA's factors; pass dora=True with it, or drop it"
+        )
     if isinstance(dora_rank, bool) or not isinstance(dora_rank, int) or dora_rank < 1:
-        raise ShiraError(f"dora_rank={dora_rank!r}; it must be a positive int (the rank of the factors), or None to train the k entries")
+        raise ShiraError(
+            f"dora_rank={dora_rank!r}; it must be a positive int (the rank of the factors), or None to train the k entries"
+        )
 
 
 def resolve_seed(seed: Any, mask: Any) -> int:
@@ -220,8 +230,12 @@ def attach(
         distributed.check_placements(weight, f"weight '{name}' (module '{module_name}')")
         check_dense(distributed.local(weight), f"weight '{name}' (module '{module_name}')")
         masks.check_block_fits(block, name, tuple(weight.shape))  # the full (logical) shape, also under FSDP2
-        training.check_layer(Layer(name, module_name, module, weight, owners.get(id(weight), 0), id(module) in read_directly))
+        training.check_layer(
+            Layer(name, module_name, module, weight, owners.get(id(weight), 0), id(module) in read_directly)
+        )
         targets.append((name, module, weight))
 
     config = Config(mask, float(sparsity), seed, mode, block, calibration_steps, dora, dora_rank)
-    return install(model, targets, config, freeze_others=freeze_others, calibration=calibration, loss_fn=loss_fn, progress=progress)
+    return install(
+        model, targets, config, freeze_others=freeze_others, calibration=calibration, loss_fn=loss_fn, progress=progress
+    )

@@ -27,11 +27,13 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 # pass through calibration unchanged instead of becoming a ShiraError. (OutOfMemoryError is a
 # RuntimeError, AcceleratorError too; both are recent names, hence the lookups.)
 _RESOURCE_ERRORS = tuple(
-    error for error in (
+    error
+    for error in (
         MemoryError,
         getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError,
         getattr(torch, "AcceleratorError", None),
-    ) if error is not None
+    )
+    if error is not None
 )
 
 
@@ -88,8 +90,7 @@ def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, position:
         raise
     except Exception as error:  # a batch the model cannot take: wrong keys, types, shapes
         raise ShiraError(
-            f"could not compute a loss from calibration batch {position} "
-            f"({type(error).__name__}: {error}). Fix: {fix}"
+            f"could not compute a loss from calibration batch {position} ({type(error).__name__}: {error}). Fix: {fix}"
         ) from error
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
         got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}"
@@ -171,7 +172,13 @@ _END = object()
 
 
 def mask_from_scores(
-    kind: masks.MaskKind, name: str, scores: torch.Tensor | None, weight: torch.Tensor, k: int, block: int = 1, averaged: bool = False,
+    kind: masks.MaskKind,
+    name: str,
+    scores: torch.Tensor | None,
+    weight: torch.Tensor,
+    k: int,
+    block: int = 1,
+    averaged: bool = False,
 ) -> torch.Tensor:
     """The top-k mask of a weight with a scored ``kind`` (grad, snip) from its accumulated ``sum_b |g_b|``
     (logical order, float32), ranked by ``kind.score``.
@@ -215,7 +222,9 @@ class _Scoring:
     """One calibrating target's scores."""
 
     scores: torch.Tensor | None = None  # (numel,) float32 sum of |dL/dW| over the passes, logical order
-    pass_grad: torch.Tensor | None = None  # eager calibration under torch.distributed: this pass's gradient, until averaged
+    pass_grad: torch.Tensor | None = (
+        None  # eager calibration under torch.distributed: this pass's gradient, until averaged
+    )
     passes: int = 0  # backward passes scored
 
 
@@ -252,11 +261,15 @@ class Calibration:
     def fix_unscored(self) -> None:
         """Choose the masks that need no calibration data (struct, rand, wm, a user function)."""
         kind = masks.kind_of(self.config.mask)
-        assert kind.select is not None, f"mask kind {kind.name!r} has no select"  # attach calls this for kinds without scores
+        assert kind.select is not None, (
+            f"mask kind {kind.name!r} has no select"
+        )  # attach calls this for kinds without scores
         for target in self.targets:
             weight = target.param.detach()  # under FSDP2 a DTensor: its shape and numel are the full weight's
             if kind.reads_values:  # struct and rand need only the shape
-                weight = distributed.gather(weight)  # FSDP2: the full weight (a collective), the same masks as one process
+                weight = distributed.gather(
+                    weight
+                )  # FSDP2: the full weight (a collective), the same masks as one process
             target.set_indices(kind.select(target.name, weight, target.budget, self.config.seed, self.config.block))
 
     def run(self, model: nn.Module, batches: Iterable, loss_fn: LossFn | None, progress: bool) -> None:
@@ -309,13 +322,19 @@ class Calibration:
         if world <= 1 or not targets:
             return
         records = [self._record(t) for t in targets]
-        got = torch.tensor([r.pass_grad is not None for r in records], dtype=torch.int32, device=targets[0].param.device)
+        got = torch.tensor(
+            [r.pass_grad is not None for r in records], dtype=torch.int32, device=targets[0].param.device
+        )
         distributed.all_reduce(got)  # how many ranks have a gradient of each target
         for t, record, ranks in zip(targets, records, got.tolist()):
             grad, record.pass_grad = record.pass_grad, None
             if ranks == 0:  # no rank's loss used it in this pass
                 continue
-            grad = torch.zeros(t.param.shape, dtype=t.param.dtype, device=t.param.device) if grad is None else grad.contiguous()
+            grad = (
+                torch.zeros(t.param.shape, dtype=t.param.dtype, device=t.param.device)
+                if grad is None
+                else grad.contiguous()
+            )
             distributed.all_reduce(grad)
             self._score(t, grad.div_(world))
 
@@ -325,5 +344,9 @@ class Calibration:
         record = self._scoring.get(target.name)
         scores = None if record is None else record.scores
         kind = masks.kind_of(self.config.mask)
-        target.set_indices(mask_from_scores(kind, target.name, scores, target.param.detach(), target.budget, self.config.block, self.eager))
+        target.set_indices(
+            mask_from_scores(
+                kind, target.name, scores, target.param.detach(), target.budget, self.config.block, self.eager
+            )
+        )
         self._scoring.pop(target.name, None)

@@ -61,8 +61,14 @@ def effective(values: torch.Tensor, magnitude: torch.Tensor, rows: torch.Tensor,
     return _wide(values) * (magnitude / norms).index_select(0, rows)
 
 
-def low_rank_masked(base_values: torch.Tensor, weight: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor,
-                    rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def low_rank_masked(
+    base_values: torch.Tensor,
+    weight: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_a: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``rank=r``: ``V``'s masked entries and every row's norm, from the dense ``V = W0 + B A``.
 
     Args:

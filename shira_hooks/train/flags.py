@@ -76,7 +76,9 @@ def claim(handle: Owner, param: nn.Parameter, *, target: bool, wanted: bool, ori
     if record is None:
         record = _Record(param.requires_grad if original is None else original)
         _RECORDS.set(param, record)
-    record.claims = [c for c in record.claims if c.handle() is not handle] + [_Claim(weakref.ref(handle), target, wanted)]
+    record.claims = [c for c in record.claims if c.handle() is not handle] + [
+        _Claim(weakref.ref(handle), target, wanted)
+    ]
     _set(param, record)
 
 

@@ -47,7 +47,14 @@ class Follower:
             detached.
     """
 
-    def __init__(self, model: nn.Module, targets: list[Target], claimed: flags.Claimed, gradients: GradientHooks, owner: flags.Owner):
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: list[Target],
+        claimed: flags.Claimed,
+        gradients: GradientHooks,
+        owner: flags.Owner,
+    ):
         self.model = model
         self.targets = targets
         self.claimed = claimed
@@ -124,8 +131,11 @@ class Follower:
         whether it was adopted."""
         t = self.targets[position]
         # A mode whose weight does not train adopts at a step always: its own tensors carry the gradient.
-        refused = at_step and t.mode.weight_trains and distributed.is_sharded(now) and (
-            _unseen_gradient(now) or (t.indices is None and now.grad is not None)
+        refused = (
+            at_step
+            and t.mode.weight_trains
+            and distributed.is_sharded(now)
+            and (_unseen_gradient(now) or (t.indices is None and now.grad is not None))
         )
         if distributed.is_sharded(now) and not refused:
             self._adopt(position, now)
@@ -134,12 +144,14 @@ class Follower:
             raise ShiraError(
                 f"target weight '{t.name}' was sharded by fully_shard and reached an optimizer step with a gradient "
                 f"the hooks did not see: "
-                + ("its mask is still calibrating. When the Trainer resumes under FSDP2, torch.distributed.checkpoint "
-                   "takes an lr-0 step before any forward pass: fix the masks first, with "
-                   "shira.load_state('<checkpoint>/shira_state.safetensors') before trainer.train(...)"
-                   if t.indices is None else
-                   "clip_grad_norm_ and gradient scalers saw it unmasked. Fix: run the forward pass through the "
-                   "attached model (its start follows fully_shard), or attach after fully_shard")
+                + (
+                    "its mask is still calibrating. When the Trainer resumes under FSDP2, torch.distributed.checkpoint "
+                    "takes an lr-0 step before any forward pass: fix the masks first, with "
+                    "shira.load_state('<checkpoint>/shira_state.safetensors') before trainer.train(...)"
+                    if t.indices is None
+                    else "clip_grad_norm_ and gradient scalers saw it unmasked. Fix: run the forward pass through the "
+                    "attached model (its start follows fully_shard), or attach after fully_shard"
+                )
             )
         if at_step and not isinstance(now, nn.Parameter):  # else FSDP2's unsharded weight, during a pass
             raise ShiraError(
@@ -176,7 +188,9 @@ class Follower:
         if now.device.type == "meta":
             return "a meta tensor has no values to train"
         if now.shape != t.param.shape or now.dtype != t.param.dtype:
-            return f"the handle holds a {str(t.param.dtype).removeprefix('torch.')} weight of shape {tuple(t.param.shape)}"
+            return (
+                f"the handle holds a {str(t.param.dtype).removeprefix('torch.')} weight of shape {tuple(t.param.shape)}"
+            )
         if not is_dense(now):
             return "its layout has gaps or overlapping elements"
         if now.grad is not None and bool(now.grad.any()):
@@ -216,6 +230,8 @@ def _unseen_gradient(param: DTensor) -> bool:
     nothing. Any other gradient went through backward without the hooks. The ranks agree (an all-reduce).
     """
     grad = param.grad
-    nonzero = torch.tensor([grad is not None and bool(distributed.local(grad).any())], dtype=torch.int32, device=param.device)
+    nonzero = torch.tensor(
+        [grad is not None and bool(distributed.local(grad).any())], dtype=torch.int32, device=param.device
+    )
     distributed.all_reduce(nonzero, "max", mesh=param.device_mesh)
     return bool(nonzero.item())

@@ -124,7 +124,9 @@ class ShiraHandle:
         self._calibration = Calibration(self._targets, config)
         self._gradients = GradientHooks(self._targets, self._calibration)
         self._follower = Follower(model, self._targets, self._claimed, self._gradients, self)
-        self._steps = StepHooks(model, self._targets, self._follower, self._calibration, modes.mode_class(config.mode, config.dora))
+        self._steps = StepHooks(
+            model, self._targets, self._follower, self._calibration, modes.mode_class(config.mode, config.dora)
+        )
         self._finalizer: weakref.finalize | None = None
         self._attached = False
         self._serial = next(_SERIALS)  # attach order: every rank walks its handles in it (their collectives match)
@@ -150,7 +152,9 @@ class ShiraHandle:
             # A DTensor (FSDP2) is gathered for the digest: the same base digest as one process.
             base_digest = digest(distributed.gather(param.detach()), 16)
             # Every target trains densely, through its gradient hook, until its masks are fixed and its mode installed.
-            target = Target(name, module, param, self._config.budget(param.numel()), base_digest, param.dtype, modes.Dense())
+            target = Target(
+                name, module, param, self._config.budget(param.numel()), base_digest, param.dtype, modes.Dense()
+            )
             target.attr = next((key for key, value in module._parameters.items() if value is param), "weight")
             self._targets.append(target)
             module.__dict__[KEEP_ALIVE] = keep_alive
@@ -181,7 +185,11 @@ class ShiraHandle:
     def _track(self) -> None:
         """Guard the steps of optimizers over the model (``optim``), until ``detach`` or collection."""
         self._finalizer = optim.track(
-            self, order=self._serial, holds_any=self._steps.holds_any, before_step=self._steps.before_step, after_step=self._steps.after_step
+            self,
+            order=self._serial,
+            holds_any=self._steps.holds_any,
+            before_step=self._steps.before_step,
+            after_step=self._steps.after_step,
         )
 
     def _report_frozen(self) -> None:
@@ -190,12 +198,15 @@ class ShiraHandle:
             return
         heads = [n for n in self.frozen if masks.in_task_head(n)]
         shown = ", ".join(self.frozen[:8]) + (f", ... ({len(self.frozen)} in all)" if len(self.frozen) > 8 else "")
-        logger.info("shira_hooks: freeze_others=True froze %d trainable non-target parameter(s): %s", len(self.frozen), shown)
+        logger.info(
+            "shira_hooks: freeze_others=True froze %d trainable non-target parameter(s): %s", len(self.frozen), shown
+        )
         if heads:
             logger.warning(
                 "shira_hooks: freeze_others=True froze %s, which look like an output head: they keep their current "
                 "values and are not part of the SHiRA adapter. To train them, attach with freeze_others=False (they "
-                "then train densely and must be saved separately, e.g. with the model's state_dict)", ", ".join(heads[:8]),
+                "then train densely and must be saved separately, e.g. with the model's state_dict)",
+                ", ".join(heads[:8]),
             )
 
     def _sync(self) -> None:
@@ -279,9 +290,13 @@ class ShiraHandle:
         """
         self._follower.follow(verb="summarise the handle")
         total = sum(t.param.numel() for t in self._targets)
-        state = "calibrated" if self.calibrated else (
-            f"calibrating: {sum(t.indices is not None for t in self._targets)}/{len(self._targets)} masks fixed, "
-            f"{self.calibration_steps} backward passes each"
+        state = (
+            "calibrated"
+            if self.calibrated
+            else (
+                f"calibrating: {sum(t.indices is not None for t in self._targets)}/{len(self._targets)} masks fixed, "
+                f"{self.calibration_steps} backward passes each"
+            )
         )
         mask = self.mask if isinstance(self.mask, str) else getattr(self.mask, "__name__", "custom")
         width = max(len("weight"), *(len(t.name) for t in self._targets))
@@ -296,7 +311,9 @@ class ShiraHandle:
         for t in self._targets:
             shape = "x".join(str(s) for s in t.param.shape)
             lines.append(f"{t.name:<{width}}  {shape:>14}  {t.budget:>10,}  {100 * t.budget / t.param.numel():>6.2f}")
-        lines.append(f"{'total':<{width}}  {total:>14,}  {self.num_trainable:>10,}  {100 * self.num_trainable / total:>6.2f}")
+        lines.append(
+            f"{'total':<{width}}  {total:>14,}  {self.num_trainable:>10,}  {100 * self.num_trainable / total:>6.2f}"
+        )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -359,9 +376,17 @@ class ShiraHandle:
         for t in self._targets:
             assert t.indices is not None and t.originals is not None  # _require_calibrated: every mask is fixed
             values = t.current().float() - t.originals.float()
-            deltas[t.name] = SparseDelta(tuple(t.param.shape), t.param.dtype, t.indices.clone(), values.cpu(), digest(t.originals), self.block)
+            deltas[t.name] = SparseDelta(
+                tuple(t.param.shape), t.param.dtype, t.indices.clone(), values.cpu(), digest(t.originals), self.block
+            )
         return SparseAdapter(
-            deltas, {"mask": self._config.mask_name, "sparsity": f"{self.sparsity:g}", "seed": str(self.seed), "created_by": f"shira_hooks {__version__}"}
+            deltas,
+            {
+                "mask": self._config.mask_name,
+                "sparsity": f"{self.sparsity:g}",
+                "seed": str(self.seed),
+                "created_by": f"shira_hooks {__version__}",
+            },
         )
 
     @torch.no_grad()
@@ -416,7 +441,8 @@ class ShiraHandle:
             logger.warning(
                 "shira_hooks: detach() left every requires_grad flag as it is: the flags of all %d target weights were "
                 "changed after attach (peft.get_peft_model, for one, freezes every parameter but its adapter's), so "
-                "the model's flags are managed by other code now", len(self._targets),
+                "the model's flags are managed by other code now",
+                len(self._targets),
             )
         self._claimed.clear()
         self._calibration.clear()
@@ -433,7 +459,11 @@ class ShiraHandle:
         Raises:
             ShiraError: a target weight is sharded by FSDP2 (a copy cannot take part in the original's collectives).
         """
-        sharded = [t.name for t in self._targets if distributed.is_sharded(t.param) or distributed.is_sharded(t.module._parameters.get(t.attr))]
+        sharded = [
+            t.name
+            for t in self._targets
+            if distributed.is_sharded(t.param) or distributed.is_sharded(t.module._parameters.get(t.attr))
+        ]
         if sharded and self._attached:
             raise ShiraError(
                 f"cannot copy or pickle a model whose shira_hooks targets are sharded by fully_shard (FSDP2), such as "
@@ -464,7 +494,13 @@ class ShiraHandle:
             t.hook_gradient(self._gradients.hook(position))
         for param, original in zip(self._claimed.params, originals):
             target = targets.get(id(param))
-            flags.claim(self, param, target=target is not None, wanted=target is not None and target.mode.weight_trains, original=original)
+            flags.claim(
+                self,
+                param,
+                target=target is not None,
+                wanted=target is not None and target.mode.weight_trains,
+                original=original,
+            )
 
     def __copy__(self) -> ShiraHandle:
         """Refused: a shallow copy would be a second handle on the same parameters."""
@@ -511,7 +547,9 @@ class ShiraHandle:
                 indices are invalid.
         """
         self._follower.follow(verb="load a handle state")
-        self._config = resumable.load_state_dict(self._targets, state, self._config)  # mask, sparsity, seed: as the run that saved it
+        self._config = resumable.load_state_dict(
+            self._targets, state, self._config
+        )  # mask, sparsity, seed: as the run that saved it
         self._calibration.clear()  # every mask is fixed now
 
     def save_state(self, path: str | os.PathLike) -> Path:
@@ -540,7 +578,9 @@ def install(
     """
     handle = ShiraHandle(model, config)
     try:
-        handle._install(targets, freeze_others=freeze_others, calibration=calibration, loss_fn=loss_fn, progress=progress)
+        handle._install(
+            targets, freeze_others=freeze_others, calibration=calibration, loss_fn=loss_fn, progress=progress
+        )
     except BaseException:
         handle.detach()
         raise

@@ -111,7 +111,9 @@ class _PendingStep:
     """What the pre-step hook changed, so the post-step hook can put it back."""
 
     groups: list[tuple[dict, list, dict]] = field(default_factory=list)  # (group, its params, temp group)
-    grads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (flat grad, index, kept)
+    grads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=list
+    )  # (flat grad, index, kept)
 
 
 class _Guard:
@@ -165,7 +167,11 @@ def related(optimizer: torch.optim.Optimizer) -> list[tuple[Callable, ...]]:
     key = (_generation, *(len(group["params"]) for group in groups))
     cached = _RELATED.get(optimizer)
     if cached is not None and cached[0] == key:
-        return [methods for methods in (guard.bound() for guard in (ref() for ref in cached[1]) if guard is not None) if methods is not None]
+        return [
+            methods
+            for methods in (guard.bound() for guard in (ref() for ref in cached[1]) if guard is not None)
+            if methods is not None
+        ]
     ids = {id(p) for group in groups for p in group["params"]}
     found = [guard for guard in _guards() if (bound := guard.bound()) is not None and bound[0](ids)]
     _RELATED[optimizer] = (key, [weakref.ref(guard) for guard in found])

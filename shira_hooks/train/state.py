@@ -90,9 +90,13 @@ def load_state_dict(targets: list[Target], state: dict[str, Any], config: Config
         ShiraError: the state is for other weights, shapes or dtypes, another block, or its indices are invalid.
     """
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ShiraError(f"not a shira_hooks handle state (format={state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {STATE_FORMAT!r})")
+        raise ShiraError(
+            f"not a shira_hooks handle state (format={state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {STATE_FORMAT!r})"
+        )
     if state.get("format_version") != STATE_VERSION:
-        raise ShiraError(f"unknown handle state format_version {state.get('format_version')!r}; this shira_hooks reads {STATE_VERSION}")
+        raise ShiraError(
+            f"unknown handle state format_version {state.get('format_version')!r}; this shira_hooks reads {STATE_VERSION}"
+        )
     block = config.block
     saved_block = state.get("block", 1)  # states from before block masks: single entries
     if saved_block != block:
@@ -124,7 +128,9 @@ def load_state_dict(targets: list[Target], state: dict[str, Any], config: Config
             )
         check_indices(entry["indices"], param.numel(), f"state '{name}.indices'")
         if block > 1 and block_starts(entry["indices"], block) is None:
-            raise ShiraError(f"state '{name}.indices' are not aligned runs of block={block} entries; the state is corrupt, save it again")
+            raise ShiraError(
+                f"state '{name}.indices' are not aligned runs of block={block} entries; the state is corrupt, save it again"
+            )
         originals = entry["originals"]
         if originals.dtype != param.dtype or originals.shape != entry["indices"].shape:
             raise ShiraError(
@@ -133,7 +139,9 @@ def load_state_dict(targets: list[Target], state: dict[str, Any], config: Config
             )
         ours[name].mode.check_state(ours[name], entry)
     sparsity, seed = state.get("sparsity"), state.get("seed")
-    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1):
+    if sparsity is not None and (
+        isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1
+    ):
         raise ShiraError(f"state has sparsity={sparsity!r}; expected a number in (0, 1]")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ShiraError(f"state has seed={seed!r}; expected an int")

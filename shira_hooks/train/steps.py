@@ -34,7 +34,9 @@ class StepHooks:
         mode: the handle's mode class (the wording of its warnings).
     """
 
-    def __init__(self, model: nn.Module, targets: list[Target], follower: Follower, calibration: Calibration, mode: type[Mode]):
+    def __init__(
+        self, model: nn.Module, targets: list[Target], follower: Follower, calibration: Calibration, mode: type[Mode]
+    ):
         self.model = model
         self.targets = targets
         self.follower = follower
@@ -138,7 +140,9 @@ class StepHooks:
             frozen = [t for t in self.targets if t.mode.frozen(t)]
             if frozen:
                 self._warned_frozen = True
-                names = ", ".join(f"'{t.name}'" for t in frozen[:6]) + (f" and {len(frozen) - 6} more" if len(frozen) > 6 else "")
+                names = ", ".join(f"'{t.name}'" for t in frozen[:6]) + (
+                    f" and {len(frozen) - 6} more" if len(frozen) > 6 else ""
+                )
                 which, them = self.mode.frozen_words
                 warnings.warn(
                     f"shira_hooks: {len(frozen)} of {len(self.targets)} target weights cannot train: {which} have "
@@ -174,7 +178,9 @@ class StepHooks:
         if all(seen) or not any(seen):
             return
         missing = [t for t, s in zip(mine, seen) if not s]
-        names = ", ".join(f"'{t.name}'" for t in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        names = ", ".join(f"'{t.name}'" for t in missing[:6]) + (
+            f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        )
         stuck = [t for t in missing if t.indices is None]
         if stuck and all(t.indices is not None for t in mine if t not in stuck):
             config = self.calibration.config
@@ -187,7 +193,9 @@ class StepHooks:
         if self._warned_no_gradient:
             return
         self._warned_no_gradient = True
-        why = "the loss does not depend on them (e.g. an unused pooler or head)" + self.mode.unseen_why.format(mode=self.mode.name)
+        why = "the loss does not depend on them (e.g. an unused pooler or head)" + self.mode.unseen_why.format(
+            mode=self.mode.name
+        )
         warnings.warn(
             f"shira_hooks: {len(missing)} of {len(mine)} target weights received no gradient in the backward passes so "
             f"far while the others did: {names}. They do not train: {why}. Exclude them with target_modules"
@@ -215,4 +223,3 @@ class StepHooks:
                 )
         if all(t.indices is not None for t in targets):
             self._checked_state[optimizer] = id(state)
-

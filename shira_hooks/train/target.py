@@ -318,7 +318,11 @@ class Target:
         For DTensor state (FSDP2) the count is summed over the ranks (a collective), so all raise alike.
         """
         for key, value in state.items():
-            if not isinstance(value, torch.Tensor) or value.shape != self.param.shape or not is_dense(distributed.local(value)):
+            if (
+                not isinstance(value, torch.Tensor)
+                or value.shape != self.param.shape
+                or not is_dense(distributed.local(value))
+            ):
                 continue
             flat, index = self.storage(value)
             outside = torch.count_nonzero(flat) - torch.count_nonzero(flat.index_select(0, index))

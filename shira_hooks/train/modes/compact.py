@@ -75,12 +75,19 @@ class Compact:
     name: ClassVar[str] = "compact"
     weight_trains: ClassVar[bool] = False
     frozen_words: ClassVar[tuple[str, str]] = (f"their '{VALUES}'", f"their '{VALUES}'")
-    unseen_why: ClassVar[str] = ", or their module's weight is read without calling the module, which mode={mode!r} cannot see"
+    unseen_why: ClassVar[str] = (
+        ", or their module's weight is read without calling the module, which mode={mode!r} cannot see"
+    )
     unseen_fix: ClassVar[str] = ", or use mode='dense'"
 
     def __init__(
-        self, weight: nn.Parameter, values: nn.Parameter, indices: torch.Tensor,
-        positions: Callable[[torch.Tensor], torch.Tensor], shared: Any = None, rows: distributed.RowSlice | None = None,
+        self,
+        weight: nn.Parameter,
+        values: nn.Parameter,
+        indices: torch.Tensor,
+        positions: Callable[[torch.Tensor], torch.Tensor],
+        shared: Any = None,
+        rows: distributed.RowSlice | None = None,
     ):
         self.weight, self.values, self.positions, self.rows = weight, values, positions, rows
         self.synced = self.versions()
@@ -88,7 +95,9 @@ class Compact:
         self.managed = False
         self.hooks: list = []
         self.check: FirstForwardCheck | None = None
-        self._before: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (k,) values before its step
+        self._before: weakref.WeakKeyDictionary = (
+            weakref.WeakKeyDictionary()
+        )  # optimizer -> (k,) values before its step
         self.use_mask(indices)
 
     def use_mask(self, indices: torch.Tensor) -> None:
@@ -157,7 +166,9 @@ class Compact:
         # Under FSDP2 the layer computes with the all-gathered weight and FSDP itself reads the sharded one
         # outside the layer (its all-gather), so the read check cannot tell a functional use there.
         layers = [
-            (t.param, t.module, t.name.rpartition(".")[0] or type(t.module).__name__) for t in targets if not distributed.is_sharded(t.param)
+            (t.param, t.module, t.name.rpartition(".")[0] or type(t.module).__name__)
+            for t in targets
+            if not distributed.is_sharded(t.param)
         ]
         if layers:
             check = FirstForwardCheck(model, layers, cls.name)
@@ -168,8 +179,12 @@ class Compact:
     def register(cls, target: Target, shared: Any, config: Config) -> Compact:
         """Register ``<layer>.shira_values`` (the weight's masked entries now) and the layer's two hooks."""
         module, weight, indices = target.module, target.param, target.indices
-        assert indices is not None, f"'{target.name}': install before its mask is fixed"  # check_attach: masks known at attach
-        values = storage_flat(distributed.local(weight.detach())).index_select(0, target.positions(weight)).clone()  # FSDP2: this rank's rows
+        assert indices is not None, (
+            f"'{target.name}': install before its mask is fixed"
+        )  # check_attach: masks known at attach
+        values = (
+            storage_flat(distributed.local(weight.detach())).index_select(0, target.positions(weight)).clone()
+        )  # FSDP2: this rank's rows
         rows = None
         if distributed.is_sharded(weight):  # FSDP2: every rank's rows' entries, then this rank's chunk of the k
             rows = distributed.row_slice(indices, weight, f"weight of '{type(module).__name__}'")
@@ -185,7 +200,10 @@ class Compact:
         """Register the layer's forward pre-hook and forward hook."""
         # Bound methods of the mode object, not closures: a deep copy or a pickle of the module carries them with a
         # copy of it, so a copied layer's hooks act on the copy's values and weight, never the original's.
-        self.hooks = [module.register_forward_pre_hook(self.pre_forward), module.register_forward_hook(self.post_forward, with_kwargs=True)]
+        self.hooks = [
+            module.register_forward_pre_hook(self.pre_forward),
+            module.register_forward_hook(self.post_forward, with_kwargs=True),
+        ]
 
     def uninstall(self, target: Target) -> None:
         """Write the values into the weight, unregister them and remove the hooks (under FSDP2 a collective).
@@ -227,7 +245,9 @@ class Compact:
         when nothing trains in this forward: the module's current ``shira_values`` (under FSDP2: the
         all-gathered values, in the forward)."""
         values = module._parameters.get(VALUES, self.values)
-        assert values is not None, f"the layer's {VALUES} is None"  # only register_parameter(VALUES, None) puts None there
+        assert values is not None, (
+            f"the layer's {VALUES} is None"
+        )  # only register_parameter(VALUES, None) puts None there
         return values if torch.is_grad_enabled() and values.requires_grad else None
 
     def names(self) -> tuple[str, ...]:
@@ -272,7 +292,9 @@ class Compact:
         if force or (self.rows is None and self.versions() != self.synced):
             weight = self.weight.detach()
             values = self.entries()
-            storage_flat(distributed.local(weight)).index_copy_(0, self.positions(weight), values.to(weight.device, weight.dtype))
+            storage_flat(distributed.local(weight)).index_copy_(
+                0, self.positions(weight), values.to(weight.device, weight.dtype)
+            )
             self.synced = self.versions()
 
     # --------------------------------------------------------------------- the handle's steps
@@ -336,7 +358,12 @@ class Compact:
             now = target.module._parameters.get(name)
             if now is old:
                 continue
-            if not (isinstance(now, nn.Parameter) and now.shape == old.shape and now.dtype == old.dtype and now.device.type != "meta"):
+            if not (
+                isinstance(now, nn.Parameter)
+                and now.shape == old.shape
+                and now.dtype == old.dtype
+                and now.device.type != "meta"
+            ):
                 layer = target.name.rpartition(".")[0]
                 raise ShiraError(
                     f"{f'cannot {verb}: ' if verb else ''}'{layer}.{name}' ({describe(old)}, trained for "
@@ -359,7 +386,9 @@ class Compact:
             ShiraError: the values are not sharded as ``Shard(0)`` on the weight's 1-D mesh.
         """
         where = f"'{target.name.rpartition('.')[0]}.{VALUES}'"
-        assert distributed.is_sharded(weight) and target.indices is not None  # Follower adopts DTensors; masks fixed at attach
+        assert (
+            distributed.is_sharded(weight) and target.indices is not None
+        )  # Follower adopts DTensors; masks fixed at attach
         values = target.module._parameters.get(VALUES)
         distributed.check_values(values, weight, where)
         assert values is not None  # check_values refused anything but a DTensor
@@ -409,7 +438,9 @@ class _Tap(torch.autograd.Function):
     """Identity on the layer output; its backward gives the gradient of the k masked weight entries."""
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor, mode: Compact, transposed: bool) -> torch.Tensor:
+    def forward(
+        ctx, output: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor, mode: Compact, transposed: bool
+    ) -> torch.Tensor:
         """``inputs``: the layer input X (..., in), or with ``transposed`` its transpose X^T (in, T).
         ``values``: the layer's ``shira_values`` now (under FSDP2 attached before ``fully_shard``: the
         all-gathered parameter, whose gradient FSDP2 reduce-scatters).
@@ -446,8 +477,11 @@ def _whole_base(output: torch.Tensor) -> torch.Tensor:
     tapped instead and viewed again, when the view is that whole result in the same memory order."""
     base = output._base
     if (
-        base is not None and output.is_contiguous() and base.is_contiguous()
-        and output.numel() == base.numel() and output.data_ptr() == base.data_ptr()
+        base is not None
+        and output.is_contiguous()
+        and base.is_contiguous()
+        and output.numel() == base.numel()
+        and output.data_ptr() == base.data_ptr()
     ):
         return base
     return output

@@ -70,9 +70,15 @@ class DoraCompact(Compact):
     frozen_words: ClassVar[tuple[str, str]] = (f"their '{MAGNITUDE}' and direction tensors", "those tensors")
 
     def __init__(
-        self, weight: nn.Parameter, values: nn.Parameter | None, indices: torch.Tensor,
-        positions: Callable[[torch.Tensor], torch.Tensor], shared: Any = None, rows: distributed.RowSlice | None = None,
-        *, tensors: dict[str, nn.Parameter] | None = None,
+        self,
+        weight: nn.Parameter,
+        values: nn.Parameter | None,
+        indices: torch.Tensor,
+        positions: Callable[[torch.Tensor], torch.Tensor],
+        shared: Any = None,
+        rows: distributed.RowSlice | None = None,
+        *,
+        tensors: dict[str, nn.Parameter] | None = None,
     ):
         self.tensors = dict(tensors or {})
         self.rank = self.tensors[DORA_A].shape[0] if DORA_A in self.tensors else None
@@ -120,7 +126,9 @@ class DoraCompact(Compact):
         else:
             a = torch.empty(config.dora_rank, w0.shape[1], dtype=wide)
             # LoRA's A initialisation, drawn per weight from attach's seed (the mask kinds' generator, another name)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=masks.generator_for(config.seed, f"{target.name}.{DORA_A}"))
+            nn.init.kaiming_uniform_(
+                a, a=math.sqrt(5), generator=masks.generator_for(config.seed, f"{target.name}.{DORA_A}")
+            )
             a, b = a.to(w0.device), torch.zeros(w0.shape[0], config.dora_rank, dtype=wide, device=w0.device)
             base_values = originals.clone()
             _, norms = dora.low_rank_masked(base_values, w0, b, a, rows, cols)
@@ -158,7 +166,9 @@ class DoraCompact(Compact):
                 norms = dora.masked_norms(values, rows, self.base)
             else:
                 assert self.base_values is not None
-                values, norms = dora.low_rank_masked(self.base_values, self.weight, self.tensors[DORA_B], self.tensors[DORA_A], rows, self.mask_cols)
+                values, norms = dora.low_rank_masked(
+                    self.base_values, self.weight, self.tensors[DORA_B], self.tensors[DORA_A], rows, self.mask_cols
+                )
             return dora.effective(values, self.tensors[MAGNITUDE], rows, norms)
 
     def tap_values(self, module: nn.Module) -> torch.Tensor | None:
@@ -208,8 +218,16 @@ class DoraCompact(Compact):
         expected = {name: (tuple(p.shape), p.dtype) for name, p in self.tensors.items()}
         found = {name: (tuple(t.shape), t.dtype) for name, t in saved.items() if isinstance(t, torch.Tensor)}
         if found != expected:
-            wanted = ", ".join(f"{name} {list(shape)} {str(dtype).removeprefix('torch.')}" for name, (shape, dtype) in expected.items())
-            got = ", ".join(f"{name} {list(shape)} {str(dtype).removeprefix('torch.')}" for name, (shape, dtype) in found.items()) or "none"
+            wanted = ", ".join(
+                f"{name} {list(shape)} {str(dtype).removeprefix('torch.')}" for name, (shape, dtype) in expected.items()
+            )
+            got = (
+                ", ".join(
+                    f"{name} {list(shape)} {str(dtype).removeprefix('torch.')}"
+                    for name, (shape, dtype) in found.items()
+                )
+                or "none"
+            )
             raise ShiraError(
                 f"state for '{target.name}' holds DoRA tensors {got}; the handle (dora_rank={self.rank}) trains {wanted}. "
                 f"Attach with the sparsity, dora and dora_rank of the run that saved it"

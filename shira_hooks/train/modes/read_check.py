@@ -66,7 +66,10 @@ class FirstForwardCheck:
         """``mode``: the mode's name, for the message."""
         self.layers, self.mode = layers, mode
         self.watching: list = []  # [ReadWatch, layer hook handles] while the first forward runs
-        self.hooks = [model.register_forward_pre_hook(self.start), model.register_forward_hook(self.stop, always_call=True)]
+        self.hooks = [
+            model.register_forward_pre_hook(self.start),
+            model.register_forward_hook(self.stop, always_call=True),
+        ]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "watching": []}  # a copy taken during the first forward starts afresh
@@ -79,8 +82,12 @@ class FirstForwardCheck:
         for weight, layer, _ in self.layers:  # prepend: before the mode's own pre-hook reads the weight
             if layer is root:  # the model is itself a target layer, and already running
                 watch.enter_layer(weight)
-            self.watching.append(layer.register_forward_pre_hook(lambda mod, a, w=weight: watch.enter_layer(w), prepend=True))
-            self.watching.append(layer.register_forward_hook(lambda mod, a, out, w=weight: watch.leave_layer(w), always_call=True))
+            self.watching.append(
+                layer.register_forward_pre_hook(lambda mod, a, w=weight: watch.enter_layer(w), prepend=True)
+            )
+            self.watching.append(
+                layer.register_forward_hook(lambda mod, a, out, w=weight: watch.leave_layer(w), always_call=True)
+            )
         watch.__enter__()
 
     def stop(self, root: nn.Module, args, output) -> None:

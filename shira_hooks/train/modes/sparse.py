@@ -30,8 +30,13 @@ class Sparse(Compact):
     name: ClassVar[str] = "sparse"
 
     def __init__(
-        self, weight: nn.Parameter, values: nn.Parameter, indices: torch.Tensor,
-        positions: Callable[[torch.Tensor], torch.Tensor], shared: InputTransposes, rows: distributed.RowSlice | None = None,
+        self,
+        weight: nn.Parameter,
+        values: nn.Parameter,
+        indices: torch.Tensor,
+        positions: Callable[[torch.Tensor], torch.Tensor],
+        shared: InputTransposes,
+        rows: distributed.RowSlice | None = None,
     ):
         self.transposes = shared  # shared by the sparse layers of one handle
         super().__init__(weight, values, indices, positions, shared, rows)
