@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The long quality run of issues 24 and 25: on the encoder (about a minute a cell), the SHiRA-DoRA comparison and
 # the block-size sweep at 3 seeds (a few hours); the LM's main methods with the DoRA variants at 3 seeds (seed by
-# seed); the encoder's other methods; the LM's block variants one seed at a time, as far as time allows. No cost stage.
+# seed, the block variants' first seed after the first); the encoder's other methods; the block variants' other seeds,
+# as far as time allows. No cost stage.
 #
 #   setsid nohup benchmarks/quality/long_run.sh > /dev/null 2>&1 &     # from the checkout's root
 #   tail -f benchmarks/quality/long_run.log                            # one timestamped line per cell
@@ -66,8 +67,12 @@ step "$SCRATCH" --models encoder --methods "${SWEEP[@]}" --stages grid seeds tes
 step "$OUT" --stages report
 
 # 1. The LM's main methods seed by seed (the grid and seed 0 on every task, then seeds 1 and 2), each seed
-#    tested and fused before the next, so that a stopped run leaves whole seeds with their test results.
+#    tested and fused before the next, so that a stopped run leaves whole seeds with their test results. The block
+#    variants' first seed (at their masks' rates: no grid, about 1.5 hours) goes right after the main methods' first,
+#    so that the block-size trade-off has its LM points before the long seeds 1 and 2.
 step "$SCRATCH" --models lm --methods zero_shot "${MAIN[@]}" --method-seeds $(seeds_each 1 "${MAIN[@]}") --stages grid test fusion
+step "$OUT" --stages report
+step "$SCRATCH" --models lm --methods "${BLOCKS[@]}" --method-seeds $(seeds_each 1 "${BLOCKS[@]}") --stages grid test fusion
 step "$OUT" --stages report
 step "$SCRATCH" --models lm --methods "${MAIN[@]}" --method-seeds $(seeds_each 2 "${MAIN[@]}") --stages seeds test fusion
 step "$OUT" --stages report
@@ -78,9 +83,7 @@ step "$OUT" --stages report
 step "$SCRATCH" --models encoder --stages grid seeds test fusion
 step "$OUT" --stages report
 
-# 3. The LM's block variants at their masks' rates, one seed at a time, each seed tested and fused before the next.
-step "$SCRATCH" --models lm --methods "${BLOCKS[@]}" --method-seeds $(seeds_each 1 "${BLOCKS[@]}") --stages grid test fusion
-step "$OUT" --stages report
+# 3. The LM's block variants' seeds 1 and 2, one seed at a time, each tested and fused before the next.
 step "$SCRATCH" --models lm --methods "${BLOCKS[@]}" --method-seeds $(seeds_each 2 "${BLOCKS[@]}") --stages seeds test fusion
 step "$OUT" --stages report
 step "$SCRATCH" --models lm --methods "${BLOCKS[@]}" --stages seeds test fusion
