@@ -2,7 +2,8 @@
 
     accelerate launch --config_file fsdp2.yaml tests/fsdp_trainer_run.py OUTPUT_DIR [MODE]
 
-MODE is attach's mode (default dense); with compact/sparse ``fully_shard`` also shards ``shira_values``.
+MODE is attach's mode (default dense); with compact/sparse ``fully_shard`` also shards ``shira_values``; ``dora``:
+``mode="sparse", dora=True`` (it also shards ``shira_magnitude``).
 
 Accelerate turns its FSDP plugin on only for accelerator devices: on CPU (``MULTI_CPU``) it silently
 falls back to DDP, which is why an earlier Trainer run "with FSDP2" on CPU trained exactly (its
@@ -38,6 +39,7 @@ def _fsdp_on_cpu() -> None:
 def main() -> None:
     out = Path(sys.argv[1])
     mode = sys.argv[2] if len(sys.argv) > 2 else "dense"
+    options = {"mode": "sparse", "dora": True} if mode == "dora" else {"mode": mode}
     if not torch.cuda.is_available():
         _fsdp_on_cpu()
     from transformers import Trainer, TrainingArguments
@@ -67,7 +69,7 @@ def main() -> None:
     )  # the FSDP2 options come from the accelerate config file
     model = make_llama()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    shira = shira_hooks.attach(model, 0.05, "rand", seed=3, mode=mode)  # before the Trainer shards the model
+    shira = shira_hooks.attach(model, 0.05, "rand", seed=3, **options)  # before the Trainer shards the model
     rows = [{k: v[i] for k, v in b.items()} for b in llama_batches(8, seed=1) for i in range(4)]
     callback = ShiraCallback(shira)
     trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback])
@@ -94,7 +96,7 @@ def main() -> None:
         fresh = make_llama()
         with shira_hooks.apply(fresh, adapter), torch.no_grad():
             report["logits_error"] = float((fresh(input_ids=probe["input_ids"]).logits - logits).abs().max())
-        state = shira_hooks.attach(make_llama(), 0.05, "rand", seed=4)
+        state = shira_hooks.attach(make_llama(), 0.05, "rand", seed=4, **options)
         state.load_state(out / "checkpoint-4" / STATE_FILE)
         report["checkpoint_masks_equal"] = {n: i.tolist() for n, i in state.masks.items()} == report["masks"]
         report["checkpoint_adapter"] = (out / "checkpoint-4" / ADAPTER_FILE).exists()
@@ -104,7 +106,7 @@ def main() -> None:
     # loads the sharded model and optimizer state, ShiraCallback the masks: the same run as without the stop.
     args.output_dir = str(out / "resumed")
     model = make_llama()
-    again = shira_hooks.attach(model, 0.05, "rand", seed=4, mode=mode)
+    again = shira_hooks.attach(model, 0.05, "rand", seed=4, **options)
     callback = ShiraCallback(again, resume_from=out / "checkpoint-2")
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback]).train(
         resume_from_checkpoint=str(out / "checkpoint-2")

@@ -387,50 +387,111 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
                 {n: d.values for n, d in shira.extract().deltas.items()}, os.path.join(out, f"deltas{dora_rank}.pt")
             )
         shira.detach()
-    report["fsdp2"] = _fsdp2_refusals(rank)
+    report["fsdp2"] = _fsdp2(rank, out)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
 
 
-def _fsdp2_refusals(rank: int) -> list[str]:
-    """The errors of attach(dora=True) after fully_shard, and of a forward after fully_shard of a model attached before."""
+def _shard(model) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    messages = []
-    model = make_llama()
     for layer in model.model.layers:
         fully_shard(layer)
+    fully_shard(model)
+
+
+def _full(model) -> dict[str, torch.Tensor]:
+    """Every parameter whole (a collective under FSDP2)."""
+    from shira_hooks.distributed import gather
+
+    return {name: gather(p.detach()).clone() for name, p in model.named_parameters()}
+
+
+def _fsdp2(rank: int, out: str) -> dict:
+    """FSDP2: attach before fully_shard (the Trainer's order) trains, extracts and resumes on the shards; attach
+    after fully_shard is refused."""
+    report: dict = {}
+    model = make_llama()
+    _shard(model)
     try:
         shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True)
     except ShiraError as error:
-        messages.append(str(error))
-    model = make_llama()
-    shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True)
-    for layer in model.model.layers:
-        fully_shard(layer)
-    try:
-        model(**llama_batches(1, seed=rank)[0])
-    except ShiraError as error:
-        messages.append(str(error))
-    shira.detach()
-    return messages
+        report["after"] = str(error)
+    for dora_rank in (None, 3):
+        model = make_llama()
+        base = _full(model)
+        shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True, dora_rank=dora_rank, seed=1)
+        _shard(model)
+        optimizer = torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1)
+        for batch in llama_batches(2, seed=20 + rank):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        now = _full(model)
+        outside = 0
+        for name, indices in shira.masks.items():
+            changed = (now[name].reshape(-1) != base[name].reshape(-1)).nonzero().reshape(-1)
+            outside += int((~torch.isin(changed, indices.long())).sum())
+        up = model.model.layers[0].mlp.up_proj
+        part = {
+            "types": sorted(
+                {
+                    type(getattr(up, name)).__name__
+                    for name in shira.state_dict()["targets"]["model.layers.0.mlp.up_proj.weight"]["mode"]
+                }
+            ),
+            "outside": outside,
+            "verify": shira.verify(),
+        }
+        adapter = shira.extract()  # every rank: it gathers
+        state = shira.state_dict()  # every rank: it gathers the DoRA tensors
+        if rank == 0:
+            torch.save({n: d.values for n, d in adapter.deltas.items()}, os.path.join(out, f"fsdp2_{dora_rank}.pt"))
+            shira.save_state(os.path.join(out, f"state_{dora_rank}.safetensors"), state)
+        shira.detach()
+        part["left_frozen"] = sorted(
+            {
+                name.rpartition(".")[2]
+                for name, p in model.named_parameters()
+                if "shira_" in name and not p.requires_grad
+            }
+        )
+        dist.barrier()
+        # resume into another sharded model, attached with another seed (other factors unless the state restores them)
+        model = make_llama()
+        again = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True, dora_rank=dora_rank, seed=9)
+        _shard(model)
+        model(**llama_batches(1, seed=30)[0])  # the first forward adopts the shards
+        again.load_state(os.path.join(out, f"state_{dora_rank}.safetensors"))
+        resumed = again.extract()
+        part["resumed"] = all(torch.equal(d.values, adapter.deltas[n].values) for n, d in resumed.deltas.items())
+        again.detach()
+        report[str(dora_rank)] = part
+    return report
 
 
-def test_two_process_ddp_equals_one_process_on_the_whole_batch_and_fsdp2_is_refused(tmp_path):
+def test_two_process_ddp_and_fsdp2_equal_one_process_on_the_whole_batch(tmp_path):
+    """DDP, and FSDP2 attached before fully_shard: the same adapter as one process on both ranks' batches; under
+    FSDP2 the DoRA tensors are sharded, only masked entries change, state resumes on the shards, detach leaves them
+    frozen; attach after fully_shard is refused."""
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1  # replicas equal, the DoRA tensors included
-    after, before = r0["fsdp2"]  # attach after fully_shard, fully_shard after attach
+    fsdp2 = r0["fsdp2"]
     assert (
-        "dora=True cannot train weight 'model.layers.0.self_attn.q_proj.weight': it is sharded by fully_shard (FSDP2)"
-        in after
+        "dora=True cannot train weight 'model.layers.0.self_attn.q_proj.weight': fully_shard (FSDP2) already sharded it"
+        in fsdp2["after"]
+        and "Attach before fully_shard" in fsdp2["after"]
     )
-    assert (
-        "fully_shard (FSDP2) sharded 'model.layers.0.self_attn.q_proj.weight', which a handle attached with dora=True trains"
-        in before
-    )
-    assert all("Train SHiRA-DoRA with DistributedDataParallel" in m for m in (after, before))
+    for dora_rank, names in (
+        (None, ["shira_magnitude", "shira_values"]),
+        (3, ["shira_dora_a", "shira_dora_b", "shira_magnitude"]),
+    ):
+        part = fsdp2[str(dora_rank)]
+        assert part["types"] == ["DTensor"], part  # fully_shard sharded the DoRA tensors with the weight
+        assert part["outside"] == 0 and part["verify"] == [] and part["resumed"], part
+        assert part["left_frozen"] == names, part
     for dora_rank in (None, 3):
         assert (
             r0[str(dora_rank)]["changed"] > 0
@@ -444,7 +505,10 @@ def test_two_process_ddp_equals_one_process_on_the_whole_batch_and_fsdp2_is_refu
             model(**{k: torch.cat([a[k], b[k]]) for k in a}).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        deltas = torch.load(tmp_path / f"deltas{dora_rank}.pt")
-        for name, delta in shira.extract().deltas.items():
-            torch.testing.assert_close(deltas[name], delta.values, rtol=1e-4, atol=1e-6, msg=name)
+        expected = shira.extract().deltas
+        for run in (f"deltas{dora_rank}.pt", f"fsdp2_{dora_rank}.pt"):  # DDP, FSDP2
+            deltas = torch.load(tmp_path / run)
+            assert deltas.keys() == expected.keys(), run
+            for name, delta in expected.items():
+                torch.testing.assert_close(deltas[name], delta.values, rtol=1e-4, atol=1e-6, msg=f"{run}: {name}")
         shira.detach()

@@ -489,7 +489,7 @@ fsdp_config:
 """
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("mode", ["dense", "sparse", "dora"])
 def test_hf_trainer_under_accelerate_fsdp2(tmp_path, mode):
     """attach, then the Trainer shards the model (Accelerate's fsdp2_prepare_model) and trains with ShiraCallback."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
@@ -513,7 +513,7 @@ def test_hf_trainer_under_accelerate_fsdp2(tmp_path, mode):
     r0, r1 = (json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1))
     for report in (r0, r1):
         assert report["fsdp"] and report["weight_type"] == "DTensor"  # really sharded, not DDP
-        assert report["values_type"] == ("DTensor" if mode == "sparse" else "NoneType")
+        assert report["values_type"] == ("DTensor" if mode in ("sparse", "dora") else "NoneType")
         assert report["verify"] == [] and report["outside"] == 0
         assert report["changed"] == report["budget"] > 0  # rand masks of a tiny model: every masked entry moves
     assert r0["masks"] == r1["masks"]

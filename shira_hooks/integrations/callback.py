@@ -215,9 +215,10 @@ class ShiraCallback(TrainerCallback):
                 )
             return
         adapter = self.handle.extract()  # every rank: under FSDP2 it gathers the shards (a collective)
+        handle_state = self.handle.state_dict()  # every rank: under FSDP2 with dora=True it gathers (a collective)
         if state.is_world_process_zero:
             adapter.save(folder / ADAPTER_FILE, dtype=self.save_dtype)
-            self.handle.save_state(folder / STATE_FILE)
+            self.handle.save_state(folder / STATE_FILE, handle_state)
 
     def on_train_end(self, args, state, control, **kwargs):
         try:

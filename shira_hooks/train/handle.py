@@ -552,9 +552,15 @@ class ShiraHandle:
         )  # mask, sparsity, seed: as the run that saved it
         self._calibration.clear()  # every mask is fixed now
 
-    def save_state(self, path: str | os.PathLike) -> Path:
-        """``state_dict()`` as one safetensors file, written atomically."""
-        return resumable.save_state(self.state_dict(), path)
+    def save_state(self, path: str | os.PathLike, state: dict[str, Any] | None = None) -> Path:
+        """``state_dict()`` as one safetensors file, written atomically.
+
+        Args:
+            state: a ``state_dict()`` taken before (default: one taken now). Under FSDP2 with ``dora=True``,
+                ``state_dict()`` gathers the DoRA tensors, a collective: take it on every rank, write it on one
+                (``state = shira.state_dict()``, then ``shira.save_state(path, state)`` on rank 0).
+        """
+        return resumable.save_state(self.state_dict() if state is None else state, path)
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Read a file written by ``save_state`` and ``load_state_dict`` it."""

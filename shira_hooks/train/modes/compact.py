@@ -208,12 +208,13 @@ class Compact:
     def uninstall(self, target: Target) -> None:
         """Write the values into the weight, unregister them and remove the hooks (under FSDP2 a collective).
 
-        Values that ``fully_shard`` sharded stay registered, frozen: FSDP2 keeps them in its parameter
-        group and would put them back on the module at its next all-gather.
+        Values (and DoRA tensors) that ``fully_shard`` sharded stay registered, frozen: FSDP2 keeps them in its
+        parameter group and would put them back on the module at its next all-gather.
         """
         self.sync(force=True)
         if self.managed:
-            self.values.requires_grad_(False)
+            for param in self.trained(target):
+                param.requires_grad_(False)
         else:
             for name in self.names():  # also parameters that replaced ours (load_state_dict(assign=True))
                 target.module._parameters.pop(name, None)

@@ -23,8 +23,13 @@ tensor's version moved, E is written into the weight's masked entries (no autogr
 dtype): only masked entries ever change, and ``extract()`` reads the plain sparse delta ``E - W0`` off the
 weight, the magnitude folded in.
 
-Not under FSDP2 (the magnitude and factors are not sharded with the weight): refused at attach for a sharded
-weight, and by ``adopt`` when ``fully_shard`` comes after attach.
+Under FSDP2, attached before ``fully_shard`` (the Trainer's and Accelerate's order): ``fully_shard`` shards the
+DoRA tensors with the weight (``Shard(0)``, as the layer's parameters) and the handle adopts them (``adopt``).
+FSDP2 all-gathers them for each forward, where the tap reads the module's current tensors, and reduce-scatters
+their gradients. After each step every rank all-gathers the DoRA tensors (and, with ``dora_rank``, the weight),
+computes E for all k entries and writes those in its rows; ``state()`` gathers them too, so under FSDP2
+``state_dict()`` is a collective, like ``extract()``. Attaching to a weight that ``fully_shard`` already sharded is
+refused: the magnitude and factors are made from the full weight.
 """
 
 from __future__ import annotations
@@ -51,8 +56,11 @@ MAGNITUDE = "shira_magnitude"
 DORA_A = "shira_dora_a"
 DORA_B = "shira_dora_b"
 
-# The fix in every refusal of FSDP2.
-FSDP_FIX = "Train SHiRA-DoRA with DistributedDataParallel (its tensors are ordinary replicated parameters), or attach with dora=False"
+# The fix for a weight that fully_shard sharded before attach.
+FSDP_FIX = (
+    "Attach before fully_shard (the Trainer's and Accelerate's order: fully_shard then shards the DoRA tensors with "
+    "the weight), or train with DistributedDataParallel"
+)
 
 
 class DoraCompact(Compact):
@@ -99,8 +107,8 @@ class DoraCompact(Compact):
         super().check_layer(layer)
         if distributed.is_sharded(layer.weight):
             raise ShiraError(
-                f"dora=True cannot train weight '{layer.name}': it is sharded by fully_shard (FSDP2), and SHiRA-DoRA's "
-                f"magnitude and factors are not sharded with it. {FSDP_FIX}"
+                f"dora=True cannot train weight '{layer.name}': fully_shard (FSDP2) already sharded it, and SHiRA-DoRA's "
+                f"magnitude and factors are made at attach from the full weight. {FSDP_FIX}"
             )
         for name in (MAGNITUDE, DORA_A, DORA_B):
             if name in layer.module._parameters:
@@ -153,29 +161,37 @@ class DoraCompact(Compact):
         if self.base_values is not None and self.base_values.device != device:
             self.base_values = self.base_values.to(device)
 
-    def effective(self) -> torch.Tensor:
+    def effective(
+        self, tensors: dict[str, torch.Tensor] | None = None, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(k,) E, the masked entries the layer computes with, float32 (float64 for a float64 weight), with autograd.
 
-        Outside autocast: the E the tap differentiates in the forward and the E written into the weight after a
-        step (outside the forward) are the same function of the same tensors, bit for bit.
+        From ``tensors`` and ``weight`` (default: the mode's own; under FSDP2 whole tensors: the forward's
+        all-gathered ones, or gathered after a step). Outside autocast: the E the tap differentiates in the forward
+        and the E written into the weight after a step (outside the forward) are the same function of the same
+        tensors, bit for bit.
         """
+        using: dict[str, torch.Tensor] = dict(self.tensors) if tensors is None else tensors
+        weight = self.weight if weight is None else weight
         rows = self.mask_rows
         with torch.autocast(self.weight.device.type, enabled=False):
             if self.base is not None:  # rank=None
-                values: torch.Tensor = self.tensors[VALUES]
+                values: torch.Tensor = using[VALUES]
                 norms = dora.masked_norms(values, rows, self.base)
             else:
                 assert self.base_values is not None
                 values, norms = dora.low_rank_masked(
-                    self.base_values, self.weight, self.tensors[DORA_B], self.tensors[DORA_A], rows, self.mask_cols
+                    self.base_values, weight, using[DORA_B], using[DORA_A], rows, self.mask_cols
                 )
-            return dora.effective(values, self.tensors[MAGNITUDE], rows, norms)
+            return dora.effective(values, using[MAGNITUDE], rows, norms)
 
     def tap_values(self, module: nn.Module) -> torch.Tensor | None:
-        """E with autograd: the tap's (k,) gradient flows through it into the DoRA tensors."""
-        if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.tensors.values()):
+        """E with autograd: the tap's (k,) gradient flows through it into the DoRA tensors (the module's current
+        ones: under FSDP2, in the forward, the all-gathered parameters whose gradients FSDP2 reduce-scatters)."""
+        tensors = {name: module._parameters.get(name, param) for name, param in self.tensors.items()}
+        if not torch.is_grad_enabled() or not any(p is not None and p.requires_grad for p in tensors.values()):
             return None
-        return self.effective()
+        return self.effective(tensors, module.weight)  # type: ignore[arg-type]  # None only by register_parameter(name, None)
 
     def names(self) -> tuple[str, ...]:
         return tuple(self.tensors)
@@ -185,14 +201,20 @@ class DoraCompact(Compact):
 
     @torch.no_grad()
     def entries(self) -> torch.Tensor:
-        return self.effective()
+        """(k,) E (no autograd); under FSDP2 the entries in this rank's rows, from the gathered DoRA tensors (and
+        with ``dora_rank`` the gathered weight): a collective."""
+        if self.rows is None:
+            return self.effective()
+        tensors = {name: distributed.gather(param.detach()) for name, param in self.tensors.items()}
+        weight = self.weight if self.rank is None else distributed.gather(self.weight.detach())
+        return self.effective(tensors, weight)[self.rows.start : self.rows.stop]
 
     # --------------------------------------------------------------------- the handle's steps
     def trained(self, target: Target) -> tuple[nn.Parameter, ...]:
         return tuple(self.tensors.values())
 
     def sharded(self) -> DTensor | None:
-        return None
+        return next((p for p in self.tensors.values() if distributed.is_sharded(p)), None)
 
     # ----------------------------------------------------------------- replaced parameters
     def replace_own(self, name: str, param: nn.Parameter) -> None:
@@ -201,16 +223,31 @@ class DoraCompact(Compact):
             self.values = param
 
     def adopt(self, target: Target, weight: nn.Parameter) -> None:
-        """Refused: ``fully_shard`` after attach would shard the weight but not train the DoRA tensors exactly."""
-        raise ShiraError(
-            f"fully_shard (FSDP2) sharded '{target.name}', which a handle attached with dora=True trains: SHiRA-DoRA's "
-            f"magnitude and factors are not sharded with the weight. {FSDP_FIX}"
-        )
+        """Train the DTensors that ``fully_shard`` put in place of the weight and of the layer's DoRA tensors.
+
+        Raises:
+            ShiraError: a DoRA tensor is not sharded as ``Shard(0)`` on the weight's 1-D mesh.
+        """
+        assert distributed.is_sharded(weight) and target.indices is not None  # Follower adopts DTensors; masks fixed
+        layer = target.name.rpartition(".")[0]
+        adopted = {}
+        for name in self.tensors:
+            param = target.module._parameters.get(name)
+            distributed.check_values(param, weight, f"'{layer}.{name}'")
+            adopted[name] = param
+        self.rows = distributed.row_slice(target.indices, weight, f"'{layer}.{MAGNITUDE}'")
+        self.weight, self.managed = weight, True
+        for name, param in adopted.items():
+            self.replace_own(name, param)  # type: ignore[arg-type]  # check_values refused anything but a DTensor
+        self.synced = self.versions()
+        if self.check is not None:  # FSDP2 reads the sharded weights outside their layers (its all-gather)
+            self.check.remove()
 
     # -------------------------------------------------------------------- resumable state
     def state(self, target: Target) -> dict[str, torch.Tensor]:
-        """The DoRA tensors: the weight holds E, from which they cannot be recovered."""
-        return {name: param.detach() for name, param in self.tensors.items()}
+        """The DoRA tensors: the weight holds E, from which they cannot be recovered (under FSDP2 gathered: a
+        collective)."""
+        return {name: distributed.gather(param.detach()) for name, param in self.tensors.items()}
 
     def check_state(self, target: Target, entry: dict[str, Any]) -> None:
         """Refuse an entry without this handle's DoRA tensors, or with other shapes or dtypes."""
@@ -243,8 +280,15 @@ class DoraCompact(Compact):
             self.base = dora.row_norm_base(target.restored(), self.mask_rows, originals)
         else:
             self.base_values = originals.clone()
+        if self.rows is not None:  # FSDP2: the new mask's entries in this rank's rows
+            self.rows = distributed.row_slice(target.indices, self.weight, "the loaded mask")  # type: ignore[arg-type]  # rows: a DTensor weight
         for name, param in self.tensors.items():
-            param.copy_(entry["mode"][name])
+            saved = entry["mode"][name]
+            if distributed.is_sharded(param):  # this rank's rows of the whole tensor
+                start, stop = distributed.row_range(param)
+                distributed.local(param).copy_(saved[start:stop])
+            else:
+                param.copy_(saved)
         self.sync(force=True)
 
 
