@@ -393,12 +393,12 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _shard(model) -> None:
+def _shard(model, **kwargs) -> None:
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 def _full(model) -> dict[str, torch.Tensor]:
@@ -468,13 +468,36 @@ def _fsdp2(rank: int, out: str) -> dict:
         part["resumed"] = all(torch.equal(d.values, adapter.deltas[n].values) for n, d in resumed.deltas.items())
         again.detach()
         report[str(dora_rank)] = part
+    # bfloat16 compute (Accelerate's mixed_precision: bf16) with gradient checkpointing: still only masked entries
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model = make_llama()
+    model.gradient_checkpointing_enable()
+    base = _full(model)
+    shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True, seed=1)
+    _shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    optimizer = torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1)
+    for batch in llama_batches(2, seed=20 + rank):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    now, masks = _full(model), shira.masks
+    report["bf16"] = {
+        "outside": sum(
+            int((~torch.isin((now[n] != base[n]).reshape(-1).nonzero().reshape(-1), i.long())).sum())
+            for n, i in masks.items()
+        ),
+        "changed": sum(int((now[n] != base[n]).sum()) for n in masks),
+        "verify": shira.verify(),
+    }
+    shira.detach()
     return report
 
 
 def test_two_process_ddp_and_fsdp2_equal_one_process_on_the_whole_batch(tmp_path):
     """DDP, and FSDP2 attached before fully_shard: the same adapter as one process on both ranks' batches; under
-    FSDP2 the DoRA tensors are sharded, only masked entries change, state resumes on the shards, detach leaves them
-    frozen; attach after fully_shard is refused."""
+    FSDP2 the DoRA tensors are sharded, only masked entries change (also in bfloat16 with gradient checkpointing),
+    state resumes on the shards, detach leaves them frozen; attach after fully_shard is refused."""
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1  # replicas equal, the DoRA tensors included
@@ -492,6 +515,7 @@ def test_two_process_ddp_and_fsdp2_equal_one_process_on_the_whole_batch(tmp_path
         assert part["types"] == ["DTensor"], part  # fully_shard sharded the DoRA tensors with the weight
         assert part["outside"] == 0 and part["verify"] == [] and part["resumed"], part
         assert part["left_frozen"] == names, part
+    assert fsdp2["bf16"]["outside"] == 0 and fsdp2["bf16"]["verify"] == [] and fsdp2["bf16"]["changed"] > 0
     for dora_rank in (None, 3):
         assert (
             r0[str(dora_rank)]["changed"] > 0
