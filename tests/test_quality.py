@@ -496,3 +496,25 @@ def test_switch_times_refuses_a_file_without_them(tmp_path):
         blocks.read_switch_times(tmp_path / "bench.json")
     with pytest.raises(SystemExit, match=r"missing.json: cannot read it as JSON"):
         blocks.read_switch_times(tmp_path / "missing.json")
+
+
+def test_report_shows_whole_seeds_only():
+    """A run stopped (or still going) in the middle of a seed has tested some tasks at that seed: the rows
+    show the seeds tested on every task, and the fused table's single average the seeds fused so far."""
+    sys.path[:0] = [str(QUALITY)]
+    import evidence as E
+
+    def cell(task, seed, test):
+        return {"method": "lora", "task": task, "lr": 0.1, "seed": seed, "test": test, "test_correct": "1"}
+
+    r = {
+        "tasks": {"a": {}, "b": {}},
+        "chosen_lr": {"lora": 0.1},
+        "cells": [cell("a", 0, 0.5), cell("b", 0, 0.7), cell("a", 1, 0.9), cell("b", 2, 0.1), cell("a", 2, 0.3)],
+        "fusion": [{"method": "lora", "seed": 0, "accuracy": {"a": 0.4, "b": 0.6}}],
+    }
+    assert E.whole_seeds(r, "lora") == {0, 2}
+    assert [c["seed"] for c in E.final_cells(r, "lora", "a")] == [0, 2]  # seed 1 lacks task b
+    assert E.per_seed_average(r, "lora") == pytest.approx([0.6, 0.2])
+    assert E.per_seed_average(r, "lora", seeds={0}) == pytest.approx([0.6])
+    assert E.drops(r, "lora") == pytest.approx([0.1])

@@ -17,7 +17,7 @@ import stats
 KINDS = ("single", "fused", "drop")
 
 
-def final_cells(r: dict, method: str, task: str) -> list[dict]:
+def tested_cells(r: dict, method: str, task: str) -> list[dict]:
     """The tested cells of (method, task) at the chosen learning rate (baselines: all), one per seed."""
     if method in ("head", "zero_shot"):
         return [c for c in r["cells"] if c["method"] == method and c["task"] == task and "test" in c]
@@ -25,12 +25,29 @@ def final_cells(r: dict, method: str, task: str) -> list[dict]:
     return [c for c in r["cells"] if c["method"] == method and c["task"] == task and c["lr"] == lr and "test" in c]
 
 
-def per_seed_average(r: dict, method: str) -> list[float]:
-    """Test accuracy averaged over tasks, per seed that has every task."""
+def whole_seeds(r: dict, method: str) -> set[int]:
+    """The seeds of ``method`` tested on every task. A run stopped (or still going) in the middle of a seed
+    leaves some tasks tested at that seed; the report shows whole seeds only, so that each row's task columns
+    and its average cover the same seeds."""
+    return set.intersection(*({c["seed"] for c in tested_cells(r, method, t)} for t in r["tasks"]))
+
+
+def final_cells(r: dict, method: str, task: str) -> list[dict]:
+    """The tested cells of (method, task) at the chosen learning rate, one per whole seed (baselines: all)."""
+    cells = tested_cells(r, method, task)
+    if method in ("head", "zero_shot"):
+        return cells
+    seeds = whole_seeds(r, method)
+    return [c for c in cells if c["seed"] in seeds]
+
+
+def per_seed_average(r: dict, method: str, seeds: set[int] | None = None) -> list[float]:
+    """Test accuracy averaged over tasks, per seed that has every task (of ``seeds`` only, if given)."""
     by_seed: dict[int, list[float]] = {}
     for t in r["tasks"]:
         for c in final_cells(r, method, t):
-            by_seed.setdefault(c["seed"], []).append(c["test"])
+            if seeds is None or c["seed"] in seeds:
+                by_seed.setdefault(c["seed"], []).append(c["test"])
     return [statistics.fmean(v) for v in by_seed.values() if len(v) == len(r["tasks"])]
 
 
@@ -115,17 +132,19 @@ def fused_task_groups(r: dict, method: str, task: str) -> list[np.ndarray] | Non
     return [np.stack([stats.outcomes(f["correct"][task]) for f in rows])]
 
 
-def average_groups(r: dict, method: str, kind: str) -> list[np.ndarray] | None:
-    """The outcomes behind a task-averaged value (single, fused or drop) over every seed it is shown for,
-    or None if one of those seeds lacks them."""
+def average_groups(r: dict, method: str, kind: str, seeds: set[int] | None = None) -> list[np.ndarray] | None:
+    """The outcomes behind a task-averaged value (single, fused or drop) over every seed it is shown for
+    (single: of ``seeds`` only, if given), or None if one of those seeds lacks them."""
     shown = len(
-        per_seed_average(r, method)
+        per_seed_average(r, method, seeds)
         if kind == "single"
         else fused_average(r, method)
         if kind == "fused"
         else drops(r, method)
     )
     table = outcome_table(r, method, kind)
+    if kind == "single" and seeds is not None:
+        table = {s: arrays for s, arrays in table.items() if s in seeds}
     if not shown or len(table) != shown:
         return None
     return stacked(table, list(table))

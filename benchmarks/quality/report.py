@@ -158,8 +158,10 @@ def model_section(kind: str, r: dict, switch: dict | None = None) -> list[str]:
             rows = fused(r, method)
             if not rows:
                 continue
+            seeds = {f["seed"] for f in rows}  # single avg: the seeds fused so far, as the drop
             lines.append(
-                f"| {LABELS[method]} | {with_interval(per_seed_average(r, method), average_groups(r, method, 'single'))} | "
+                f"| {LABELS[method]} | "
+                f"{with_interval(per_seed_average(r, method, seeds), average_groups(r, method, 'single', seeds))} | "
                 + " | ".join(
                     with_interval([f["accuracy"][t] for f in rows], fused_task_groups(r, method, t)) for t in tasks
                 )
