@@ -299,6 +299,32 @@ def test_copies_train_like_the_original(rank):
     shira.detach()
 
 
+@pytest.mark.parametrize("rank", [None, 3])
+def test_a_load_with_assign_is_followed_and_a_stale_optimizer_is_named(rank):
+    """``load_state_dict(..., assign=True)`` replaces every parameter, the DoRA tensors too: the handle
+    trains the new ones, and an optimizer built before the load is refused, naming the parameter it holds."""
+    model = make_llama()
+    shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True, dora_rank=rank, seed=1)
+    stale = torch.optim.AdamW([p for n, p in model.named_parameters() if n.endswith(".shira_magnitude")], lr=1e-2)
+    _steps(model, torch.optim.AdamW(_trainable(model), lr=1e-2), llama_batches(2, seed=4))
+    trained = shira.extract()
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert shira.verify() == []
+    assert all(torch.equal(d.values, trained.deltas[n].values) for n, d in shira.extract().deltas.items())
+    model(**llama_batches(1, seed=5)[0]).loss.backward()
+    with pytest.raises(
+        ShiraError,
+        match=r"AdamW holds the parameter '.*\.shira_magnitude' had before it was replaced .* trained for '.*weight'",
+    ):
+        stale.step()
+    model.zero_grad()
+    loaded = snapshot(model)
+    _steps(model, torch.optim.AdamW(_trainable(model), lr=1e-2), llama_batches(2, seed=6))  # trains the new ones
+    assert assert_changes_within_masks(shira, loaded, model) > 0 and shira.verify() == []
+    shira.detach()
+    assert all(p.requires_grad for p in model.parameters())
+
+
 # ------------------------------------------------------------------------------- Trainer, DDP, FSDP2
 def test_trainer_trains_and_resumes_the_low_rank_variant(tmp_path):
     pytest.importorskip("transformers")

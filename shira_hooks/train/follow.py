@@ -210,7 +210,7 @@ class Follower:
         flags.own(param, self.owner)
         t.rebind(param)
         t.hook_gradient(self.gradients.hook(position))  # compact weights get none, but may again
-        t.replaced.append(weakref.ref(old))  # an optimizer still holding it would train nothing (steps)
+        t.replaced.append((t.name, weakref.ref(old)))  # an optimizer still holding it would train nothing (steps)
         t.follow()
         t.mode.weight_replaced(t, old, param)  # compact: the weight's masked entries mirror the values
 

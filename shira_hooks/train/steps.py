@@ -19,7 +19,6 @@ from .. import distributed
 from ..errors import ShiraError
 from .calibration import Calibration
 from .follow import Follower
-from .modes import VALUES
 from .target import Mode, Target
 
 
@@ -60,7 +59,7 @@ class StepHooks:
         for t in self.targets:
             if t.mode.held_by(t, ids):
                 return True
-            if any(old() is not None and id(old()) in ids for old in t.replaced):
+            if any(old() is not None and id(old()) in ids for _, old in t.replaced):
                 return True
         return any(id(p) in ids for p in self.model.parameters())
 
@@ -118,10 +117,11 @@ class StepHooks:
         """Refuse an optimizer that holds a parameter the handle followed away from (``follow``): it is no
         longer in the model, so the optimizer would train nothing in its place."""
         for t in self.targets:
-            if any(old() is not None and id(old()) in members for old in t.replaced):
+            held = [name for name, old in t.replaced if old() is not None and id(old()) in members]
+            if held:
                 raise ShiraError(
-                    f"{type(optimizer).__name__} holds a parameter that '{t.name}' (or its '{VALUES}') had "
-                    f"before it was replaced (load_state_dict(..., assign=True), module.weight = nn.Parameter(...)): it "
+                    f"{type(optimizer).__name__} holds the parameter '{held[0]}' had before it was replaced "
+                    f"(load_state_dict(..., assign=True), module.weight = nn.Parameter(...)), trained for '{t.name}': it "
                     f"is no longer in the model, so the optimizer would not train the weight. Build the optimizer after "
                     f"replacing parameters, or load into them in place (load_state_dict without assign=True)"
                 )

@@ -174,7 +174,8 @@ class Target:
     grad_seen: bool = False  # a dense gradient of the weight arrived since attach
     attr: str = "weight"  # the parameter's attribute name in ``module`` (FSDP2 puts a new object there)
     grad_hook: Any = None  # the post-accumulate-grad hook handle on ``param`` (also in the handle's list)
-    replaced: list = field(default_factory=list)  # weak references to parameters this target followed away from
+    # (name, weak reference) of each parameter this target followed away from: its weight's or a mode's
+    replaced: list = field(default_factory=list)
     _positions: dict = field(default_factory=dict)  # layout_key -> (k,) int64 storage positions
 
     def __getstate__(self) -> dict:

@@ -371,7 +371,7 @@ class Compact:
                     f"'{target.name}') is no longer the parameter shira_hooks registered: the layer holds {describe(now)} now. {REPLACED_FIX}"
                 )
             self.replace_own(name, now)
-            target.replaced.append(weakref.ref(old))
+            target.replaced.append((f"{target.name.rpartition('.')[0]}.{name}", weakref.ref(old)))
             replaced = True
         if replaced:
             self.write(target)
