@@ -325,6 +325,86 @@ def test_a_load_with_assign_is_followed_and_a_stale_optimizer_is_named(rank):
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("mode, rank", VARIANTS, ids=VARIANT_IDS)
+def test_a_row_of_zeros_trains_without_nan(mode, rank):
+    """A pruned or zero-initialised row has norm 0: m / ||V|| would be 0 / 0 and one step would make every
+    layer NaN (through clipping). struct masks cover every row, so its masked entries are in the mask."""
+    model = make_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[5].zero_()
+    base, reference = snapshot(model), copy.deepcopy(model)
+    shira = shira_hooks.attach(model, 0.05, "struct", mode=mode, dora=True, dora_rank=rank, seed=1)
+    assert torch.equal(_logits(model), _logits(reference))  # the base bit for bit at attach
+    _steps(model, torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1), llama_batches(3, seed=4))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert assert_changes_within_masks(shira, base, model) > 0 and shira.verify() == []
+    trained, adapter = _logits(model), shira.extract()
+    with shira_hooks.apply(reference, adapter):
+        torch.testing.assert_close(_logits(reference), trained, rtol=0, atol=1e-5)
+    shira.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode, rank", VARIANTS, ids=VARIANT_IDS)
+def test_a_cast_after_attach_starts_from_the_cast_base(mode, rank, dtype):
+    """model.to(dtype) between attach and training: the layer is the cast base bit for bit, extract() is all
+    zeros, and training changes only masked entries in the new dtype (as an attach after the cast would)."""
+    model = make_llama()
+    shira = shira_hooks.attach(model, 0.05, "wm", mode=mode, dora=True, dora_rank=rank, seed=1)
+    model.to(dtype)
+    reference = make_llama().to(dtype)
+    batch = llama_batches(1, seed=3)[0]
+    assert torch.equal(model(**batch).logits, reference(**batch).logits)
+    assert all(not d.values.any() for d in shira.extract().deltas.values())
+    wide = torch.promote_types(dtype, torch.float32)
+    assert {p.dtype for n, p in model.named_parameters() if "shira_" in n and "shira_values" not in n} == {wide}
+    base = snapshot(model)
+    _steps(model, torch.optim.AdamW(_trainable(model), lr=1e-2), llama_batches(2, seed=4))
+    assert assert_changes_within_masks(shira, base, model) > 0 and shira.verify() == []
+    trained = _logits(model)
+    with shira_hooks.apply(reference, shira.extract()):
+        torch.testing.assert_close(_logits(reference), trained, rtol=0, atol=1e-5)  # W0 + (E - W0): E up to rounding
+    # after training a cast would round the trained tensors: refused at the next use, detach still works
+    model.to(torch.float32 if dtype is torch.float64 else torch.float16)
+    with pytest.raises(
+        ShiraError, match=r"was cast from .* after attach\(dora=True\) and training.*Cast the model before attach"
+    ):
+        model(**batch)
+    shira.detach()
+    assert not any("shira_" in n for n, _ in model.named_parameters())
+
+
+def test_freezing_the_magnitude_alone_trains_the_direction_and_detach_restores_the_flags():
+    model = make_llama()
+    base = snapshot(model)
+    shira = shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True, seed=1)
+    magnitudes = {n: p for n, p in model.named_parameters() if n.endswith(".shira_magnitude")}
+    frozen = {n: p.detach().clone() for n, p in magnitudes.items()}
+    for p in magnitudes.values():
+        p.requires_grad_(False)  # DoRA's direction-only ablation
+    _steps(model, torch.optim.AdamW(_trainable(model), lr=1e-2), llama_batches(2, seed=4))
+    assert all(torch.equal(p, frozen[n]) for n, p in magnitudes.items())
+    assert assert_changes_within_masks(shira, base, model) > 0
+    shira.detach()
+    assert all(p.requires_grad for p in model.parameters())  # not taken for peft managing the flags
+
+
+def test_refusals_under_dora_do_not_suggest_the_dense_mode():
+    """mode='dense' has no DoRA variant: a refusal that suggests it would send the user in a circle."""
+    with pytest.raises(
+        ShiraError, match=r"pass calibration=batches \(dora=True trains in the compact and sparse"
+    ) as caught:
+        shira_hooks.attach(make_llama(), 0.05, "snip", mode="sparse", dora=True)
+    assert "mode='dense'" not in str(caught.value)
+    tied = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ShiraError, match=r"shared by 2 modules.*Leave tied weights out of target_modules") as caught:
+        shira_hooks.attach(tied, 0.1, "rand", mode="sparse", dora=True)
+    assert "mode='dense'" not in str(caught.value)
+    with pytest.raises(ShiraError, match=r"shared by 2 modules.*Use mode='dense' for tied weights"):
+        shira_hooks.attach(tied, 0.1, "rand", mode="sparse")
+
+
 # ------------------------------------------------------------------------------- Trainer, DDP, FSDP2
 def test_trainer_trains_and_resumes_the_low_rank_variant(tmp_path):
     pytest.importorskip("transformers")

@@ -47,9 +47,17 @@ def row_norm_base(weight: torch.Tensor, rows: torch.Tensor, base_values: torch.T
     return (full - masked).clamp_min(0).to(_wide(weight).dtype)
 
 
+def _root(squares: torch.Tensor) -> torch.Tensor:
+    """``sqrt`` of squared row norms, with a zero row's norm the smallest normal number: a row of zeros (pruned,
+    zero-initialised) then has ``m / ||V|| == 1`` at attach and finite gradients, where ``0 / 0`` would make the
+    whole model NaN after one step. Any other row's norm is unchanged, bit for bit."""
+    return squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt()
+
+
 def masked_norms(values: torch.Tensor, rows: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """``||V_i||`` for every row from ``V``'s masked entries ``values`` (k,) and the unmasked part ``base`` (out,)."""
-    return base.index_add(0, rows, _wide(values).pow(2)).sqrt()
+    squares = _wide(values).pow(2)
+    return _root(base.to(squares.dtype).index_add(0, rows, squares))
 
 
 def effective(values: torch.Tensor, magnitude: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -81,9 +89,10 @@ def low_rank_masked(
         ``(values, norms)``: (k,) masked entries of ``V`` and (out,) ``||V_i||``, differentiable in B and A.
         The magnitude's initial value is these norms at initialisation (B = 0), computed the same way.
     """
-    delta = _wide(lora_b) @ _wide(lora_a)  # (out, in): the variant's cost, one dense product per forward
-    values = _wide(base_values) + delta[rows, cols]  # (k,)
+    wide = _wide(weight).dtype  # the factors' dtype, unless a cast after attach changed one of them
+    delta = lora_b.to(wide) @ lora_a.to(wide)  # (out, in): the variant's cost, one dense product per forward
+    values = base_values.to(wide) + delta[rows, cols]  # (k,)
     # V outside the mask, zero at it (the weight's masked entries are not W0), then the masked entries' squares
-    outside = (_wide(weight.detach()) + delta).index_put((rows, cols), values.new_zeros(()))
-    norms = outside.pow(2).sum(dim=1).index_add(0, rows, values.pow(2)).sqrt()
+    outside = (weight.detach().to(wide) + delta).index_put((rows, cols), values.new_zeros(()))
+    norms = _root(outside.pow(2).sum(dim=1).index_add(0, rows, values.pow(2)))
     return values, norms

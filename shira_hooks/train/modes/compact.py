@@ -79,6 +79,13 @@ class Compact:
         ", or their module's weight is read without calling the module, which mode={mode!r} cannot see"
     )
     unseen_fix: ClassVar[str] = ", or use mode='dense'"
+    dense_can: ClassVar[bool] = True  # whether a refusal may suggest mode='dense' (not with dora=True)
+
+    @classmethod
+    def fix(cls, dense: str, other: str) -> str:
+        """The fix a refusal names: ``dense`` (which suggests mode='dense') when that mode could train the
+        target instead, else ``other``."""
+        return dense if cls.dense_can else other
 
     def __init__(
         self,
@@ -120,7 +127,8 @@ class Compact:
         if kind.needs_scores and calibration is None:
             raise ShiraError(
                 f"mode={cls.name!r} needs the masks at attach time, and mask={mask!r} without calibration= would score them "
-                f"lazily during training; pass calibration=batches, or use mode='dense'"
+                f"lazily during training; pass calibration=batches"
+                + cls.fix(", or use mode='dense'", " (dora=True trains in the compact and sparse modes only)")
             )
 
     @classmethod
@@ -131,18 +139,23 @@ class Compact:
         if not isinstance(layer.module, nn.Linear):
             raise ShiraError(
                 f"mode={mode!r} supports nn.Linear targets only; '{layer.module_name}' is a {type(layer.module).__name__}. "
-                f"Narrow target_modules to Linear layers, or use mode='dense'"
+                + cls.fix(
+                    "Narrow target_modules to Linear layers, or use mode='dense'",
+                    "Narrow target_modules to Linear layers",
+                )
             )
         if layer.read_directly:
             raise ShiraError(
                 f"'{layer.module_name}' is the out_proj of an nn.MultiheadAttention, which reads out_proj.weight directly "
                 f"(F.multi_head_attention_forward) without calling the layer, so mode={mode!r}, which taps the layer's "
-                f"output, would never train it. Use mode='dense', or leave it out of target_modules"
+                f"output, would never train it. "
+                + cls.fix("Use mode='dense', or leave it out of target_modules", "Leave it out of target_modules")
             )
         if layer.shared_by > 1:
             raise ShiraError(
                 f"weight '{layer.name}' is shared by {layer.shared_by} modules; mode={mode!r} taps one layer's output, so "
-                f"the others' gradient would be lost. Use mode='dense' for tied weights"
+                f"the others' gradient would be lost. "
+                + cls.fix("Use mode='dense' for tied weights", "Leave tied weights out of target_modules")
             )
         if VALUES in layer.module._parameters:
             raise ShiraError(
@@ -171,7 +184,7 @@ class Compact:
             if not distributed.is_sharded(t.param)
         ]
         if layers:
-            check = FirstForwardCheck(model, layers, cls.name)
+            check = FirstForwardCheck(model, layers, cls.name, dense_can=cls.dense_can)
             for mode in installed:
                 mode.check = check
 
@@ -309,7 +322,9 @@ class Compact:
         return not any(p.requires_grad for p in self.trained(target))
 
     def flag_changed(self, target: Target) -> bool:
-        return not all(p.requires_grad for p in self.trained(target))  # the handle registered them trainable
+        # The handle registered them trainable; every one frozen since is what peft.get_peft_model does. One of
+        # several frozen (SHiRA-DoRA's magnitude, say: training the direction only) is the user's choice.
+        return self.frozen(target)
 
     def got_gradient(self, target: Target) -> bool:
         return target.grad_seen or self.seen

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ... import distributed, masks
+from ..._base import storage_flat
 from ...errors import ShiraError
 from .. import dora
 from ..config import Config
@@ -73,9 +74,14 @@ class DoraCompact(Compact):
         mask_rows, mask_cols: (k,) int64 row and column of each masked entry, on the weight's device.
         base: ``rank=None``: (out,) the unmasked part of each row's squared norm (fixed); else None.
         base_values: ``rank=r``: (k,) W0's masked entries (the weight holds E there); else None.
+        weight_dtype: the weight's dtype the fixed terms and the DoRA tensors were made for.
+        stepped: an optimizer step (or a loaded state) changed the DoRA tensors since attach.
+        layer: the layer's name, for messages.
     """
 
     frozen_words: ClassVar[tuple[str, str]] = (f"their '{MAGNITUDE}' and direction tensors", "those tensors")
+    unseen_fix: ClassVar[str] = ""
+    dense_can: ClassVar[bool] = False  # mode='dense' has no DoRA variant: refusals do not suggest it
 
     def __init__(
         self,
@@ -92,6 +98,9 @@ class DoraCompact(Compact):
         self.rank = self.tensors[DORA_A].shape[0] if DORA_A in self.tensors else None
         self.base: torch.Tensor | None = None
         self.base_values: torch.Tensor | None = None
+        self.weight_dtype = weight.dtype
+        self.stepped = False
+        self.layer = ""
         super().__init__(weight, values, indices, positions, shared, rows)  # type: ignore[arg-type]
 
     def use_mask(self, indices: torch.Tensor) -> None:
@@ -146,12 +155,13 @@ class DoraCompact(Compact):
             module.register_parameter(name, param)
         mode = cls(weight, params.get(VALUES), target.indices, target.positions, shared, None, tensors=params)
         mode.base, mode.base_values = base, base_values
+        mode.layer = target.name.rpartition(".")[0] or type(module).__name__
         mode.hook(module)
         return mode
 
     # ------------------------------------------------------------------------------ the hooks
     def follow(self) -> None:
-        """Keep the mask's coordinates and the fixed DoRA tensors on the weight's device."""
+        """Keep the mask's coordinates and the fixed DoRA tensors on the weight's device, and follow a cast."""
         super().follow()
         device = self.weight.device
         if self.mask_rows.device != device:
@@ -160,6 +170,61 @@ class DoraCompact(Compact):
             self.base = self.base.to(device)
         if self.base_values is not None and self.base_values.device != device:
             self.base_values = self.base_values.to(device)
+        if self.weight.dtype != self.weight_dtype or any(
+            p.dtype != self.dtype_of(name) for name, p in self.tensors.items()
+        ):
+            self.recast()
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype attach gives a DoRA tensor: the weight's for the values, float32 (float64 for a float64
+        weight) for the magnitude and the factors."""
+        return self.weight_dtype if name == VALUES else torch.promote_types(self.weight_dtype, torch.float32)
+
+    @torch.no_grad()
+    def recast(self) -> None:
+        """``model.to(dtype)`` (``half()``, ``bfloat16()``) after attach cast the weight and the DoRA tensors.
+
+        Before any training, the mode starts again from the cast weight, as an attach after the cast would:
+        the fixed terms from the cast base, the values its masked entries (the weight holds W0 there), the factors
+        and magnitude in the dtype attach gives them, the magnitude at the new row norms. The layer is then the
+        cast base bit for bit and ``extract()`` all zeros. After training, the cast would have rounded the trained
+        magnitude and direction: refused.
+
+        Raises:
+            ShiraError: the DoRA tensors trained (or were loaded) before the cast, or FSDP2 shards them.
+        """
+        cast = (
+            self.weight.dtype
+            if self.weight.dtype != self.weight_dtype
+            else next(p.dtype for name, p in self.tensors.items() if p.dtype != self.dtype_of(name))
+        )
+        what = f"'{self.layer}' was cast from {str(self.weight_dtype).removeprefix('torch.')} to {str(cast).removeprefix('torch.')}"
+        if self.stepped or self.rows is not None:
+            raise ShiraError(
+                f"{what} after attach(dora=True)"
+                + (
+                    " and training, which rounds its trained magnitude and direction"
+                    if self.stepped
+                    else " under FSDP2"
+                )
+                + ". Cast the model before attach, or train in mixed precision (torch.autocast: the Trainer's bf16=True "
+                "or fp16=True keeps the weights as they are); detach() writes what trained into the weight"
+            )
+        self.weight_dtype = self.weight.dtype
+        weight = self.weight.detach()
+        w0 = storage_flat(weight).index_select(0, self.positions(weight))  # nothing trained: W0's masked entries
+        wide = self.dtype_of(MAGNITUDE)
+        if self.rank is None:
+            self.base = dora.row_norm_base(weight, self.mask_rows, w0)
+            self.tensors[VALUES].data = w0.clone()
+            self.tensors[MAGNITUDE].data = dora.masked_norms(self.tensors[VALUES], self.mask_rows, self.base)
+        else:
+            self.base_values = w0.clone()
+            a, b = self.tensors[DORA_A], self.tensors[DORA_B]
+            a.data, b.data = a.detach().to(wide), torch.zeros_like(b, dtype=wide)
+            _, norms = dora.low_rank_masked(self.base_values, weight, b, a, self.mask_rows, self.mask_cols)
+            self.tensors[MAGNITUDE].data = norms
+        self.synced = self.versions()
 
     def effective(
         self, tensors: dict[str, torch.Tensor] | None = None, weight: torch.Tensor | None = None
@@ -212,6 +277,11 @@ class DoraCompact(Compact):
     # --------------------------------------------------------------------- the handle's steps
     def trained(self, target: Target) -> tuple[nn.Parameter, ...]:
         return tuple(self.tensors.values())
+
+    def step_changed(self, optimizer: torch.optim.Optimizer, members: set[int]) -> bool | None:
+        changed = super().step_changed(optimizer, members)
+        self.stepped = self.stepped or bool(changed)
+        return changed
 
     def sharded(self) -> DTensor | None:
         return next((p for p in self.tensors.values() if distributed.is_sharded(p)), None)
@@ -289,6 +359,7 @@ class DoraCompact(Compact):
                 distributed.local(param).copy_(saved[start:stop])
             else:
                 param.copy_(saved)
+        self.stepped = True  # a loaded state holds what trained: a later cast would round it
         self.sync(force=True)
 
 

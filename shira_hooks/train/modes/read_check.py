@@ -62,9 +62,11 @@ class FirstForwardCheck:
         layers: ``(weight, its layer, the layer's name)`` of every compact target.
     """
 
-    def __init__(self, model: nn.Module, layers: list[tuple[nn.Parameter, nn.Module, str]], mode: str):
+    def __init__(
+        self, model: nn.Module, layers: list[tuple[nn.Parameter, nn.Module, str]], mode: str, *, dense_can: bool = True
+    ):
         """``mode``: the mode's name, for the message."""
-        self.layers, self.mode = layers, mode
+        self.layers, self.mode, self.dense_can = layers, mode, dense_can
         self.watching: list = []  # [ReadWatch, layer hook handles] while the first forward runs
         self.hooks = [
             model.register_forward_pre_hook(self.start),
@@ -102,7 +104,8 @@ class FirstForwardCheck:
             raise ShiraError(
                 f"the weight of {found} is read without calling its module (a functional use such as "
                 f"F.linear(x, layer.weight)); mode={self.mode!r} taps the module's output, so it would never train. "
-                f"Use mode='dense', or leave {found} out of target_modules"
+                + (f"Use mode='dense', or leave {found}" if self.dense_can else f"Leave {found}")
+                + " out of target_modules"
             )
 
     def replace(self, old: nn.Parameter, new: nn.Parameter) -> None:
