@@ -506,3 +506,71 @@ def _sharded_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_sharded_weights_are_refused(tmp_path):
     mp.spawn(_sharded_worker, args=(1, _free_port(), str(tmp_path)), nprocs=1, join=True)
     assert "model weight 'layers.0.weight' is sharded (a DTensor" in (tmp_path / "error.txt").read_text()
+
+
+def test_pack_and_unpack_inside_inference_mode_give_ordinary_tensors():
+    """A request handler runs under torch.inference_mode(): an apply there may pack moved weights again. The
+    arenas and unpacked storages must still switch and train outside it."""
+    model = make_llama()
+    adapter = _block_adapter(model, 1, 8)
+    base = snapshot(model)
+    with torch.inference_mode():
+        packed = shira_hooks.pack(model)
+    assert packed.packed and not any(p.is_inference() for p in model.parameters())
+    model.to(torch.float64).to(torch.float32)  # every weight leaves its arena (same values)
+    with torch.inference_mode():
+        handle = apply(model, adapter)  # packs them again, inside inference mode
+    assert packed.packed and not any(p.is_inference() for p in model.parameters())
+    assert _bits_equal(_by_hand(base, adapter), snapshot(model))
+    handle.remove()  # outside inference mode
+    assert _bits_equal(base, snapshot(model))
+    with torch.inference_mode():
+        packed.unpack()
+    assert not any(p.is_inference() for p in model.parameters())
+    model(**llama_batches(1, seed=2)[0]).loss.backward()  # trains
+
+
+def test_a_tied_weight_is_packed_once_whichever_name_asks():
+    model = make_llama()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    packed = shira_hooks.pack(model, ["lm_head"])
+    with pytest.raises(ShiraError, match=r"model weight 'model.embed_tokens.weight' is already packed"):
+        shira_hooks.pack(model, [nn.Embedding])
+    assert packed.packed and packed.names == ["lm_head.weight"]
+
+
+def test_without_dlpack_a_weight_alone_in_its_arena_stays_packed(monkeypatch):
+    """Where DLPack is missing (some accelerators) the weights are views of the arena's own storage, which does
+    not keep the arena tensor alive: the packing keeps it, also for a weight alone in its arena (offset 0)."""
+
+    def no_dlpack(*args, **kwargs):
+        raise RuntimeError("no DLPack on this device")
+
+    monkeypatch.setattr(torch, "from_dlpack", no_dlpack)
+    model = make_llama()
+    base = snapshot(model)
+    packed = shira_hooks.pack(model, chunk_mb=0.001)  # every weight larger than an arena: one arena each
+    gc.collect()
+    assert packed.packed and len(packed.arenas()) == len(packed.names)
+    adapter = _block_adapter(model, 1, 8)
+    with apply(model, adapter):
+        assert packed.packed and _bits_equal(_by_hand(base, adapter), snapshot(model))
+    assert _bits_equal(base, snapshot(model))
+
+
+def test_pack_unpack_and_repack_wait_for_a_switch_in_progress():
+    """They take the model's switching lock, as apply and remove do: AdapterBank.close() in one thread cannot
+    move weights under an apply in another."""
+    from shira_hooks.serve.state import model_state
+
+    model = make_llama()
+    packed = shira_hooks.pack(model)
+    lock = model_state(model).lock
+    for work in (packed.repack, packed.unpack, lambda: shira_hooks.pack(model)):
+        with lock:  # a switch in progress
+            thread = threading.Thread(target=work)
+            thread.start()
+            thread.join(0.5)
+            assert thread.is_alive()  # waiting for the lock
+        thread.join()
+    assert packed.closed

@@ -516,3 +516,32 @@ def test_adapter_prepared_on_cpu_applies_to_a_cuda_model():
     cuda_model.to("cpu")  # and back: remove on the CPU
     handle.remove()
     assert _bits_equal(base, snapshot(cuda_model))
+
+
+def test_remove_after_a_weight_was_re_strided_in_place_restores_its_storage():
+    """``w.data = w.data.t()`` keeps the storage the adapter was written into: remove restores it there."""
+    model = make_llama()
+    base = snapshot(model)
+    handle = shira_hooks.apply(model, _random_adapter(model, 3))
+    weight = model.model.layers[0].mlp.up_proj.weight
+    weight.data = weight.data.t()
+    handle.remove()
+    weight.data = weight.data.t()
+    assert _bits_equal(base, snapshot(model))
+
+
+def test_an_adapter_naming_one_tied_weight_twice_is_refused_and_changes_nothing():
+    model = make_llama()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    base = snapshot(model)
+    adapter = _random_adapter(model, 3)  # names the tied weight once (named_parameters)
+    twice = SparseAdapter({**adapter.deltas, "lm_head.weight": adapter.deltas["model.embed_tokens.weight"]})
+    with pytest.raises(
+        ShiraError,
+        match=r"adapter modules 'model.embed_tokens.weight' and 'lm_head.weight' are one parameter of the model \(tied",
+    ):
+        shira_hooks.apply(model, twice)
+    assert _bits_equal(base, snapshot(model)) and shira_hooks.applied(model) == []
+    with shira_hooks.apply(model, adapter):  # once is fine
+        pass
+    assert _bits_equal(base, snapshot(model))

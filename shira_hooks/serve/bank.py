@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ShiraError
 from ..format import SparseAdapter, as_adapter
-from .packing import PackedWeights, owner_of, pack_parameters
+from .packing import PackedWeights, pack_parameters, packed_elsewhere
 from .switch import AppliedAdapter, apply, find_module
 
 
@@ -78,7 +78,7 @@ class AdapterBank:
                     module is None
                     or (param := module._parameters.get(attr)) is None
                     or name in seen
-                    or owner_of(module) is not None
+                    or packed_elsewhere(self.model, param)
                 ):
                     continue  # missing weights are apply's to report; packed ones stay where they are
                 seen.add(name)

@@ -29,10 +29,12 @@ keyed weakly by the module, and the ``PackedWeights`` refers to the modules and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +43,7 @@ from .. import distributed
 from .._base import WeakIdTable, check_dense, storage_flat
 from ..errors import ShiraError
 from ..masks import TargetSpec, resolve_targets
+from .state import model_state
 
 __all__ = ["pack", "PackedWeights"]
 
@@ -183,8 +186,14 @@ class PackedWeights:
             ShiraError: the packing was closed, or a weight cannot be packed now (meta device, sharded,
                 a layout with gaps, storage shared with a tensor outside the packing); nothing is changed.
         """
-        if self.closed:
-            raise ShiraError("this PackedWeights was unpacked; call shira_hooks.pack(model) to pack the model again")
+        with _locked(self._model()):
+            if self.closed:
+                raise ShiraError(
+                    "this PackedWeights was unpacked; call shira_hooks.pack(model) to pack the model again"
+                )
+            return self._repack()
+
+    def _repack(self) -> int:
         stale = {
             slot.arena
             for slot in self._slots
@@ -214,9 +223,9 @@ class PackedWeights:
     def unpack(self) -> None:
         """Give every packed weight storage of its own (same values, strides and ``Parameter``), one arena
         at a time, and forget the packing. Safe to call twice."""
-        if self.closed:
-            return
-        with torch.no_grad():
+        with _locked(self._model()), torch.inference_mode(False), torch.no_grad():  # never inference tensors
+            if self.closed:
+                return
             for index in range(len(self._arenas)):
                 for slot in self._slots:
                     param = self._current(slot)
@@ -224,16 +233,20 @@ class PackedWeights:
                         own = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
                         storage_flat(own).copy_(storage_flat(param.detach()))
                         param.data = own
-        for slot in self._slots:
-            module = slot.module()
-            if module is not None and _OWNERS.get(module) is self:
-                _OWNERS.pop(module)
-        self.closed = True
+            for slot in self._slots:
+                module = slot.module()
+                if module is not None and _OWNERS.get(module) is self:
+                    _OWNERS.pop(module)
+            self.closed = True
 
     # ---------------------------------------------------------------------------------- packing
     def _place(self, slots: list[_Slot]) -> None:
         """Copy the slots' weights into new arenas (per device and dtype, at most chunk_mb each) and make
         each weight a view of its arena. One arena at a time, so at most one arena is held beside the model."""
+        with torch.inference_mode(False):  # an apply in a request handler may pack: arenas must train and switch
+            self._place_outside_inference(slots)
+
+    def _place_outside_inference(self, slots: list[_Slot]) -> None:
         limit = int(self.chunk_mb * 2**20)
         groups: dict[tuple, list[_Slot]] = {}
         for slot in slots:
@@ -260,9 +273,9 @@ class PackedWeights:
         self._arenas.append(record)
         for slot, offset in chunk:
             param = slot.parameter()
-            storage = _alias(arena, offset, param.numel())
-            if storage.data_ptr() == arena.data_ptr() and offset:  # no DLPack here: views of the arena's storage,
-                record.kept = arena  # which do not keep the arena tensor itself alive
+            storage, aliased = _alias(arena, offset, param.numel())
+            if not aliased:  # no DLPack here: views of the arena's storage, which do not keep the arena tensor
+                record.kept = arena  # itself alive
             view = torch.empty(0, dtype=dtype, device=device).set_(
                 storage, storage_offset(storage, arena, offset), param.shape, param.stride()
             )
@@ -280,13 +293,14 @@ class PackedWeights:
         return arena, slot.offset
 
 
-def _alias(arena: torch.Tensor, offset: int, numel: int) -> torch.UntypedStorage:
+def _alias(arena: torch.Tensor, offset: int, numel: int) -> tuple[torch.UntypedStorage, bool]:
     """A storage of its own over ``arena[offset:offset + numel]`` (through DLPack), which keeps the arena
-    alive; the arena's storage itself where DLPack is not available (e.g. some accelerators)."""
+    alive, and True; the arena's storage itself where DLPack is not available (e.g. some accelerators), and
+    False."""
     try:
-        return torch.from_dlpack(arena[offset : offset + numel]).untyped_storage()
+        return torch.from_dlpack(arena[offset : offset + numel]).untyped_storage(), True
     except (RuntimeError, TypeError, BufferError):
-        return arena.untyped_storage()
+        return arena.untyped_storage(), False
 
 
 def storage_offset(storage: torch.UntypedStorage, arena: torch.Tensor, offset: int) -> int:
@@ -356,11 +370,12 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _slots_for(model: nn.Module, targets: Iterable[tuple[str, nn.Module, str, nn.Parameter]]) -> list[_Slot]:
     slots, seen = [], set()
+    holders = _holders(model)
     for name, module, attr, param in targets:
         if id(param) in seen:  # tied: one Parameter under several names is packed once
             continue
         seen.add(id(param))
-        owner = owner_of(module)
+        owner = next((o for m in holders.get(id(param), [module]) if (o := owner_of(m)) is not None), None)
         if owner is not None:
             raise ShiraError(
                 f"model weight '{name}' is already packed ({owner!r}); call that PackedWeights' unpack() first, "
@@ -368,6 +383,21 @@ def _slots_for(model: nn.Module, targets: Iterable[tuple[str, nn.Module, str, nn
             )
         slots.append(_Slot(name, weakref.ref(module), attr, weakref.ref(param)))
     return slots
+
+
+def _holders(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """id(parameter) -> the modules that hold it (several for a tied weight)."""
+    holders: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append(module)
+    return holders
+
+
+def packed_elsewhere(model: nn.Module, param: nn.Parameter) -> bool:
+    """Whether an open packing holds ``param`` through any module of ``model`` (a tied weight has several)."""
+    return any(owner_of(module) is not None for module in _holders(model).get(id(param), []))
 
 
 def pack_parameters(
@@ -381,15 +411,21 @@ def pack_parameters(
         or chunk_mb <= 0
     ):
         raise ShiraError(f"chunk_mb={chunk_mb!r}; it must be a positive number of MiB (the largest arena, default 256)")
-    slots = _slots_for(model, targets)
-    if not slots:
-        raise ShiraError("pack() was given no weights to pack")
-    _validate([(s.name, s.parameter()) for s in slots], model)
-    packed = PackedWeights(model, slots, chunk_mb)
-    packed._place(slots)
-    for slot in slots:
-        _OWNERS.set(slot.holder(), packed)
-    return packed
+    with _locked(model):  # not while another thread switches an adapter on the model
+        slots = _slots_for(model, targets)
+        if not slots:
+            raise ShiraError("pack() was given no weights to pack")
+        _validate([(s.name, s.parameter()) for s in slots], model)
+        packed = PackedWeights(model, slots, chunk_mb)
+        packed._place(slots)
+        for slot in slots:
+            _OWNERS.set(slot.holder(), packed)
+        return packed
+
+
+def _locked(model: nn.Module | None) -> Any:
+    """The model's switching lock (re-entrant; ``apply`` packs moved weights again under it)."""
+    return model_state(model).lock if model is not None else contextlib.nullcontext()
 
 
 def pack(model: nn.Module, target_modules: TargetSpec = None, *, chunk_mb: float = 256) -> PackedWeights:

@@ -80,8 +80,11 @@ class _Single:
         return values.view(-1, self.unit) if self.unit > 1 else values
 
     def _target(self, param: nn.Parameter) -> torch.Tensor:
-        if not self.contiguous:
-            return storage_flat(param.detach())
+        # The positions are storage positions (logical ones equal them for a contiguous weight). Decided at each
+        # write: a weight re-strided in place since (``w.data = w.data.t()``) keeps its storage, not its view.
+        if not (self.contiguous and param.is_contiguous()):
+            flat = storage_flat(param.detach())
+            return flat.view(-1, self.unit) if self.unit > 1 else flat
         return param.view(-1, self.unit) if self.unit > 1 else param.view(-1)  # (under no_grad)
 
     def apply(self, params: list[nn.Parameter], alpha: float) -> None:

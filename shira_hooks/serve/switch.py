@@ -286,8 +286,15 @@ def _check(
     """Validate every module before anything is written; returns ([(name, weight, prep)], skipped names)."""
     _materialize_all(state)
     targets, skipped = [], []
+    named: dict[int, str] = {}  # id(parameter) -> the adapter's name for it
     for name, delta in adapter.deltas.items():
         param = _find_parameter(model, name)
+        if param is not None and named.setdefault(id(param), name) != name:
+            raise ShiraError(
+                f"adapter modules '{named[id(param)]}' and '{name}' are one parameter of the model (tied weights); "
+                f"their deltas would be written over each other. Keep one of them in the adapter (fuse them into one "
+                f"delta if both were trained)"
+            )
         if param is None:
             if strict:
                 suffix = ".".join(name.split(".")[-2:])
