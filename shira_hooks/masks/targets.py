@@ -112,7 +112,7 @@ def resolve_targets(model: nn.Module, target_modules: TargetSpec) -> list[tuple[
         if not weight.is_floating_point():
             raise ShiraError(
                 f"target module '{name}' ({type(module).__name__}) has a {weight.dtype} weight; only "
-                f"floating-point weights can be trained. Narrow target_modules to exclude it"
+                f"floating-point weights can be trained, packed or switched. Narrow target_modules to exclude it"
             )
         if isinstance(module, nn.Embedding) and module.sparse:
             raise ShiraError(
