@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ShiraError
 from ..format import SparseAdapter, as_adapter
-from .packing import PackedWeights, pack_parameters, packed_elsewhere
+from .packing import PackedWeights, pack_parameters, packed_owners
 from .switch import AppliedAdapter, apply, find_module
 
 
@@ -70,6 +70,7 @@ class AdapterBank:
             return
         targets: list[tuple[str, nn.Module, str, nn.Parameter]] = []
         seen: set[str] = set()
+        packed = packed_owners(self.model)
         for adapter in adapters:
             for name in adapter.deltas:
                 module = find_module(self.model, name)
@@ -78,7 +79,7 @@ class AdapterBank:
                     module is None
                     or (param := module._parameters.get(attr)) is None
                     or name in seen
-                    or packed_elsewhere(self.model, param)
+                    or id(param) in packed
                 ):
                     continue  # missing weights are apply's to report; packed ones stay where they are
                 seen.add(name)

@@ -240,13 +240,10 @@ class PackedWeights:
             self.closed = True
 
     # ---------------------------------------------------------------------------------- packing
+    @torch.inference_mode(False)  # an apply in a request handler may pack: the arenas must train and switch
     def _place(self, slots: list[_Slot]) -> None:
         """Copy the slots' weights into new arenas (per device and dtype, at most chunk_mb each) and make
         each weight a view of its arena. One arena at a time, so at most one arena is held beside the model."""
-        with torch.inference_mode(False):  # an apply in a request handler may pack: arenas must train and switch
-            self._place_outside_inference(slots)
-
-    def _place_outside_inference(self, slots: list[_Slot]) -> None:
         limit = int(self.chunk_mb * 2**20)
         groups: dict[tuple, list[_Slot]] = {}
         for slot in slots:
@@ -370,12 +367,12 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _slots_for(model: nn.Module, targets: Iterable[tuple[str, nn.Module, str, nn.Parameter]]) -> list[_Slot]:
     slots, seen = [], set()
-    holders = _holders(model)
+    owners = packed_owners(model)
     for name, module, attr, param in targets:
         if id(param) in seen:  # tied: one Parameter under several names is packed once
             continue
         seen.add(id(param))
-        owner = next((o for m in holders.get(id(param), [module]) if (o := owner_of(m)) is not None), None)
+        owner = owners.get(id(param)) or owner_of(module)
         if owner is not None:
             raise ShiraError(
                 f"model weight '{name}' is already packed ({owner!r}); call that PackedWeights' unpack() first, "
@@ -385,19 +382,17 @@ def _slots_for(model: nn.Module, targets: Iterable[tuple[str, nn.Module, str, nn
     return slots
 
 
-def _holders(model: nn.Module) -> dict[int, list[nn.Module]]:
-    """id(parameter) -> the modules that hold it (several for a tied weight)."""
-    holders: dict[int, list[nn.Module]] = {}
+def packed_owners(model: nn.Module) -> dict[int, PackedWeights]:
+    """id(parameter) -> the open packing that holds it, for every packed parameter of ``model``, whichever of
+    its modules the packing went through (a tied weight has several)."""
+    owners: dict[int, PackedWeights] = {}
     for module in model.modules():
-        for param in module._parameters.values():
-            if param is not None:
-                holders.setdefault(id(param), []).append(module)
-    return holders
-
-
-def packed_elsewhere(model: nn.Module, param: nn.Parameter) -> bool:
-    """Whether an open packing holds ``param`` through any module of ``model`` (a tied weight has several)."""
-    return any(owner_of(module) is not None for module in _holders(model).get(id(param), []))
+        owner = owner_of(module)
+        if owner is not None:
+            for param in module._parameters.values():
+                if param is not None:
+                    owners[id(param)] = owner
+    return owners
 
 
 def pack_parameters(
