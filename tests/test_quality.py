@@ -356,6 +356,64 @@ def test_merge_adds_one_method_at_a_given_rate_and_retrains_nothing_else(quick, 
     )
 
 
+def test_restore_resumes_a_committed_run_on_a_fresh_cache(quick, rerun):
+    """A fresh machine resumes from results.json alone (--restore): only what results.json lacks runs. Here the LM's
+    shira_rand lacks seed 1's fusion row and one of its seed-1 cells lacks its test (a cell trained but not yet tested
+    when the run stopped): that cell trains and tests again, the fusion trains the other tasks' adapters again (their
+    records restored without adapters), and all of it reproduces the first run per example."""
+    before = rerun[1]["models"]["lm"]
+    lr, first = before["chosen_lr"]["shira_rand"], next(iter(before["tasks"]))
+    edited = json.loads(json.dumps(rerun[1]))
+    lm = edited["models"]["lm"]
+    untested = next(
+        c for c in lm["cells"] if (c["method"], c["lr"], c["seed"], c["task"]) == ("shira_rand", lr, 1, first)
+    )
+    del untested["test"], untested["test_correct"]
+    lm["fusion"] = [f for f in lm["fusion"] if (f["method"], f["seed"]) != ("shira_rand", 1)]
+    source = quick.folder / "restore.json"
+    source.write_text(json.dumps(edited))
+    cache = quick.folder / "cache3"
+    out = subprocess.run(
+        [sys.executable, str(QUALITY / "run.py"), "--quick", "--lazy-test", "--models", "lm"]
+        + ["--methods", "shira_rand", "--stages", "grid", "seeds", "test", "fusion"]
+        + ["--restore", str(source), "--cache", str(cache), "--out", str(quick.folder / "out3")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"restored from {source}: {len(lm['cells']) - 1} lm cells, {len(lm['fusion'])} fusion rows" in out
+    again = [line.split()[1:5] for line in out.splitlines() if "adapter trained again for fusion" in line]
+    trained = [line.split()[1:5] for line in out.splitlines() if " val " in line and "trained again" not in line]
+    tested = [line.split()[1:5] for line in out.splitlines() if "(fresh base model" in line]
+    assert trained == tested == [[first, "shira_rand", f"lr={lr:g}", "seed=1"]]
+    assert sorted(again) == sorted([t, "shira_rand", f"lr={lr:g}", "seed=1"] for t in before["tasks"] if t != first)
+    assert all("per example equal" in line for line in out.splitlines() if "trained again" in line)
+    assert [line.split()[1:4] for line in out.splitlines() if " fused " in line] == [["fused", "shira_rand", "seed=1"]]
+    after = json.loads((quick.folder / "out3" / "results.json").read_text())["models"]["lm"]
+
+    def key(row):
+        return row["method"], row["seed"], row.get("task"), row.get("lr")
+
+    old = {key(c): c for c in before["cells"]}
+    for c in after["cells"]:
+        assert c["test_correct"] == old[key(c)]["test_correct"] if "test" in c else "test" not in old[key(c)]
+        assert ("retrained" in c) == (key(c) in {("shira_rand", 1, t, lr) for t in before["tasks"] if t != first})
+    assert {key(c) for c in after["cells"]} == set(old)
+    fused = {key(f): f for f in before["fusion"]}
+    assert {key(f): f["correct"] for f in after["fusion"]} == {k: f["correct"] for k, f in fused.items()}
+    other = json.loads(source.read_text())
+    other["models"]["lm"]["cache_folder"] = "lm-quick-00000000"
+    source.write_text(json.dumps(other))
+    refused = subprocess.run(
+        [sys.executable, str(QUALITY / "run.py"), "--quick", "--models", "lm", "--stages", "report"]
+        + ["--restore", str(source), "--cache", str(quick.folder / "cache4"), "--out", str(quick.folder / "out4")],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "were run with other settings (cache folder lm-quick-00000000" in refused.stderr
+    assert not (quick.folder / "cache4").exists() or not any((quick.folder / "cache4").rglob("cell.json"))
+
+
 def quality_modules():
     sys.path[:0] = [str(QUALITY), str(ROOT)]
     import methods

