@@ -273,6 +273,7 @@ def test_a_stale_handle_leaves_other_optimizers_alone():
                 "optim.py:bound",
                 "steps.py:holds_any",
                 "dense.py:held_by",
+                "target.py:held",  # tensors retired by an earlier detach()?
                 "optim.py:_after_step",
             }, run
         else:  # then the cached verdict, and nothing else
@@ -282,6 +283,44 @@ def test_a_stale_handle_leaves_other_optimizers_alone():
         model(**llama_batches(1)[0]).loss.backward()
         optimizer.step()
     shira.detach()
+
+
+@pytest.mark.parametrize("mode,dora", [("compact", False), ("sparse", False), ("sparse", True)])
+def test_an_optimizer_built_before_detach_is_refused_after_a_new_attach(mode, dora):
+    """detach() unregisters the trained tensors of the compact modes; a new attach() registers new ones. An
+    optimizer built before still holds the old ones, so its steps would train nothing: the new handle refuses
+    them before anything moves. One holding the new ones too (add_param_group) trains them. Copies of the
+    model carry nothing retired."""
+    from shira_hooks.train.target import RETIRED
+
+    model = make_llama()
+    first = shira_hooks.attach(model, 0.05, "rand", seed=0, mode=mode, dora=dora)
+    optimizer = _train(model, 1, seed=1)
+    old = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    first.detach()
+    second = shira_hooks.attach(model, 0.05, "rand", seed=1, mode=mode, dora=dora)
+    before = snapshot(model)
+    model(**llama_batches(1, seed=2)[0]).loss.backward()
+    with pytest.raises(ShiraError) as refused:
+        optimizer.step()
+    message = str(refused.value)
+    held = message.split("'")[1]
+    assert message.startswith(
+        f"AdamW holds '{held}', which an earlier handle trained and detach() removed from the model"
+    )
+    assert held.startswith(Q.rpartition(".")[0]) and message.endswith("Build the optimizer after attach()")
+    assert f"trains '{Q}' through " in message and not any(id(p) in old for p in model.parameters() if p.requires_grad)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # nothing moved
+    optimizer.add_param_group({"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-2})
+    optimizer.step()
+    assert not torch.equal(before[Q], model.get_parameter(Q))
+    assert_changes_within_masks(second, before, model)
+    for how in ("deepcopy", "pickle", "torch.save"):
+        copied = _copy(model, how)
+        assert not getattr(copied.model.layers[0].self_attn.q_proj, RETIRED).refs
+        for handle in shira_hooks.handles(copied):
+            handle.detach()
+    second.detach()
 
 
 # ------------------------------------------------------------------------------ flags and PEFT

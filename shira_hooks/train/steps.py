@@ -19,7 +19,7 @@ from .. import distributed
 from ..errors import ShiraError
 from .calibration import Calibration
 from .follow import Follower
-from .target import Mode, Target
+from .target import Mode, Retired, Target
 
 
 class StepHooks:
@@ -55,11 +55,14 @@ class StepHooks:
 
     def holds_any(self, ids: set[int]) -> bool:
         """Whether any of ``ids`` (an optimizer's parameters) is a parameter of the handle's model or one
-        of its targets, present or replaced: the handle's step work runs only for such optimizers."""
+        of its targets, present, replaced or retired by an earlier handle's ``detach()``: the handle's step work
+        runs only for such optimizers."""
         for t in self.targets:
             if t.mode.held_by(t, ids):
                 return True
             if any(old() is not None and id(old()) in ids for _, old in t.replaced):
+                return True
+            if Retired.held(t.module, ids) is not None:
                 return True
         return any(id(p) in ids for p in self.model.parameters())
 
@@ -73,6 +76,7 @@ class StepHooks:
         """
         self.follower.follow(at_step=True)
         self._check_replaced(optimizer, members)
+        self._check_retired(optimizer, members)
         self._check_trainable(optimizer)
         mine = [t for t in self.targets if t.mode.held_by(t, members)]
         if not mine:
@@ -124,6 +128,23 @@ class StepHooks:
                     f"(load_state_dict(..., assign=True), module.weight = nn.Parameter(...)), trained for '{t.name}': it "
                     f"is no longer in the model, so the optimizer would not train the weight. Build the optimizer after "
                     f"replacing parameters, or load into them in place (load_state_dict without assign=True)"
+                )
+
+    def _check_retired(self, optimizer: torch.optim.Optimizer, members: dict[int, dict]) -> None:
+        """Refuse an optimizer built before an earlier handle's ``detach()``: it holds the trained tensors that
+        ``detach()`` removed from a target layer, and none of those this handle trains there, so its steps would
+        train nothing (an optimizer holding both, with ``add_param_group``, trains the new ones: allowed)."""
+        for t in self.targets:
+            name = Retired.held(t.module, members)
+            if name is not None and not any(id(p) in members for p in t.mode.trained(t)):
+                trained = ", ".join(
+                    f"'{n}'" for n, p in self.model.named_parameters() if any(p is q for q in t.mode.trained(t))
+                )
+                raise ShiraError(
+                    f"{type(optimizer).__name__} holds '{name}', which an earlier handle trained and detach() removed "
+                    f"from the model; the handle attached since trains '{t.name}' through {trained or 'new tensors'}, "
+                    f"which this optimizer does not hold, so its steps would train nothing. Build the optimizer after "
+                    f"attach()"
                 )
 
     def _check_trainable(self, optimizer: torch.optim.Optimizer) -> None:

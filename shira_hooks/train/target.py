@@ -18,6 +18,7 @@ beside the ``Target`` that holds a mode, so that the modes import this module an
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -46,6 +47,46 @@ def describe(param: torch.Tensor | None) -> str:
     if param is None:
         return "None"
     return f"a {type(param).__name__} of shape {tuple(param.shape)}, {str(param.dtype).removeprefix('torch.')}, on {param.device}"
+
+
+RETIRED = "_shira_retired"  # the attribute of a target module that remembers its retired trained tensors
+
+
+class Retired:
+    """The value of ``module._shira_retired``: the trained tensors (``shira_values``, SHiRA-DoRA's) that
+    ``detach()`` unregistered from the module, held weakly with their names.
+
+    An optimizer built before ``detach()`` still holds them, and a handle attached to the module later trains
+    new ones: the steps of that optimizer would train nothing, silently. The later handle's step hooks refuse
+    them (``StepHooks``). A copy or a pickle of the module carries none: no optimizer holds a copy's tensors.
+    """
+
+    def __init__(self) -> None:
+        self.refs: dict[int, tuple[weakref.ref, str]] = {}
+
+    @staticmethod
+    def add(module: nn.Module, name: str, param: torch.Tensor) -> None:
+        """Remember ``param`` (named ``name`` in the model) as retired from ``module``."""
+        retired = module.__dict__.get(RETIRED)
+        if not isinstance(retired, Retired):
+            retired = module.__dict__[RETIRED] = Retired()
+        retired.refs = {i: (ref, n) for i, (ref, n) in retired.refs.items() if ref() is not None}
+        retired.refs[id(param)] = (weakref.ref(param), name)
+
+    @staticmethod
+    def held(module: nn.Module, ids: dict[int, Any] | set[int]) -> str | None:
+        """The name of a tensor retired from ``module`` that is among ``ids`` (an optimizer's), else None."""
+        retired = module.__dict__.get(RETIRED)
+        if not isinstance(retired, Retired):
+            return None
+        # a live referent with an id in ids is that very tensor: ids are unique among live objects
+        return next((n for i, (ref, n) in retired.refs.items() if i in ids and ref() is not None), None)
+
+    def __getstate__(self) -> dict:
+        return {"refs": {}}
+
+    def __deepcopy__(self, memo: dict) -> Retired:
+        return Retired()
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from ... import distributed, masks
 from ..._base import storage_flat
 from ...errors import ShiraError
 from ..config import Config
-from ..target import REPLACED_FIX, Layer, Target, describe
+from ..target import REPLACED_FIX, Layer, Retired, Target, describe
 from .read_check import FirstForwardCheck
 
 if TYPE_CHECKING:
@@ -229,8 +229,11 @@ class Compact:
             for param in self.trained(target):
                 param.requires_grad_(False)
         else:
+            prefix = target.name.rpartition(".")[0]
             for name in self.names():  # also parameters that replaced ours (load_state_dict(assign=True))
-                target.module._parameters.pop(name, None)
+                removed = target.module._parameters.pop(name, None)
+                if removed is not None:  # an optimizer built before detach() may hold it: a later handle refuses it
+                    Retired.add(target.module, f"{prefix}.{name}" if prefix else name, removed)
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
