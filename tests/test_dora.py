@@ -279,6 +279,16 @@ def test_arguments_and_modes_that_cannot_train_dora_are_refused():
         shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse", dora=True, dora_rank=0)
     with pytest.raises(ShiraError, match=r"dora='yes'; it must be True or False"):
         shira_hooks.attach(make_llama(), 0.05, "wm", mode="sparse", dora="yes")
+    model = make_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(
+        ShiraError,
+        match=r"dora_rank=1000000000 exceeds the rank of weight 'model\.layers\.0\.self_attn\.q_proj\.weight' \(module "
+        r"'model\.layers\.0\.self_attn\.q_proj', shape \(32, 32\)\): .* Pass dora_rank <= 32",
+    ):  # the allocator's RuntimeError before, from the factors' torch.empty
+        shira_hooks.attach(model, 0.05, "wm", mode="sparse", dora=True, dora_rank=10**9)
+    assert dict(model.named_parameters()).keys() == before.keys() and not shira_hooks.attached(model)
+    assert all(torch.equal(p, before[n]) and p.requires_grad for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("rank", [None, 3])

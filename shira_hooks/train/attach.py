@@ -93,6 +93,17 @@ def _check_dora(dora: Any, dora_rank: Any) -> None:
         )
 
 
+def _check_dora_rank(dora_rank: int | None, name: str, module_name: str, shape: tuple[int, ...]) -> None:
+    """Factors of a rank above min(out, in) add parameters (and memory: a huge rank failed in the allocator)
+    but no expressiveness: refused, naming the weight."""
+    if dora_rank is not None and len(shape) == 2 and dora_rank > min(shape):
+        raise ShiraError(
+            f"dora_rank={dora_rank} exceeds the rank of weight '{name}' (module '{module_name}', shape {tuple(shape)}): "
+            f"factors of rank {min(shape)} already reach every matrix of that shape. Pass dora_rank <= {min(shape)}, "
+            f"or leave that module out of target_modules"
+        )
+
+
 def resolve_seed(seed: Any, mask: Any) -> int:
     """``seed``, or a fresh random one agreed by every rank of a ``torch.distributed`` run.
 
@@ -230,6 +241,7 @@ def attach(
         distributed.check_placements(weight, f"weight '{name}' (module '{module_name}')")
         check_dense(distributed.local(weight), f"weight '{name}' (module '{module_name}')")
         masks.check_block_fits(block, name, tuple(weight.shape))  # the full (logical) shape, also under FSDP2
+        _check_dora_rank(dora_rank, name, module_name, tuple(weight.shape))
         training.check_layer(
             Layer(name, module_name, module, weight, owners.get(id(weight), 0), id(module) in read_directly)
         )
