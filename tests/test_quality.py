@@ -228,6 +228,14 @@ def test_report_has_every_section_per_model_and_the_plot(quick):
     assert quick.plot[:4] == b"\x89PNG"
     assert "| PEFT DoRA |" in quick.report
     assert quick.report.count("- Seeds: 2; 1 for shira_hooks rand block=4, shira_hooks snip block=8 (") == 2
+    sys.path[:0] = [str(QUALITY)]
+    import report
+
+    for r in quick.results["models"].values():  # the compute line: counts and summed wall times of results.json
+        trained = sum(c["wall_s"] for c in r["cells"])
+        assert report.duration(trained) in report.compute_line(r) and report.compute_line(r) in quick.report
+        assert f"{len(r['cells'])} cells trained and validated in " in report.compute_line(r)
+    assert report.duration(59.6) == "60 s" and report.duration(600) == "10 min" and report.duration(9000) == "2.5 h"
 
 
 def test_switch_times_travel_into_results_json(quick):
@@ -401,6 +409,13 @@ def test_restore_resumes_a_committed_run_on_a_fresh_cache(quick, rerun):
     assert {key(c) for c in after["cells"]} == set(old)
     fused = {key(f): f for f in before["fusion"]}
     assert {key(f): f["correct"] for f in after["fusion"]} == {k: f["correct"] for k, f in fused.items()}
+    sys.path[:0] = [str(QUALITY)]
+    import report
+
+    assert "; 2 restored cells' adapters trained again for fusion in " in report.compute_line(after)
+    machine = json.loads((quick.folder / "out3" / "results.json").read_text())["machine"]
+    assert machine["cells restored from"].startswith(f"{source} (run with cpu ")
+    assert report.compute_line(after).endswith(", 2 of them equal to the first training on every validation example.")
     other = json.loads(source.read_text())
     other["models"]["lm"]["cache_folder"] = "lm-quick-00000000"
     source.write_text(json.dumps(other))

@@ -47,6 +47,34 @@ def seed_counts(r: dict) -> str:
     return f"{main}" + "".join(f"; {n} for {', '.join(names)}" for n, names in sorted(counts.items()) if n != main)
 
 
+def duration(seconds: float) -> str:
+    """A wall time for the compute line: seconds, minutes or hours."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def compute_line(r: dict) -> str:
+    """What the model's cells cost, summed from the wall times results.json keeps (training with validation,
+    tests, fusion rows, adapters trained again after ``--restore``)."""
+    cells, tests, fusion = r["cells"], [c for c in r["cells"] if "test_wall_s" in c], r["fusion"]
+    again = [c["retrained"] for c in r["cells"] if "retrained" in c]
+    threads = sorted({c.get("threads") for c in cells if c.get("threads")})
+    line = (
+        f"- Compute ({' or '.join(map(str, threads)) or '?'} thread{'s' if threads != [1] else ''} per process, the sum of the "
+        "wall times in results.json): "
+        f"{len(cells)} cells trained and validated in {duration(sum(c['wall_s'] for c in cells))}, "
+        f"{len(tests)} tested in {duration(sum(c['test_wall_s'] for c in tests))}, "
+        f"{len(fusion)} fusion rows in {duration(sum(f['wall_s'] for f in fusion))}"
+    )
+    if again:
+        line += (
+            f"; {len(again)} restored cells' adapters trained again for fusion in {duration(sum(a['wall_s'] for a in again))}, "
+            f"{sum(a['val_correct_equal'] for a in again)} of them equal to the first training on every validation example"
+        )
+    return line + "."
+
+
 def model_section(kind: str, r: dict, switch: dict | None = None) -> list[str]:
     tasks = list(r["tasks"])
     baseline = "head" if kind == "encoder" else "zero_shot"
@@ -89,6 +117,7 @@ def model_section(kind: str, r: dict, switch: dict | None = None) -> list[str]:
             if any(c.get("test_from") for c in r["cells"])
             else "measured on the trained model at the end of training."
         ),
+        compute_line(r),
         "",
         "| task | train | validation | test | options | majority / chance |",
         "|---|---:|---:|---:|---|---:|",

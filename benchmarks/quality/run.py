@@ -829,6 +829,10 @@ def main(argv=None) -> int:
         if "cost" in args.stages:
             stage_cost(run, args)
         results["models"][kind] = collect(run)
+    if args.restore:  # the restored cells ran elsewhere: say where, with the versions that ran them
+        old = json.loads(args.restore.read_text())["machine"]
+        ran = ", ".join(f"{k} {old[k]}" for k in ("cpu", "torch", "transformers", "peft") if k in old)
+        results["machine"]["cells restored from"] = f"{args.restore} (run with {ran})"
     if args.merge:
         results = merge(
             results, json.loads(args.merge.read_text()), set(args.methods or M.METHODS + ["head", "zero_shot"])
