@@ -415,6 +415,18 @@ def test_restore_resumes_a_committed_run_on_a_fresh_cache(quick, rerun):
     assert "; 2 restored cells' adapters trained again for fusion in " in report.compute_line(after)
     machine = json.loads((quick.folder / "out3" / "results.json").read_text())["machine"]
     assert machine["cells restored from"].startswith(f"{source} (run with cpu ")
+    chained = quick.folder / "out3" / "results.json"  # restored again: both machines are named
+    subprocess.run(
+        [sys.executable, str(QUALITY / "run.py"), "--quick", "--models", "lm", "--methods", "shira_rand"]
+        + ["--stages", "test", "--restore", str(chained), "--cache", str(quick.folder / "cache5")]
+        + ["--out", str(quick.folder / "out5")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    again_machine = json.loads((quick.folder / "out5" / "results.json").read_text())["machine"]
+    assert again_machine["cells restored from"].startswith(f"{chained} (run with cpu ")
+    assert f"; its own restored cells: {source} (run with cpu " in again_machine["cells restored from"]
     assert report.compute_line(after).endswith(", 2 of them equal to the first training on every validation example.")
     other = json.loads(source.read_text())
     other["models"]["lm"]["cache_folder"] = "lm-quick-00000000"

@@ -832,7 +832,8 @@ def main(argv=None) -> int:
     if args.restore:  # the restored cells ran elsewhere: say where, with the versions that ran them
         old = json.loads(args.restore.read_text())["machine"]
         ran = ", ".join(f"{k} {old[k]}" for k in ("cpu", "torch", "transformers", "peft") if k in old)
-        results["machine"]["cells restored from"] = f"{args.restore} (run with {ran})"
+        earlier = f"; its own restored cells: {old['cells restored from']}" if "cells restored from" in old else ""
+        results["machine"]["cells restored from"] = f"{args.restore} (run with {ran}{earlier})"
     if args.merge:
         results = merge(
             results, json.loads(args.merge.read_text()), set(args.methods or M.METHODS + ["head", "zero_shot"])
