@@ -292,6 +292,25 @@ def test_block_size_table_and_pareto_figure(quick):
             )
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_pareto_lines_use_the_seeds_every_block_size_shares(quick, kind):
+    """shira_rand_b4 and shira_snip_b8 have one seed, the other block sizes two: each mask's line in pareto.png is
+    drawn on seed 0 alone, block 1 included, so that its points differ by block size only."""
+    sys.path[:0] = [str(QUALITY)]
+    import blocks
+    import evidence as E
+
+    r, switch = quick.results["models"][kind], quick.results["switch_times"]
+    for mask in ("rand", "snip"):
+        for what in ("single", "fused"):
+            assert blocks.shared_seeds(r, mask, what) == {0}
+            points = {block: y for _, y, _, _, block in blocks.pareto_points(r, mask, what, switch)}
+            assert sorted(points) == [1, 4, 8, 16]
+            series = E.per_seed_average if what == "single" else E.fused_average
+            assert points[1] == pytest.approx(100 * series(r, f"shira_{mask}", {0})[0])
+            assert len(series(r, f"shira_{mask}")) == 2  # the table's mean is over both seeds
+
+
 def test_a_rerun_trains_only_what_is_not_cached(quick, rerun):
     """Here only shira_rand_b4's second seed (no longer limited to one), and the test and fusion stages take it up."""
     again, results = rerun

@@ -112,7 +112,8 @@ def section(r: dict, switch: dict | None) -> list[str]:
         "rand and snip masks at block 1 (unstructured), 4, 8 and 16 (aligned runs of that many entries of a row; float32). "
         "Accuracy: test accuracy averaged over tasks, mean ± seed std [95% bootstrap interval]; vs block 1: the paired "
         "difference from the same mask without blocks on the same examples and seeds, [interval], p of the sign-flip test "
-        "(see the claims above).",
+        "(see the claims above). `pareto.png` draws each mask on the seeds all its block sizes share (its legend names them), "
+        "so a point there can differ from this table's mean over more seeds.",
     ]
     if switch:
         machine = switch.get("machine") or {}
@@ -146,10 +147,39 @@ def section(r: dict, switch: dict | None) -> list[str]:
     return lines
 
 
+def shared_seeds(r: dict, mask: str, kind: str) -> set[int]:
+    """The seeds that every block size of ``mask`` has, tested on every task (single) or fused (fused): the
+    figure draws each line on these, so that its points differ by block size only, not by the seeds behind them."""
+    methods = [method for m, _, method in variants(r) if m == mask]
+    if not methods:
+        return set()
+    if kind == "single":
+        return set.intersection(*(E.whole_seeds(r, method) for method in methods))
+    return set.intersection(*({f["seed"] for f in E.fused(r, method)} for method in methods))
+
+
+def pareto_points(r: dict, mask: str, kind: str, switch: dict) -> list[tuple[float, float, float, float, int]]:
+    """One line of ``pareto.png``: (packed switch ms, accuracy %, the interval's distance below and above it,
+    block) per block size of ``mask``, on the seeds all its block sizes share (``shared_seeds``)."""
+    seeds = shared_seeds(r, mask, kind)
+    out = []
+    for m, block, method in variants(r):
+        s = switch["blocks"].get(str(block), {}).get("packed")
+        values = E.per_seed_average(r, method, seeds) if kind == "single" else E.fused_average(r, method, seeds)
+        if m != mask or not s or not values:
+            continue
+        groups = E.average_groups(r, method, kind, seeds)
+        mean = sum(values) / len(values)
+        interval = stats.bootstrap(groups) if groups else stats.Interval(mean, mean, mean)  # no outcomes: no bar
+        out.append((1e3 * s["median"], 100 * mean, 100 * (mean - interval.low), 100 * (interval.high - mean), block))
+    return out
+
+
 def pareto(results: dict, path: Path) -> bool:
     """``pareto.png``: per model, single-task and fused accuracy (mean, 95% bootstrap interval) against the packed
-    switch time of each block size; one line per mask and kind, points labelled by block size. False (no
-    figure) when results.json has no switch times or no block variants."""
+    switch time of each block size; one line per mask and kind, on the seeds all its block sizes share (the
+    legend names them), points labelled by block size. False (no figure) when results.json has no switch
+    times or no block variants."""
     switch = results.get("switch_times")
     models = [(kind, r) for kind, r in results["models"].items() if any(b > 1 for _, b, _ in variants(r))]
     if not switch or not models:
@@ -162,25 +192,20 @@ def pareto(results: dict, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
     for ax, (_, r) in zip(axes[0], models):
         for color, mask in zip(("tab:blue", "tab:orange"), BLOCK_MASKS):
-            for style, what, series in (("-", "single task", E.per_seed_average), ("--", "fused", E.fused_average)):
-                points_ = []
-                for m, block, method in variants(r):
-                    s = switch["blocks"].get(str(block), {}).get("packed")
-                    values = series(r, method)
-                    if m != mask or not s or not values:
-                        continue
-                    groups = E.average_groups(r, method, "single" if series is E.per_seed_average else "fused")
-                    mean = sum(values) / len(values)
-                    interval = (
-                        stats.bootstrap(groups) if groups else stats.Interval(mean, mean, mean)
-                    )  # no outcomes: no bar
-                    low, high = interval.low, interval.high
-                    points_.append((1e3 * s["median"], 100 * mean, 100 * (mean - low), 100 * (high - mean), block))
+            for style, what, kind in (("-", "single task", "single"), ("--", "fused", "fused")):
+                points_ = pareto_points(r, mask, kind, switch)
                 if not points_:
                     continue
+                seeds = sorted(shared_seeds(r, mask, kind))
                 xs, ys, below, above, sizes = zip(*points_)
                 ax.errorbar(
-                    xs, ys, yerr=[below, above], fmt=style + "o", color=color, capsize=3, label=f"{mask}, {what}"
+                    xs,
+                    ys,
+                    yerr=[below, above],
+                    fmt=style + "o",
+                    color=color,
+                    capsize=3,
+                    label=f"{mask}, {what} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})",
                 )
                 for x, y, size in zip(xs, ys, sizes):
                     ax.annotate(f"b{size}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=color)

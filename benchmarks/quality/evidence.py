@@ -55,8 +55,9 @@ def fused(r: dict, method: str) -> list[dict]:
     return [f for f in r["fusion"] if f["method"] == method]
 
 
-def fused_average(r: dict, method: str) -> list[float]:
-    return [statistics.fmean(f["accuracy"].values()) for f in fused(r, method)]
+def fused_average(r: dict, method: str, seeds: set[int] | None = None) -> list[float]:
+    """Fused accuracy averaged over tasks, per fused seed (of ``seeds`` only, if given)."""
+    return [statistics.fmean(f["accuracy"].values()) for f in fused(r, method) if seeds is None or f["seed"] in seeds]
 
 
 def drops(r: dict, method: str) -> list[float]:
@@ -134,16 +135,16 @@ def fused_task_groups(r: dict, method: str, task: str) -> list[np.ndarray] | Non
 
 def average_groups(r: dict, method: str, kind: str, seeds: set[int] | None = None) -> list[np.ndarray] | None:
     """The outcomes behind a task-averaged value (single, fused or drop) over every seed it is shown for
-    (single: of ``seeds`` only, if given), or None if one of those seeds lacks them."""
+    (single and fused: of ``seeds`` only, if given), or None if one of those seeds lacks them."""
     shown = len(
         per_seed_average(r, method, seeds)
         if kind == "single"
-        else fused_average(r, method)
+        else fused_average(r, method, seeds)
         if kind == "fused"
         else drops(r, method)
     )
     table = outcome_table(r, method, kind)
-    if kind == "single" and seeds is not None:
+    if kind in ("single", "fused") and seeds is not None:
         table = {s: arrays for s, arrays in table.items() if s in seeds}
     if not shown or len(table) != shown:
         return None
