@@ -265,10 +265,7 @@ def cell(run: Run, task: T.Task, method: str, lr: float, seed: int) -> dict:
         return json.loads(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    record, prepared = train_cell(run, task, method, lr, seed)
-    save_cell(run, prepared, method, folder)
-    if prepared.handle is not None:
-        prepared.handle.detach()
+    record = train_and_save(run, task, method, lr, seed, folder)
     record.update(
         wall_s=round(time.perf_counter() - started, 2), threads=torch.get_num_threads()
     )  # training, evaluation and saving
@@ -281,8 +278,10 @@ def cell(run: Run, task: T.Task, method: str, lr: float, seed: int) -> dict:
     return record
 
 
-def save_cell(run: Run, prepared, method: str, folder: Path) -> None:
-    """The adapter and the head (if any) of a trained cell, saved next to its cell.json."""
+def train_and_save(run: Run, task: T.Task, method: str, lr: float, seed: int, folder: Path) -> dict:
+    """Train one cell (``train_cell``), save its adapter and head (if any) in ``folder`` and detach its handle;
+    returns its record."""
+    record, prepared = train_cell(run, task, method, lr, seed)
     if method not in ("head", "zero_shot"):
         M.save_adapter(prepared, method, folder / "adapter.safetensors")
     head = M.head_state(run.backend, prepared.model)
@@ -290,6 +289,9 @@ def save_cell(run: Run, prepared, method: str, folder: Path) -> None:
         from safetensors.torch import save
 
         atomic_write(folder / "head.safetensors", save(head))
+    if prepared.handle is not None:
+        prepared.handle.detach()
+    return record
 
 
 def retrain_adapter(run: Run, task: T.Task, method: str, lr: float, seed: int) -> None:
@@ -301,10 +303,7 @@ def retrain_adapter(run: Run, task: T.Task, method: str, lr: float, seed: int) -
         return
     record = json.loads((folder / "cell.json").read_text())
     started = time.perf_counter()
-    again, prepared = train_cell(run, task, method, lr, seed)
-    save_cell(run, prepared, method, folder)
-    if prepared.handle is not None:
-        prepared.handle.detach()
+    again = train_and_save(run, task, method, lr, seed, folder)
     record["retrained"] = {
         "val_correct_equal": again["val_correct"] == record["val_correct"],
         "val": again["val"],
@@ -345,8 +344,7 @@ def restore(run: Run, results: dict, source: Path) -> None:
             cells += 1
     have = {(r["method"], r["seed"]) for r in fusion_rows(run)}
     added = [row for row in saved["fusion"] if (row["method"], row["seed"]) not in have]
-    for row in added:
-        fusion_rows(run, add=row)
+    fusion_rows(run, add=added)
     print(f"restored from {source}: {cells} {run.kind} cells, {len(added)} fusion rows", flush=True)
 
 
@@ -545,16 +543,17 @@ def low_rank_overlap(adapters: list[dict], bases: dict[str, torch.Tensor]) -> di
     return {"shared_fraction": 1.0, "product_cosine": statistics.fmean(cosines)}
 
 
-def fusion_rows(run: Run, add: dict | None = None) -> list[dict]:
-    """The fusion rows in the cache, with ``add`` appended when given: read and written under a lock, so that
-    processes sharing the cache (``--methods``) never drop each other's rows."""
+def fusion_rows(run: Run, add: list[dict] | None = None) -> list[dict]:
+    """The fusion rows in the cache, with the rows ``add`` (each replacing any of its method and seed) when given:
+    read and written under a lock, so that processes sharing the cache (``--methods``) never drop each other's rows."""
     path = run.folder / "fusion.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(run.folder / "fusion.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = json.loads(path.read_text()) if path.exists() else []
-        if add is not None:
-            rows = [r for r in rows if (r["method"], r["seed"]) != (add["method"], add["seed"])] + [add]
+        if add:
+            keys = {(r["method"], r["seed"]) for r in add}
+            rows = [r for r in rows if (r["method"], r["seed"]) not in keys] + add
             write_json(path, rows)
     return rows
 
@@ -571,7 +570,7 @@ def stage_fusion(run: Run) -> list[dict]:
             for task in run.tasks.values():
                 retrain_adapter(run, task, method, lr, seed)
             row = fused_accuracy(run, method, seed)
-            fusion_rows(run, add=row)
+            fusion_rows(run, add=[row])
             print(
                 f"  {run.kind:7} fused {method:14} seed={seed}  "
                 + "  ".join(f"{t} {a:.3f}" for t, a in row["accuracy"].items())
@@ -810,14 +809,15 @@ def main(argv=None) -> int:
             atomic_write(path, json.dumps(pilot, indent=1).encode())
         return 0
     results = {"command": command_line("python benchmarks/quality/run.py", argv), "machine": machine(), "models": {}}
+    restored = json.loads(args.restore.read_text()) if args.restore else None
     for kind in args.models:
         run = Run(kind, args)
         print(
             f"== {run.backend.name}: tasks {', '.join(f'{n} {t.sizes}' for n, t in run.tasks.items())}; cache {run.folder}",
             flush=True,
         )
-        if args.restore:
-            restore(run, json.loads(args.restore.read_text()), args.restore)
+        if restored is not None:
+            restore(run, restored, args.restore)
         if "grid" in args.stages:
             stage_grid(run)
         if "seeds" in args.stages:
@@ -829,8 +829,8 @@ def main(argv=None) -> int:
         if "cost" in args.stages:
             stage_cost(run, args)
         results["models"][kind] = collect(run)
-    if args.restore:  # the restored cells ran elsewhere: say where, with the versions that ran them
-        old = json.loads(args.restore.read_text())["machine"]
+    if restored is not None:  # the restored cells ran elsewhere: say where, with the versions that ran them
+        old = restored["machine"]
         ran = ", ".join(f"{k} {old[k]}" for k in ("cpu", "torch", "transformers", "peft") if k in old)
         earlier = f"; its own restored cells: {old['cells restored from']}" if "cells restored from" in old else ""
         results["machine"]["cells restored from"] = f"{args.restore} (run with {ran}{earlier})"
