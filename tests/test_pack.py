@@ -574,3 +574,51 @@ def test_pack_unpack_and_repack_wait_for_a_switch_in_progress():
             assert thread.is_alive()  # waiting for the lock
         thread.join()
     assert packed.closed
+
+
+def test_weights_in_shared_memory_are_refused_at_pack_and_at_the_next_apply():
+    """Packing gives a weight new private storage: a weight in shared memory would silently stop being seen by
+    the processes sharing it (and they by it). pack() refuses such a weight, and so does the repack of the next
+    apply after a share_memory() of a packed model; nothing is changed, and unpacked switching stays shared."""
+    model = make_llama()
+    model.share_memory()
+    adapter = _block_adapter(model, 1, 8)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    with pytest.raises(ShiraError, match=r"model weight '.*' is in shared memory .*unpack\(\) it before share_memory"):
+        shira_hooks.pack(model)
+    with pytest.warns(UserWarning, match=r"the weights were not packed .*in shared memory"):
+        bank = AdapterBank(model, {"a": adapter})
+    assert not bank.packed
+    assert ptrs == [p.data_ptr() for p in model.parameters()] and all(p.is_shared() for p in model.parameters())
+
+    model = make_llama()
+    packed = shira_hooks.pack(model)
+    model.share_memory()  # moves every packed weight out of its arena, into shared memory
+    base = snapshot(model)
+    with pytest.raises(ShiraError, match=r"is in shared memory"):
+        apply(model, adapter)
+    assert not packed.packed and all(p.is_shared() for p in model.parameters())
+    assert _bits_equal(base, snapshot(model))
+    packed.unpack()
+    with apply(model, adapter):  # unpacked: written in the shared storage itself
+        assert all(p.is_shared() for p in model.parameters())
+        assert _bits_equal(_by_hand(base, adapter), snapshot(model))
+    assert _bits_equal(base, snapshot(model))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA GPU")
+def test_pinned_weights_get_a_pinned_arena_and_pinned_storage_back():
+    model = make_llama()
+    pinned = {id(p) for p in _targets(model)[::2]}
+    for param in _targets(model)[::2]:
+        param.data = param.data.pin_memory()
+    base = snapshot(model)
+    packed = shira_hooks.pack(model)
+    assert packed.packed and len(packed.arenas()) == 2  # the pinned weights and the others apart
+    assert all(p.is_pinned() == (id(p) in pinned) for p in _targets(model))
+    adapter = _block_adapter(model, 1, 8)
+    with apply(model, adapter):
+        assert _bits_equal(_by_hand(base, adapter), snapshot(model))
+    packed.unpack()
+    assert all(p.is_pinned() == (id(p) in pinned) for p in _targets(model))
+    assert _bits_equal(base, snapshot(model))

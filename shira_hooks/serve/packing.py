@@ -11,10 +11,13 @@ What ``pack`` changes and what it keeps:
   (``channels_last`` stays ``channels_last``); only its storage changes: ``param.data`` becomes a view of
   an arena, with the same values bit for bit. Optimizers, hooks and compiled models holding the parameter
   keep working. Tied weights (one ``Parameter`` under several names) are packed once.
-* Arenas are grouped by (device, dtype), each at most ``chunk_mb`` (a weight larger than that gets an
-  arena of its own), and each weight starts a multiple of 4096 bytes into its arena (so on a 64-byte
-  cache line, and block adapters with runs of up to 4096 bytes are written as whole runs). Weights are copied one arena at a time: while packing (and
-  unpacking) the process holds at most one arena more than the model.
+* Arenas are grouped by (device, dtype, pinned), each at most ``chunk_mb`` (a weight larger than that
+  gets an arena of its own), and each weight starts a multiple of 4096 bytes into its arena (so on a
+  64-byte cache line, and block adapters with runs of up to 4096 bytes are written as whole runs). A
+  pinned weight gets a pinned arena, and pinned storage back at ``unpack``. Weights are copied one arena
+  at a time: while packing (and unpacking) the process holds at most one arena more than the model.
+* Weights in shared memory (``model.share_memory()``) are refused, at ``pack`` and at ``repack``: new
+  private storage would cut them off from the processes that share them.
 * Nothing holds an arena but the weights that are views of it: a weight given new storage
   (``model.to(...)``, ``load_state_dict(..., assign=True)``, ``param.data = ...``) leaves its arena,
   and an arena whose weights all left is freed. Such weights are packed again (on their new device and
@@ -184,7 +187,8 @@ class PackedWeights:
 
         Raises:
             ShiraError: the packing was closed, or a weight cannot be packed now (meta device, sharded,
-                a layout with gaps, storage shared with a tensor outside the packing); nothing is changed.
+                shared memory, a layout with gaps, storage shared with a tensor outside the packing); nothing
+                is changed.
         """
         with _locked(self._model()):
             if self.closed:
@@ -230,7 +234,13 @@ class PackedWeights:
                 for slot in self._slots:
                     param = self._current(slot)
                     if param is not None and slot.arena == index and self._holds(slot, param):
-                        own = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
+                        own = torch.empty_strided(
+                            param.shape,
+                            param.stride(),
+                            dtype=param.dtype,
+                            device=param.device,
+                            pin_memory=_pinned(param),
+                        )
                         storage_flat(own).copy_(storage_flat(param.detach()))
                         param.data = own
             for slot in self._slots:
@@ -248,8 +258,8 @@ class PackedWeights:
         groups: dict[tuple, list[_Slot]] = {}
         for slot in slots:
             param = slot.parameter()
-            groups.setdefault((param.device, param.dtype), []).append(slot)
-        for (device, dtype), members in groups.items():
+            groups.setdefault((param.device, param.dtype, _pinned(param)), []).append(slot)
+        for (device, dtype, pinned), members in groups.items():
             align = max(1, ALIGN_BYTES // dtype.itemsize)
             chunk: list[tuple[_Slot, int]] = []
             size = 0
@@ -257,15 +267,17 @@ class PackedWeights:
                 numel = member.parameter().numel() if member is not None else 0
                 padded = -(-numel // align) * align
                 if chunk and (member is None or (size + padded) * dtype.itemsize > limit):
-                    self._fill(chunk, device, dtype, size)
+                    self._fill(chunk, device, dtype, size, pinned)
                     chunk, size = [], 0
                 if member is not None:
                     chunk.append((member, size))
                     size += padded
 
     @torch.no_grad()
-    def _fill(self, chunk: list[tuple[_Slot, int]], device: torch.device, dtype: torch.dtype, numel: int) -> None:
-        arena = torch.empty(numel, dtype=dtype, device=device)
+    def _fill(
+        self, chunk: list[tuple[_Slot, int]], device: torch.device, dtype: torch.dtype, numel: int, pinned: bool
+    ) -> None:
+        arena = torch.empty(numel, dtype=dtype, device=device, pin_memory=pinned)
         record = _Arena(weakref.ref(arena), device, dtype, arena.data_ptr(), numel)
         self._arenas.append(record)
         for slot, offset in chunk:
@@ -288,6 +300,11 @@ class PackedWeights:
         arena = self._arenas[slot.arena].tensor()
         assert arena is not None  # _holds saw it alive, and the weight in it keeps it so
         return arena, slot.offset
+
+
+def _pinned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is in page-locked host memory (its arena, and its storage after unpack, are too)."""
+    return param.device.type == "cpu" and param.is_pinned()
 
 
 def _alias(arena: torch.Tensor, offset: int, numel: int) -> tuple[torch.UntypedStorage, bool]:
@@ -331,6 +348,13 @@ def _validate(
             raise ShiraError(
                 f"model weight '{name}' is on the meta device (no values yet); load or materialize the weights "
                 f"(to_empty + load_state_dict) before pack()"
+            )
+        if param.device.type == "cpu" and param.is_shared():
+            raise ShiraError(
+                f"model weight '{name}' is in shared memory (share_memory(), or received from another process); "
+                f"packing would give it new private storage, and the processes sharing it would stop seeing its "
+                f"changes (adapters applied here included). Do not pack a model whose weights are shared: unpack() "
+                f"it before share_memory()"
             )
         check_dense(param, f"model weight '{name}'")
     if model is None:
@@ -441,8 +465,8 @@ def pack(model: nn.Module, target_modules: TargetSpec = None, *, chunk_mb: float
         A ``PackedWeights``; ``unpack()`` (or ``with pack(model):``) gives the weights their own storage back.
 
     Raises:
-        ShiraError: a weight is already packed, on the meta device, sharded (DTensor), in a layout with
-            gaps, or shares its storage with a tensor that is not packed with it (a tie by shared storage
+        ShiraError: a weight is already packed, on the meta device, sharded (DTensor), in shared memory
+            (``share_memory()``: other processes would lose sight of it), in a layout with gaps, or shares its storage with a tensor that is not packed with it (a tie by shared storage
             that packing would break); ``chunk_mb`` is not a positive number. Nothing is changed then.
 
     Example:
