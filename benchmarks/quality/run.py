@@ -40,6 +40,7 @@ test and fusion stages too take only those methods, so that processes sharing a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -342,9 +343,10 @@ def restore(run: Run, results: dict, source: Path) -> None:
             done.parent.mkdir(parents=True, exist_ok=True)
             write_json(done, record)
             cells += 1
-    have = {(r["method"], r["seed"]) for r in fusion_rows(run)}
-    added = [row for row in saved["fusion"] if (row["method"], row["seed"]) not in have]
-    fusion_rows(run, add=added)
+    with fusion_file(run) as rows:  # what is missing is decided under the lock that adds it
+        have = {(r["method"], r["seed"]) for r in rows}
+        added = [row for row in saved["fusion"] if (row["method"], row["seed"]) not in have]
+        rows.extend(added)
     print(f"restored from {source}: {cells} {run.kind} cells, {len(added)} fusion rows", flush=True)
 
 
@@ -543,19 +545,28 @@ def low_rank_overlap(adapters: list[dict], bases: dict[str, torch.Tensor]) -> di
     return {"shared_fraction": 1.0, "product_cosine": statistics.fmean(cosines)}
 
 
-def fusion_rows(run: Run, add: list[dict] | None = None) -> list[dict]:
-    """The fusion rows in the cache, with the rows ``add`` (each replacing any of its method and seed) when given:
-    read and written under a lock, so that processes sharing the cache (``--methods``) never drop each other's rows."""
+@contextlib.contextmanager
+def fusion_file(run: Run):
+    """fusion.json's rows, read under its lock and written back (if changed) before the lock is released, so that
+    processes sharing the cache (``--methods``, ``--restore``) never drop or duplicate each other's rows."""
     path = run.folder / "fusion.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(run.folder / "fusion.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = json.loads(path.read_text()) if path.exists() else []
+        before = list(rows)
+        yield rows
+        if rows != before:
+            write_json(path, rows)
+
+
+def fusion_rows(run: Run, add: list[dict] | None = None) -> list[dict]:
+    """The fusion rows in the cache, with the rows ``add`` (each replacing any of its method and seed) when given."""
+    with fusion_file(run) as rows:
         if add:
             keys = {(r["method"], r["seed"]) for r in add}
-            rows = [r for r in rows if (r["method"], r["seed"]) not in keys] + add
-            write_json(path, rows)
-    return rows
+            rows[:] = [r for r in rows if (r["method"], r["seed"]) not in keys] + add
+        return list(rows)
 
 
 def stage_fusion(run: Run) -> list[dict]:
