@@ -397,6 +397,7 @@ def test_restore_resumes_a_committed_run_on_a_fresh_cache(quick, rerun):
     )
     del untested["test"], untested["test_correct"]
     lm["fusion"] = [f for f in lm["fusion"] if (f["method"], f["seed"]) != ("shira_rand", 1)]
+    edited["machine"]["cpu"] = "Other CPU"  # as if the committed run came from another machine
     source = quick.folder / "restore.json"
     source.write_text(json.dumps(edited))
     cache = quick.folder / "cache3"
@@ -433,8 +434,9 @@ def test_restore_resumes_a_committed_run_on_a_fresh_cache(quick, rerun):
 
     assert "; 2 restored cells' adapters trained again for fusion in " in report.compute_line(after)
     machine = json.loads((quick.folder / "out3" / "results.json").read_text())["machine"]
-    assert machine["cells restored from"].startswith(f"{source} (run with cpu ")
-    chained = quick.folder / "out3" / "results.json"  # restored again: both machines are named
+    assert machine["cells restored from"] == str(source)
+    assert machine["restored cells ran on"].startswith("cpu Other CPU, torch ")
+    chained = quick.folder / "out3" / "results.json"  # restored again: both machines are named, each once
     subprocess.run(
         [sys.executable, str(QUALITY / "run.py"), "--quick", "--models", "lm", "--methods", "shira_rand"]
         + ["--stages", "test", "--restore", str(chained), "--cache", str(quick.folder / "cache5")]
@@ -444,8 +446,9 @@ def test_restore_resumes_a_committed_run_on_a_fresh_cache(quick, rerun):
         check=True,
     )
     again_machine = json.loads((quick.folder / "out5" / "results.json").read_text())["machine"]
-    assert again_machine["cells restored from"].startswith(f"{chained} (run with cpu ")
-    assert f"; its own restored cells: {source} (run with cpu " in again_machine["cells restored from"]
+    assert again_machine["cells restored from"] == str(chained)
+    ran = again_machine["restored cells ran on"].split("; ")
+    assert [m.split(", torch")[0] for m in ran] == ["cpu Other CPU", f"cpu {machine['cpu']}"]
     assert report.compute_line(after).endswith(", 2 of them equal to the first training on every validation example.")
     other = json.loads(source.read_text())
     other["models"]["lm"]["cache_folder"] = "lm-quick-00000000"

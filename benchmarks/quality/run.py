@@ -45,6 +45,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -348,6 +349,18 @@ def restore(run: Run, results: dict, source: Path) -> None:
         added = [row for row in saved["fusion"] if (row["method"], row["seed"]) not in have]
         rows.extend(added)
     print(f"restored from {source}: {cells} {run.kind} cells, {len(added)} fusion rows", flush=True)
+
+
+def ran_on(machine: dict) -> list[str]:
+    """The machines that the cells of a results.json with this ``machine`` record ran on, each once, oldest first:
+    the ones its own restored cells ran on (``--restore`` chains), then its own. One line per machine however often
+    a run is restored and rendered again."""
+    own = ", ".join(f"{k} {machine[k]}" for k in ("cpu", "torch", "transformers", "peft") if k in machine)
+    if "restored cells ran on" in machine:
+        earlier = machine["restored cells ran on"].split("; ")
+    else:  # a results.json from before this record: its note nested each restore inside the last, newest outermost
+        earlier = re.findall(r"run with (.*?peft \S+?)(?=[;)])", machine.get("cells restored from", ""))[::-1]
+    return list(dict.fromkeys([*earlier, own]))
 
 
 def stage_grid(run: Run) -> None:
@@ -841,10 +854,8 @@ def main(argv=None) -> int:
             stage_cost(run, args)
         results["models"][kind] = collect(run)
     if restored is not None:  # the restored cells ran elsewhere: say where, with the versions that ran them
-        old = restored["machine"]
-        ran = ", ".join(f"{k} {old[k]}" for k in ("cpu", "torch", "transformers", "peft") if k in old)
-        earlier = f"; its own restored cells: {old['cells restored from']}" if "cells restored from" in old else ""
-        results["machine"]["cells restored from"] = f"{args.restore} (run with {ran}{earlier})"
+        results["machine"]["cells restored from"] = str(args.restore)
+        results["machine"]["restored cells ran on"] = "; ".join(ran_on(restored["machine"]))
     if args.merge:
         results = merge(
             results, json.loads(args.merge.read_text()), set(args.methods or M.METHODS + ["head", "zero_shot"])
