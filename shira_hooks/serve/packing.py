@@ -466,8 +466,9 @@ def pack(model: nn.Module, target_modules: TargetSpec = None, *, chunk_mb: float
 
     Raises:
         ShiraError: a weight is already packed, on the meta device, sharded (DTensor), in shared memory
-            (``share_memory()``: other processes would lose sight of it), in a layout with gaps, or shares its storage with a tensor that is not packed with it (a tie by shared storage
-            that packing would break); ``chunk_mb`` is not a positive number. Nothing is changed then.
+            (``share_memory()``: other processes would lose sight of it), in a layout with gaps, or shares its
+            storage with a tensor that is not packed with it (a tie by shared storage that packing would
+            break); ``chunk_mb`` is not a positive number. Nothing is changed then.
 
     Example:
         >>> packed = shira_hooks.pack(model)                 # once, after loading the model
